@@ -1,0 +1,371 @@
+//! A service: a name, its ports, how its tasks are balanced and probed.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::name::check_label;
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How the service is reached by name: one virtual IP, or DNS round robin over task IPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+pub use crate::balance::Balance;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// The port every host listens on (the routing mesh). `None`: reachable only
+    /// through the service VIP and DNS, like an unpublished Swarm port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<u16>,
+    /// The port the tasks listen on, unless a task overrides it.
+    pub target: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The name used in SRV records (`_<name>._<protocol>.<service>`). Defaults to
+    /// `<protocol><target>`, e.g. `tcp80`.
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A task is healthy when a TCP connect to it succeeds.
+    #[default]
+    Tcp,
+    /// A task is healthy when `GET path` answers 2xx or 3xx.
+    Http,
+    /// No active probe: a task is healthy from the moment it is registered.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default)]
+    pub check: HealthKind,
+    /// Path of the HTTP probe; only for `check = "http"`.
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_interval", with = "crate::duration")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "crate::duration")]
+    pub timeout: Duration,
+    /// Consecutive successes that turn an unhealthy task healthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that turn a healthy task unhealthy.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+impl Default for HealthCheck {
+    // HAProxy's defaults (inter 2s, rise 2, fall 3), which operators already know.
+    fn default() -> Self {
+        Self {
+            check: HealthKind::Tcp,
+            path: default_path(),
+            interval: default_interval(),
+            timeout: default_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub health: HealthCheck,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    /// Close a proxied connection after this long without a byte either way. The
+    /// default is no idle limit: TCP keepalive on both legs finds dead peers instead of
+    /// a silent timer (Swarm's IPVS kills idle flows after 900 s).
+    #[serde(default, with = "crate::duration::optional")]
+    pub idle_timeout: Option<Duration>,
+    /// How long connections to a drained or removed task may go on before they are closed.
+    #[serde(default = "default_drain", with = "crate::duration")]
+    pub drain_timeout: Duration,
+    /// Concurrent connections (or UDP flows) per published port on this host. Beyond
+    /// it, new connections are refused at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl ServiceSpec {
+    /// A service with defaults for everything but its name and ports.
+    pub fn new(name: impl Into<String>, ports: Vec<PortSpec>) -> Self {
+        Self {
+            name: name.into(),
+            ports,
+            mode: Mode::default(),
+            balance: Balance::default(),
+            health: HealthCheck::default(),
+            proxy_protocol: ProxyProtocol::default(),
+            idle_timeout: None,
+            drain_timeout: default_drain(),
+            max_connections: None,
+        }
+    }
+
+    /// Fills derived defaults (port names) and checks every field. The error names the
+    /// field as the user wrote it.
+    pub fn normalize(&mut self) -> Result<(), ModelError> {
+        check_label("name", &self.name)?;
+        if self.name == "tasks" {
+            return Err(ModelError::new(
+                "name",
+                "\"tasks\" is reserved for DNS (tasks.<service>)",
+            ));
+        }
+        if self.ports.is_empty() {
+            return Err(ModelError::new(
+                "ports",
+                "a service needs at least one port",
+            ));
+        }
+        let mut published = HashSet::new();
+        let mut targets = HashSet::new();
+        let mut names = HashSet::new();
+        for (i, port) in self.ports.iter_mut().enumerate() {
+            let field = format!("ports[{i}]");
+            port.normalize().map_err(|e| e.within(&field))?;
+            if let Some(p) = port.published
+                && !published.insert((p, port.protocol))
+            {
+                return Err(ModelError::new(
+                    format!("{field}.published"),
+                    format!("port {p}/{} is published twice", port.protocol),
+                ));
+            }
+            if !targets.insert((port.target, port.protocol)) {
+                return Err(ModelError::new(
+                    format!("{field}.target"),
+                    format!("target {}/{} is listed twice", port.target, port.protocol),
+                ));
+            }
+            if !names.insert(port.name.clone()) {
+                return Err(ModelError::new(
+                    format!("{field}.name"),
+                    format!("{:?} is used twice", port.name),
+                ));
+            }
+        }
+        if self.proxy_protocol != ProxyProtocol::Off
+            && let Some(i) = self.ports.iter().position(|p| p.protocol == Protocol::Udp)
+        {
+            return Err(ModelError::new(
+                "proxy_protocol",
+                format!(
+                    "PROXY headers are sent on TCP connections only, and ports[{i}] is udp; use a separate service for it"
+                ),
+            ));
+        }
+        self.health.validate().map_err(|e| e.within("health"))?;
+        if self.idle_timeout == Some(Duration::ZERO) {
+            return Err(ModelError::new(
+                "idle_timeout",
+                "must be positive, or \"none\" for no limit",
+            ));
+        }
+        if self.max_connections == Some(0) {
+            return Err(ModelError::new(
+                "max_connections",
+                "must be at least 1 (omit it for no limit)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn published_ports(&self) -> impl Iterator<Item = (u16, &PortSpec)> {
+        self.ports
+            .iter()
+            .filter_map(|p| p.published.map(|n| (n, p)))
+    }
+}
+
+impl PortSpec {
+    pub fn tcp(published: Option<u16>, target: u16) -> Self {
+        Self {
+            published,
+            target,
+            protocol: Protocol::Tcp,
+            name: String::new(),
+        }
+    }
+
+    fn normalize(&mut self) -> Result<(), ModelError> {
+        if self.target == 0 {
+            return Err(ModelError::new("target", "must be between 1 and 65535"));
+        }
+        if self.published == Some(0) {
+            return Err(ModelError::new("published", "must be between 1 and 65535"));
+        }
+        if self.name.is_empty() {
+            self.name = format!("{}{}", self.protocol, self.target);
+        }
+        check_label("name", &self.name)
+    }
+}
+
+impl HealthCheck {
+    fn validate(&self) -> Result<(), ModelError> {
+        if self.interval < Duration::from_millis(100) {
+            return Err(ModelError::new("interval", "must be at least 100ms"));
+        }
+        if self.timeout.is_zero() {
+            return Err(ModelError::new("timeout", "must be positive"));
+        }
+        if self.rise == 0 {
+            return Err(ModelError::new("rise", "must be at least 1"));
+        }
+        if self.fall == 0 {
+            return Err(ModelError::new("fall", "must be at least 1"));
+        }
+        if self.check == HealthKind::Http
+            && (!self.path.starts_with('/')
+                || self
+                    .path
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ModelError::new(
+                "path",
+                format!("{:?} must start with '/' and contain no spaces", self.path),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn web() -> ServiceSpec {
+        ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)])
+    }
+
+    #[test]
+    fn defaults_fill_port_names() {
+        let mut s = web();
+        s.normalize().unwrap();
+        assert_eq!(s.ports[0].name, "tcp80");
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
+        assert_eq!(s.idle_timeout, None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut s = web();
+        s.ports.push(PortSpec::tcp(Some(8080), 81));
+        assert_eq!(s.normalize().unwrap_err().field, "ports[1].published");
+
+        let mut s = web();
+        s.ports[0].target = 0;
+        assert_eq!(s.normalize().unwrap_err().field, "ports[0].target");
+
+        let mut s = web();
+        s.health.check = HealthKind::Http;
+        s.health.path = "healthz".into();
+        assert_eq!(s.normalize().unwrap_err().field, "health.path");
+
+        let mut s = web();
+        s.name = "Web!".into();
+        assert_eq!(s.normalize().unwrap_err().field, "name");
+
+        let mut s = web();
+        s.ports.clear();
+        assert_eq!(s.normalize().unwrap_err().field, "ports");
+    }
+
+    #[test]
+    fn same_port_number_on_tcp_and_udp_is_fine() {
+        let mut s = web();
+        s.ports.push(PortSpec {
+            protocol: Protocol::Udp,
+            ..PortSpec::tcp(Some(8080), 80)
+        });
+        s.normalize().unwrap();
+    }
+
+    #[test]
+    fn json_rejects_unknown_fields_and_parses_durations() {
+        let ok: ServiceSpec = serde_json::from_str(
+            r#"{"name":"web","ports":[{"target":80}],"drain_timeout":"5s","idle_timeout":"none"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.drain_timeout, Duration::from_secs(5));
+        let err =
+            serde_json::from_str::<ServiceSpec>(r#"{"name":"web","ports":[],"colour":"red"}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+}

@@ -1,0 +1,66 @@
+//! The immutable view of the desired state that data planes, DNS and API reads use.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::balance::{Backend, BackendSet};
+use crate::health::Health;
+use crate::service::{PortSpec, ServiceSpec};
+use crate::task::TaskState;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    /// Increases with every published change.
+    pub version: u64,
+    pub services: BTreeMap<String, ServiceEntry>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceEntry {
+    pub spec: ServiceSpec,
+    /// Sorted by task id.
+    pub tasks: Vec<TaskEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskEntry {
+    pub id: String,
+    /// The host that runs the task and probes it.
+    pub node: String,
+    pub ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub state: TaskState,
+    pub health: Health,
+}
+
+impl TaskEntry {
+    /// Whether new connections may go to this task.
+    pub fn routable(&self) -> bool {
+        self.state == TaskState::Active && self.health == Health::Healthy
+    }
+
+    /// Where this task serves `port`.
+    pub fn addr(&self, port: &PortSpec) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port.unwrap_or(port.target))
+    }
+}
+
+impl ServiceEntry {
+    /// The routable backends of one of this service's ports.
+    pub fn backends(&self, port: &PortSpec) -> BackendSet {
+        BackendSet {
+            backends: self
+                .tasks
+                .iter()
+                .filter(|t| t.routable())
+                .map(|t| Backend {
+                    task: t.id.clone(),
+                    addr: t.addr(port),
+                })
+                .collect(),
+        }
+    }
+}

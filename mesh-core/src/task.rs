@@ -1,0 +1,40 @@
+//! A task: one endpoint (container or process) that serves a service.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a task takes new connections. A draining task keeps its existing
+/// connections until the service's `drain_timeout`, and gets no new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    #[default]
+    Active,
+    Draining,
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskState::Active => "active",
+            TaskState::Draining => "draining",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub service: String,
+    /// Chosen by the registering host when absent: `<service>.<n>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub ip: IpAddr,
+    /// Overrides the service's target port, for tasks that share an IP (processes on
+    /// one host). Only valid for a service with a single port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub state: TaskState,
+}

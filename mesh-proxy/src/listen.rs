@@ -1,0 +1,53 @@
+//! Listening sockets: dual-stack, large backlog, bound with socket2 so the options are
+//! set before bind.
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+const BACKLOG: i32 = 4096;
+
+/// Binds `port` on `ip`, or on every IPv4 and IPv6 address when `ip` is `None`
+/// (`[::]` with IPV6_V6ONLY off, falling back to `0.0.0.0` on hosts without IPv6).
+fn bind(ip: Option<IpAddr>, port: u16, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let addr = SocketAddr::new(ip.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), port);
+    let socket = match Socket::new(Domain::for_address(addr), ty, Some(proto)) {
+        Err(e) if ip.is_none() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            return bind(Some(IpAddr::from([0, 0, 0, 0])), port, ty, proto);
+        }
+        other => other?,
+    };
+    if addr.is_ipv6() && ip.is_none() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+pub fn tcp(ip: Option<IpAddr>, port: u16) -> io::Result<tokio::net::TcpListener> {
+    let socket = bind(ip, port, Type::STREAM, Protocol::TCP)?;
+    socket.listen(BACKLOG)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+pub fn udp(ip: Option<IpAddr>, port: u16) -> io::Result<tokio::net::UdpSocket> {
+    let socket = bind(ip, port, Type::DGRAM, Protocol::UDP)?;
+    // Bursts of datagrams from many clients must not overflow the default buffer.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// A v4 client seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; PROXY
+/// headers and logs must show the plain IPv4 address.
+pub fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}

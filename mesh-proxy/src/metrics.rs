@@ -1,0 +1,195 @@
+//! Prometheus metrics of the data plane. Per-task handles are resolved once per task
+//! (see [`TaskMetrics`]) so the per-connection path does no label hashing.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    connections: IntCounterVec,
+    active: IntGaugeVec,
+    bytes_in: IntCounterVec,
+    bytes_out: IntCounterVec,
+    connect_failures: IntCounterVec,
+    retries: IntCounterVec,
+    accepts: IntCounterVec,
+    refused: IntCounterVec,
+    udp_flows: IntGaugeVec,
+    drain_closed: IntCounterVec,
+}
+
+/// Counters of one task, shared by all its connections.
+#[derive(Clone)]
+pub struct TaskMetrics {
+    pub connections: IntCounter,
+    pub active: IntGauge,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub connect_failures: IntCounter,
+}
+
+/// Counters of one listener (one published port).
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub accepts: IntCounter,
+    pub refused_no_task: IntCounter,
+    pub refused_limit: IntCounter,
+    pub retries: IntCounter,
+    pub udp_flows: IntGauge,
+    pub drain_closed: IntCounter,
+}
+
+const TASK: &[&str] = &["service", "task"];
+const PORT: &[&str] = &["service", "port", "protocol"];
+
+impl ProxyMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        fn counter(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        fn gauge(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> prometheus::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        }
+        Ok(Self {
+            connections: counter(
+                registry,
+                "mesh_connections_total",
+                "Connections and UDP flows proxied to a task",
+                TASK,
+            )?,
+            active: gauge(
+                registry,
+                "mesh_connections_active",
+                "Open proxied connections and UDP flows per task",
+                TASK,
+            )?,
+            bytes_in: counter(
+                registry,
+                "mesh_bytes_in_total",
+                "Bytes from clients to a task",
+                TASK,
+            )?,
+            bytes_out: counter(
+                registry,
+                "mesh_bytes_out_total",
+                "Bytes from a task to clients",
+                TASK,
+            )?,
+            connect_failures: counter(
+                registry,
+                "mesh_connect_failures_total",
+                "Failed connects to a task (each one is retried on another task)",
+                TASK,
+            )?,
+            retries: counter(
+                registry,
+                "mesh_connect_retries_total",
+                "Connects retried on another task after a failure",
+                PORT,
+            )?,
+            accepts: counter(
+                registry,
+                "mesh_listener_accepts_total",
+                "Connections accepted (TCP) or flows started (UDP) on a published port",
+                PORT,
+            )?,
+            refused: counter(
+                registry,
+                "mesh_listener_refused_total",
+                "Connections refused on a published port, by reason",
+                &["service", "port", "protocol", "reason"],
+            )?,
+            udp_flows: gauge(
+                registry,
+                "mesh_udp_flows_active",
+                "Active UDP flows on a published port",
+                PORT,
+            )?,
+            drain_closed: counter(
+                registry,
+                "mesh_drain_closed_total",
+                "Connections closed because a drain_timeout expired",
+                PORT,
+            )?,
+        })
+    }
+
+    pub fn task(&self, service: &str, task: &str) -> TaskMetrics {
+        let l = &[service, task];
+        TaskMetrics {
+            connections: self.connections.with_label_values(l),
+            active: self.active.with_label_values(l),
+            bytes_in: self.bytes_in.with_label_values(l),
+            bytes_out: self.bytes_out.with_label_values(l),
+            connect_failures: self.connect_failures.with_label_values(l),
+        }
+    }
+
+    /// Drops a removed task's series so that churn does not grow the exposition forever.
+    pub fn forget_task(&self, service: &str, task: &str) {
+        let l = &[service, task];
+        let _ = self.connections.remove_label_values(l);
+        let _ = self.active.remove_label_values(l);
+        let _ = self.bytes_in.remove_label_values(l);
+        let _ = self.bytes_out.remove_label_values(l);
+        let _ = self.connect_failures.remove_label_values(l);
+    }
+
+    pub fn listener(&self, service: &str, port: u16, protocol: &str) -> ListenerMetrics {
+        let port = port.to_string();
+        let l = &[service, port.as_str(), protocol];
+        ListenerMetrics {
+            accepts: self.accepts.with_label_values(l),
+            refused_no_task: self.refused.with_label_values(&[
+                service,
+                &port,
+                protocol,
+                "no_healthy_task",
+            ]),
+            refused_limit: self.refused.with_label_values(&[
+                service,
+                &port,
+                protocol,
+                "max_connections",
+            ]),
+            retries: self.retries.with_label_values(l),
+            udp_flows: self.udp_flows.with_label_values(l),
+            drain_closed: self.drain_closed.with_label_values(l),
+        }
+    }
+
+    pub fn forget_listener(&self, service: &str, port: u16, protocol: &str) {
+        let port = port.to_string();
+        let l = &[service, port.as_str(), protocol];
+        let _ = self.accepts.remove_label_values(l);
+        let _ = self.retries.remove_label_values(l);
+        let _ = self.udp_flows.remove_label_values(l);
+        let _ = self.drain_closed.remove_label_values(l);
+        for reason in ["no_healthy_task", "max_connections"] {
+            let _ = self
+                .refused
+                .remove_label_values(&[service, &port, protocol, reason]);
+        }
+    }
+
+    /// Active connections of a task, for `mesh service ps`.
+    pub fn active_connections(&self, service: &str, task: &str) -> i64 {
+        self.active
+            .get_metric_with_label_values(&[service, task])
+            .map(|g| g.get())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,123 @@
+//! The TCP side of a published port: accept, pick a task, connect with retry, proxy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::ProxyProtocol;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::copy::{self, End};
+use crate::listen::unmap;
+use crate::proxy_header;
+use crate::route::{ListenerShared, TaskLease};
+
+pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.closed.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                shared.metrics.accepts.inc();
+                tokio::spawn(handle(stream, unmap(peer), shared.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a full table.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Closes with RST, so a refused client fails at once instead of waiting.
+fn refuse(stream: TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
+fn tune(stream: &TcpStream) {
+    let sock = SockRef::from(stream);
+    let _ = sock.set_nodelay(true);
+    // Idle connections live forever unless the service sets idle_timeout; keepalive
+    // finds peers that vanished without a FIN.
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = sock.set_tcp_keepalive(&ka);
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<ListenerShared>) {
+    let route = shared.route.load_full();
+    let Some(_admission) = shared.admit(route.max_connections) else {
+        shared.metrics.refused_limit.inc();
+        return refuse(client);
+    };
+    let mut tried = Vec::new();
+    let (mut upstream, backend) = loop {
+        let Some(i) = shared.pick(&route, &tried) else {
+            if tried.is_empty() {
+                shared.metrics.refused_no_task.inc();
+            }
+            debug!(service = %route.service, client = %peer, tried = tried.len(), "no task could take the connection");
+            return refuse(client);
+        };
+        if !tried.is_empty() {
+            shared.metrics.retries.inc();
+        }
+        let backend = &route.backends[i];
+        match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                backend.slot.clear_ejection();
+                break (stream, backend);
+            }
+            Ok(Err(e)) => {
+                debug!(service = %route.service, task = %backend.slot.id, error = %e, "connect failed; trying another task")
+            }
+            Err(_) => {
+                debug!(service = %route.service, task = %backend.slot.id, "connect timed out; trying another task")
+            }
+        }
+        backend.slot.metrics.connect_failures.inc();
+        backend.slot.eject(&shared.clock, shared.eject_backoff);
+        tried.push(i);
+    };
+    let _lease = TaskLease::new(backend.slot.clone());
+    tune(&client);
+    tune(&upstream);
+    if route.proxy_protocol != ProxyProtocol::Off {
+        let local = client.local_addr().map(unmap).unwrap_or(peer);
+        let mut buf = [0u8; proxy_header::MAX_LEN];
+        let n = proxy_header::encode(route.proxy_protocol, peer, local, &mut buf);
+        if upstream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    let end = copy::proxy(
+        &client,
+        &upstream,
+        &backend.slot.metrics,
+        route.idle_timeout,
+        &backend.slot.kill,
+        &shared.kill,
+    )
+    .await;
+    match end {
+        End::Killed => {
+            shared.metrics.drain_closed.inc();
+            debug!(service = %route.service, task = %backend.slot.id, client = %peer, "drain_timeout passed; connection closed");
+        }
+        End::Idle => {
+            debug!(service = %route.service, client = %peer, "idle_timeout passed; connection closed")
+        }
+        End::Error(e) => {
+            debug!(service = %route.service, client = %peer, error = %e, "connection ended with an error")
+        }
+        End::Closed => {}
+    }
+}

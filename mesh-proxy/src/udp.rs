@@ -1,0 +1,202 @@
+//! The UDP side of a published port. Each client address is a flow with its own
+//! upstream socket, so replies find their way back; replies leave from the published
+//! port. A flow whose task is no longer routable moves to another task on its next
+//! datagram, which avoids the stale-flow bug of conntrack-based planes.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::listen::unmap;
+use crate::route::{ListenerShared, Route, TaskLease};
+
+const MAX_DATAGRAM: usize = 65_536;
+
+struct Flow {
+    upstream: Arc<UdpSocket>,
+    addr: SocketAddr,
+    lease: TaskLease,
+    last_seen: Arc<AtomicU64>,
+    /// Set by the reader when the task answered with ICMP unreachable.
+    failed: Arc<AtomicBool>,
+    reader: JoinHandle<()>,
+    gauge: IntGauge,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.gauge.dec();
+    }
+}
+
+impl Flow {
+    fn still_valid(&self, route: &Route) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+            && !self.lease.0.kill.is_cancelled()
+            && route
+                .backends
+                .iter()
+                .any(|b| Arc::ptr_eq(&b.slot, &self.lease.0) && b.addr == self.addr)
+    }
+}
+
+pub async fn serve(socket: UdpSocket, shared: Arc<ListenerShared>, default_idle: Duration) {
+    let socket = Arc::new(socket);
+    let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut sweep = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shared.closed.cancelled() => return,
+            _ = sweep.tick() => {
+                let idle = shared.route.load().idle_timeout.unwrap_or(default_idle);
+                let now = shared.clock.now_ms();
+                flows.retain(|_, f| {
+                    !f.lease.0.kill.is_cancelled()
+                        && now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) < idle.as_millis() as u64
+                });
+            }
+            r = socket.recv_from(&mut buf) => {
+                let Ok((n, client)) = r else { continue };
+                forward(&socket, &shared, &mut flows, client, &buf[..n]).await;
+            }
+        }
+    }
+}
+
+async fn forward(
+    socket: &Arc<UdpSocket>,
+    shared: &Arc<ListenerShared>,
+    flows: &mut HashMap<SocketAddr, Flow>,
+    client: SocketAddr,
+    datagram: &[u8],
+) {
+    let route = shared.route.load_full();
+    if let Some(f) = flows.get(&client)
+        && !f.still_valid(&route)
+    {
+        if f.failed.load(Ordering::Relaxed) {
+            f.lease.0.metrics.connect_failures.inc();
+            f.lease.0.eject(&shared.clock, shared.eject_backoff);
+        }
+        flows.remove(&client);
+    }
+    let mut tried = Vec::new();
+    loop {
+        if !flows.contains_key(&client) {
+            if route
+                .max_connections
+                .is_some_and(|m| flows.len() >= m as usize)
+            {
+                shared.metrics.refused_limit.inc();
+                return;
+            }
+            let Some(i) = shared.pick(&route, &tried) else {
+                if tried.is_empty() {
+                    shared.metrics.refused_no_task.inc();
+                }
+                return;
+            };
+            tried.push(i);
+            match open_flow(socket, shared, &route, i, client).await {
+                Ok(flow) => {
+                    flows.insert(client, flow);
+                }
+                Err(e) => {
+                    debug!(error = %e, "cannot open an upstream UDP socket");
+                    return;
+                }
+            }
+        }
+        let flow = flows.get(&client).expect("inserted above");
+        match flow.upstream.send(datagram).await {
+            Ok(_) => {
+                flow.lease.0.metrics.bytes_in.inc_by(datagram.len() as u64);
+                flow.last_seen
+                    .store(shared.clock.now_ms(), Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                // An earlier datagram drew ICMP port-unreachable: the task is gone.
+                debug!(task = %flow.lease.0.id, error = %e, "UDP send failed; moving the flow");
+                flow.lease.0.metrics.connect_failures.inc();
+                flow.lease.0.eject(&shared.clock, shared.eject_backoff);
+                flows.remove(&client);
+                shared.metrics.retries.inc();
+            }
+        }
+    }
+}
+
+async fn open_flow(
+    socket: &Arc<UdpSocket>,
+    shared: &Arc<ListenerShared>,
+    route: &Route,
+    index: usize,
+    client: SocketAddr,
+) -> std::io::Result<Flow> {
+    let backend = &route.backends[index];
+    let any = match backend.addr {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let upstream = Arc::new(UdpSocket::bind(SocketAddr::new(any, 0)).await?);
+    upstream.connect(backend.addr).await?;
+    let last_seen = Arc::new(AtomicU64::new(shared.clock.now_ms()));
+    let failed = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn(reply_loop(
+        upstream.clone(),
+        socket.clone(),
+        client,
+        backend.slot.metrics.bytes_out.clone(),
+        last_seen.clone(),
+        failed.clone(),
+        shared.clone(),
+    ));
+    shared.metrics.accepts.inc();
+    shared.metrics.udp_flows.inc();
+    debug!(client = %unmap(client), task = %backend.slot.id, "new UDP flow");
+    Ok(Flow {
+        upstream,
+        addr: backend.addr,
+        lease: TaskLease::new(backend.slot.clone()),
+        last_seen,
+        failed,
+        reader,
+        gauge: shared.metrics.udp_flows.clone(),
+    })
+}
+
+async fn reply_loop(
+    upstream: Arc<UdpSocket>,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    bytes_out: prometheus::IntCounter,
+    last_seen: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
+    shared: Arc<ListenerShared>,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        match upstream.recv(&mut buf).await {
+            Ok(n) => {
+                if socket.send_to(&buf[..n], client).await.is_ok() {
+                    bytes_out.inc_by(n as u64);
+                }
+                last_seen.store(shared.clock.now_ms(), Ordering::Relaxed);
+            }
+            Err(_) => {
+                failed.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
