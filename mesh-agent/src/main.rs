@@ -1,1 +1,130 @@
-fn main() {}
+//! `mesh`: the agent daemon and its CLI in one binary.
+
+mod api;
+mod cli;
+mod client;
+mod commands;
+mod config;
+mod daemon;
+mod demo;
+mod paths;
+mod prober;
+mod registry;
+mod store;
+mod views;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+use cli::{AgentArgs, Cli, Command};
+use client::{Client, Endpoint};
+use config::{AgentConfig, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    // hyper and axum log every connection at debug; keep them quiet unless asked.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,axum=warn"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the context chain joined, as the CLI promises.
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let client = || -> Result<Client> {
+        let endpoint = match &cli.api {
+            Some(a) => Endpoint::parse(a)?,
+            None => Endpoint::Unix(paths::default_socket()),
+        };
+        Ok(Client { endpoint, token: cli.token.clone() })
+    };
+    match cli.command {
+        Command::Agent(ref args) => agent(&cli, args).await,
+        Command::Demo(ref args) => {
+            init_logging(LogFormat::Text);
+            demo::run(args.port, cli.api.clone()).await
+        }
+        Command::Service(cmd) => commands::service(&client()?, cli.format, cmd).await,
+        Command::Task(cmd) => commands::task(&client()?, cli.format, cmd).await,
+        Command::Status => commands::status(&client()?, cli.format).await,
+    }
+}
+
+async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    if args.check_config {
+        let what = args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(no --config)".into());
+        println!("{what}: ok ({} services, {} tasks)", config.service.len(), config.task.len());
+        return Ok(());
+    }
+    init_logging(args.log_format.or(config.log_format).unwrap_or(LogFormat::Text));
+
+    let mut socket = config.api.socket.clone().unwrap_or_else(paths::default_socket);
+    let mut tcp_api = config.api.tcp;
+    match cli.api.as_deref().map(Endpoint::parse).transpose()? {
+        Some(Endpoint::Unix(p)) => socket = p,
+        Some(Endpoint::Tcp(a)) => {
+            tcp_api = Some(a.parse().with_context(|| format!("--api http://{a}: expected http://IP:PORT to listen on"))?)
+        }
+        None => {}
+    }
+    let token = match (&cli.token, &config.api.token, &config.api.token_file) {
+        (Some(t), _, _) | (None, Some(t), _) => Some(t.clone()),
+        (None, None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("api.token_file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    if token.as_deref() == Some("") {
+        bail!("the API token is empty");
+    }
+    let node_name = args.node_name.clone().or(config.node_name.clone()).unwrap_or_else(paths::hostname);
+    mesh_core::name::check_task_id("--node-name", &node_name)?;
+    let settings = daemon::Settings {
+        node_name,
+        data_dir: args.data_dir.clone().or(config.data_dir.clone()).unwrap_or_else(paths::default_data_dir),
+        socket,
+        tcp_api,
+        token,
+        metrics: args.metrics.or(config.metrics.listen),
+        proxy: config.proxy,
+        services: config.service.into_iter().map(|s| s.into_inner()).collect(),
+        tasks: config.task.into_iter().map(|t| t.into_inner()).collect(),
+    };
+    let running = daemon::start(settings).await?;
+    daemon::termination().await;
+    running.shutdown().await;
+    Ok(())
+}

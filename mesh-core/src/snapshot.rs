@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::balance::{Backend, BackendSet};
 use crate::health::Health;
@@ -24,13 +24,13 @@ pub struct ServiceEntry {
     pub tasks: Vec<TaskEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskEntry {
     pub id: String,
     /// The host that runs the task and probes it.
     pub node: String,
     pub ip: IpAddr,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub state: TaskState,
     pub health: Health,

@@ -17,4 +17,5 @@ mod tcp;
 mod udp;
 
 pub use metrics::ProxyMetrics;
+pub use listen::check_port_free;
 pub use plane::{ProxyConfig, ProxyPlane};

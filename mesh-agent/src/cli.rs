@@ -1,0 +1,132 @@
+//! Command-line surface of the `mesh` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::LogFormat;
+
+#[derive(Parser)]
+#[command(name = "mesh", version, about = "Routing mesh and L4 load balancer for a cluster of Linux hosts")]
+pub struct Cli {
+    /// The agent API: unix:PATH or http://HOST:PORT. The agent serves it; other
+    /// commands connect to it. Default: unix:/run/mesh/mesh.sock as root.
+    #[arg(long, env = "MESH_API", global = true)]
+    pub api: Option<String>,
+    /// Bearer token for the API over TCP.
+    #[arg(long, env = "MESH_API_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
+    pub format: Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the agent (the daemon).
+    Agent(AgentArgs),
+    /// Run an agent with three demo backends behind a published port.
+    Demo(DemoArgs),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Manage the tasks of a service.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Show the agent's status.
+    Status,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Validate the config and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Also serve /metrics on this TCP address, for scrapers.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Where API-registered services and tasks are kept across restarts.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// This host's name. Default: the hostname.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// The published port.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCommand {
+    /// Create a service.
+    Create(CreateArgs),
+    /// List services.
+    Ls,
+    /// Show a service in full (JSON).
+    Inspect { name: String },
+    /// Remove a service; its connections drain for its drain_timeout.
+    Rm { name: String },
+    /// List the tasks of a service.
+    Ps { name: String },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    pub name: String,
+    /// A port: [PUBLISHED:]TARGET[/udp]. Repeat for several.
+    #[arg(short = 'p', long = "publish", required = true)]
+    pub ports: Vec<String>,
+    #[arg(long, value_parser = ["vip", "dnsrr"], default_value = "vip")]
+    pub mode: String,
+    #[arg(long, value_parser = ["round-robin", "least-conn"], default_value = "round-robin")]
+    pub balance: String,
+    /// tcp, http:/PATH or none. Default: tcp (none for UDP-only services).
+    #[arg(long)]
+    pub health: Option<String>,
+    /// Probe interval, e.g. 2s.
+    #[arg(long)]
+    pub health_interval: Option<String>,
+    #[arg(long, value_parser = ["off", "v1", "v2"], default_value = "off")]
+    pub proxy_protocol: String,
+    /// e.g. 30s.
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
+    /// e.g. 10m, or none.
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    #[arg(long)]
+    pub max_connections: Option<u32>,
+}
+
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// Register a task on this host: IP, IP:PORT or [IPv6]:PORT.
+    Add {
+        service: String,
+        address: String,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Remove a task; its connections drain for the service's drain_timeout.
+    Rm { service: String, id: String },
+    /// Stop sending new connections to a task; existing ones may finish.
+    Drain { service: String, id: String },
+}
