@@ -1,1 +1,331 @@
+//! Harness for tests that run the real `mesh` binary, real backend processes and real
+//! clients. Every process and directory is owned by a guard that cleans up on drop,
+//! including after a panic.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use serde_json::{Value, json};
+
+/// A binary of this build (target/<profile>/NAME). Test executables live in
+/// target/<profile>/deps, one level below.
+fn built(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The `mesh` binary.
+pub fn mesh_bin() -> PathBuf {
+    built("mesh")
+}
+
+/// The test backend binary.
+pub fn backend_bin() -> PathBuf {
+    built("mesh-test-backend")
+}
+
+/// Polls `cond` every 50 ms until it returns `Some`, failing after a generous deadline.
+pub fn eventually<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port that was free a moment ago, on all addresses.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("[::]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) with a pid we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running `mesh agent` with its own socket and data directory.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent; `config` is written to a file and passed with --config.
+    pub fn start(config: Option<&str>, args: &[&str]) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("mesh-it-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("mesh.sock");
+        let data_dir = dir.path().join("data");
+        let mut agent = Agent {
+            dir,
+            socket,
+            data_dir,
+            child: None,
+        };
+        agent.spawn(config, args);
+        agent
+    }
+
+    pub fn spawn(&mut self, config: Option<&str>, args: &[&str]) {
+        let mut cmd = Command::new(mesh_bin());
+        cmd.arg("agent")
+            .arg("--api")
+            .arg(format!("unix:{}", self.socket.display()))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--node-name")
+            .arg("it")
+            .args(args)
+            .env("RUST_LOG", "info,mesh_proxy=debug")
+            .env_remove("MESH_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("agent.log")).unwrap());
+        if let Some(text) = config {
+            let path = self.dir.path().join("mesh.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        self.child = Some(cmd.spawn().expect("spawn mesh agent"));
+        eventually("agent API answers /healthz", || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("agent exited with {status}; log:\n{}", self.log());
+            }
+            self.try_http("GET", "/healthz", None)
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        });
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) with a pid we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        eventually("agent exits after SIGTERM", || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Runs `mesh ARGS` against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(mesh_bin())
+            .arg("--api")
+            .arg(format!("unix:{}", self.socket.display()))
+            .args(args)
+            .env_remove("MESH_API")
+            .output()
+            .expect("run mesh")
+    }
+
+    /// Runs `mesh ARGS --format json`, asserts success and parses the output.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--format", "json"]);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "mesh {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "mesh {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
+        let mut s = UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        http_exchange(&mut s, method, path, body, None)
+    }
+
+    /// An API call over the unix socket: (status, body).
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, text) = self.try_http(method, path, body).expect("API reachable");
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value)
+    }
+
+    /// Waits until `service` has `n` routable tasks.
+    pub fn wait_routable(&self, service: &str, n: u64) {
+        eventually(&format!("{service} has {n} routable tasks"), || {
+            let (status, v) = self.http("GET", &format!("/v1/services/{service}"), None);
+            (status == 200 && v["routable"] == n).then_some(())
+        });
+    }
+
+    pub fn task_health(&self, service: &str, id: &str) -> String {
+        let (_, tasks) = self.http("GET", &format!("/v1/services/{service}/tasks"), None);
+        tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["id"] == id)
+            .map(|t| t["health"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`, returning (status, body).
+pub fn http_exchange<S: Read + Write>(
+    s: &mut S,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: mesh\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// GET / through `port` on loopback; returns the body, or an error.
+pub fn get(port: u16) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    http_exchange(&mut s, "GET", "/", None, None).map(|(_, b)| b.trim().to_string())
+}
+
+/// A backend process that answers with its name.
+pub struct Backend {
+    pub name: String,
+    pub port: u16,
+    child: Child,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        Self::on_port(name, 0)
+    }
+
+    pub fn on_port(name: &str, port: u16) -> Backend {
+        let mut child = Command::new(backend_bin())
+            .arg(name)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn backend");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("backend {name} did not start: {line:?}"));
+        Backend {
+            name: name.into(),
+            port,
+            child,
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -43,19 +43,38 @@ pub struct ApiError {
 
 impl ApiError {
     fn bad_request(detail: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, error: "bad_request", detail: detail.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: "bad_request",
+            detail: detail.into(),
+        }
     }
     fn not_found(detail: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, error: "not_found", detail: detail.into() }
+        Self {
+            status: StatusCode::NOT_FOUND,
+            error: "not_found",
+            detail: detail.into(),
+        }
     }
     fn conflict(detail: impl Into<String>) -> Self {
-        Self { status: StatusCode::CONFLICT, error: "conflict", detail: detail.into() }
+        Self {
+            status: StatusCode::CONFLICT,
+            error: "conflict",
+            detail: detail.into(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.error.into(), detail: self.detail })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.error.into(),
+                detail: self.detail,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -64,13 +83,19 @@ impl From<WriteError> for ApiError {
         let detail = e.to_string();
         match e {
             WriteError::State(StateError::Invalid(_)) => Self::bad_request(detail),
-            WriteError::State(StateError::ServiceNotFound(_) | StateError::TaskNotFound { .. }) => Self::not_found(detail),
-            WriteError::State(
-                StateError::ServiceExists(_) | StateError::TaskExists { .. } | StateError::PortInUse { .. },
-            ) => Self::conflict(detail),
-            WriteError::Storage(_) => {
-                Self { status: StatusCode::INTERNAL_SERVER_ERROR, error: "storage", detail }
+            WriteError::State(StateError::ServiceNotFound(_) | StateError::TaskNotFound { .. }) => {
+                Self::not_found(detail)
             }
+            WriteError::State(
+                StateError::ServiceExists(_)
+                | StateError::TaskExists { .. }
+                | StateError::PortInUse { .. },
+            ) => Self::conflict(detail),
+            WriteError::Storage(_) => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                error: "storage",
+                detail,
+            },
         }
     }
 }
@@ -81,10 +106,11 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            ApiError::bad_request(format!("invalid JSON body: {inner}"))
-        } else {
+        let located = !matches!(path.as_str(), "" | "." | "?");
+        if inner.is_data() && located {
             ApiError::bad_request(format!("{path}: {inner}"))
+        } else {
+            ApiError::bad_request(format!("invalid JSON body: {inner}"))
         }
     })
 }
@@ -95,34 +121,56 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/services", get(list_services).post(create_service))
-        .route("/v1/services/{name}", get(get_service).put(update_service).delete(delete_service))
+        .route(
+            "/v1/services/{name}",
+            get(get_service).put(update_service).delete(delete_service),
+        )
         .route("/v1/services/{name}/tasks", get(list_tasks).post(add_task))
-        .route("/v1/services/{name}/tasks/{id}", axum::routing::delete(remove_task))
+        .route(
+            "/v1/services/{name}/tasks/{id}",
+            axum::routing::delete(remove_task),
+        )
         .route("/v1/services/{name}/tasks/{id}/drain", post(drain_task))
-        .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/services, /v1/status, /healthz, /metrics") })
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such endpoint; see /v1/services, /v1/status, /healthz, /metrics",
+            )
+        })
         .with_state(state);
     match token {
-        Some(token) => api.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-            let token = token.clone();
-            async move { bearer(req, next, &token).await }
-        })),
+        Some(token) => api.layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let token = token.clone();
+                async move { bearer(req, next, &token).await }
+            },
+        )),
         None => api,
     }
 }
 
 /// A router that serves only `/metrics`, for a separate scrape address.
 pub fn metrics_router(state: AppState) -> Router {
-    Router::new().route("/metrics", get(metrics)).with_state(state)
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
 async fn bearer(req: Request, next: Next, token: &str) -> Response {
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
     if ok || req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
-    ApiError { status: StatusCode::UNAUTHORIZED, error: "unauthorized", detail: "missing or wrong bearer token".into() }
-        .into_response()
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        error: "unauthorized",
+        detail: "missing or wrong bearer token".into(),
+    }
+    .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -159,7 +207,12 @@ async fn status(State(s): State<AppState>) -> Json<StatusView> {
 async fn list_services(State(s): State<AppState>) -> Json<Vec<ServiceView>> {
     let snap = s.registry.snapshot();
     let errors = s.plane_errors.borrow().clone();
-    Json(snap.services.keys().filter_map(|n| service_view(&snap, n, &errors)).collect())
+    Json(
+        snap.services
+            .keys()
+            .filter_map(|n| service_view(&snap, n, &errors))
+            .collect(),
+    )
 }
 
 /// Refuses published ports that another process on this host holds, before the
@@ -167,22 +220,36 @@ async fn list_services(State(s): State<AppState>) -> Json<Vec<ServiceView>> {
 fn check_ports_free(s: &ApiState, spec: &ServiceSpec) -> Result<(), ApiError> {
     let snap = s.registry.snapshot();
     for (port, p) in spec.published_ports() {
-        let ours = snap.services.values().any(|e| e.spec.published_ports().any(|(n, q)| n == port && q.protocol == p.protocol));
+        let ours = snap.services.values().any(|e| {
+            e.spec
+                .published_ports()
+                .any(|(n, q)| n == port && q.protocol == p.protocol)
+        });
         if ours {
             continue; // the registry reports conflicts between services, naming the holder
         }
         if let Err(e) = mesh_proxy::check_port_free(s.bind_ip, port, p.protocol) {
-            return Err(ApiError::conflict(format!("published port {port}/{} cannot be bound on this host: {e}", p.protocol)));
+            return Err(ApiError::conflict(format!(
+                "published port {port}/{} cannot be bound on this host: {e}",
+                p.protocol
+            )));
         }
     }
     Ok(())
 }
 
-async fn create_service(State(s): State<AppState>, body: Bytes) -> Result<(StatusCode, Json<ServiceView>), ApiError> {
+async fn create_service(
+    State(s): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ServiceView>), ApiError> {
     let mut spec: ServiceSpec = parse(&body)?;
-    spec.normalize().map_err(|e| ApiError::bad_request(e.to_string()))?;
+    spec.normalize()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if s.registry.snapshot().services.contains_key(&spec.name) {
-        return Err(ApiError::conflict(format!("service {:?} already exists", spec.name)));
+        return Err(ApiError::conflict(format!(
+            "service {:?} already exists",
+            spec.name
+        )));
     }
     check_ports_free(&s, &spec)?;
     let name = spec.name.clone();
@@ -197,12 +264,16 @@ async fn update_service(
 ) -> Result<Json<ServiceView>, ApiError> {
     let mut spec: ServiceSpec = parse(&body)?;
     if spec.name != name {
-        return Err(ApiError::bad_request(format!("name: {:?} does not match the URL's {name:?}; services cannot be renamed", spec.name)));
+        return Err(ApiError::bad_request(format!(
+            "name: {:?} does not match the URL's {name:?}; services cannot be renamed",
+            spec.name
+        )));
     }
     if !s.registry.snapshot().services.contains_key(&name) {
         return Err(ApiError::not_found(format!("service {name:?} not found")));
     }
-    spec.normalize().map_err(|e| ApiError::bad_request(e.to_string()))?;
+    spec.normalize()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     check_ports_free(&s, &spec)?;
     s.registry.write(|st| st.put_service(spec))?;
     Ok(Json(view(&s, &name)?))
@@ -213,25 +284,47 @@ fn view(s: &ApiState, name: &str) -> Result<ServiceView, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))
 }
 
-async fn get_service(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<ServiceView>, ApiError> {
+async fn get_service(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ServiceView>, ApiError> {
     Ok(Json(view(&s, &name)?))
 }
 
-async fn delete_service(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<ServiceView>, ApiError> {
+async fn delete_service(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ServiceView>, ApiError> {
     let before = view(&s, &name)?;
     s.registry.write(|st| st.remove_service(&name))?;
     Ok(Json(before))
 }
 
-async fn list_tasks(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Vec<TaskView>>, ApiError> {
+async fn list_tasks(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<TaskView>>, ApiError> {
     let snap = s.registry.snapshot();
-    let entry = snap.services.get(&name).ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))?;
-    Ok(Json(entry.tasks.iter().map(|t| task_view(&s, &name, t.clone())).collect()))
+    let entry = snap
+        .services
+        .get(&name)
+        .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))?;
+    Ok(Json(
+        entry
+            .tasks
+            .iter()
+            .map(|t| task_view(&s, &name, t.clone()))
+            .collect(),
+    ))
 }
 
 fn task_view(s: &ApiState, service: &str, task: mesh_core::TaskEntry) -> TaskView {
     let active_connections = s.proxy_metrics.active_connections(service, &task.id);
-    TaskView { service: service.into(), task, active_connections }
+    TaskView {
+        service: service.into(),
+        task,
+        active_connections,
+    }
 }
 
 #[derive(Deserialize)]
@@ -252,21 +345,44 @@ async fn add_task(
     body: Bytes,
 ) -> Result<(StatusCode, Json<TaskView>), ApiError> {
     let t: NewTask = parse(&body)?;
-    let spec = TaskSpec { service: name.clone(), id: t.id, ip: t.ip, port: t.port, state: t.state };
+    let spec = TaskSpec {
+        service: name.clone(),
+        id: t.id,
+        ip: t.ip,
+        port: t.port,
+        state: t.state,
+    };
     let id = s.registry.write(|st| st.add_task(spec))?;
     let snap = s.registry.snapshot();
-    let entry = snap.services[&name].tasks.iter().find(|t| t.id == id).cloned().expect("just added");
+    let entry = snap.services[&name]
+        .tasks
+        .iter()
+        .find(|t| t.id == id)
+        .cloned()
+        .expect("just added");
     Ok((StatusCode::CREATED, Json(task_view(&s, &name, entry))))
 }
 
-async fn remove_task(State(s): State<AppState>, Path((name, id)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+async fn remove_task(
+    State(s): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     s.registry.write(|st| st.remove_task(&name, &id))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn drain_task(State(s): State<AppState>, Path((name, id)): Path<(String, String)>) -> Result<Json<TaskView>, ApiError> {
-    s.registry.write(|st| st.set_task_state(&name, &id, TaskState::Draining))?;
+async fn drain_task(
+    State(s): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<TaskView>, ApiError> {
+    s.registry
+        .write(|st| st.set_task_state(&name, &id, TaskState::Draining))?;
     let snap = s.registry.snapshot();
-    let entry = snap.services[&name].tasks.iter().find(|t| t.id == id).cloned().expect("exists");
+    let entry = snap.services[&name]
+        .tasks
+        .iter()
+        .find(|t| t.id == id)
+        .cloned()
+        .expect("exists");
     Ok(Json(task_view(&s, &name, entry)))
 }

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::config::LogFormat;
 
 #[derive(Parser)]
-#[command(name = "mesh", version, about = "Routing mesh and L4 load balancer for a cluster of Linux hosts")]
+#[command(
+    name = "mesh",
+    version,
+    about = "Routing mesh and L4 load balancer for a cluster of Linux hosts"
+)]
 pub struct Cli {
     /// The agent API: unix:PATH or http://HOST:PORT. The agent serves it; other
     /// commands connect to it. Default: unix:/run/mesh/mesh.sock as root.

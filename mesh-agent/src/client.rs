@@ -52,12 +52,26 @@ pub struct Client {
 }
 
 impl Client {
-    async fn send(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<(StatusCode, Bytes)> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(StatusCode, Bytes)> {
         let unreachable = |e: std::io::Error| {
-            anyhow!("cannot reach the mesh agent at {}: {e} (is `mesh agent` running? set --api or MESH_API)", self.endpoint)
+            anyhow!(
+                "cannot reach the mesh agent at {}: {e} (is `mesh agent` running? set --api or MESH_API)",
+                self.endpoint
+            )
         };
-        let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("json"))).unwrap_or_default();
-        let mut req = Request::builder().method(method).uri(path).header("host", "mesh").header("content-type", "application/json");
+        let body = body
+            .map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")))
+            .unwrap_or_default();
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "mesh")
+            .header("content-type", "application/json");
         if let Some(token) = &self.token {
             req = req.header("authorization", format!("Bearer {token}"));
         }
@@ -65,13 +79,21 @@ impl Client {
         let fut = async {
             let resp = match &self.endpoint {
                 Endpoint::Unix(p) => {
-                    let io = TokioIo::new(tokio::net::UnixStream::connect(p).await.map_err(unreachable)?);
+                    let io = TokioIo::new(
+                        tokio::net::UnixStream::connect(p)
+                            .await
+                            .map_err(unreachable)?,
+                    );
                     let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await?;
                     tokio::spawn(conn);
                     tx.send_request(req).await?
                 }
                 Endpoint::Tcp(a) => {
-                    let io = TokioIo::new(tokio::net::TcpStream::connect(a).await.map_err(unreachable)?);
+                    let io = TokioIo::new(
+                        tokio::net::TcpStream::connect(a)
+                            .await
+                            .map_err(unreachable)?,
+                    );
                     let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await?;
                     tokio::spawn(conn);
                     tx.send_request(req).await?
@@ -83,22 +105,36 @@ impl Client {
         };
         tokio::time::timeout(std::time::Duration::from_secs(30), fut)
             .await
-            .map_err(|_| anyhow!("the mesh agent at {} did not answer within 30s", self.endpoint))?
+            .map_err(|_| {
+                anyhow!(
+                    "the mesh agent at {} did not answer within 30s",
+                    self.endpoint
+                )
+            })?
     }
 
     /// Sends a request and decodes a 2xx answer; any other status becomes the agent's
     /// own error message.
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<T> {
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T> {
         let (status, bytes) = self.send(method, path, body).await?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(e) => anyhow!("{}", e.detail),
-                Err(_) => anyhow!("agent answered {status}: {}", String::from_utf8_lossy(&bytes).trim()),
+                Err(_) => anyhow!(
+                    "agent answered {status}: {}",
+                    String::from_utf8_lossy(&bytes).trim()
+                ),
             });
         }
         if bytes.is_empty() {
             return serde_json::from_str("null").context("empty answer");
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from the agent to {path}"))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("unexpected answer from the agent to {path}"))
     }
 }

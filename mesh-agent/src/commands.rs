@@ -47,7 +47,11 @@ fn health(args: &CreateArgs, udp_only: bool) -> Result<Value> {
 }
 
 pub fn service_body(args: &CreateArgs) -> Result<Value> {
-    let ports = args.ports.iter().map(|p| parse_port(p)).collect::<Result<Vec<_>>>()?;
+    let ports = args
+        .ports
+        .iter()
+        .map(|p| parse_port(p))
+        .collect::<Result<Vec<_>>>()?;
     let udp_only = ports.iter().all(|p| p["protocol"] == "udp");
     let mut body = json!({
         "name": args.name,
@@ -124,7 +128,9 @@ fn print_json(v: &impl serde::Serialize) {
 pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Result<()> {
     match cmd {
         ServiceCommand::Create(args) => {
-            let v: ServiceView = client.call(Method::POST, "/v1/services", Some(service_body(&args)?)).await?;
+            let v: ServiceView = client
+                .call(Method::POST, "/v1/services", Some(service_body(&args)?))
+                .await?;
             match format {
                 Format::Json => print_json(&v),
                 Format::Table => println!("{}", v.spec.name),
@@ -152,32 +158,45 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                     ]
                 })
                 .collect();
-            print!("{}", table(&["NAME", "MODE", "BALANCE", "TASKS", "PORTS"], &rows));
+            print!(
+                "{}",
+                table(&["NAME", "MODE", "BALANCE", "TASKS", "PORTS"], &rows)
+            );
         }
         ServiceCommand::Inspect { name } => {
-            let v: Value = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
+            let v: Value = client
+                .call(Method::GET, &format!("/v1/services/{name}"), None)
+                .await?;
             print_json(&v);
         }
         ServiceCommand::Rm { name } => {
-            let v: ServiceView = client.call(Method::DELETE, &format!("/v1/services/{name}"), None).await?;
+            let v: ServiceView = client
+                .call(Method::DELETE, &format!("/v1/services/{name}"), None)
+                .await?;
             match format {
                 Format::Json => print_json(&v),
                 Format::Table => println!("{}", v.spec.name),
             }
         }
         ServiceCommand::Ps { name } => {
-            let list: Vec<TaskView> = client.call(Method::GET, &format!("/v1/services/{name}/tasks"), None).await?;
+            let list: Vec<TaskView> = client
+                .call(Method::GET, &format!("/v1/services/{name}/tasks"), None)
+                .await?;
             if format == Format::Json {
                 print_json(&list);
                 return Ok(());
             }
-            let service: ServiceView = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
+            let service: ServiceView = client
+                .call(Method::GET, &format!("/v1/services/{name}"), None)
+                .await?;
             let rows: Vec<Vec<String>> = list
                 .iter()
                 .map(|t| {
                     let addr = match (t.task.port, service.spec.ports.first()) {
                         (Some(p), _) => SocketAddr::new(t.task.ip, p).to_string(),
-                        (None, Some(port)) if service.spec.ports.len() == 1 => SocketAddr::new(t.task.ip, port.target).to_string(),
+                        (None, Some(port)) if service.spec.ports.len() == 1 => {
+                            SocketAddr::new(t.task.ip, port.target).to_string()
+                        }
                         _ => t.task.ip.to_string(),
                     };
                     vec![
@@ -190,7 +209,13 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                     ]
                 })
                 .collect();
-            print!("{}", table(&["ID", "ADDRESS", "HOST", "HEALTH", "STATE", "CONNECTIONS"], &rows));
+            print!(
+                "{}",
+                table(
+                    &["ID", "ADDRESS", "HOST", "HEALTH", "STATE", "CONNECTIONS"],
+                    &rows
+                )
+            );
         }
     }
     Ok(())
@@ -198,7 +223,11 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
 
 pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<()> {
     let (v, id): (Option<TaskView>, String) = match cmd {
-        TaskCommand::Add { service, address, id } => {
+        TaskCommand::Add {
+            service,
+            address,
+            id,
+        } => {
             let (ip, port) = parse_task_address(&address)?;
             let mut body = json!({"ip": ip});
             if let Some(p) = port {
@@ -207,16 +236,34 @@ pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<(
             if let Some(id) = id {
                 body["id"] = json!(id);
             }
-            let v: TaskView = client.call(Method::POST, &format!("/v1/services/{service}/tasks"), Some(body)).await?;
+            let v: TaskView = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/services/{service}/tasks"),
+                    Some(body),
+                )
+                .await?;
             let id = v.task.id.clone();
             (Some(v), id)
         }
         TaskCommand::Rm { service, id } => {
-            let _: Value = client.call(Method::DELETE, &format!("/v1/services/{service}/tasks/{id}"), None).await?;
+            let _: Value = client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/services/{service}/tasks/{id}"),
+                    None,
+                )
+                .await?;
             (None, id)
         }
         TaskCommand::Drain { service, id } => {
-            let v: TaskView = client.call(Method::POST, &format!("/v1/services/{service}/tasks/{id}/drain"), None).await?;
+            let v: TaskView = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/services/{service}/tasks/{id}/drain"),
+                    None,
+                )
+                .await?;
             (Some(v), id)
         }
     };
@@ -258,17 +305,39 @@ mod tests {
 
     #[test]
     fn ports_parse() {
-        assert_eq!(parse_port("8080:80").unwrap(), json!({"published": 8080, "target": 80, "protocol": "tcp"}));
-        assert_eq!(parse_port("53/udp").unwrap(), json!({"target": 53, "protocol": "udp"}));
-        assert!(parse_port("80/sctp").unwrap_err().to_string().contains("sctp"));
-        assert!(parse_port("x:80").unwrap_err().to_string().contains("published"));
+        assert_eq!(
+            parse_port("8080:80").unwrap(),
+            json!({"published": 8080, "target": 80, "protocol": "tcp"})
+        );
+        assert_eq!(
+            parse_port("53/udp").unwrap(),
+            json!({"target": 53, "protocol": "udp"})
+        );
+        assert!(
+            parse_port("80/sctp")
+                .unwrap_err()
+                .to_string()
+                .contains("sctp")
+        );
+        assert!(
+            parse_port("x:80")
+                .unwrap_err()
+                .to_string()
+                .contains("published")
+        );
         assert!(parse_port("0").is_err());
     }
 
     #[test]
     fn task_addresses_parse() {
-        assert_eq!(parse_task_address("10.0.0.1").unwrap(), ("10.0.0.1".parse().unwrap(), None));
-        assert_eq!(parse_task_address("[::1]:8080").unwrap(), ("::1".parse().unwrap(), Some(8080)));
+        assert_eq!(
+            parse_task_address("10.0.0.1").unwrap(),
+            ("10.0.0.1".parse().unwrap(), None)
+        );
+        assert_eq!(
+            parse_task_address("[::1]:8080").unwrap(),
+            ("::1".parse().unwrap(), Some(8080))
+        );
         assert!(parse_task_address("nope").is_err());
     }
 

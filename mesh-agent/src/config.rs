@@ -104,7 +104,11 @@ impl Default for ProxySettings {
 pub struct ConfigError(pub String);
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 impl AgentConfig {
@@ -125,9 +129,13 @@ impl AgentConfig {
         for svc in &mut config.service {
             let line = line_of(text, svc.span().start);
             let spec = svc.get_mut();
-            spec.normalize().map_err(|e| ConfigError(format!("{file}:{line}: service {:?}: {e}", spec.name)))?;
+            spec.normalize()
+                .map_err(|e| ConfigError(format!("{file}:{line}: service {:?}: {e}", spec.name)))?;
             if let Some(first) = names.insert(spec.name.clone(), line) {
-                return Err(ConfigError(format!("{file}:{line}: service {:?} is already declared at line {first}", spec.name)));
+                return Err(ConfigError(format!(
+                    "{file}:{line}: service {:?} is already declared at line {first}",
+                    spec.name
+                )));
             }
         }
         let mut ids = std::collections::HashSet::new();
@@ -140,13 +148,18 @@ impl AgentConfig {
                     t.service
                 )));
             };
-            mesh_core::name::check_task_id("id", id).map_err(|e| ConfigError(format!("{file}:{line}: task: {e}")))?;
+            mesh_core::name::check_task_id("id", id)
+                .map_err(|e| ConfigError(format!("{file}:{line}: task: {e}")))?;
             if !ids.insert((t.service.clone(), id.clone())) {
-                return Err(ConfigError(format!("{file}:{line}: task {id:?} of service {:?} is declared twice", t.service)));
+                return Err(ConfigError(format!(
+                    "{file}:{line}: task {id:?} of service {:?} is declared twice",
+                    t.service
+                )));
             }
         }
         if let Some(name) = &config.node_name {
-            mesh_core::name::check_task_id("node_name", name).map_err(|e| ConfigError(format!("{file}: {e}")))?;
+            mesh_core::name::check_task_id("node_name", name)
+                .map_err(|e| ConfigError(format!("{file}: {e}")))?;
         }
         Ok(config)
     }
@@ -187,7 +200,9 @@ ip = "10.0.0.1"
 
     #[test]
     fn errors_name_file_and_line() {
-        let err = AgentConfig::parse("node_name = \"a\"\n\n[api]\ncolour = 1\n", "mesh.toml").unwrap_err().0;
+        let err = AgentConfig::parse("node_name = \"a\"\n\n[api]\ncolour = 1\n", "mesh.toml")
+            .unwrap_err()
+            .0;
         assert!(err.starts_with("mesh.toml:4: "), "{err}");
         assert!(err.contains("colour"), "{err}");
 
@@ -197,15 +212,33 @@ ip = "10.0.0.1"
         )
         .unwrap_err()
         .0;
-        assert_eq!(err, "mesh.toml:5: service \"api\": ports[1].published: port 1/tcp is published twice");
+        assert_eq!(
+            err,
+            "mesh.toml:5: service \"api\": ports[1].published: port 1/tcp is published twice"
+        );
 
-        let err = AgentConfig::parse("[proxy]\nconnect_timeout = \"soon\"\n", "m.toml").unwrap_err().0;
-        assert!(err.starts_with("m.toml:2: ") && err.contains("soon"), "{err}");
+        let err = AgentConfig::parse("[proxy]\nconnect_timeout = \"soon\"\n", "m.toml")
+            .unwrap_err()
+            .0;
+        assert!(
+            err.starts_with("m.toml:2: ") && err.contains("soon"),
+            "{err}"
+        );
 
-        let err = AgentConfig::parse("[[task]]\nservice = \"web\"\nip = \"10.0.0.1\"\n", "m.toml").unwrap_err().0;
-        assert!(err.starts_with("m.toml:1: ") && err.contains("id is required"), "{err}");
+        let err = AgentConfig::parse("[[task]]\nservice = \"web\"\nip = \"10.0.0.1\"\n", "m.toml")
+            .unwrap_err()
+            .0;
+        assert!(
+            err.starts_with("m.toml:1: ") && err.contains("id is required"),
+            "{err}"
+        );
 
-        let err = AgentConfig::parse("[[task]]\nservice = \"web\"\nid = \"a\"\nip = \"10.0.0.300\"\n", "m.toml").unwrap_err().0;
+        let err = AgentConfig::parse(
+            "[[task]]\nservice = \"web\"\nid = \"a\"\nip = \"10.0.0.300\"\n",
+            "m.toml",
+        )
+        .unwrap_err()
+        .0;
         assert!(err.starts_with("m.toml:4: "), "{err}");
     }
 }

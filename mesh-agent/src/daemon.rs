@@ -43,7 +43,10 @@ pub struct RunningAgent {
 }
 
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit write/read the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -59,11 +62,15 @@ fn load_state(settings: &Settings, store: &DataDir) -> Result<State> {
     let path = store.path();
     for spec in saved.services {
         let name = spec.name.clone();
-        state.put_service(spec).with_context(|| format!("{}: service {name:?}", path.display()))?;
+        state
+            .put_service(spec)
+            .with_context(|| format!("{}: service {name:?}", path.display()))?;
     }
     for task in saved.tasks {
         let id = task.id.clone().unwrap_or_default();
-        state.add_task(task).with_context(|| format!("{}: task {id:?}", path.display()))?;
+        state
+            .add_task(task)
+            .with_context(|| format!("{}: task {id:?}", path.display()))?;
     }
     Ok(state)
 }
@@ -76,11 +83,16 @@ async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("another agent is already serving {}; stop it or pass --api unix:OTHER_PATH", path.display());
+            bail!(
+                "another agent is already serving {}; stop it or pass --api unix:OTHER_PATH",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     // Only the owner (root for a system agent) may change the mesh.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
@@ -92,7 +104,9 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     let state = load_state(&settings, &store)?;
     let registry = Registry::new(state, Some(store));
     for spec in &settings.services {
-        registry.write(|st| st.put_service(spec.clone())).with_context(|| format!("config: service {:?}", spec.name))?;
+        registry
+            .write(|st| st.put_service(spec.clone()))
+            .with_context(|| format!("config: service {:?}", spec.name))?;
     }
     for task in &settings.tasks {
         let id = task.id.clone().unwrap_or_default();
@@ -115,16 +129,24 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     let tcp = match settings.tcp_api {
         Some(addr) => {
             if settings.token.is_none() {
-                bail!("the TCP API on {addr} needs a bearer token: set api.token or api.token_file in the config, or MESH_API_TOKEN");
+                bail!(
+                    "the TCP API on {addr} needs a bearer token: set api.token or api.token_file in the config, or MESH_API_TOKEN"
+                );
             }
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for the API"))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the API"))?;
             api_names.push(format!("http://{}", l.local_addr()?));
             Some(l)
         }
         None => None,
     };
     let metrics_listener = match settings.metrics {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?),
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+        ),
         None => None,
     };
 
@@ -170,13 +192,19 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
         bind_ip: settings.proxy.bind,
         started: Instant::now(),
         api: api_names.clone(),
-        metrics_addr: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}/metrics")),
+        metrics_addr: metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| format!("http://{a}/metrics")),
         data_dir: settings.data_dir.display().to_string(),
     });
     let s = stop.clone();
     let app = api::router(state.clone(), None);
     tasks.spawn(async move {
-        if let Err(e) = axum::serve(unix, app).with_graceful_shutdown(s.cancelled_owned()).await {
+        if let Err(e) = axum::serve(unix, app)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+        {
             warn!(error = %e, "unix API server stopped");
         }
     });
@@ -184,7 +212,10 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
         let s = stop.clone();
         let app = api::router(state.clone(), settings.token.clone());
         tasks.spawn(async move {
-            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(s.cancelled_owned()).await {
+            if let Err(e) = axum::serve(l, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+            {
                 warn!(error = %e, "TCP API server stopped");
             }
         });
@@ -194,14 +225,21 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
         let s = stop.clone();
         let app = api::metrics_router(state);
         tasks.spawn(async move {
-            let _ = axum::serve(l, app).with_graceful_shutdown(s.cancelled_owned()).await;
+            let _ = axum::serve(l, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await;
         });
     }
     for name in &api_names {
         info!(api = %name, "API listening");
     }
     info!(node = %settings.node_name, data_dir = %settings.data_dir.display(), "mesh agent started");
-    Ok(RunningAgent { registry, stop, tasks, socket: settings.socket })
+    Ok(RunningAgent {
+        registry,
+        stop,
+        tasks,
+        socket: settings.socket,
+    })
 }
 
 impl RunningAgent {

@@ -47,10 +47,20 @@ async fn backend(name: String) -> Result<(u16, tokio::task::JoinHandle<()>)> {
 
 pub async fn run(port: u16, api: Option<String>) -> Result<()> {
     if let Err(e) = mesh_proxy::check_port_free(None, port, Protocol::Tcp) {
-        bail!("port {port} is not free ({e}); try `mesh demo --port {}`", port.wrapping_add(1).max(1024));
+        bail!(
+            "port {port} is not free ({e}); try `mesh demo --port {}`",
+            port.wrapping_add(1).max(1024)
+        );
     }
-    let dir = tempfile::Builder::new().prefix("mesh-demo-").tempdir().context("cannot create a temporary directory")?;
-    let socket = match api.as_deref().map(crate::client::Endpoint::parse).transpose()? {
+    let dir = tempfile::Builder::new()
+        .prefix("mesh-demo-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let socket = match api
+        .as_deref()
+        .map(crate::client::Endpoint::parse)
+        .transpose()?
+    {
         Some(crate::client::Endpoint::Unix(p)) => p,
         Some(other) => bail!("mesh demo serves its API on a unix socket; --api {other} is not one"),
         None => dir.path().join("mesh.sock"),
@@ -70,7 +80,12 @@ pub async fn run(port: u16, api: Option<String>) -> Result<()> {
         });
     }
     let mut web = ServiceSpec::new("web", vec![PortSpec::tcp(Some(port), 80)]);
-    web.health = HealthCheck { check: HealthKind::Http, path: "/".into(), interval: Duration::from_secs(1), ..HealthCheck::default() };
+    web.health = HealthCheck {
+        check: HealthKind::Http,
+        path: "/".into(),
+        interval: Duration::from_secs(1),
+        ..HealthCheck::default()
+    };
     web.drain_timeout = Duration::from_secs(5);
     let settings = Settings {
         node_name: "demo".into(),
@@ -79,7 +94,10 @@ pub async fn run(port: u16, api: Option<String>) -> Result<()> {
         tcp_api: None,
         token: None,
         metrics: None,
-        proxy: ProxySettings { shutdown_grace: Duration::from_secs(2), ..ProxySettings::default() },
+        proxy: ProxySettings {
+            shutdown_grace: Duration::from_secs(2),
+            ..ProxySettings::default()
+        },
         services: vec![web],
         tasks,
     };
@@ -87,7 +105,11 @@ pub async fn run(port: u16, api: Option<String>) -> Result<()> {
     let mut snapshots = agent.registry.subscribe();
     let ready = async {
         loop {
-            let routable = snapshots.borrow_and_update().services.get("web").map(|w| w.tasks.iter().filter(|t| t.routable()).count());
+            let routable = snapshots
+                .borrow_and_update()
+                .services
+                .get("web")
+                .map(|w| w.tasks.iter().filter(|t| t.routable()).count());
             if routable == Some(3) {
                 return;
             }
@@ -96,7 +118,10 @@ pub async fn run(port: u16, api: Option<String>) -> Result<()> {
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(30), ready).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .is_err()
+    {
         tracing::warn!("the demo backends did not all pass their health check within 30s");
     }
     let api = format!("unix:{}", socket.display());

@@ -39,7 +39,10 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -62,7 +65,10 @@ async fn run(cli: Cli) -> Result<()> {
             Some(a) => Endpoint::parse(a)?,
             None => Endpoint::Unix(paths::default_socket()),
         };
-        Ok(Client { endpoint, token: cli.token.clone() })
+        Ok(Client {
+            endpoint,
+            token: cli.token.clone(),
+        })
     };
     match cli.command {
         Command::Agent(ref args) => agent(&cli, args).await,
@@ -82,18 +88,36 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         None => AgentConfig::default(),
     };
     if args.check_config {
-        let what = args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(no --config)".into());
-        println!("{what}: ok ({} services, {} tasks)", config.service.len(), config.task.len());
+        let what = args
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(no --config)".into());
+        println!(
+            "{what}: ok ({} services, {} tasks)",
+            config.service.len(),
+            config.task.len()
+        );
         return Ok(());
     }
-    init_logging(args.log_format.or(config.log_format).unwrap_or(LogFormat::Text));
+    init_logging(
+        args.log_format
+            .or(config.log_format)
+            .unwrap_or(LogFormat::Text),
+    );
 
-    let mut socket = config.api.socket.clone().unwrap_or_else(paths::default_socket);
+    let mut socket = config
+        .api
+        .socket
+        .clone()
+        .unwrap_or_else(paths::default_socket);
     let mut tcp_api = config.api.tcp;
     match cli.api.as_deref().map(Endpoint::parse).transpose()? {
         Some(Endpoint::Unix(p)) => socket = p,
         Some(Endpoint::Tcp(a)) => {
-            tcp_api = Some(a.parse().with_context(|| format!("--api http://{a}: expected http://IP:PORT to listen on"))?)
+            tcp_api = Some(a.parse().with_context(|| {
+                format!("--api http://{a}: expected http://IP:PORT to listen on")
+            })?)
         }
         None => {}
     }
@@ -110,11 +134,19 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
     if token.as_deref() == Some("") {
         bail!("the API token is empty");
     }
-    let node_name = args.node_name.clone().or(config.node_name.clone()).unwrap_or_else(paths::hostname);
+    let node_name = args
+        .node_name
+        .clone()
+        .or(config.node_name.clone())
+        .unwrap_or_else(paths::hostname);
     mesh_core::name::check_task_id("--node-name", &node_name)?;
     let settings = daemon::Settings {
         node_name,
-        data_dir: args.data_dir.clone().or(config.data_dir.clone()).unwrap_or_else(paths::default_data_dir),
+        data_dir: args
+            .data_dir
+            .clone()
+            .or(config.data_dir.clone())
+            .unwrap_or_else(paths::default_data_dir),
         socket,
         tcp_api,
         token,

@@ -47,5 +47,9 @@ pub fn hostname() -> String {
     } else {
         String::new()
     };
-    if name.is_empty() { "localhost".into() } else { name }
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
 }

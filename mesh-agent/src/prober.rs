@@ -25,16 +25,25 @@ pub struct HealthMetrics {
 impl HealthMetrics {
     pub fn new(prom: &Prom) -> prometheus::Result<Self> {
         let transitions = IntCounterVec::new(
-            Opts::new("mesh_health_transitions_total", "Health state changes of tasks on this host"),
+            Opts::new(
+                "mesh_health_transitions_total",
+                "Health state changes of tasks on this host",
+            ),
             &["service", "task", "to"],
         )?;
         let healthy = IntGaugeVec::new(
-            Opts::new("mesh_task_healthy", "1 when the task passes its health check, 0 otherwise"),
+            Opts::new(
+                "mesh_task_healthy",
+                "1 when the task passes its health check, 0 otherwise",
+            ),
             &["service", "task"],
         )?;
         prom.register(Box::new(transitions.clone()))?;
         prom.register(Box::new(healthy.clone()))?;
-        Ok(Self { transitions, healthy })
+        Ok(Self {
+            transitions,
+            healthy,
+        })
     }
 }
 
@@ -50,7 +59,11 @@ struct Probe {
 }
 
 /// Keeps one probe loop per local task in step with the snapshots.
-pub async fn run(registry: Arc<Registry>, metrics: HealthMetrics, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+pub async fn run(
+    registry: Arc<Registry>,
+    metrics: HealthMetrics,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+) {
     let mut probes: HashMap<(String, String), Probe> = HashMap::new();
     let node = registry.node();
     loop {
@@ -61,9 +74,17 @@ pub async fn run(registry: Arc<Registry>, metrics: HealthMetrics, mut snapshots:
             if spec.health.check == HealthKind::None {
                 continue;
             }
-            let Some(port) = spec.ports.iter().find(|p| p.protocol == Protocol::Tcp) else { continue };
+            let Some(port) = spec.ports.iter().find(|p| p.protocol == Protocol::Tcp) else {
+                continue;
+            };
             for task in entry.tasks.iter().filter(|t| t.node == node) {
-                wanted.insert((name.clone(), task.id.clone()), ProbeKey { addr: task.addr(port), check: spec.health.clone() });
+                wanted.insert(
+                    (name.clone(), task.id.clone()),
+                    ProbeKey {
+                        addr: task.addr(port),
+                        check: spec.health.clone(),
+                    },
+                );
             }
         }
         probes.retain(|id, probe| {
@@ -80,7 +101,14 @@ pub async fn run(registry: Arc<Registry>, metrics: HealthMetrics, mut snapshots:
             if probes.contains_key(&id) {
                 continue;
             }
-            let task = tokio::spawn(probe_loop(registry.clone(), metrics.clone(), id.0.clone(), id.1.clone(), key.addr, key.check.clone()));
+            let task = tokio::spawn(probe_loop(
+                registry.clone(),
+                metrics.clone(),
+                id.0.clone(),
+                id.1.clone(),
+                key.addr,
+                key.check.clone(),
+            ));
             probes.insert(id, Probe { key, task });
         }
         if snapshots.changed().await.is_err() {
@@ -109,11 +137,25 @@ async fn probe_loop(
         let (ok, why) = match result {
             Ok(Ok(())) => (true, String::new()),
             Ok(Err(e)) => (false, e),
-            Err(_) => (false, format!("no answer within {}", mesh_core::duration::format(check.timeout))),
+            Err(_) => (
+                false,
+                format!(
+                    "no answer within {}",
+                    mesh_core::duration::format(check.timeout)
+                ),
+            ),
         };
-        let Some(health) = tracker.observe(ok) else { continue };
-        metrics.transitions.with_label_values(&[&service, &task, &health.to_string()]).inc();
-        metrics.healthy.with_label_values(&[&service, &task]).set(i64::from(health == Health::Healthy));
+        let Some(health) = tracker.observe(ok) else {
+            continue;
+        };
+        metrics
+            .transitions
+            .with_label_values(&[&service, &task, &health.to_string()])
+            .inc();
+        metrics
+            .healthy
+            .with_label_values(&[&service, &task])
+            .set(i64::from(health == Health::Healthy));
         match health {
             Health::Healthy => info!(service = %service, task = %task, %addr, "task is healthy"),
             _ => warn!(service = %service, task = %task, %addr, reason = %why, "task is unhealthy"),
@@ -123,7 +165,9 @@ async fn probe_loop(
 }
 
 async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     if check.check != HealthKind::Http {
         return Ok(());
     }
@@ -131,7 +175,10 @@ async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
         "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mesh-health-check\r\nConnection: close\r\n\r\n",
         check.path
     );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     // Only the status line matters; read just enough of it.
     let mut buf = [0u8; 64];
     let mut n = 0;
@@ -143,11 +190,13 @@ async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
         }
     }
     let line = String::from_utf8_lossy(&buf[..n]);
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok());
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok());
     match status {
         Some(200..=399) => Ok(()),
         Some(code) => Err(format!("HTTP status {code}")),
         None => Err("not an HTTP response".into()),
     }
 }
-

@@ -30,7 +30,10 @@ pub struct Registry {
 impl Registry {
     pub fn new(state: State, store: Option<DataDir>) -> Arc<Self> {
         let (snapshots, _) = watch::channel(Arc::new(state.snapshot()));
-        Arc::new(Self { inner: Mutex::new(Inner { state, store }), snapshots })
+        Arc::new(Self {
+            inner: Mutex::new(Inner { state, store }),
+            snapshots,
+        })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
@@ -47,7 +50,10 @@ impl Registry {
 
     /// Applies a durable change: it is saved before it takes effect, and if saving
     /// fails nothing changes. The change runs on a copy so a failure leaves no trace.
-    pub fn write<T>(&self, change: impl FnOnce(&mut State) -> Result<T, StateError>) -> Result<T, WriteError> {
+    pub fn write<T>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<T, StateError>,
+    ) -> Result<T, WriteError> {
         let mut inner = self.lock();
         let mut next = inner.state.clone();
         let out = change(&mut next)?;
@@ -81,5 +87,9 @@ impl Registry {
 }
 
 fn persisted(state: &State) -> Persisted {
-    Persisted { format: 1, services: state.services().cloned().collect(), tasks: state.tasks().cloned().collect() }
+    Persisted {
+        format: 1,
+        services: state.services().cloned().collect(),
+        tasks: state.tasks().cloned().collect(),
+    }
 }

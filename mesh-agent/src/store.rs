@@ -26,8 +26,11 @@ pub struct DataDir {
 
 impl DataDir {
     pub fn open(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
-        Ok(Self { dir: dir.to_path_buf() })
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> PathBuf {
@@ -40,13 +43,26 @@ impl DataDir {
         let path = self.path();
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted { format: FORMAT, ..Default::default() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Persisted {
+                    format: FORMAT,
+                    ..Default::default()
+                });
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         let state: Persisted = serde_json::from_str(&text).with_context(|| {
-            format!("{} is not a valid mesh state file; move it away to start empty", path.display())
+            format!(
+                "{} is not a valid mesh state file; move it away to start empty",
+                path.display()
+            )
         })?;
-        anyhow::ensure!(state.format == FORMAT, "{}: unknown format {}", path.display(), state.format);
+        anyhow::ensure!(
+            state.format == FORMAT,
+            "{}: unknown format {}",
+            path.display(),
+            state.format
+        );
         Ok(state)
     }
 
@@ -76,7 +92,10 @@ mod tests {
         assert!(data.load().unwrap().services.is_empty());
         let state = Persisted {
             format: FORMAT,
-            services: vec![ServiceSpec::new("web", vec![mesh_core::PortSpec::tcp(Some(8080), 80)])],
+            services: vec![ServiceSpec::new(
+                "web",
+                vec![mesh_core::PortSpec::tcp(Some(8080), 80)],
+            )],
             tasks: vec![],
         };
         data.save(&state).unwrap();

@@ -48,7 +48,11 @@ pub struct ErrorBody {
     pub detail: String,
 }
 
-pub fn service_view(snapshot: &Snapshot, name: &str, errors: &BTreeMap<String, Vec<String>>) -> Option<ServiceView> {
+pub fn service_view(
+    snapshot: &Snapshot,
+    name: &str,
+    errors: &BTreeMap<String, Vec<String>>,
+) -> Option<ServiceView> {
     let entry = snapshot.services.get(name)?;
     Some(ServiceView {
         spec: entry.spec.clone(),

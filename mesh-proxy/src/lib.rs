@@ -16,6 +16,6 @@ mod route;
 mod tcp;
 mod udp;
 
-pub use metrics::ProxyMetrics;
 pub use listen::check_port_free;
+pub use metrics::ProxyMetrics;
 pub use plane::{ProxyConfig, ProxyPlane};

@@ -29,7 +29,11 @@ fn bind(ip: Option<IpAddr>, port: u16, ty: Type, proto: Protocol) -> io::Result<
 
 /// Whether `port` could be bound the way the plane would bind it. Lets the API refuse
 /// a port held by another process with a clear answer instead of a later bind error.
-pub fn check_port_free(ip: Option<IpAddr>, port: u16, protocol: mesh_core::Protocol) -> io::Result<()> {
+pub fn check_port_free(
+    ip: Option<IpAddr>,
+    port: u16,
+    protocol: mesh_core::Protocol,
+) -> io::Result<()> {
     match protocol {
         mesh_core::Protocol::Tcp => bind(ip, port, Type::STREAM, Protocol::TCP)?.listen(1),
         mesh_core::Protocol::Udp => bind(ip, port, Type::DGRAM, Protocol::UDP).map(drop),

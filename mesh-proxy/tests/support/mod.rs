@@ -8,7 +8,7 @@ use std::time::Duration;
 use mesh_core::{Health, PortSpec, Protocol, ServiceSpec, Snapshot, State, TaskSpec, TaskState};
 use mesh_proxy::{ProxyConfig, ProxyMetrics, ProxyPlane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
 /// Raises the soft open-file limit to the hard one: a thousand proxied connections need
@@ -84,7 +84,11 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A backlog as large as the proxy's, so a burst of proxied connects is not
+        // dropped by the test backend itself.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(4096).unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(handler);
         let task = tokio::spawn(async move {
@@ -217,12 +221,28 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
-/// Reads from `s` until EOF or error, with a generous deadline so a hang fails the test.
+/// Reads from `s` until EOF, with a generous deadline so a hang fails the test. A
+/// reset fails the test too: a clean close is expected.
 pub async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out)).await;
-    assert!(r.is_ok(), "connection did not close");
+    let r = r.expect("connection did not close");
+    r.unwrap_or_else(|e| panic!("connection failed after {} bytes: {e}", out.len()));
     out
+}
+
+/// A new connection to `port` is refused promptly: reset during or right after the
+/// handshake, never left hanging.
+pub async fn assert_refused(port: u16) {
+    let Ok(mut s) = TcpStream::connect(local(port)).await else {
+        return;
+    };
+    let _ = s.write_all(b"x").await;
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(60), s.read(&mut b))
+        .await
+        .expect("refused, not hung");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
 }
 
 pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -1,0 +1,505 @@
+//! The `mesh` binary end to end on one host: CLI, API, health checks, persistence,
+//! metrics, config errors and the demo. Real agent and backend processes, real sockets.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+
+use integration::*;
+
+fn create_web(agent: &Agent, port: u16, extra: &[&str]) {
+    let published = format!("{port}:80");
+    let mut args = vec!["service", "create", "web", "-p", &published];
+    args.extend_from_slice(extra);
+    let out = agent.cli(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn add_task(agent: &Agent, id: &str, port: u16) {
+    let addr = format!("127.0.0.1:{port}");
+    let out = agent.cli(&["task", "add", "web", &addr, "--id", id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn round_robin_through_the_agent_gives_exactly_100_each() {
+    let agent = Agent::start(None, &[]);
+    let backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(&format!("web.{i}")))
+        .collect();
+    let port = free_port();
+    create_web(
+        &agent,
+        port,
+        &["--health", "http:/", "--health-interval", "200ms"],
+    );
+    for b in &backends {
+        add_task(&agent, &b.name, b.port);
+    }
+    agent.wait_routable("web", 3);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        *counts
+            .entry(get(port).expect("connection succeeds"))
+            .or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 100), "{counts:?}");
+
+    // `service ps` shows every task with its host, health and state.
+    let ps = agent.cli(&["service", "ps", "web"]);
+    let text = String::from_utf8_lossy(&ps.stdout);
+    assert!(text.starts_with("ID "), "{text}");
+    for b in &backends {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&b.name))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.contains(&format!("127.0.0.1:{}", b.port))
+                && line.contains(" it ")
+                && line.contains("healthy")
+                && line.contains("active"),
+            "{line}"
+        );
+    }
+    let ls = String::from_utf8_lossy(&agent.cli(&["service", "ls"]).stdout).to_string();
+    assert!(
+        ls.contains(&format!("*:{port}->80/tcp")) && ls.contains("3/3"),
+        "{ls}"
+    );
+}
+
+#[test]
+fn a_killed_task_costs_no_connection_turns_unhealthy_and_comes_back() {
+    let agent = Agent::start(None, &[]);
+    let mut backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(&format!("web.{i}")))
+        .collect();
+    let port = free_port();
+    create_web(
+        &agent,
+        port,
+        &["--health", "tcp", "--health-interval", "200ms"],
+    );
+    for b in &backends {
+        add_task(&agent, &b.name, b.port);
+    }
+    agent.wait_routable("web", 3);
+
+    let dead_port = backends.remove(1).kill();
+    // Before the prober notices, connects to web.2 fail and are retried elsewhere.
+    for _ in 0..60 {
+        let got = get(port).expect("no client sees the dead task");
+        assert_ne!(got, "web.2");
+    }
+    eventually("web.2 unhealthy", || {
+        (agent.task_health("web", "web.2") == "unhealthy").then_some(())
+    });
+    agent.wait_routable("web", 2);
+
+    // The same task comes back on its port; after `rise` good probes it serves again.
+    let _revived = Backend::on_port("web.2", dead_port);
+    eventually("web.2 healthy again", || {
+        (agent.task_health("web", "web.2") == "healthy").then_some(())
+    });
+    eventually("web.2 gets traffic again", || {
+        (get(port).ok()? == "web.2").then_some(())
+    });
+
+    let (_, metrics) = agent.try_http("GET", "/metrics", None).unwrap();
+    assert!(
+        metrics.contains(
+            r#"mesh_health_transitions_total{service="web",task="web.2",to="unhealthy"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"mesh_health_transitions_total{service="web",task="web.2",to="healthy"} 2"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        agent.log().contains("task is unhealthy"),
+        "transition is logged"
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
+    let agent = Agent::start(None, &[]);
+    let backend = Backend::start("web.1");
+    let port = free_port();
+    create_web(&agent, port, &[]);
+    add_task(&agent, "web.1", backend.port);
+    agent.wait_routable("web", 1);
+
+    let cases: &[(&str, &str, &str, u16, &str)] = &[
+        ("POST", "/v1/services", "{not json", 400, "invalid JSON"),
+        (
+            "POST",
+            "/v1/services",
+            r#"{"name":"api","ports":[{"target":"x"}]}"#,
+            400,
+            "ports[0].target",
+        ),
+        (
+            "POST",
+            "/v1/services",
+            r#"{"name":"api","ports":[{"target":80}],"colour":"red"}"#,
+            400,
+            "colour",
+        ),
+        (
+            "POST",
+            "/v1/services",
+            r#"{"name":"Api!","ports":[{"target":80}]}"#,
+            400,
+            "name:",
+        ),
+        (
+            "POST",
+            "/v1/services",
+            r#"{"name":"api","ports":[{"target":80}],"health":{"check":"http","path":"x"}}"#,
+            400,
+            "health.path",
+        ),
+        (
+            "POST",
+            "/v1/services",
+            r#"{"name":"api","ports":[{"target":80}],"drain_timeout":"forever"}"#,
+            400,
+            "drain_timeout",
+        ),
+        (
+            "POST",
+            "/v1/services",
+            r#"{"name":"web","ports":[{"target":80}]}"#,
+            409,
+            "already exists",
+        ),
+        ("GET", "/v1/services/nope", "", 404, "nope"),
+        ("DELETE", "/v1/services/nope", "", 404, "nope"),
+        (
+            "POST",
+            "/v1/services/nope/tasks",
+            r#"{"ip":"10.0.0.1"}"#,
+            404,
+            "nope",
+        ),
+        (
+            "POST",
+            "/v1/services/web/tasks",
+            r#"{"ip":"10.0.0.300"}"#,
+            400,
+            "ip",
+        ),
+        (
+            "POST",
+            "/v1/services/web/tasks",
+            r#"{"ip":"10.0.0.1","id":"web.1"}"#,
+            409,
+            "web.1",
+        ),
+        ("DELETE", "/v1/services/web/tasks/nope", "", 404, "nope"),
+        ("POST", "/v1/services/web/tasks/nope/drain", "", 404, "nope"),
+        (
+            "PUT",
+            "/v1/services/web",
+            r#"{"name":"other","ports":[{"target":80}]}"#,
+            400,
+            "renamed",
+        ),
+        ("GET", "/v2/whatever", "", 404, "no such endpoint"),
+    ];
+    for (method, path, body, status, needle) in cases {
+        let (got, v) = agent.http(method, path, (!body.is_empty()).then_some(*body));
+        assert_eq!(got, *status, "{method} {path} {body}: {v}");
+        assert!(v["error"].is_string(), "{v}");
+        let detail = v["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(needle),
+            "{method} {path} {body}: {detail:?} should mention {needle:?}"
+        );
+    }
+
+    // A published port held by another service: 409 naming the holder.
+    let body = format!(r#"{{"name":"api","ports":[{{"published":{port},"target":80}}]}}"#);
+    let (status, v) = agent.http("POST", "/v1/services", Some(&body));
+    assert_eq!(status, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("\"web\""), "{v}");
+
+    // A port held by another process on this host: 409, not a silent bind failure.
+    let squatter = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let body = format!(r#"{{"name":"api","ports":[{{"published":{taken},"target":80}}]}}"#);
+    let (status, v) = agent.http("POST", "/v1/services", Some(&body));
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains(&taken.to_string()),
+        "{v}"
+    );
+
+    // The CLI prints one line and exits non-zero.
+    for args in [
+        &["service", "create", "bad", "-p", "0"][..],
+        &["service", "create", "bad", "-p", "80/sctp"],
+        &["service", "inspect", "nope"],
+        &["task", "add", "web", "not-an-ip"],
+    ] {
+        let out = agent.cli(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+    }
+
+    // Nothing above broke the agent or the existing service.
+    assert_eq!(get(port).unwrap(), "web.1");
+    let (status, list) = agent.http("GET", "/v1/services", None);
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
+fn config_errors_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("mesh.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(mesh_bin())
+            .args(["agent", "--check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+            path,
+        )
+    };
+    let (ok, out, _) =
+        check("[[service]]\nname = \"web\"\nports = [{ published = 8080, target = 80 }]\n");
+    assert!(ok, "{out}");
+    let (ok, out, path) = check("node_name = \"a\"\n[proxy]\nconect_timeout = \"1s\"\n");
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("{}:3:", path.display())) && out.contains("conect_timeout"),
+        "{out}"
+    );
+    let (ok, out, path) = check(
+        "[[service]]\nname = \"web\"\nports = [{ published = 8080, target = 80 }, { published = 8080, target = 81 }]\n",
+    );
+    assert!(!ok);
+    assert!(
+        out.contains(&format!(
+            "{}:1: service \"web\": ports[1].published",
+            path.display()
+        )),
+        "{out}"
+    );
+    let (ok, out, _) = check("[metrics]\nlisten = \"nowhere\"\n");
+    assert!(!ok && out.contains(":2:"), "{out}");
+}
+
+#[test]
+fn config_declared_services_are_served_and_api_changes_survive_a_restart() {
+    let b1 = Backend::start("web.1");
+    let b2 = Backend::start("web.2");
+    let port = free_port();
+    let config = format!(
+        "[[service]]\nname = \"web\"\nports = [{{ published = {port}, target = 80 }}]\nhealth = {{ check = \"tcp\", interval = \"200ms\" }}\n\n\
+         [[task]]\nservice = \"web\"\nid = \"web.1\"\nip = \"127.0.0.1\"\nport = {}\n",
+        b1.port
+    );
+    let mut agent = Agent::start(Some(&config), &[]);
+    agent.wait_routable("web", 1);
+    assert_eq!(get(port).unwrap(), "web.1");
+
+    // Added through the API: kept in the data dir.
+    add_task(&agent, "web.2", b2.port);
+    let api_port = free_port();
+    let out = agent.cli(&[
+        "service",
+        "create",
+        "api",
+        "-p",
+        &format!("{api_port}:80"),
+        "--health",
+        "none",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.wait_routable("web", 2);
+
+    assert!(agent.stop().success(), "clean exit; log:\n{}", agent.log());
+    assert!(!agent.socket.exists(), "the socket file is removed on exit");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "published port closed on exit"
+    );
+
+    agent.spawn(Some(&config), &[]);
+    agent.wait_routable("web", 2);
+    let services = agent.cli_json(&["service", "ls"]);
+    let names: Vec<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["api", "web"]);
+    let seen: std::collections::HashSet<String> = (0..4).map(|_| get(port).unwrap()).collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
+fn tcp_api_needs_the_bearer_token_and_metrics_have_their_own_address() {
+    let api_port = free_port();
+    let metrics_port = free_port();
+    let config = format!("[api]\ntcp = \"127.0.0.1:{api_port}\"\ntoken = \"s3cret\"\n");
+    let agent = Agent::start(
+        Some(&config),
+        &[
+            "--metrics",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--log-format",
+            "json",
+        ],
+    );
+    let log = agent.log();
+    let first = log.lines().next().expect("a log line");
+    let entry: Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert!(
+        entry["level"].is_string() && entry["fields"]["message"].is_string(),
+        "{entry}"
+    );
+    let call = |token: Option<&str>| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
+        http_exchange(&mut s, "GET", "/v1/status", None, token).unwrap()
+    };
+    let (status, body) = call(None);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(call(Some("wrong")).0, 401);
+    let (status, body) = call(Some("s3cret"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"node\":\"it\""), "{body}");
+
+    // The CLI reaches the TCP API with MESH_API and MESH_API_TOKEN.
+    let out = Command::new(mesh_bin())
+        .args(["status", "--format", "json"])
+        .env("MESH_API", format!("http://127.0.0.1:{api_port}"))
+        .env("MESH_API_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Traffic shows up in /metrics on the scrape address.
+    let backend = Backend::start("web.1");
+    let port = free_port();
+    create_web(
+        &agent,
+        port,
+        &["--health", "http:/", "--health-interval", "200ms"],
+    );
+    add_task(&agent, "web.1", backend.port);
+    agent.wait_routable("web", 1);
+    for _ in 0..5 {
+        get(port).unwrap();
+    }
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    let (status, text) = http_exchange(&mut s, "GET", "/metrics", None, None).unwrap();
+    assert_eq!(status, 200);
+    for needle in [
+        r#"mesh_connections_total{service="web",task="web.1"} 5"#,
+        r#"mesh_listener_accepts_total{port=""#,
+        r#"mesh_task_healthy{service="web",task="web.1"} 1"#,
+        "mesh_bytes_out_total",
+        "mesh_connections_active",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+}
+
+#[test]
+fn a_tcp_api_without_a_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(mesh_bin())
+        .args([
+            "agent",
+            "--api",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("MESH_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a bearer token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn demo_cycles_through_three_tasks_and_stops_cleanly() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("demo.sock");
+    let mut demo = Command::new(mesh_bin())
+        .args([
+            "demo",
+            "--port",
+            &port.to_string(),
+            "--api",
+            &format!("unix:{}", socket.display()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
+    // The demo prints its instructions once all three tasks are healthy.
+    let mut text = String::new();
+    eventually("demo prints what to try", || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).ok()?;
+        text.push_str(&line);
+        text.contains("Ctrl-C").then_some(())
+    });
+    assert!(
+        text.contains(&format!("curl -s localhost:{port}")),
+        "{text}"
+    );
+    let answers: Vec<String> = (0..6).map(|_| get(port).unwrap()).collect();
+    let first = answers[0].clone();
+    let order = ["web.1", "web.2", "web.3"];
+    let start = order.iter().position(|n| *n == first).expect("a demo task");
+    let expected: Vec<&str> = (0..6).map(|i| order[(start + i) % 3]).collect();
+    assert_eq!(answers, expected);
+    // SAFETY: kill(2) with a pid we own.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+    let status = eventually("demo exits", || demo.try_wait().ok().flatten());
+    assert!(status.success());
+    assert!(!socket.exists());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every check and test of mesh, as CI does. On a fresh Debian machine it first
+# installs the system packages the tests need (as root; others are told what is missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the tests use. Empty today: the single-host tests need only what
+# cargo builds. The cluster, nftables and eBPF tests will add theirs here.
+packages=()
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "missing packages: ${missing[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The integration tests run the `mesh` binary and a test backend; build them first.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
