@@ -344,6 +344,15 @@ fn config_declared_services_are_served_and_api_changes_survive_a_restart() {
     );
     agent.wait_routable("web", 2);
 
+    // An update through the API replaces the spec in place and is saved too.
+    let (status, v) = agent.http(
+        "PUT",
+        "/v1/services/api",
+        Some(&format!(r#"{{"name":"api","ports":[{{"published":{api_port},"target":80}}],"health":{{"check":"none"}},"drain_timeout":"7s","balance":"least-conn"}}"#)),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["drain_timeout"], "7s");
+
     assert!(agent.stop().success(), "clean exit; log:\n{}", agent.log());
     assert!(!agent.socket.exists(), "the socket file is removed on exit");
     assert!(
@@ -361,6 +370,12 @@ fn config_declared_services_are_served_and_api_changes_survive_a_restart() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["api", "web"]);
+    let api = agent.cli_json(&["service", "inspect", "api"]);
+    assert_eq!(
+        (api["drain_timeout"].as_str(), api["balance"].as_str()),
+        (Some("7s"), Some("least-conn")),
+        "{api}"
+    );
     let seen: std::collections::HashSet<String> = (0..4).map(|_| get(port).unwrap()).collect();
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
