@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use. Empty today: the single-host tests need only what
-# cargo builds. The cluster, nftables and eBPF tests will add theirs here.
-packages=()
+# System packages the tests use: dig for the DNS tests. The cluster, nftables and
+# eBPF tests will add theirs here.
+packages=(bind9-dnsutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -52,6 +52,10 @@ pub enum StateError {
     ServiceExists(String),
     #[error("task {task:?} already exists in service {service:?}")]
     TaskExists { service: String, task: String },
+    #[error(
+        "no free VIP for service {0:?}: the VIP pool is full; widen vip.ipv4_cidr / vip.ipv6_cidr"
+    )]
+    VipPoolFull(String),
     #[error("published port {port}/{protocol} is already used by service {holder:?}")]
     PortInUse {
         port: u16,

@@ -4,6 +4,7 @@
 //! Nothing here does I/O or reads a clock: callers pass `now` and act on the results.
 
 pub mod balance;
+pub mod cidr;
 pub mod duration;
 pub mod error;
 pub mod health;
@@ -12,11 +13,14 @@ pub mod service;
 pub mod snapshot;
 pub mod state;
 pub mod task;
+pub mod vip;
 
 pub use balance::{BackendSet, Balance};
+pub use cidr::Cidr;
 pub use error::{ModelError, StateError};
 pub use health::{Health, HealthTracker};
 pub use service::{HealthCheck, HealthKind, Mode, PortSpec, Protocol, ProxyProtocol, ServiceSpec};
 pub use snapshot::{ServiceEntry, Snapshot, TaskEntry};
 pub use state::State;
 pub use task::{TaskSpec, TaskState};
+pub use vip::{VipPool, Vips};

@@ -9,6 +9,7 @@ use crate::balance::{Backend, BackendSet};
 use crate::health::Health;
 use crate::service::{PortSpec, ServiceSpec};
 use crate::task::TaskState;
+use crate::vip::Vips;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
@@ -20,6 +21,8 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceEntry {
     pub spec: ServiceSpec,
+    /// Empty for `dnsrr` services.
+    pub vips: Vips,
     /// Sorted by task id.
     pub tasks: Vec<TaskEntry>,
 }

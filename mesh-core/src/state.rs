@@ -4,14 +4,15 @@
 //! Gossip replication (cluster-owned services, host-owned tasks) will extend this type;
 //! today every task is owned by this node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::error::{ModelError, StateError};
 use crate::health::Health;
 use crate::name::check_task_id;
-use crate::service::{HealthKind, ServiceSpec};
+use crate::service::{HealthKind, Mode, ServiceSpec};
 use crate::snapshot::{ServiceEntry, Snapshot, TaskEntry};
 use crate::task::{TaskSpec, TaskState};
+use crate::vip::{VipPool, Vips};
 
 #[derive(Debug, Clone)]
 struct TaskRecord {
@@ -26,16 +27,59 @@ pub struct State {
     services: BTreeMap<String, ServiceSpec>,
     /// service name → task id → record
     tasks: BTreeMap<String, BTreeMap<String, TaskRecord>>,
+    pool: VipPool,
+    vips: BTreeMap<String, Vips>,
+    /// VIPs saved by an earlier run, handed back to the same services.
+    reserved: BTreeMap<String, Vips>,
 }
 
 impl State {
     pub fn new(node: impl Into<String>) -> Self {
+        Self::with_vip_pool(node, VipPool::default())
+    }
+
+    pub fn with_vip_pool(node: impl Into<String>, pool: VipPool) -> Self {
         Self {
             node: node.into(),
             version: 0,
             services: BTreeMap::new(),
             tasks: BTreeMap::new(),
+            pool,
+            vips: BTreeMap::new(),
+            reserved: BTreeMap::new(),
         }
+    }
+
+    /// VIPs that services of these names get back when they are (re)created, so a
+    /// VIP survives restarts even if the pool changed.
+    pub fn reserve_vips(&mut self, vips: BTreeMap<String, Vips>) {
+        self.reserved = vips;
+    }
+
+    pub fn vips(&self) -> &BTreeMap<String, Vips> {
+        &self.vips
+    }
+
+    fn assign_vips(&mut self, spec: &ServiceSpec) -> Result<(), StateError> {
+        if spec.mode == Mode::Dnsrr {
+            self.vips.remove(&spec.name);
+            return Ok(());
+        }
+        if self.vips.contains_key(&spec.name) {
+            return Ok(());
+        }
+        let taken: HashSet<std::net::IpAddr> = self.vips.values().flat_map(|v| v.iter()).collect();
+        let vips = match self.reserved.get(&spec.name) {
+            Some(r) if r.iter().all(|ip| !taken.contains(&ip)) => *r,
+            _ => self.pool.allocate(&spec.name, &taken),
+        };
+        if (self.pool.v4.is_some() && vips.v4.is_none())
+            || (self.pool.v6.is_some() && vips.v6.is_none())
+        {
+            return Err(StateError::VipPoolFull(spec.name.clone()));
+        }
+        self.vips.insert(spec.name.clone(), vips);
+        Ok(())
     }
 
     pub fn node(&self) -> &str {
@@ -76,6 +120,7 @@ impl State {
             )
             .into());
         }
+        self.assign_vips(&spec)?;
         if spec.health.check == HealthKind::None {
             for task in self
                 .tasks
@@ -117,6 +162,7 @@ impl State {
             .remove(name)
             .ok_or_else(|| StateError::ServiceNotFound(name.into()))?;
         self.tasks.remove(name);
+        self.vips.remove(name);
         self.bump();
         Ok(spec)
     }
@@ -249,6 +295,7 @@ impl State {
                     name.clone(),
                     ServiceEntry {
                         spec: spec.clone(),
+                        vips: self.vips.get(name).copied().unwrap_or_default(),
                         tasks,
                     },
                 )
@@ -389,6 +436,39 @@ mod tests {
         );
         two.normalize().unwrap();
         assert!(matches!(s.put_service(two), Err(StateError::Invalid(e)) if e.field == "ports"));
+    }
+
+    #[test]
+    fn vips_are_unique_stable_and_reserved_across_restarts() {
+        let mut s = state_with_web();
+        s.create_service(ServiceSpec::new("api", vec![PortSpec::tcp(None, 80)]))
+            .unwrap();
+        let web = s.snapshot().services["web"].vips;
+        let api = s.snapshot().services["api"].vips;
+        assert!(web.v4.is_some() && web.v6.is_some());
+        assert_ne!(web.v4, api.v4);
+        // An update keeps the VIP.
+        s.put_service(ServiceSpec::new("web", vec![PortSpec::tcp(Some(9090), 80)]))
+            .unwrap();
+        assert_eq!(s.snapshot().services["web"].vips, web);
+        // A new run with saved VIPs gives them back, even from another pool.
+        let mut again = State::with_vip_pool(
+            "n1",
+            VipPool {
+                v4: Some("192.0.2.0/24".parse().unwrap()),
+                v6: None,
+            },
+        );
+        again.reserve_vips(s.vips().clone());
+        again
+            .create_service(ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]))
+            .unwrap();
+        assert_eq!(again.snapshot().services["web"].vips, web);
+        // dnsrr services have none.
+        let mut rr = ServiceSpec::new("rr", vec![PortSpec::tcp(None, 80)]);
+        rr.mode = Mode::Dnsrr;
+        s.create_service(rr).unwrap();
+        assert_eq!(s.snapshot().services["rr"].vips, Vips::default());
     }
 
     #[test]
