@@ -15,8 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   else
-    echo "missing packages: ${missing[*]} (run as root to install them)" >&2
-    exit 1
+    echo "warning: missing packages: ${missing[*]} (run as root to install them); tests that need them print SKIPPED" >&2
   fi
 fi
 

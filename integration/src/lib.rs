@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
+pub use netns::{Netns, is_root, skip_unless_root};
 pub use serde_json::{Value, json};
 
 /// A binary of this build (target/<profile>/NAME). Test executables live in
@@ -46,6 +49,17 @@ pub fn eventually<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A UDP port that was free a moment ago on 127.0.0.1 (and its TCP twin, checked).
+pub fn free_udp_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A port that was free a moment ago, on all addresses.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("[::]:0")
@@ -75,11 +89,24 @@ pub struct Agent {
     pub socket: PathBuf,
     pub data_dir: PathBuf,
     child: Option<Child>,
+    netns: Option<String>,
 }
 
 impl Agent {
     /// Starts an agent; `config` is written to a file and passed with --config.
+    /// Starts an agent that leaves the host's interfaces alone (`--no-vips`).
     pub fn start(config: Option<&str>, args: &[&str]) -> Agent {
+        let mut all = vec!["--no-vips"];
+        all.extend_from_slice(args);
+        Self::start_with(None, config, &all)
+    }
+
+    /// Starts an agent inside `netns`, managing VIPs there.
+    pub fn start_in(netns: &Netns, config: Option<&str>, args: &[&str]) -> Agent {
+        Self::start_with(Some(netns), config, args)
+    }
+
+    fn start_with(netns: Option<&Netns>, config: Option<&str>, args: &[&str]) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("mesh-it-")
             .tempdir()
@@ -91,13 +118,21 @@ impl Agent {
             socket,
             data_dir,
             child: None,
+            netns: netns.map(|n| n.name.clone()),
         };
         agent.spawn(config, args);
         agent
     }
 
     pub fn spawn(&mut self, config: Option<&str>, args: &[&str]) {
-        let mut cmd = Command::new(mesh_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(mesh_bin());
+                c
+            }
+            None => Command::new(mesh_bin()),
+        };
         cmd.arg("agent")
             .arg("--api")
             .arg(format!("unix:{}", self.socket.display()))
@@ -293,7 +328,16 @@ impl Backend {
     }
 
     pub fn on_port(name: &str, port: u16) -> Backend {
-        let mut child = Command::new(backend_bin())
+        Self::spawn(Command::new(backend_bin()), name, port)
+    }
+
+    /// A backend inside `netns`, on its loopback.
+    pub fn start_in(netns: &Netns, name: &str) -> Backend {
+        Self::spawn(netns.command(backend_bin()), name, 0)
+    }
+
+    fn spawn(mut cmd: Command, name: &str, port: u16) -> Backend {
+        let mut child = cmd
             .arg(name)
             .arg(port.to_string())
             .stdin(Stdio::null())

@@ -484,6 +484,8 @@ fn demo_cycles_through_three_tasks_and_stops_cleanly() {
             "demo",
             "--port",
             &port.to_string(),
+            "--dns-port",
+            &free_udp_port().to_string(),
             "--api",
             &format!("unix:{}", socket.display()),
         ])

@@ -31,6 +31,8 @@ pub struct ApiState {
     pub api: Vec<String>,
     pub metrics_addr: Option<String>,
     pub data_dir: String,
+    pub dns: Vec<String>,
+    pub vip_state: watch::Receiver<String>,
 }
 
 type AppState = Arc<ApiState>;
@@ -91,6 +93,11 @@ impl From<WriteError> for ApiError {
                 | StateError::TaskExists { .. }
                 | StateError::PortInUse { .. },
             ) => Self::conflict(detail),
+            WriteError::State(StateError::VipPoolFull(_)) => Self {
+                status: StatusCode::INSUFFICIENT_STORAGE,
+                error: "vip_pool_full",
+                detail,
+            },
             WriteError::Storage(_) => Self {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 error: "storage",
@@ -200,6 +207,8 @@ async fn status(State(s): State<AppState>) -> Json<StatusView> {
         api: s.api.clone(),
         metrics: s.metrics_addr.clone(),
         data_dir: s.data_dir.clone(),
+        dns: s.dns.clone(),
+        vips: s.vip_state.borrow().clone(),
         errors: s.plane_errors.borrow().clone(),
     })
 }

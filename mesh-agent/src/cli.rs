@@ -69,6 +69,12 @@ pub struct AgentArgs {
     pub node_name: Option<String>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve DNS on this address (UDP and TCP); repeat for several. Adds to [dns] listen.
+    #[arg(long)]
+    pub dns: Vec<SocketAddr>,
+    /// Do not put VIPs on an interface or listen on them (DNS still answers VIPs).
+    #[arg(long)]
+    pub no_vips: bool,
 }
 
 #[derive(Args)]
@@ -76,6 +82,9 @@ pub struct DemoArgs {
     /// The published port.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// The DNS port on 127.0.0.1.
+    #[arg(long, default_value_t = 5353)]
+    pub dns_port: u16,
 }
 
 #[derive(Subcommand)]

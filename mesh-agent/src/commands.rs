@@ -152,6 +152,11 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                     vec![
                         v.spec.name.clone(),
                         format!("{:?}", v.spec.mode).to_lowercase(),
+                        v.vips
+                            .v4
+                            .map(|ip| ip.to_string())
+                            .or(v.vips.v6.map(|ip| ip.to_string()))
+                            .unwrap_or_else(|| "-".into()),
                         v.spec.balance.to_string(),
                         format!("{}/{}", v.routable, v.tasks),
                         ports,
@@ -160,7 +165,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                 .collect();
             print!(
                 "{}",
-                table(&["NAME", "MODE", "BALANCE", "TASKS", "PORTS"], &rows)
+                table(&["NAME", "MODE", "VIP", "BALANCE", "TASKS", "PORTS"], &rows)
             );
         }
         ServiceCommand::Inspect { name } => {
@@ -291,6 +296,10 @@ pub async fn status(client: &Client, format: Format) -> Result<()> {
         println!("Metrics:     {m}");
     }
     println!("Data dir:    {}", s.data_dir);
+    if !s.dns.is_empty() {
+        println!("DNS:         {}", s.dns.join(", "));
+    }
+    println!("VIPs:        {}", s.vips);
     for (service, errors) in &s.errors {
         for e in errors {
             println!("Error:       service {service}: {e}");

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mesh_core::{ServiceSpec, TaskSpec};
+use mesh_core::{Cidr, ServiceSpec, TaskSpec};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -24,6 +24,10 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub proxy: ProxySettings,
+    #[serde(default)]
+    pub dns: DnsSettings,
+    #[serde(default)]
+    pub vip: VipSettings,
     #[serde(default)]
     pub service: Vec<Spanned<ServiceSpec>>,
     #[serde(default)]
@@ -98,6 +102,102 @@ impl Default for ProxySettings {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSettings {
+    /// UDP and TCP addresses to serve DNS on, e.g. the container bridge address:53.
+    /// Empty (the default): no DNS server.
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    #[serde(default = "d_domain")]
+    pub domain: String,
+    #[serde(default = "d_ttl")]
+    pub ttl: u32,
+    /// Resolvers for other names. Default: the nameservers of /etc/resolv.conf.
+    pub upstreams: Option<Vec<SocketAddr>>,
+    /// Clients allowed to query. Default: loopback only.
+    pub allow: Option<Vec<Cidr>>,
+    #[serde(default = "d_inflight")]
+    pub max_inflight: usize,
+    #[serde(default = "d_forward_timeout", with = "mesh_core::duration")]
+    pub forward_timeout: Duration,
+}
+
+fn d_domain() -> String {
+    "mesh".into()
+}
+fn d_ttl() -> u32 {
+    5
+}
+fn d_inflight() -> usize {
+    1024
+}
+fn d_forward_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            domain: d_domain(),
+            ttl: d_ttl(),
+            upstreams: None,
+            allow: None,
+            max_inflight: d_inflight(),
+            forward_timeout: d_forward_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSettings {
+    /// Pool for IPv4 VIPs, or "none".
+    #[serde(default = "d_v4", deserialize_with = "cidr_or_none")]
+    pub ipv4_cidr: Option<Cidr>,
+    /// Pool for IPv6 VIPs, or "none".
+    #[serde(default = "d_v6", deserialize_with = "cidr_or_none")]
+    pub ipv6_cidr: Option<Cidr>,
+    /// Put VIPs on this interface and listen on them (needs CAP_NET_ADMIN).
+    #[serde(default = "d_true")]
+    pub manage: bool,
+    #[serde(default = "d_lo")]
+    pub interface: String,
+}
+
+fn d_v4() -> Option<Cidr> {
+    mesh_core::VipPool::default().v4
+}
+fn d_v6() -> Option<Cidr> {
+    mesh_core::VipPool::default().v6
+}
+fn d_true() -> bool {
+    true
+}
+fn d_lo() -> String {
+    "lo".into()
+}
+
+fn cidr_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cidr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+impl Default for VipSettings {
+    fn default() -> Self {
+        Self {
+            ipv4_cidr: d_v4(),
+            ipv6_cidr: d_v6(),
+            manage: true,
+            interface: d_lo(),
+        }
+    }
+}
+
 /// A config error, already phrased as `file:line: what`.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -157,6 +257,22 @@ impl AgentConfig {
                 )));
             }
         }
+        if let Some(c) = config.vip.ipv4_cidr
+            && !c.addr.is_ipv4()
+        {
+            return Err(ConfigError(format!(
+                "{file}: vip.ipv4_cidr: {c} is not an IPv4 network"
+            )));
+        }
+        if let Some(c) = config.vip.ipv6_cidr
+            && c.addr.is_ipv4()
+        {
+            return Err(ConfigError(format!(
+                "{file}: vip.ipv6_cidr: {c} is not an IPv6 network"
+            )));
+        }
+        mesh_core::name::check_label("dns.domain", &config.dns.domain.replace('.', "x"))
+            .map_err(|e| ConfigError(format!("{file}: {e}")))?;
         if let Some(name) = &config.node_name {
             mesh_core::name::check_task_id("node_name", name)
                 .map_err(|e| ConfigError(format!("{file}: {e}")))?;
@@ -196,6 +312,27 @@ ip = "10.0.0.1"
         assert_eq!(c.proxy.connect_timeout, Duration::from_millis(500));
         assert_eq!(c.service[0].get_ref().ports[0].name, "tcp80");
         assert_eq!(c.task.len(), 1);
+        assert_eq!(c.dns.ttl, 5);
+        assert!(c.vip.manage);
+    }
+
+    #[test]
+    fn dns_and_vip_sections() {
+        let c = AgentConfig::parse(
+            "[dns]\nlisten = [\"127.0.0.1:5353\"]\nallow = [\"10.0.0.0/8\"]\n[vip]\nipv6_cidr = \"none\"\nipv4_cidr = \"10.9.0.0/16\"\n",
+            "m.toml",
+        )
+        .unwrap();
+        assert_eq!(c.dns.listen.len(), 1);
+        assert_eq!(c.vip.ipv6_cidr, None);
+        let err = AgentConfig::parse("[vip]\nipv4_cidr = \"10.9.0.0/99\"\n", "m.toml")
+            .unwrap_err()
+            .0;
+        assert!(err.starts_with("m.toml:2: "), "{err}");
+        let err = AgentConfig::parse("[vip]\nipv4_cidr = \"fd00::/64\"\n", "m.toml")
+            .unwrap_err()
+            .0;
+        assert!(err.contains("vip.ipv4_cidr"), "{err}");
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_core::{ServiceSpec, State, TaskSpec};
+use mesh_core::{ServiceSpec, Snapshot, State, TaskSpec, VipPool};
+use mesh_dns::{DnsConfig, DnsMetrics, DnsServer};
 use mesh_proxy::{ProxyConfig, ProxyMetrics, ProxyPlane};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
-use crate::config::ProxySettings;
+use crate::config::{DnsSettings, ProxySettings, VipSettings};
 use crate::prober::{self, HealthMetrics};
 use crate::registry::Registry;
 use crate::store::DataDir;
+use crate::vip::{VipInterface, has_net_admin};
 
 pub struct Settings {
     pub node_name: String,
@@ -30,6 +32,8 @@ pub struct Settings {
     pub token: Option<String>,
     pub metrics: Option<SocketAddr>,
     pub proxy: ProxySettings,
+    pub dns: DnsSettings,
+    pub vip: VipSettings,
     /// Declared in the config file; applied over the saved state at every start.
     pub services: Vec<ServiceSpec>,
     pub tasks: Vec<TaskSpec>,
@@ -58,7 +62,12 @@ pub fn raise_fd_limit() {
 
 fn load_state(settings: &Settings, store: &DataDir) -> Result<State> {
     let saved = store.load()?;
-    let mut state = State::new(&settings.node_name);
+    let pool = VipPool {
+        v4: settings.vip.ipv4_cidr,
+        v6: settings.vip.ipv6_cidr,
+    };
+    let mut state = State::with_vip_pool(&settings.node_name, pool);
+    state.reserve_vips(saved.vips);
     let path = store.path();
     for spec in saved.services {
         let name = spec.name.clone();
@@ -101,6 +110,7 @@ async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
 pub async fn start(settings: Settings) -> Result<RunningAgent> {
     raise_fd_limit();
     let store = DataDir::open(&settings.data_dir)?;
+    let vip_record = settings.data_dir.join("vips-installed.json");
     let state = load_state(&settings, &store)?;
     let registry = Registry::new(state, Some(store));
     for spec in &settings.services {
@@ -151,29 +161,38 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     };
 
     let (errors_tx, errors_rx) = watch::channel(BTreeMap::new());
+    let (vip_interface, vip_state) = open_vips(&settings.vip, vip_record).await;
+    let (vip_state_tx, vip_state_rx) = watch::channel(vip_state);
     let proxy_config = ProxyConfig {
         bind_ip: settings.proxy.bind,
         connect_timeout: settings.proxy.connect_timeout,
         eject_backoff: settings.proxy.eject_backoff,
         udp_idle_timeout: settings.proxy.udp_idle_timeout,
+        serve_vips: vip_interface.is_some(),
     };
-    let mut plane = ProxyPlane::new(proxy_config, proxy_metrics.clone());
-    let mut snapshots = registry.subscribe();
-    let grace = settings.proxy.shutdown_grace;
-    let plane_stop = stop.clone();
-    tasks.spawn(async move {
-        loop {
-            let snapshot = snapshots.borrow_and_update().clone();
-            plane.apply(&snapshot);
-            errors_tx.send_replace(plane.errors().clone());
-            tokio::select! {
-                r = snapshots.changed() => if r.is_err() { break },
-                _ = plane_stop.cancelled() => break,
-            }
-        }
-        info!(grace = %mesh_core::duration::format(grace), "draining connections");
-        plane.shutdown(grace).await;
-    });
+    let plane = ProxyPlane::new(proxy_config, proxy_metrics.clone());
+    tasks.spawn(run_plane(
+        plane,
+        vip_interface,
+        registry.subscribe(),
+        errors_tx,
+        vip_state_tx,
+        settings.proxy.shutdown_grace,
+        stop.clone(),
+    ));
+
+    let dns_addrs = match start_dns(
+        &settings.dns,
+        &prom,
+        registry.subscribe(),
+        stop.clone(),
+        &mut tasks,
+    )
+    .await?
+    {
+        Some(addrs) => addrs.iter().map(|a| a.to_string()).collect(),
+        None => Vec::new(),
+    };
     let prober_registry = registry.clone();
     let prober_snapshots = registry.subscribe();
     let prober_stop = stop.clone();
@@ -197,6 +216,8 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
             .and_then(|l| l.local_addr().ok())
             .map(|a| format!("http://{a}/metrics")),
         data_dir: settings.data_dir.display().to_string(),
+        dns: dns_addrs.clone(),
+        vip_state: vip_state_rx,
     });
     let s = stop.clone();
     let app = api::router(state.clone(), None);
@@ -233,6 +254,9 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     for name in &api_names {
         info!(api = %name, "API listening");
     }
+    for addr in &dns_addrs {
+        info!(%addr, "DNS listening (UDP and TCP)");
+    }
     info!(node = %settings.node_name, data_dir = %settings.data_dir.display(), "mesh agent started");
     Ok(RunningAgent {
         registry,
@@ -261,4 +285,153 @@ pub async fn termination() {
         _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
         _ = term.recv() => info!("SIGTERM; shutting down"),
     }
+}
+
+/// Opens the VIP interface when VIPs are managed and the agent may change addresses.
+/// Otherwise VIPs are still allocated and answered by DNS, and the agent says once,
+/// clearly, that they are not reachable here.
+async fn open_vips(settings: &VipSettings, record: PathBuf) -> (Option<VipInterface>, String) {
+    if !settings.manage {
+        return (None, "not managed (vip.manage = false or --no-vips)".into());
+    }
+    if !has_net_admin() {
+        let why = "not reachable on this host: the agent lacks CAP_NET_ADMIN to add them to an interface; DNS still answers with VIPs";
+        warn!(
+            "VIPs are {why}. Run the agent as root (or with CAP_NET_ADMIN), or set vip.manage = false to silence this."
+        );
+        return (None, why.into());
+    }
+    match VipInterface::open(&settings.interface, record).await {
+        Ok(v) => (Some(v), format!("reachable on {}", settings.interface)),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "VIPs are not reachable on this host");
+            (None, format!("not reachable: {e:#}"))
+        }
+    }
+}
+
+/// VIPs each service wants, with the drain_timeout that delays their removal.
+fn wanted_vips(snapshot: &Snapshot) -> BTreeMap<std::net::IpAddr, Duration> {
+    snapshot
+        .services
+        .values()
+        .flat_map(|e| e.vips.iter().map(|ip| (ip, e.spec.drain_timeout)))
+        .collect()
+}
+
+/// The data-plane loop: VIP addresses and listeners follow each snapshot; removed
+/// VIPs stay on the interface until their connections have drained.
+async fn run_plane(
+    mut plane: ProxyPlane,
+    mut vips: Option<VipInterface>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    errors: watch::Sender<BTreeMap<String, Vec<String>>>,
+    vip_state: watch::Sender<String>,
+    grace: Duration,
+    stop: CancellationToken,
+) {
+    let mut previous: BTreeMap<std::net::IpAddr, Duration> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_error = String::new();
+    let mut changed = true;
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        if let Some(v) = vips.as_mut() {
+            let now = tokio::time::Instant::now().into_std();
+            let wanted = wanted_vips(&snapshot);
+            for (ip, drain) in &previous {
+                if !wanted.contains_key(ip) {
+                    v.delay_removal(*ip, now + *drain);
+                }
+            }
+            match v.reconcile(&wanted, now).await {
+                Ok(()) => last_error.clear(),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if msg != last_error {
+                        warn!(error = %msg, "VIP addresses not fully installed");
+                        vip_state.send_replace(format!("partly reachable: {msg}"));
+                        last_error = msg;
+                    }
+                }
+            }
+            previous = wanted;
+        }
+        if changed {
+            plane.apply(&snapshot);
+            errors.send_replace(plane.errors().clone());
+        }
+        tokio::select! {
+            r = snapshots.changed() => {
+                if r.is_err() { break }
+                changed = true;
+            }
+            _ = tick.tick(), if vips.is_some() => changed = false,
+            _ = stop.cancelled() => break,
+        }
+    }
+    info!(grace = %mesh_core::duration::format(grace), "draining connections");
+    plane.shutdown(grace).await;
+    if let Some(v) = vips.as_mut() {
+        v.clear().await;
+    }
+}
+
+/// Binds DNS (so a busy port fails the start with a clear error) and keeps its zone
+/// in step with the snapshots.
+async fn start_dns(
+    settings: &DnsSettings,
+    prom: &prometheus::Registry,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    stop: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<Option<Vec<SocketAddr>>> {
+    if settings.listen.is_empty() {
+        return Ok(None);
+    }
+    let upstreams = match &settings.upstreams {
+        Some(u) => u.clone(),
+        None => mesh_dns::config::upstreams_from_resolv_conf(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            &settings.listen,
+        ),
+    };
+    if upstreams.is_empty() {
+        warn!(
+            "DNS has no upstream resolvers (none in /etc/resolv.conf or dns.upstreams): names outside the mesh get SERVFAIL"
+        );
+    }
+    let config = DnsConfig {
+        listen: settings.listen.clone(),
+        domain: settings.domain.trim_end_matches('.').to_ascii_lowercase(),
+        ttl: settings.ttl,
+        upstreams,
+        allow: settings
+            .allow
+            .clone()
+            .unwrap_or_else(|| DnsConfig::default().allow),
+        max_inflight: settings.max_inflight,
+        forward_timeout: settings.forward_timeout,
+        ..DnsConfig::default()
+    };
+    let server = DnsServer::new(config, DnsMetrics::new(prom)?);
+    let bound = server
+        .bind()
+        .await
+        .with_context(|| format!("cannot serve DNS on {:?}", settings.listen))?;
+    let addrs = bound.local_addrs();
+    server.update(&snapshots.borrow_and_update());
+    let updater = server.clone();
+    let update_stop = stop.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                r = snapshots.changed() => if r.is_err() { break },
+                _ = update_stop.cancelled() => break,
+            }
+            updater.update(&snapshots.borrow_and_update());
+        }
+    });
+    tasks.spawn(server.serve(bound, stop));
+    Ok(Some(addrs))
 }

@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::config::ProxySettings;
+use std::net::SocketAddr;
+
+use crate::config::{DnsSettings, ProxySettings, VipSettings};
 use crate::daemon::{self, Settings};
 
 async fn backend(name: String) -> Result<(u16, tokio::task::JoinHandle<()>)> {
@@ -45,7 +47,7 @@ async fn backend(name: String) -> Result<(u16, tokio::task::JoinHandle<()>)> {
     Ok((port, handle))
 }
 
-pub async fn run(port: u16, api: Option<String>) -> Result<()> {
+pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
     if let Err(e) = mesh_proxy::check_port_free(None, port, Protocol::Tcp) {
         bail!(
             "port {port} is not free ({e}); try `mesh demo --port {}`",
@@ -98,10 +100,24 @@ pub async fn run(port: u16, api: Option<String>) -> Result<()> {
             shutdown_grace: Duration::from_secs(2),
             ..ProxySettings::default()
         },
+        dns: DnsSettings {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], dns_port))],
+            ..DnsSettings::default()
+        },
+        vip: VipSettings::default(),
         services: vec![web],
         tasks,
     };
-    let agent = daemon::start(settings).await?;
+    let agent = daemon::start(settings).await.map_err(|e| {
+        if format!("{e:#}").contains("DNS") {
+            e.context(format!(
+                "try `mesh demo --dns-port {}`",
+                dns_port.wrapping_add(1).max(1024)
+            ))
+        } else {
+            e
+        }
+    })?;
     let mut snapshots = agent.registry.subscribe();
     let ready = async {
         loop {
@@ -125,10 +141,28 @@ pub async fn run(port: u16, api: Option<String>) -> Result<()> {
         tracing::warn!("the demo backends did not all pass their health check within 30s");
     }
     let api = format!("unix:{}", socket.display());
+    let vip = agent
+        .registry
+        .snapshot()
+        .services
+        .get("web")
+        .and_then(|w| w.vips.v4)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let vip_line = if crate::vip::has_net_admin() {
+        format!("curl -s {vip}                    # the service VIP, balanced the same way")
+    } else {
+        format!("# {vip} is the VIP; run the demo as root to reach it on this host")
+    };
     println!(
         "\nmesh demo is running: service \"web\" on port {port}, balanced round-robin over 3 tasks.\n\n\
          Try:\n  \
          for i in 1 2 3 4 5 6; do curl -s localhost:{port}; done     # web.1, web.2, web.3, web.1, ...\n  \
+         dig @127.0.0.1 -p {dns_port} web.mesh                 # the service VIP\n  \
+         dig @127.0.0.1 -p {dns_port} tasks.web.mesh           # the task IPs\n  \
+         dig @127.0.0.1 -p {dns_port} SRV _tcp80._tcp.web.mesh\n  \
+         dig @127.0.0.1 -p {dns_port} -x {vip}\n  \
+         {vip_line}\n  \
          MESH_API={api} mesh service ls\n  \
          MESH_API={api} mesh service ps web\n  \
          MESH_API={api} mesh task drain web web.2                  # web.2 gets no new connections\n  \

@@ -12,6 +12,7 @@ mod prober;
 mod registry;
 mod store;
 mod views;
+mod vip;
 
 use std::process::ExitCode;
 
@@ -74,7 +75,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agent(ref args) => agent(&cli, args).await,
         Command::Demo(ref args) => {
             init_logging(LogFormat::Text);
-            demo::run(args.port, cli.api.clone()).await
+            demo::run(args.port, args.dns_port, cli.api.clone()).await
         }
         Command::Service(cmd) => commands::service(&client()?, cli.format, cmd).await,
         Command::Task(cmd) => commands::task(&client()?, cli.format, cmd).await,
@@ -152,6 +153,16 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         token,
         metrics: args.metrics.or(config.metrics.listen),
         proxy: config.proxy,
+        dns: {
+            let mut dns = config.dns;
+            dns.listen.extend(args.dns.iter().copied());
+            dns
+        },
+        vip: {
+            let mut vip = config.vip;
+            vip.manage &= !args.no_vips;
+            vip
+        },
         services: config.service.into_iter().map(|s| s.into_inner()).collect(),
         tasks: config.task.into_iter().map(|t| t.into_inner()).collect(),
     };

@@ -91,5 +91,6 @@ fn persisted(state: &State) -> Persisted {
         format: 1,
         services: state.services().cloned().collect(),
         tasks: state.tasks().cloned().collect(),
+        vips: state.vips().clone(),
     }
 }

@@ -7,7 +7,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use mesh_core::{ServiceSpec, TaskSpec};
+use std::collections::BTreeMap;
+
+use mesh_core::{ServiceSpec, TaskSpec, Vips};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "state.json";
@@ -18,6 +20,9 @@ pub struct Persisted {
     pub format: u32,
     pub services: Vec<ServiceSpec>,
     pub tasks: Vec<TaskSpec>,
+    /// VIPs of the services, kept so that a VIP never changes while its service exists.
+    #[serde(default)]
+    pub vips: BTreeMap<String, Vips>,
 }
 
 pub struct DataDir {
@@ -97,6 +102,7 @@ mod tests {
                 vec![mesh_core::PortSpec::tcp(Some(8080), 80)],
             )],
             tasks: vec![],
+            vips: BTreeMap::new(),
         };
         data.save(&state).unwrap();
         assert_eq!(data.load().unwrap().services, state.services);

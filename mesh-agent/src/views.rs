@@ -2,13 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use mesh_core::{ServiceSpec, Snapshot, TaskEntry};
+use mesh_core::{ServiceSpec, Snapshot, TaskEntry, Vips};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ServiceView {
     #[serde(flatten)]
     pub spec: ServiceSpec,
+    #[serde(default)]
+    pub vips: Vips,
     /// Tasks that take new connections.
     pub routable: usize,
     pub tasks: usize,
@@ -38,6 +40,12 @@ pub struct StatusView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
     pub data_dir: String,
+    /// Where DNS is served.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Whether VIPs are reachable on this host, and why not.
+    #[serde(default)]
+    pub vips: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, Vec<String>>,
 }
@@ -56,6 +64,7 @@ pub fn service_view(
     let entry = snapshot.services.get(name)?;
     Some(ServiceView {
         spec: entry.spec.clone(),
+        vips: entry.vips,
         routable: entry.tasks.iter().filter(|t| t.routable()).count(),
         tasks: entry.tasks.len(),
         errors: errors.get(name).cloned().unwrap_or_default(),

@@ -43,7 +43,7 @@ pub fn formerr(raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = vec![0u8; 12];
     out[0..2].copy_from_slice(&raw[0..2]);
     out[2] = 0x80 | (raw[2] & 0x79); // QR, the opcode and RD of the query
-    out[3] = u8::from(ResponseCode::FormErr.low());
+    out[3] = ResponseCode::FormErr.low();
     Some(out)
 }
 

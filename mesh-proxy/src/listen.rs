@@ -8,13 +8,69 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 const BACKLOG: i32 = 4096;
 
+/// How a listener binds.
+#[derive(Clone, Copy)]
+pub enum Bind {
+    /// A published port: `ip`, or every IPv4 and IPv6 address when `None`.
+    Published(Option<IpAddr>),
+    /// A service VIP. IP_FREEBIND lets it bind before the address is on an interface,
+    /// and SO_REUSEPORT lets VIP:80 coexist with a published `*:80`: the kernel
+    /// prefers the exact-address listener for VIP traffic.
+    Vip(IpAddr),
+}
+
+pub fn tcp_at(bind: Bind, port: u16) -> io::Result<tokio::net::TcpListener> {
+    let socket = match bind {
+        Bind::Published(ip) => bind_plain(ip, port, Type::STREAM, Protocol::TCP, true)?,
+        Bind::Vip(ip) => bind_vip(ip, port, Type::STREAM, Protocol::TCP)?,
+    };
+    socket.listen(BACKLOG)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+pub fn udp_at(bind: Bind, port: u16) -> io::Result<tokio::net::UdpSocket> {
+    let socket = match bind {
+        Bind::Published(ip) => bind_plain(ip, port, Type::DGRAM, Protocol::UDP, true)?,
+        Bind::Vip(ip) => bind_vip(ip, port, Type::DGRAM, Protocol::UDP)?,
+    };
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+fn bind_vip(ip: IpAddr, port: u16, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let addr = SocketAddr::new(ip, port);
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    match ip {
+        IpAddr::V4(_) => socket.set_freebind(true)?,
+        IpAddr::V6(_) => socket.set_freebind_ipv6(true)?,
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 /// Binds `port` on `ip`, or on every IPv4 and IPv6 address when `ip` is `None`
 /// (`[::]` with IPV6_V6ONLY off, falling back to `0.0.0.0` on hosts without IPv6).
-fn bind(ip: Option<IpAddr>, port: u16, ty: Type, proto: Protocol) -> io::Result<Socket> {
+/// Listeners set SO_REUSEPORT so VIP listeners on the same port number can coexist.
+fn bind_plain(
+    ip: Option<IpAddr>,
+    port: u16,
+    ty: Type,
+    proto: Protocol,
+    reuse_port: bool,
+) -> io::Result<Socket> {
     let addr = SocketAddr::new(ip.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), port);
     let socket = match Socket::new(Domain::for_address(addr), ty, Some(proto)) {
         Err(e) if ip.is_none() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-            return bind(Some(IpAddr::from([0, 0, 0, 0])), port, ty, proto);
+            return bind_plain(
+                Some(IpAddr::from([0, 0, 0, 0])),
+                port,
+                ty,
+                proto,
+                reuse_port,
+            );
         }
         other => other?,
     };
@@ -22,6 +78,9 @@ fn bind(ip: Option<IpAddr>, port: u16, ty: Type, proto: Protocol) -> io::Result<
         socket.set_only_v6(false)?;
     }
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket)
@@ -34,23 +93,16 @@ pub fn check_port_free(
     port: u16,
     protocol: mesh_core::Protocol,
 ) -> io::Result<()> {
+    // Without SO_REUSEPORT: any other holder of the port, reuseport or not, makes
+    // this bind fail.
     match protocol {
-        mesh_core::Protocol::Tcp => bind(ip, port, Type::STREAM, Protocol::TCP)?.listen(1),
-        mesh_core::Protocol::Udp => bind(ip, port, Type::DGRAM, Protocol::UDP).map(drop),
+        mesh_core::Protocol::Tcp => {
+            bind_plain(ip, port, Type::STREAM, Protocol::TCP, false)?.listen(1)
+        }
+        mesh_core::Protocol::Udp => {
+            bind_plain(ip, port, Type::DGRAM, Protocol::UDP, false).map(drop)
+        }
     }
-}
-
-pub fn tcp(ip: Option<IpAddr>, port: u16) -> io::Result<tokio::net::TcpListener> {
-    let socket = bind(ip, port, Type::STREAM, Protocol::TCP)?;
-    socket.listen(BACKLOG)?;
-    tokio::net::TcpListener::from_std(socket.into())
-}
-
-pub fn udp(ip: Option<IpAddr>, port: u16) -> io::Result<tokio::net::UdpSocket> {
-    let socket = bind(ip, port, Type::DGRAM, Protocol::UDP)?;
-    // Bursts of datagrams from many clients must not overflow the default buffer.
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    tokio::net::UdpSocket::from_std(socket.into())
 }
 
 /// A v4 client seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; PROXY

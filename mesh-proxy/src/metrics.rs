@@ -148,20 +148,20 @@ impl ProxyMetrics {
         let _ = self.connect_failures.remove_label_values(l);
     }
 
-    pub fn listener(&self, service: &str, port: u16, protocol: &str) -> ListenerMetrics {
-        let port = port.to_string();
-        let l = &[service, port.as_str(), protocol];
+    /// `port` is the published port number, or `VIP:port` for a VIP listener.
+    pub fn listener(&self, service: &str, port: &str, protocol: &str) -> ListenerMetrics {
+        let l = &[service, port, protocol];
         ListenerMetrics {
             accepts: self.accepts.with_label_values(l),
             refused_no_task: self.refused.with_label_values(&[
                 service,
-                &port,
+                port,
                 protocol,
                 "no_healthy_task",
             ]),
             refused_limit: self.refused.with_label_values(&[
                 service,
-                &port,
+                port,
                 protocol,
                 "max_connections",
             ]),
@@ -171,9 +171,8 @@ impl ProxyMetrics {
         }
     }
 
-    pub fn forget_listener(&self, service: &str, port: u16, protocol: &str) {
-        let port = port.to_string();
-        let l = &[service, port.as_str(), protocol];
+    pub fn forget_listener(&self, service: &str, port: &str, protocol: &str) {
+        let l = &[service, port, protocol];
         let _ = self.accepts.remove_label_values(l);
         let _ = self.retries.remove_label_values(l);
         let _ = self.udp_flows.remove_label_values(l);
@@ -181,7 +180,7 @@ impl ProxyMetrics {
         for reason in ["no_healthy_task", "max_connections"] {
             let _ = self
                 .refused
-                .remove_label_values(&[service, &port, protocol, reason]);
+                .remove_label_values(&[service, port, protocol, reason]);
         }
     }
 

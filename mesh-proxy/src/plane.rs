@@ -29,6 +29,9 @@ pub struct ProxyConfig {
     pub eject_backoff: Duration,
     /// Idle timeout of UDP flows when the service sets none.
     pub udp_idle_timeout: Duration,
+    /// Also listen on VIP:target for every port of every VIP service. The agent turns
+    /// this on when it can put the VIPs on an interface.
+    pub serve_vips: bool,
 }
 
 impl Default for ProxyConfig {
@@ -38,11 +41,20 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(2),
             eject_backoff: Duration::from_secs(5),
             udp_idle_timeout: Duration::from_secs(60),
+            serve_vips: false,
         }
     }
 }
 
-type ListenerKey = (u16, Protocol);
+/// (VIP or `None` for a published port, port, protocol).
+type ListenerKey = (Option<IpAddr>, u16, Protocol);
+
+fn label(key: &ListenerKey) -> String {
+    match key.0 {
+        None => key.1.to_string(),
+        Some(ip) => std::net::SocketAddr::new(ip, key.1).to_string(),
+    }
+}
 
 struct InstalledListener {
     shared: Arc<ListenerShared>,
@@ -117,9 +129,9 @@ impl ProxyPlane {
             .services
             .iter()
             .flat_map(|(name, e)| {
-                e.spec
-                    .published_ports()
-                    .map(move |(n, p)| ((n, p.protocol), name.as_str()))
+                self.listener_keys(e)
+                    .into_iter()
+                    .map(move |(k, _)| (k, name.as_str()))
             })
             .collect();
         let stale: Vec<ListenerKey> = self
@@ -137,12 +149,32 @@ impl ProxyPlane {
         }
         for (name, entry) in &snapshot.services {
             self.reconcile_slots(name, entry);
-            for port in &entry.spec.ports {
-                if let Some(published) = port.published {
-                    self.reconcile_listener(name, entry, port, published);
-                }
+            for (key, port) in self.listener_keys(entry) {
+                self.reconcile_listener(name, entry, port, key);
             }
         }
+    }
+
+    /// The listeners a service wants: its published ports, and VIP:target for every
+    /// port when VIPs are served.
+    fn listener_keys<'e>(&self, entry: &'e ServiceEntry) -> Vec<(ListenerKey, &'e PortSpec)> {
+        let mut keys: Vec<(ListenerKey, &PortSpec)> = entry
+            .spec
+            .published_ports()
+            .map(|(n, p)| ((None, n, p.protocol), p))
+            .collect();
+        if self.config.serve_vips {
+            for vip in entry.vips.iter() {
+                keys.extend(
+                    entry
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|p| ((Some(vip), p.target, p.protocol), p)),
+                );
+            }
+        }
+        keys
     }
 
     fn reconcile_slots(&mut self, name: &str, entry: &ServiceEntry) {
@@ -210,7 +242,7 @@ impl ProxyPlane {
         name: &str,
         entry: &ServiceEntry,
         port: &PortSpec,
-        published: u16,
+        key: ListenerKey,
     ) {
         let service = &self.services[name];
         let backends = entry
@@ -232,7 +264,6 @@ impl ProxyPlane {
             max_connections: entry.spec.max_connections,
             backends,
         };
-        let key = (published, port.protocol);
         if let Some(existing) = self.listeners.get(&key) {
             existing.shared.route.store(Arc::new(route));
             return;
@@ -242,17 +273,21 @@ impl ProxyPlane {
             route: ArcSwap::from_pointee(route),
             cursor: AtomicUsize::new(0),
             active: AtomicU64::new(0),
-            metrics: self.metrics.listener(name, published, &proto),
+            metrics: self.metrics.listener(name, &label(&key), &proto),
             clock: self.clock,
             connect_timeout: self.config.connect_timeout,
             eject_backoff: self.config.eject_backoff,
             closed: CancellationToken::new(),
             kill: service.kill.child_token(),
         });
+        let bind = match key.0 {
+            None => listen::Bind::Published(self.config.bind_ip),
+            Some(vip) => listen::Bind::Vip(vip),
+        };
         let task = match port.protocol {
-            Protocol::Tcp => listen::tcp(self.config.bind_ip, published)
+            Protocol::Tcp => listen::tcp_at(bind, key.1)
                 .map(|l| (l.as_raw_fd(), tokio::spawn(tcp::serve(l, shared.clone())))),
-            Protocol::Udp => listen::udp(self.config.bind_ip, published).map(|s| {
+            Protocol::Udp => listen::udp_at(bind, key.1).map(|s| {
                 (
                     s.as_raw_fd(),
                     tokio::spawn(udp::serve(s, shared.clone(), self.config.udp_idle_timeout)),
@@ -261,7 +296,7 @@ impl ProxyPlane {
         };
         match task {
             Ok((fd, task)) => {
-                info!(service = name, port = published, protocol = %proto, "listening");
+                info!(service = name, listener = %label(&key), protocol = %proto, "listening");
                 self.listeners.insert(
                     key,
                     InstalledListener {
@@ -273,11 +308,11 @@ impl ProxyPlane {
                 );
             }
             Err(e) => {
-                warn!(service = name, port = published, protocol = %proto, error = %e, "cannot listen on published port");
+                warn!(service = name, listener = %label(&key), protocol = %proto, error = %e, "cannot listen");
                 self.errors
                     .entry(name.to_string())
                     .or_default()
-                    .push(format!("{published}/{proto}: {e}"));
+                    .push(format!("{}/{proto}: {e}", label(&key)));
             }
         }
     }
@@ -292,14 +327,14 @@ impl ProxyPlane {
         unsafe { libc::shutdown(l.fd, libc::SHUT_RDWR) };
         l.shared.closed.cancel();
         l.task.abort();
-        info!(service = %l.service, port = key.0, protocol = %key.1, "listener closed");
+        info!(service = %l.service, listener = %label(&key), protocol = %key.2, "listener closed");
         let kill = l.shared.kill.clone();
         tokio::spawn(async move {
             tokio::time::sleep(drain).await;
             kill.cancel();
         });
         self.metrics
-            .forget_listener(&l.service, key.0, &key.1.to_string());
+            .forget_listener(&l.service, &label(&key), &key.2.to_string());
         self.retired.push(l.shared);
     }
 

@@ -1,12 +1,47 @@
 //! A backend process for tests: answers every HTTP request (or bare TCP connection)
 //! with its name. `mesh-test-backend NAME [PORT]` prints the bound port on stdout.
+//! `mesh-test-backend --get ADDR` is the matching client: it prints the answer's body,
+//! so tests can run it inside a network namespace.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 
+fn get(addr: &str) -> ! {
+    use std::io::Read;
+    let result = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.trim().to_string())
+            .unwrap_or_default())
+    })();
+    match result {
+        Ok(body) => {
+            println!("{body}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("{addr}: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let name = args.next().expect("usage: mesh-test-backend NAME [PORT]");
+    let name = args
+        .next()
+        .expect("usage: mesh-test-backend NAME [PORT] | --get ADDR");
+    if name == "--get" {
+        get(&args.next().expect("--get ADDR"));
+    }
     let port: u16 = args.next().map(|p| p.parse().expect("PORT")).unwrap_or(0);
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
     println!("{}", listener.local_addr().expect("addr").port());
