@@ -7,6 +7,7 @@
 pub mod answer;
 pub mod config;
 pub mod forward;
+pub mod fuzzing;
 pub mod metrics;
 pub mod server;
 pub mod wire;

@@ -82,18 +82,32 @@ impl DnsServer {
         )));
     }
 
-    /// Binds UDP and TCP on every listen address. A port of 0 is chosen once, for
-    /// UDP, and reused for TCP.
+    /// Binds UDP and TCP on every listen address. For port 0 the port is chosen for
+    /// UDP and reused for TCP, trying again when that TCP port happens to be taken.
     pub async fn bind(&self) -> std::io::Result<Bound> {
         let mut bound = Bound {
             udp: Vec::new(),
             tcp: Vec::new(),
         };
         for addr in &self.config.listen {
-            let udp = UdpSocket::bind(addr).await?;
-            let actual = udp.local_addr()?;
-            bound.tcp.push(TcpListener::bind(actual).await?);
+            let mut attempts = 0;
+            let (udp, tcp) = loop {
+                let udp = UdpSocket::bind(addr).await?;
+                let actual = udp.local_addr()?;
+                match TcpListener::bind(actual).await {
+                    Ok(tcp) => break (udp, tcp),
+                    Err(e)
+                        if addr.port() == 0
+                            && e.kind() == std::io::ErrorKind::AddrInUse
+                            && attempts < 50 =>
+                    {
+                        attempts += 1
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             bound.udp.push(udp);
+            bound.tcp.push(tcp);
         }
         Ok(bound)
     }

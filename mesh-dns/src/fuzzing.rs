@@ -1,0 +1,138 @@
+//! The request path as one pure function, for the fuzz target and the mutation test.
+
+use hickory_proto::op::Message;
+use mesh_core::{Health, Mode, PortSpec, ServiceSpec, Snapshot, State, TaskSpec, TaskState};
+
+use crate::answer::{Resolution, resolve};
+use crate::wire::{check_query, echo_edns, encode, formerr, udp_limit};
+use crate::zone::Zone;
+
+/// What the server would send for `raw` (None: drop, or forward upstream).
+pub fn respond(zone: &Zone, raw: &[u8]) -> Option<Vec<u8>> {
+    let Ok(req) = Message::from_vec(raw) else {
+        return formerr(raw);
+    };
+    if check_query(&req).is_err() {
+        return None;
+    }
+    match resolve(zone, &req) {
+        Resolution::Answer(mut resp) => {
+            echo_edns(&req, &mut resp);
+            let (bytes, _) = encode(&resp, udp_limit(&req))?;
+            // Whatever we send must itself parse.
+            assert!(
+                Message::from_vec(&bytes).is_ok(),
+                "unparseable answer to {raw:?}"
+            );
+            Some(bytes)
+        }
+        Resolution::Forward => None,
+    }
+}
+
+/// Services in every mode, with healthy and unhealthy tasks, IPv4 and IPv6.
+pub fn sample_snapshot() -> Snapshot {
+    let mut s = State::new("fuzz");
+    let mut rr = ServiceSpec::new("rr", vec![PortSpec::tcp(None, 5432)]);
+    rr.mode = Mode::Dnsrr;
+    let services = [
+        ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]),
+        rr,
+    ];
+    for spec in services {
+        let name = spec.name.clone();
+        s.create_service(spec).expect("valid");
+        for (i, ip) in ["10.0.0.1", "10.0.0.2", "fd00::3"].iter().enumerate() {
+            let id = format!("{name}.{i}");
+            let task = TaskSpec {
+                service: name.clone(),
+                id: Some(id.clone()),
+                ip: ip.parse().expect("ip"),
+                port: None,
+                state: TaskState::Active,
+            };
+            s.add_task(task).expect("valid");
+            s.set_health(
+                &name,
+                &id,
+                if i == 1 {
+                    Health::Unhealthy
+                } else {
+                    Health::Healthy
+                },
+            );
+        }
+    }
+    s.snapshot()
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::{Edns, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    use super::*;
+
+    /// A deterministic stand-in for the fuzzer that runs in every CI: valid queries,
+    /// mutated by bit flips, truncation and splices, through the whole request path.
+    #[test]
+    fn mutated_queries_never_panic() {
+        let zone = Zone::build(&sample_snapshot(), "mesh", 5);
+        let names = [
+            "web.mesh.",
+            "tasks.web.mesh.",
+            "_tcp80._tcp.web.mesh.",
+            "rr.",
+            "3.0.0.10.in-addr.arpa.",
+            "mesh.",
+            "x.mesh.",
+        ];
+        let types = [
+            RecordType::A,
+            RecordType::AAAA,
+            RecordType::SRV,
+            RecordType::PTR,
+            RecordType::ANY,
+            RecordType::SOA,
+        ];
+        let mut seeds = Vec::new();
+        for name in names {
+            for t in types {
+                let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+                m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
+                m.set_edns(Edns::new());
+                seeds.push(m.to_vec().expect("encode"));
+            }
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..200_000u64 {
+            let mut p = seeds[(next() as usize) % seeds.len()].clone();
+            match round % 4 {
+                0 => {
+                    let i = next() as usize % p.len();
+                    p[i] ^= 1 << (next() % 8);
+                }
+                1 => p.truncate(next() as usize % (p.len() + 1)),
+                2 => {
+                    let i = next() as usize % p.len();
+                    p[i] = next() as u8;
+                    let j = next() as usize % p.len();
+                    p[j] = 0xc0 | (next() as u8 & 0x3f);
+                }
+                _ => {
+                    let other = &seeds[(next() as usize) % seeds.len()];
+                    let cut = next() as usize % p.len();
+                    p.truncate(cut);
+                    p.extend_from_slice(&other[(next() as usize % other.len())..]);
+                }
+            }
+            let _ = respond(&zone, &p);
+        }
+    }
+}
