@@ -227,11 +227,21 @@ impl Agent {
         (status, value)
     }
 
-    /// Waits until `service` has `n` routable tasks.
+    /// Waits until `service` has `n` routable tasks and the data plane has applied
+    /// that state.
     pub fn wait_routable(&self, service: &str, n: u64) {
         eventually(&format!("{service} has {n} routable tasks"), || {
             let (status, v) = self.http("GET", &format!("/v1/services/{service}"), None);
             (status == 200 && v["routable"] == n).then_some(())
+        });
+        self.wait_applied();
+    }
+
+    /// Waits until the data plane has applied the current snapshot.
+    pub fn wait_applied(&self) {
+        eventually("the data plane applied the latest snapshot", || {
+            let (_, s) = self.http("GET", "/v1/status", None);
+            (s["applied_snapshot"].as_u64()? >= s["snapshot"].as_u64()?).then_some(())
         });
     }
 

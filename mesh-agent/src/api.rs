@@ -33,6 +33,7 @@ pub struct ApiState {
     pub data_dir: String,
     pub dns: Vec<String>,
     pub vip_state: watch::Receiver<String>,
+    pub applied: watch::Receiver<u64>,
 }
 
 type AppState = Arc<ApiState>;
@@ -200,6 +201,7 @@ async fn status(State(s): State<AppState>) -> Json<StatusView> {
         node: s.registry.node(),
         version: env!("CARGO_PKG_VERSION").into(),
         snapshot: snap.version,
+        applied_snapshot: *s.applied.borrow(),
         services: snap.services.len(),
         tasks: tasks().count(),
         routable_tasks: tasks().filter(|t| t.routable()).count(),

@@ -163,6 +163,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     let (errors_tx, errors_rx) = watch::channel(BTreeMap::new());
     let (vip_interface, vip_state) = open_vips(&settings.vip, vip_record).await;
     let (vip_state_tx, vip_state_rx) = watch::channel(vip_state);
+    let (applied_tx, applied_rx) = watch::channel(0u64);
     let proxy_config = ProxyConfig {
         bind_ip: settings.proxy.bind,
         connect_timeout: settings.proxy.connect_timeout,
@@ -175,8 +176,11 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
         plane,
         vip_interface,
         registry.subscribe(),
-        errors_tx,
-        vip_state_tx,
+        PlaneReports {
+            errors: errors_tx,
+            vip_state: vip_state_tx,
+            applied: applied_tx,
+        },
         settings.proxy.shutdown_grace,
         stop.clone(),
     ));
@@ -218,6 +222,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
         data_dir: settings.data_dir.display().to_string(),
         dns: dns_addrs.clone(),
         vip_state: vip_state_rx,
+        applied: applied_rx,
     });
     let s = stop.clone();
     let app = api::router(state.clone(), None);
@@ -319,14 +324,21 @@ fn wanted_vips(snapshot: &Snapshot) -> BTreeMap<std::net::IpAddr, Duration> {
         .collect()
 }
 
+/// What the data-plane loop tells the API: bind errors, VIP reachability and the
+/// snapshot version it has applied.
+struct PlaneReports {
+    errors: watch::Sender<BTreeMap<String, Vec<String>>>,
+    vip_state: watch::Sender<String>,
+    applied: watch::Sender<u64>,
+}
+
 /// The data-plane loop: VIP addresses and listeners follow each snapshot; removed
 /// VIPs stay on the interface until their connections have drained.
 async fn run_plane(
     mut plane: ProxyPlane,
     mut vips: Option<VipInterface>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    errors: watch::Sender<BTreeMap<String, Vec<String>>>,
-    vip_state: watch::Sender<String>,
+    reports: PlaneReports,
     grace: Duration,
     stop: CancellationToken,
 ) {
@@ -350,7 +362,9 @@ async fn run_plane(
                     let msg = format!("{e:#}");
                     if msg != last_error {
                         warn!(error = %msg, "VIP addresses not fully installed");
-                        vip_state.send_replace(format!("partly reachable: {msg}"));
+                        reports
+                            .vip_state
+                            .send_replace(format!("partly reachable: {msg}"));
                         last_error = msg;
                     }
                 }
@@ -359,7 +373,8 @@ async fn run_plane(
         }
         if changed {
             plane.apply(&snapshot);
-            errors.send_replace(plane.errors().clone());
+            reports.errors.send_replace(plane.errors().clone());
+            reports.applied.send_replace(snapshot.version);
         }
         tokio::select! {
             r = snapshots.changed() => {

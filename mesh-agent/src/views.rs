@@ -32,6 +32,9 @@ pub struct StatusView {
     pub node: String,
     pub version: String,
     pub snapshot: u64,
+    /// The snapshot version the data plane has applied; equal to `snapshot` when in sync.
+    #[serde(default)]
+    pub applied_snapshot: u64,
     pub services: usize,
     pub tasks: usize,
     pub routable_tasks: usize,
