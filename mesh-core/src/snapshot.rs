@@ -25,6 +25,10 @@ pub struct ServiceEntry {
     pub vips: Vips,
     /// Sorted by task id.
     pub tasks: Vec<TaskEntry>,
+    /// Conflicts this service lost (a published port or a task id held by another),
+    /// shown to operators instead of being dropped silently.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

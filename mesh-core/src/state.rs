@@ -297,6 +297,7 @@ impl State {
                         spec: spec.clone(),
                         vips: self.vips.get(name).copied().unwrap_or_default(),
                         tasks,
+                        conflicts: Vec::new(),
                     },
                 )
             })

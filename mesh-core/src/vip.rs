@@ -48,7 +48,7 @@ fn fnv1a(data: &[u8]) -> u64 {
     })
 }
 
-fn pick(cidr: &Cidr, name: &str, taken: &HashSet<IpAddr>) -> Option<IpAddr> {
+fn pick(cidr: &Cidr, name: &str, taken: &impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
     // Skip the network address (and the v4 broadcast); tiny pools have no room.
     let size = cidr.size();
     let usable = if cidr.addr.is_ipv4() {
@@ -63,12 +63,18 @@ fn pick(cidr: &Cidr, name: &str, taken: &HashSet<IpAddr>) -> Option<IpAddr> {
     // Linear probing; bounded so a full v6 /64 cannot loop for ages.
     (0..usable.min(1 << 20))
         .map(|k| cidr.nth(1 + (start + k) % usable))
-        .find(|ip| !taken.contains(ip))
+        .find(|ip| !taken(*ip))
 }
 
 impl VipPool {
     /// VIPs for `name` that are not in `taken`.
     pub fn allocate(&self, name: &str, taken: &HashSet<IpAddr>) -> Vips {
+        self.allocate_with(name, |ip| taken.contains(&ip))
+    }
+
+    /// VIPs for `name` for which `taken` is false.
+    pub fn allocate_with(&self, name: &str, taken: impl Fn(IpAddr) -> bool) -> Vips {
+        let taken = &taken;
         Vips {
             v4: self
                 .v4

@@ -1,0 +1,411 @@
+use super::*;
+use crate::service::PortSpec;
+
+fn replica(name: &str) -> Replica {
+    Replica::new(name, 1, VipPool::default(), ReplicaConfig::default())
+}
+
+fn web(port: u16) -> ServiceSpec {
+    ServiceSpec::new("web", vec![PortSpec::tcp(Some(port), 80)])
+}
+
+fn task(service: &str, id: &str, ip: &str) -> TaskSpec {
+    TaskSpec {
+        service: service.into(),
+        id: Some(id.into()),
+        ip: ip.parse().unwrap(),
+        port: None,
+        state: TaskState::Active,
+    }
+}
+
+/// The routing-relevant view, for comparing replicas.
+fn view(r: &Replica) -> String {
+    serde_json::to_string(&r.snapshot().services).unwrap()
+}
+
+/// One anti-entropy round between `a` and `b`, both ways.
+fn sync(a: &mut Replica, b: &mut Replica, now: u64) -> usize {
+    let to_a = b.sync_for(&a.digest());
+    let to_b = a.sync_for(&b.digest());
+    let n = to_a.len() + to_b.len();
+    for i in to_a {
+        a.apply_sync(i, now);
+    }
+    for i in to_b {
+        b.apply_sync(i, now);
+    }
+    n
+}
+
+fn deliver(to: &mut Replica, deltas: &[Delta], now: u64) {
+    for d in deltas {
+        to.apply_delta(d.clone(), now);
+    }
+}
+
+#[test]
+fn deltas_and_anti_entropy_both_converge() {
+    let (mut a, mut b, mut c) = (replica("a"), replica("b"), replica("c"));
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 2).unwrap().1);
+    log.extend(a.set_health("web", "web.1", Health::Healthy, 3));
+    deliver(&mut b, &log, 4);
+    assert_eq!(view(&a), view(&b));
+    // c hears nothing by gossip; one anti-entropy round brings it level.
+    assert!(sync(&mut a, &mut c, 5) > 0);
+    assert_eq!(view(&a), view(&c));
+    assert_eq!(a.digest(), c.digest());
+    assert_eq!(sync(&mut a, &mut c, 6), 0, "in sync: nothing to send");
+    let web = &c.snapshot().services["web"];
+    assert_eq!(web.tasks[0].node, "a");
+    assert!(web.tasks[0].routable());
+}
+
+#[test]
+fn out_of_order_and_lost_deltas_heal_by_anti_entropy() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    for i in 0..20 {
+        log.extend(
+            a.add_task(task("web", &format!("t{i}"), "10.0.0.1"), 2)
+                .unwrap()
+                .1,
+        );
+    }
+    log.extend(a.remove_task("web", "t3", 3).unwrap());
+    // Reversed, with every third delta lost.
+    for (i, d) in log.iter().rev().enumerate() {
+        if i % 3 != 0 {
+            b.apply_delta(d.clone(), 4);
+        }
+    }
+    assert_ne!(view(&a), view(&b));
+    sync(&mut a, &mut b, 5);
+    assert_eq!(view(&a), view(&b));
+    assert_eq!(b.digest(), a.digest());
+}
+
+#[test]
+fn a_peer_below_the_gc_floor_gets_a_full_copy_and_deletes_stick() {
+    let cfg = ReplicaConfig {
+        task_tombstone_ttl_ms: 100,
+        ..ReplicaConfig::default()
+    };
+    let mut a = Replica::new("a", 1, VipPool::default(), cfg);
+    let mut b = replica("b");
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    log.extend(a.add_task(task("web", "keep", "10.0.0.1"), 1).unwrap().1);
+    log.extend(a.add_task(task("web", "gone", "10.0.0.2"), 1).unwrap().1);
+    deliver(&mut b, &log, 1);
+    // b misses the delete; a collects the tombstone.
+    a.remove_task("web", "gone", 10).unwrap();
+    a.tick(500);
+    assert!(a.digest().origins.iter().any(|(n, _, _)| n == "a"));
+    let items = a.sync_for(&b.digest());
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(i, SyncItem::Origin { full: true, .. })),
+        "b is below a's floor: full copy"
+    );
+    for i in items {
+        b.apply_sync(i, 600);
+    }
+    let ids: Vec<String> = b.snapshot().services["web"]
+        .tasks
+        .iter()
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(ids, ["keep"]);
+    // Replaying the old add to b does nothing: it is below the floor.
+    deliver(&mut b, &log, 700);
+    let ids: Vec<String> = b.snapshot().services["web"]
+        .tasks
+        .iter()
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(ids, ["keep"]);
+}
+
+#[test]
+fn concurrent_service_writes_resolve_last_writer_wins_everywhere() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let d = a.create_service(web(8080), 1).unwrap();
+    deliver(&mut b, &d, 1);
+    let mut sa = web(8080);
+    sa.drain_timeout = std::time::Duration::from_secs(1);
+    let mut sb = web(8080);
+    sb.drain_timeout = std::time::Duration::from_secs(2);
+    let da = a.put_service(sa, 10).unwrap();
+    let db = b.put_service(sb, 10).unwrap();
+    deliver(&mut a, &db, 11);
+    deliver(&mut b, &da, 11);
+    assert_eq!(view(&a), view(&b));
+    // Same HLC: the node name breaks the tie, so b's write wins on both.
+    assert_eq!(a.service("web").unwrap().drain_timeout.as_secs(), 2);
+}
+
+#[test]
+fn a_deleted_service_never_comes_back_after_its_tombstone_is_collected() {
+    let cfg = ReplicaConfig {
+        service_tombstone_ttl_ms: 100,
+        ..ReplicaConfig::default()
+    };
+    let mut a = Replica::new("a", 1, VipPool::default(), cfg.clone());
+    let mut stale = Replica::new("stale", 1, VipPool::default(), cfg);
+    let d = a.create_service(web(8080), 1).unwrap();
+    deliver(&mut stale, &d, 1);
+    // `stale` is cut off; a deletes the service and collects the tombstone.
+    a.remove_service("web", 10).unwrap();
+    a.tick(1_000);
+    assert!(a.services.records.is_empty());
+    // Healing: the stale live record is neither accepted by a nor kept by stale.
+    sync(&mut a, &mut stale, 2_000);
+    assert!(a.service("web").is_none());
+    assert!(
+        stale.service("web").is_none(),
+        "stale dropped its record below a's floor"
+    );
+    // And a newer service of the same name is accepted.
+    let d = stale.create_service(web(8081), 3_000).unwrap();
+    deliver(&mut a, &d, 3_000);
+    assert!(a.service("web").is_some());
+}
+
+#[test]
+fn concurrent_vip_and_port_conflicts_resolve_the_same_everywhere() {
+    // A /30 has two usable addresses: both services hash into it and may collide.
+    let pool = VipPool {
+        v4: Some("192.0.2.0/30".parse().unwrap()),
+        v6: None,
+    };
+    let mut a = Replica::new("a", 1, pool.clone(), ReplicaConfig::default());
+    let mut b = Replica::new("b", 1, pool, ReplicaConfig::default());
+    let mut x = ServiceSpec::new("x", vec![PortSpec::tcp(Some(8080), 80)]);
+    x.normalize().unwrap();
+    let mut y = ServiceSpec::new("y", vec![PortSpec::tcp(Some(8080), 81)]);
+    y.normalize().unwrap();
+    let dx = a.create_service(x, 10).unwrap();
+    let dy = b.create_service(y, 20).unwrap();
+    // Force the clash: y wanted x's VIP.
+    let Delta::Service(rx) = &dx[0] else { panic!() };
+    let Delta::Service(mut ry) = dy[0].clone() else {
+        panic!()
+    };
+    ry.vips = rx.vips;
+    b.services.apply(ry.clone(), 20);
+    deliver(&mut a, &[Delta::Service(ry)], 21);
+    deliver(&mut b, &dx, 21);
+    assert_eq!(view(&a), view(&b));
+    let snap = a.snapshot();
+    assert_ne!(
+        snap.services["x"].vips, snap.services["y"].vips,
+        "one VIP each"
+    );
+    assert_eq!(
+        snap.services["x"].vips, rx.vips,
+        "the earlier creation keeps its VIP"
+    );
+    assert!(
+        snap.services["y"].conflicts[0].contains("8080/tcp is held by service \"x\""),
+        "{:?}",
+        snap.services["y"].conflicts
+    );
+    assert_eq!(
+        snap.services["y"].spec.ports[0].published, None,
+        "the loser's port is not served"
+    );
+    // The derived VIP is written down, so it stays when the winner goes away.
+    let y_vip = snap.services["y"].vips;
+    let fixes = a.tick(30);
+    deliver(&mut b, &fixes, 31);
+    let (_, gone) = a.remove_service("x", 40).unwrap();
+    let _ = gone;
+    assert_eq!(a.snapshot().services["y"].vips, y_vip);
+    assert_eq!(
+        a.snapshot().services["y"].spec.ports[0].published,
+        Some(8080),
+        "the port is free again"
+    );
+}
+
+#[test]
+fn a_down_host_is_suspended_then_restored_then_purged() {
+    let cfg = ReplicaConfig {
+        purge_after_ms: 1_000,
+        ..ReplicaConfig::default()
+    };
+    let mut a = replica("a");
+    let mut b = Replica::new("b", 1, VipPool::default(), cfg);
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    log.extend(a.set_health("web", "web.1", Health::Healthy, 1));
+    deliver(&mut b, &log, 1);
+    let routed = |r: &Replica| r.snapshot().services["web"].tasks.len();
+    assert_eq!(routed(&b), 1);
+    b.member_down("a", 10);
+    assert_eq!(routed(&b), 0, "withdrawn at once");
+    b.member_up("a");
+    assert_eq!(routed(&b), 1, "restored at once, same generation");
+    b.member_down("a", 20);
+    b.tick(2_000);
+    assert!(
+        b.nodes().iter().all(|n| n.name != "a"),
+        "purged after the grace period"
+    );
+    // Old data of the purged generation is refused; a new generation is welcome.
+    deliver(&mut b, &log, 2_001);
+    assert_eq!(routed(&b), 0);
+    let mut a2 = Replica::new("a", 2, VipPool::default(), ReplicaConfig::default());
+    let d = a2.create_service(web(8080), 3).unwrap();
+    deliver(&mut a2, &[], 3);
+    let mut d2 = a2.add_task(task("web", "web.1", "10.0.0.9"), 3).unwrap().1;
+    d2.extend(a2.set_health("web", "web.1", Health::Healthy, 3));
+    let _ = d;
+    deliver(&mut b, &d2, 2_002);
+    b.member_up("a");
+    assert_eq!(
+        b.snapshot().services["web"].tasks[0].ip.to_string(),
+        "10.0.0.9"
+    );
+}
+
+#[test]
+fn a_restarted_host_replaces_its_old_generation() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    log.extend(a.add_task(task("web", "old", "10.0.0.1"), 1).unwrap().1);
+    deliver(&mut b, &log, 1);
+    let mut a2 = Replica::new("a", 2, VipPool::default(), ReplicaConfig::default());
+    sync(&mut a2, &mut b, 2); // a2 learns the service
+    let (_, d) = a2.add_task(task("web", "new", "10.0.0.2"), 3).unwrap();
+    deliver(&mut b, &d, 3);
+    let ids: Vec<String> = b.snapshot().services["web"]
+        .tasks
+        .iter()
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(ids, ["new"]);
+}
+
+#[test]
+fn a_graceful_leave_withdraws_at_once() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    deliver(&mut b, &log, 1);
+    assert!(b.apply_delta(a.leave(), 2));
+    assert!(b.snapshot().services["web"].tasks.is_empty());
+    assert!(matches!(
+        b.nodes().iter().find(|n| n.name == "a").unwrap().liveness,
+        Liveness::Left { .. }
+    ));
+}
+
+#[test]
+fn only_the_owner_changes_its_tasks_and_ids_stay_unique() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    deliver(&mut b, &log, 1);
+    let err = b.remove_task("web", "web.1", 2).unwrap_err();
+    assert!(err.to_string().contains("runs on host \"a\""), "{err}");
+    assert!(matches!(
+        b.add_task(task("web", "web.1", "10.0.0.2"), 2),
+        Err(StateError::TaskExists { .. })
+    ));
+    let (id, _) = b
+        .add_task(
+            TaskSpec {
+                id: None,
+                ..task("web", "", "10.0.0.2")
+            },
+            2,
+        )
+        .unwrap();
+    assert_eq!(id, "web.2");
+    // Concurrent adds of one id on two hosts: the first host by name keeps it.
+    let (mut c, mut d) = (replica("c"), replica("d"));
+    let s = c.create_service(web(8080), 1).unwrap();
+    deliver(&mut d, &s, 1);
+    let dc = c.add_task(task("web", "x", "10.0.0.3"), 2).unwrap().1;
+    let dd = d.add_task(task("web", "x", "10.0.0.4"), 2).unwrap().1;
+    deliver(&mut c, &dd, 3);
+    deliver(&mut d, &dc, 3);
+    assert_eq!(view(&c), view(&d));
+    let web = &c.snapshot().services["web"];
+    assert_eq!(web.tasks.len(), 1);
+    assert_eq!(web.tasks[0].node, "c");
+    assert!(
+        web.conflicts[0].contains("host \"d\""),
+        "{:?}",
+        web.conflicts
+    );
+}
+
+#[test]
+fn deleting_a_service_removes_the_owners_tasks() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    deliver(&mut b, &log, 1);
+    log = b.add_task(task("web", "web.1", "10.0.0.1"), 2).unwrap().1;
+    deliver(&mut a, &log, 2);
+    let (_, d) = a.remove_service("web", 3).unwrap();
+    deliver(&mut b, &d, 3);
+    let cleanup = b.tick(4);
+    assert!(
+        matches!(&cleanup[..], [Delta::Task { value: None, .. }]),
+        "{cleanup:?}"
+    );
+    assert!(b.own_tasks().is_empty());
+}
+
+#[test]
+fn ten_thousand_services_with_ten_tasks_each_sync_to_a_new_host() {
+    let mut a = replica("a");
+    let mut owners: Vec<Replica> = (0..10).map(|i| replica(&format!("h{i}"))).collect();
+    for s in 0..10_000 {
+        let mut spec = ServiceSpec::new(format!("s{s}"), vec![PortSpec::tcp(None, 80)]);
+        spec.health.check = HealthKind::None;
+        let d = a.create_service(spec, 1).unwrap();
+        for o in owners.iter_mut() {
+            deliver(o, &d, 1);
+        }
+    }
+    for (i, o) in owners.iter_mut().enumerate() {
+        for s in 0..10_000 {
+            let d = o
+                .add_task(task(&format!("s{s}"), &format!("t{i}"), "10.0.0.1"), 2)
+                .unwrap()
+                .1;
+            deliver(&mut a, &d, 2);
+        }
+    }
+    let mut fresh = replica("fresh");
+    let started = std::time::Instant::now();
+    let items = a.sync_for(&fresh.digest());
+    let bytes: usize = items
+        .iter()
+        .map(|i| serde_json::to_vec(i).unwrap().len())
+        .sum();
+    for i in items {
+        fresh.apply_sync(i, 3);
+    }
+    eprintln!(
+        "full sync of 10,000 services x 10 tasks: {} ms, {} MB as JSON",
+        started.elapsed().as_millis(),
+        bytes / 1_000_000
+    );
+    assert_eq!(view(&fresh), view(&a));
+    assert_eq!(
+        fresh
+            .snapshot()
+            .services
+            .values()
+            .map(|s| s.tasks.len())
+            .sum::<usize>(),
+        100_000
+    );
+    assert_eq!(sync(&mut a, &mut fresh, 4), 0);
+}
