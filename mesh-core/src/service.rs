@@ -53,7 +53,7 @@ pub use crate::balance::Balance;
 pub struct PortSpec {
     /// The port every host listens on (the routing mesh). `None`: reachable only
     /// through the service VIP and DNS, like an unpublished Swarm port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub published: Option<u16>,
     /// The port the tasks listen on, unless a task overrides it.
     pub target: u16,
@@ -150,7 +150,7 @@ pub struct ServiceSpec {
     pub drain_timeout: Duration,
     /// Concurrent connections (or UDP flows) per published port on this host. Beyond
     /// it, new connections are refused at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_connections: Option<u32>,
 }
 

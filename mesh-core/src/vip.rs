@@ -11,9 +11,9 @@ use crate::cidr::Cidr;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vips {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub v4: Option<Ipv4Addr>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub v6: Option<Ipv6Addr>,
 }
 

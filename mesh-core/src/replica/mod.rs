@@ -54,9 +54,15 @@ impl Default for ReplicaConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "status")]
 pub enum Liveness {
+    /// Membership has not reported this host yet.
+    Unknown,
     Alive,
-    Down { since_ms: u64 },
-    Left { since_ms: u64 },
+    Down {
+        since_ms: u64,
+    },
+    Left {
+        since_ms: u64,
+    },
 }
 
 /// A change that travels by gossip.
@@ -576,9 +582,7 @@ impl Replica {
                     // The host restarted: its previous incarnation's tasks are gone.
                     *log = OriginLog::new(generation);
                 }
-                let changed = log.apply(key, version, value, now_ms);
-                self.liveness.entry(origin).or_insert(Liveness::Alive);
-                changed
+                log.apply(key, version, value, now_ms)
             }
             Delta::Leave { origin, generation } => {
                 let current = self.origins.get(&origin).map(|o| o.generation);
@@ -685,7 +689,7 @@ impl Replica {
                             || (generation == log.generation && watermark > log.watermark))
                     }
                 };
-                let changed = if replace {
+                if replace {
                     // Atomic: the whole origin is swapped only once the copy is complete.
                     let mut log = OriginLog::new(generation);
                     for (key, v) in entries {
@@ -710,9 +714,7 @@ impl Replica {
                     changed
                 } else {
                     false
-                };
-                self.liveness.entry(origin).or_insert(Liveness::Alive);
-                changed
+                }
             }
         };
         self.bump(changed)
@@ -746,6 +748,9 @@ impl Replica {
         }
     }
 
+    /// What membership said last about `origin`; `Unknown` until it said anything.
+    /// Only hosts membership has seen alive are routed: a record that arrives before
+    /// its host is known, or after the host died unseen, stays suspended.
     pub fn liveness(&self, origin: &str) -> Liveness {
         if origin == self.node {
             Liveness::Alive
@@ -753,7 +758,7 @@ impl Replica {
             self.liveness
                 .get(origin)
                 .copied()
-                .unwrap_or(Liveness::Alive)
+                .unwrap_or(Liveness::Unknown)
         }
     }
 
@@ -795,7 +800,7 @@ impl Replica {
                 Liveness::Down { since_ms } | Liveness::Left { since_ms } => {
                     now_ms.saturating_sub(*since_ms) >= self.config.purge_after_ms
                 }
-                Liveness::Alive => false,
+                Liveness::Alive | Liveness::Unknown => false,
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -932,6 +937,14 @@ impl Replica {
             version: self.version,
             services,
         }
+    }
+
+    /// (generation, watermark) of an origin's log here: how much of it this replica
+    /// knows for certain.
+    pub fn watermark(&self, origin: &str) -> Option<(u64, u64)> {
+        self.origins
+            .get(origin)
+            .map(|o| (o.generation, o.watermark))
     }
 
     pub fn nodes(&self) -> Vec<NodeView> {

@@ -16,7 +16,7 @@ pub type TaskKey = (String, String);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskValue {
     pub ip: IpAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub port: Option<u16>,
     pub state: TaskState,
     pub health: Health,

@@ -26,6 +26,12 @@ fn view(r: &Replica) -> String {
 
 /// One anti-entropy round between `a` and `b`, both ways.
 fn sync(a: &mut Replica, b: &mut Replica, now: u64) -> usize {
+    for (n, _, _) in b.digest().origins {
+        a.member_up(&n);
+    }
+    for (n, _, _) in a.digest().origins {
+        b.member_up(&n);
+    }
     let to_a = b.sync_for(&a.digest());
     let to_b = a.sync_for(&b.digest());
     let n = to_a.len() + to_b.len();
@@ -38,8 +44,12 @@ fn sync(a: &mut Replica, b: &mut Replica, now: u64) -> usize {
     n
 }
 
+/// Gossip delivery; the receiver's membership has seen the sender alive.
 fn deliver(to: &mut Replica, deltas: &[Delta], now: u64) {
     for d in deltas {
+        if let Delta::Task { origin, .. } = d {
+            to.member_up(origin);
+        }
         to.apply_delta(d.clone(), now);
     }
 }
@@ -383,6 +393,9 @@ fn ten_thousand_services_with_ten_tasks_each_sync_to_a_new_host() {
         }
     }
     let mut fresh = replica("fresh");
+    for i in 0..10 {
+        fresh.member_up(&format!("h{i}"));
+    }
     let started = std::time::Instant::now();
     let items = a.sync_for(&fresh.digest());
     let bytes: usize = items
@@ -408,4 +421,57 @@ fn ten_thousand_services_with_ten_tasks_each_sync_to_a_new_host() {
         100_000
     );
     assert_eq!(sync(&mut a, &mut fresh, 4), 0);
+}
+
+#[test]
+fn deltas_round_trip_through_a_non_self_describing_format() {
+    // Gossip uses postcard, which cannot skip absent fields: every optional field
+    // must be written, present or not.
+    let mut a = replica("a");
+    let mut spec = web(8080);
+    spec.max_connections = Some(5);
+    spec.ports.push(PortSpec::tcp(None, 81));
+    let mut deltas = a.create_service(spec, 1).unwrap();
+    deltas.extend(
+        a.add_task(
+            TaskSpec {
+                port: None,
+                ..task("web", "x", "10.0.0.1")
+            },
+            2,
+        )
+        .unwrap()
+        .1,
+    );
+    deltas.push(a.leave());
+    for d in deltas {
+        let bytes = postcard::to_allocvec(&d).unwrap();
+        assert_eq!(postcard::from_bytes::<Delta>(&bytes).unwrap(), d);
+    }
+    let digest = a.digest();
+    let items = a.sync_for(&replica("b").digest());
+    assert_eq!(
+        postcard::from_bytes::<Digest>(&postcard::to_allocvec(&digest).unwrap()).unwrap(),
+        digest
+    );
+    let round: Vec<SyncItem> =
+        postcard::from_bytes(&postcard::to_allocvec(&items).unwrap()).unwrap();
+    assert_eq!(round, items);
+}
+
+#[test]
+fn tasks_of_a_host_membership_never_saw_alive_are_not_routed() {
+    let (mut a, mut b) = (replica("a"), replica("b"));
+    let mut log = a.create_service(web(8080), 1).unwrap();
+    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    log.extend(a.set_health("web", "web.1", Health::Healthy, 1));
+    for d in &log {
+        b.apply_delta(d.clone(), 2);
+    }
+    assert!(
+        b.snapshot().services["web"].tasks.is_empty(),
+        "unknown host: suspended"
+    );
+    b.member_up("a");
+    assert_eq!(b.snapshot().services["web"].tasks.len(), 1);
 }

@@ -1,0 +1,459 @@
+//! A deterministic simulation of a whole cluster in one process: real foca and real
+//! replicas per node, virtual time, a seeded RNG, and a network that loses, delays and
+//! partitions datagrams. Anti-entropy exchanges run over simulated TCP (reliable, but
+//! cut by partitions). Used by the tests for invariants and by the benchmarks for
+//! convergence figures.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use foca::Timer;
+use mesh_core::{Delta, Replica, ReplicaConfig, VipPool};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::identity::NodeIdentity;
+use crate::node::{GossipConfig, GossipNode};
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub nodes: usize,
+    pub seed: u64,
+    /// Probability that a datagram is lost.
+    pub loss: f64,
+    pub min_latency_ms: u64,
+    pub max_latency_ms: u64,
+    /// Anti-entropy period per node (jittered ±50%).
+    pub anti_entropy_ms: u64,
+    pub gossip: GossipConfig,
+    pub replica: ReplicaConfig,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 16,
+            seed: 1,
+            loss: 0.0,
+            min_latency_ms: 1,
+            max_latency_ms: 5,
+            anti_entropy_ms: 5_000,
+            gossip: GossipConfig::default(),
+            replica: ReplicaConfig::default(),
+        }
+    }
+}
+
+enum Event {
+    Deliver {
+        to: usize,
+        data: Vec<u8>,
+    },
+    Timer {
+        node: usize,
+        incarnation: u64,
+        timer: Timer<NodeIdentity>,
+    },
+    AntiEntropy {
+        node: usize,
+        incarnation: u64,
+    },
+    Tick {
+        node: usize,
+        incarnation: u64,
+    },
+}
+
+struct SimNode {
+    name: String,
+    addr: SocketAddr,
+    /// Bumped at every restart; events of an older incarnation are dropped.
+    incarnation: u64,
+    gossip: Option<GossipNode>,
+    bytes_sent: u64,
+}
+
+pub struct Sim {
+    pub now_ms: u64,
+    config: SimConfig,
+    rng: StdRng,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: HashMap<u64, Event>,
+    next_event: u64,
+    nodes: Vec<SimNode>,
+    by_addr: HashMap<SocketAddr, usize>,
+    /// One-way cuts: (from, to).
+    blocked: HashSet<(usize, usize)>,
+}
+
+fn addr_of(i: usize) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::from(0x0a00_0000u32 + i as u32 + 1), 7946))
+}
+
+impl Sim {
+    /// Builds the cluster; every node joins through node 0.
+    pub fn new(mut config: SimConfig) -> Self {
+        config.gossip.cluster_size = config.gossip.cluster_size.max(config.nodes as u32);
+        let mut sim = Sim {
+            now_ms: 0,
+            rng: StdRng::seed_from_u64(config.seed),
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            next_event: 0,
+            nodes: Vec::new(),
+            by_addr: HashMap::new(),
+            blocked: HashSet::new(),
+            config,
+        };
+        for i in 0..sim.config.nodes {
+            let addr = addr_of(i);
+            sim.by_addr.insert(addr, i);
+            sim.nodes.push(SimNode {
+                name: format!("n{i}"),
+                addr,
+                incarnation: 0,
+                gossip: None,
+                bytes_sent: 0,
+            });
+            sim.boot(i);
+        }
+        sim
+    }
+
+    fn boot(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.incarnation += 1;
+        let generation = node.incarnation;
+        let identity = NodeIdentity {
+            name: node.name.clone(),
+            addr: node.addr,
+            generation,
+        };
+        let replica = Replica::new(
+            node.name.clone(),
+            generation,
+            VipPool::default(),
+            self.config.replica.clone(),
+        );
+        let seed = self.config.seed ^ ((i as u64) << 20) ^ generation;
+        let mut g = GossipNode::new(
+            identity,
+            &self.config.gossip,
+            seed,
+            Arc::new(Mutex::new(replica)),
+        );
+        let seeds = if i == 0 { vec![] } else { vec![addr_of(0)] };
+        g.start(&seeds, self.now_ms);
+        node.gossip = Some(g);
+        let inc = node.incarnation;
+        let jitter = self.rng.random_range(0..self.config.anti_entropy_ms.max(1));
+        self.schedule(
+            jitter,
+            Event::AntiEntropy {
+                node: i,
+                incarnation: inc,
+            },
+        );
+        self.schedule(
+            1_000,
+            Event::Tick {
+                node: i,
+                incarnation: inc,
+            },
+        );
+        self.flush(i);
+    }
+
+    fn schedule(&mut self, after_ms: u64, event: Event) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.events.insert(id, event);
+        self.queue.push(Reverse((self.now_ms + after_ms, id)));
+    }
+
+    /// Turns a node's outbox into network and timer events.
+    fn flush(&mut self, i: usize) {
+        let Some(g) = self.nodes[i].gossip.as_mut() else {
+            return;
+        };
+        let out = g.take_outbox();
+        let inc = self.nodes[i].incarnation;
+        for (after, timer) in out.timers {
+            self.schedule(
+                after.as_millis() as u64,
+                Event::Timer {
+                    node: i,
+                    incarnation: inc,
+                    timer,
+                },
+            );
+        }
+        for (to, data) in out.sends {
+            self.nodes[i].bytes_sent += data.len() as u64;
+            let Some(&j) = self.by_addr.get(&to) else {
+                continue;
+            };
+            if self.blocked.contains(&(i, j)) || self.rng.random::<f64>() < self.config.loss {
+                continue;
+            }
+            let latency = self
+                .rng
+                .random_range(self.config.min_latency_ms..=self.config.max_latency_ms);
+            self.schedule(latency, Event::Deliver { to: j, data });
+        }
+    }
+
+    /// Runs the simulation for `ms` of virtual time.
+    pub fn run_for(&mut self, ms: u64) {
+        let until = self.now_ms + ms;
+        while let Some(Reverse((at, id))) = self.queue.peek().copied() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now_ms = at;
+            let Some(event) = self.events.remove(&id) else {
+                continue;
+            };
+            self.handle(event);
+        }
+        self.now_ms = until;
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now_ms;
+        match event {
+            Event::Deliver { to, data } => {
+                if let Some(g) = self.nodes[to].gossip.as_mut() {
+                    let _ = g.handle_data(&data, now);
+                    self.flush(to);
+                }
+            }
+            Event::Timer {
+                node,
+                incarnation,
+                timer,
+            } => {
+                if self.nodes[node].incarnation == incarnation
+                    && let Some(g) = self.nodes[node].gossip.as_mut()
+                {
+                    g.handle_timer(timer, now);
+                    self.flush(node);
+                }
+            }
+            Event::Tick { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].gossip.is_none()
+                {
+                    return;
+                }
+                let deltas = self.with_replica(node, |r, now| r.tick(now));
+                self.publish(node, &deltas);
+                self.schedule(1_000, Event::Tick { node, incarnation });
+            }
+            Event::AntiEntropy { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].gossip.is_none()
+                {
+                    return;
+                }
+                self.anti_entropy(node);
+                let period = self.config.anti_entropy_ms.max(2);
+                let next = period / 2 + self.rng.random_range(0..period);
+                self.schedule(next, Event::AntiEntropy { node, incarnation });
+            }
+        }
+    }
+
+    /// One push-pull exchange with a random live member, if the network lets a TCP
+    /// connection through (both directions).
+    fn anti_entropy(&mut self, i: usize) {
+        let members = self.nodes[i]
+            .gossip
+            .as_ref()
+            .map(|g| g.alive_members())
+            .unwrap_or_default();
+        if members.is_empty() {
+            return;
+        }
+        let peer = &members[self.rng.random_range(0..members.len())];
+        let Some(&j) = self.by_addr.get(&peer.addr) else {
+            return;
+        };
+        if self.nodes[j].gossip.is_none()
+            || self.blocked.contains(&(i, j))
+            || self.blocked.contains(&(j, i))
+        {
+            return;
+        }
+        let now = self.now_ms;
+        let (ri, rj) = (self.replica(i), self.replica(j));
+        let digest_i = ri.lock().unwrap().digest();
+        let to_i = rj.lock().unwrap().sync_for(&digest_i);
+        let digest_j = rj.lock().unwrap().digest();
+        let to_j = ri.lock().unwrap().sync_for(&digest_j);
+        let size = |v: &dyn erased::Size| v.size();
+        self.nodes[i].bytes_sent += size(&digest_i) + size(&to_j);
+        self.nodes[j].bytes_sent += size(&digest_j) + size(&to_i);
+        for item in to_i {
+            ri.lock().unwrap().apply_sync(item, now);
+        }
+        for item in to_j {
+            rj.lock().unwrap().apply_sync(item, now);
+        }
+        let members_i = self.nodes[i]
+            .gossip
+            .as_ref()
+            .map(|g| g.membership())
+            .unwrap_or_default();
+        let members_j = self.nodes[j]
+            .gossip
+            .as_ref()
+            .map(|g| g.membership())
+            .unwrap_or_default();
+        self.nodes[i].bytes_sent += size(&members_i);
+        self.nodes[j].bytes_sent += size(&members_j);
+        if let Some(g) = self.nodes[i].gossip.as_mut() {
+            g.apply_membership(members_j, now);
+        }
+        if let Some(g) = self.nodes[j].gossip.as_mut() {
+            g.apply_membership(members_i, now);
+        }
+        self.flush(i);
+        self.flush(j);
+    }
+
+    pub fn replica(&self, i: usize) -> Arc<Mutex<Replica>> {
+        self.nodes[i]
+            .gossip
+            .as_ref()
+            .expect("node is up")
+            .replica()
+            .clone()
+    }
+
+    /// Runs a local write on node `i` and gossips its deltas.
+    pub fn with_replica<T>(&mut self, i: usize, f: impl FnOnce(&mut Replica, u64) -> T) -> T {
+        let r = self.replica(i);
+        let mut guard = r.lock().unwrap();
+        f(&mut guard, self.now_ms)
+    }
+
+    pub fn publish(&mut self, i: usize, deltas: &[Delta]) {
+        let now = self.now_ms;
+        if let Some(g) = self.nodes[i].gossip.as_mut() {
+            g.publish(deltas, now);
+        }
+        self.flush(i);
+    }
+
+    /// A write with its deltas gossiped.
+    pub fn write(&mut self, i: usize, f: impl FnOnce(&mut Replica, u64) -> Vec<Delta>) {
+        let deltas = self.with_replica(i, f);
+        self.publish(i, &deltas);
+    }
+
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].gossip.is_some()
+    }
+
+    /// kill -9: the node stops, its pending timers die with it.
+    pub fn crash(&mut self, i: usize) {
+        self.nodes[i].gossip = None;
+        self.nodes[i].incarnation += 1;
+    }
+
+    /// Comes back as a new generation with an empty table, rejoining via node 0.
+    pub fn restart(&mut self, i: usize) {
+        self.boot(i);
+    }
+
+    pub fn leave(&mut self, i: usize) {
+        let now = self.now_ms;
+        if let Some(g) = self.nodes[i].gossip.as_mut() {
+            g.leave(now);
+        }
+        self.flush(i);
+        self.nodes[i].gossip = None;
+        self.nodes[i].incarnation += 1;
+    }
+
+    /// Cuts traffic from every node in `a` to every node in `b` (one way).
+    pub fn cut(&mut self, a: &[usize], b: &[usize]) {
+        for &x in a {
+            for &y in b {
+                self.blocked.insert((x, y));
+            }
+        }
+    }
+
+    pub fn partition(&mut self, a: &[usize], b: &[usize]) {
+        self.cut(a, b);
+        self.cut(b, a);
+    }
+
+    pub fn set_loss(&mut self, loss: f64) {
+        self.config.loss = loss;
+    }
+
+    pub fn heal(&mut self) {
+        self.blocked.clear();
+    }
+
+    pub fn up_nodes(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.is_up(*i)).collect()
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    pub fn bytes_sent(&self, i: usize) -> u64 {
+        self.nodes[i].bytes_sent
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.nodes.iter().map(|n| n.bytes_sent).sum()
+    }
+
+    /// Advances in `step_ms` steps until `cond` holds for the simulation, up to
+    /// `limit_ms`. Returns the virtual time it took, or None.
+    pub fn until(
+        &mut self,
+        step_ms: u64,
+        limit_ms: u64,
+        mut cond: impl FnMut(&Sim) -> bool,
+    ) -> Option<u64> {
+        let start = self.now_ms;
+        while self.now_ms - start <= limit_ms {
+            if cond(self) {
+                return Some(self.now_ms - start);
+            }
+            self.run_for(step_ms);
+        }
+        None
+    }
+
+    /// Members node `i` sees alive (including suspect), not counting itself.
+    pub fn known_members(&self, i: usize) -> usize {
+        self.nodes[i]
+            .gossip
+            .as_ref()
+            .map_or(0, |g| g.alive_members().len())
+    }
+}
+
+/// Serialized size for byte accounting, without naming each message type.
+mod erased {
+    pub trait Size {
+        fn size(&self) -> u64;
+    }
+
+    impl<T: serde::Serialize> Size for T {
+        fn size(&self) -> u64 {
+            postcard::to_allocvec(self)
+                .map(|v| v.len() as u64)
+                .unwrap_or(0)
+        }
+    }
+}
