@@ -7,9 +7,11 @@
 //! [`Replica`]: mesh_core::Replica
 
 pub mod broadcast;
+pub mod crypto;
 pub mod identity;
 pub mod node;
 pub mod sim;
+pub mod transport;
 
 pub use identity::NodeIdentity;
 pub use node::{GossipConfig, GossipNode, Outbox};

@@ -1,0 +1,144 @@
+//! Gossip over real UDP and TCP sockets on loopback: three nodes replicate, a node
+//! with the wrong key cannot join, a graceful leave withdraws at once.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::{
+    Health, PortSpec, Replica, ReplicaConfig, ServiceSpec, TaskSpec, TaskState, VipPool,
+};
+use mesh_gossip::GossipConfig;
+use mesh_gossip::crypto::{Keyring, generate_key};
+use mesh_gossip::transport::{GossipHandle, TransportConfig, start};
+
+struct Node {
+    replica: Arc<Mutex<Replica>>,
+    handle: GossipHandle,
+    prom: prometheus::Registry,
+}
+
+async fn node(name: &str, seeds: Vec<SocketAddr>, key: &str) -> Node {
+    let replica = Arc::new(Mutex::new(Replica::new(
+        name,
+        1,
+        VipPool::default(),
+        ReplicaConfig::default(),
+    )));
+    let prom = prometheus::Registry::new();
+    let config = TransportConfig {
+        cluster: "test".into(),
+        node: name.into(),
+        generation: 1,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        seeds,
+        keyring: Keyring::new("test", &[key.to_string()]).unwrap(),
+        insecure: false,
+        gossip: GossipConfig {
+            probe_period: Duration::from_millis(200),
+            probe_rtt: Duration::from_millis(100),
+            suspect_to_down_after: Some(Duration::from_millis(600)),
+            ..GossipConfig::default()
+        },
+        anti_entropy: Duration::from_millis(500),
+    };
+    let handle = start(config, replica.clone(), Arc::new(|| {}), &prom)
+        .await
+        .unwrap();
+    Node {
+        replica,
+        handle,
+        prom,
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn routed(n: &Node) -> usize {
+    n.replica
+        .lock()
+        .unwrap()
+        .snapshot()
+        .services
+        .get("web")
+        .map_or(0, |w| w.tasks.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
+    let key = generate_key();
+    let a = node("a", vec![], &key).await;
+    let b = node("b", vec![a.handle.local_addr], &key).await;
+    let c = node("c", vec![a.handle.local_addr], &key).await;
+    eventually("three members", || {
+        c.handle
+            .members
+            .borrow()
+            .iter()
+            .filter(|m| m.status == "alive")
+            .count()
+            == 3
+    })
+    .await;
+
+    let d = a
+        .replica
+        .lock()
+        .unwrap()
+        .create_service(
+            ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]),
+            1,
+        )
+        .unwrap();
+    a.handle.deltas.send(d).unwrap();
+    eventually("service on b", || {
+        b.replica.lock().unwrap().service("web").is_some()
+    })
+    .await;
+    let d = {
+        let mut r = b.replica.lock().unwrap();
+        let spec = TaskSpec {
+            service: "web".into(),
+            id: Some("web.1".into()),
+            ip: "10.0.0.1".parse().unwrap(),
+            port: None,
+            state: TaskState::Active,
+        };
+        let mut d = r.add_task(spec, 2).unwrap().1;
+        d.extend(r.set_health("web", "web.1", Health::Healthy, 2));
+        d
+    };
+    b.handle.deltas.send(d).unwrap();
+    eventually("b's task routed on c", || routed(&c) == 1).await;
+
+    // A node with another key gets nowhere, and the cluster counts its packets.
+    let intruder = node("x", vec![a.handle.local_addr], &generate_key()).await;
+    eventually("auth failures counted", || {
+        a.prom.gather().iter().any(|f| {
+            f.get_name() == "mesh_gossip_auth_failures_total"
+                && f.get_metric()[0].get_counter().get_value() > 0.0
+        })
+    })
+    .await;
+    assert!(intruder.replica.lock().unwrap().service("web").is_none());
+    assert!(a.handle.members.borrow().iter().all(|m| m.name != "x"));
+
+    // b leaves gracefully: its task is withdrawn on c at once, not after suspicion.
+    b.handle.leave().await;
+    eventually("b's task withdrawn on c", || routed(&c) == 0).await;
+    eventually("b shown as left", || {
+        c.handle
+            .members
+            .borrow()
+            .iter()
+            .any(|m| m.name == "b" && (m.status == "left" || m.status == "down"))
+    })
+    .await;
+}
