@@ -96,7 +96,8 @@ impl Agent {
     /// Starts an agent; `config` is written to a file and passed with --config.
     /// Starts an agent that leaves the host's interfaces alone (`--no-vips`).
     pub fn start(config: Option<&str>, args: &[&str]) -> Agent {
-        let mut all = vec!["--no-vips"];
+        // Gossip on a port of its own, so parallel tests never meet.
+        let mut all = vec!["--no-vips", "--bind", "127.0.0.1:0"];
         all.extend_from_slice(args);
         Self::start_with(None, config, &all)
     }

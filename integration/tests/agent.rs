@@ -458,6 +458,8 @@ fn a_tcp_api_without_a_token_is_refused_at_start() {
     let out = Command::new(mesh_bin())
         .args([
             "agent",
+            "--bind",
+            "127.0.0.1:0",
             "--api",
             &format!("http://127.0.0.1:{}", free_port()),
         ])

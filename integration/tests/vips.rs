@@ -161,6 +161,8 @@ fn without_net_admin_dns_still_answers_and_the_agent_warns_once() {
         .arg(mesh_bin())
         .args([
             "agent",
+            "--bind",
+            "127.0.0.1:0",
             "--api",
             &format!("unix:{}", socket.display()),
             "--dns",

@@ -34,6 +34,7 @@ pub struct ApiState {
     pub dns: Vec<String>,
     pub vip_state: watch::Receiver<String>,
     pub applied: watch::Receiver<u64>,
+    pub members: watch::Receiver<Vec<mesh_gossip::transport::MemberView>>,
 }
 
 type AppState = Arc<ApiState>;
@@ -128,6 +129,7 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/services", get(list_services).post(create_service))
         .route(
             "/v1/services/{name}",
@@ -264,7 +266,8 @@ async fn create_service(
     }
     check_ports_free(&s, &spec)?;
     let name = spec.name.clone();
-    s.registry.write(|st| st.create_service(spec))?;
+    s.registry
+        .write(|r, now| r.create_service(spec, now).map(|d| ((), d)))?;
     Ok((StatusCode::CREATED, Json(view(&s, &name)?)))
 }
 
@@ -286,7 +289,8 @@ async fn update_service(
     spec.normalize()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     check_ports_free(&s, &spec)?;
-    s.registry.write(|st| st.put_service(spec))?;
+    s.registry
+        .write(|r, now| r.put_service(spec, now).map(|d| ((), d)))?;
     Ok(Json(view(&s, &name)?))
 }
 
@@ -307,7 +311,8 @@ async fn delete_service(
     Path(name): Path<String>,
 ) -> Result<Json<ServiceView>, ApiError> {
     let before = view(&s, &name)?;
-    s.registry.write(|st| st.remove_service(&name))?;
+    s.registry
+        .write(|r, now| r.remove_service(&name, now).map(|(_, d)| ((), d)))?;
     Ok(Json(before))
 }
 
@@ -363,14 +368,18 @@ async fn add_task(
         port: t.port,
         state: t.state,
     };
-    let id = s.registry.write(|st| st.add_task(spec))?;
+    let id = s.registry.write(|r, now| r.add_task(spec, now))?;
     let snap = s.registry.snapshot();
     let entry = snap.services[&name]
         .tasks
         .iter()
-        .find(|t| t.id == id)
+        .find(|t| t.id == id && t.node == snap_node(&s))
         .cloned()
-        .expect("just added");
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "task {id:?} was added but is not in the table (an id conflict?)"
+            ))
+        })?;
     Ok((StatusCode::CREATED, Json(task_view(&s, &name, entry))))
 }
 
@@ -378,7 +387,8 @@ async fn remove_task(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    s.registry.write(|st| st.remove_task(&name, &id))?;
+    s.registry
+        .write(|r, now| r.remove_task(&name, &id, now).map(|d| ((), d)))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -386,14 +396,46 @@ async fn drain_task(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<TaskView>, ApiError> {
-    s.registry
-        .write(|st| st.set_task_state(&name, &id, TaskState::Draining))?;
+    s.registry.write(|r, now| {
+        r.set_task_state(&name, &id, TaskState::Draining, now)
+            .map(|d| ((), d))
+    })?;
     let snap = s.registry.snapshot();
     let entry = snap.services[&name]
         .tasks
         .iter()
-        .find(|t| t.id == id)
+        .find(|t| t.id == id && t.node == snap_node(&s))
         .cloned()
-        .expect("exists");
+        .ok_or_else(|| ApiError::not_found(format!("task {id:?} not found")))?;
     Ok(Json(task_view(&s, &name, entry)))
+}
+
+fn snap_node(s: &ApiState) -> String {
+    s.registry.node()
+}
+
+async fn nodes(State(s): State<AppState>) -> Json<Vec<crate::views::NodeView>> {
+    let counts: std::collections::BTreeMap<String, usize> = s
+        .registry
+        .replica()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .nodes()
+        .into_iter()
+        .map(|n| (n.name, n.tasks))
+        .collect();
+    let mut list: Vec<crate::views::NodeView> = s
+        .members
+        .borrow()
+        .iter()
+        .map(|m| crate::views::NodeView {
+            name: m.name.clone(),
+            address: m.addr.to_string(),
+            generation: m.generation,
+            status: m.status.clone(),
+            tasks: counts.get(&m.name).copied().unwrap_or(0),
+        })
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(list)
 }

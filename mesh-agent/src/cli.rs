@@ -48,6 +48,17 @@ pub enum Command {
     Task(TaskCommand),
     /// Show the agent's status.
     Status,
+    /// Cluster members.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Print a new cluster key.
+    Keygen,
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// List the hosts of the cluster.
+    Ls,
 }
 
 #[derive(Args)]
@@ -75,6 +86,21 @@ pub struct AgentArgs {
     /// Do not put VIPs on an interface or listen on them (DNS still answers VIPs).
     #[arg(long)]
     pub no_vips: bool,
+    /// Gossip (UDP) and sync (TCP) address. Default: 0.0.0.0:7946.
+    #[arg(long)]
+    pub bind: Option<SocketAddr>,
+    /// The address peers reach this host at.
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// Seeds to join, HOST:PORT[,...]; retried until one answers.
+    #[arg(long, value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Cluster key (base64, from `mesh keygen`); adds to [cluster] keys.
+    #[arg(long, env = "MESH_CLUSTER_KEY", hide_env_values = true)]
+    pub cluster_key: Option<String>,
+    /// Accept peers off loopback without a cluster key.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Args)]

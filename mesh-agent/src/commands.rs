@@ -308,6 +308,31 @@ pub async fn status(client: &Client, format: Format) -> Result<()> {
     Ok(())
 }
 
+pub async fn nodes(client: &Client, format: Format) -> Result<()> {
+    let list: Vec<crate::views::NodeView> = client.call(Method::GET, "/v1/nodes", None).await?;
+    if format == Format::Json {
+        print_json(&list);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.address.clone(),
+                n.status.clone(),
+                n.tasks.to_string(),
+                n.generation.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["NAME", "ADDRESS", "STATUS", "TASKS", "GENERATION"], &rows)
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

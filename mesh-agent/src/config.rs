@@ -29,6 +29,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub vip: VipSettings,
     #[serde(default)]
+    pub cluster: ClusterSettings,
+    #[serde(default)]
     pub service: Vec<Spanned<ServiceSpec>>,
     #[serde(default)]
     pub task: Vec<Spanned<TaskSpec>>,
@@ -194,6 +196,80 @@ impl Default for VipSettings {
             ipv6_cidr: d_v6(),
             manage: true,
             interface: d_lo(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Bound into every packet's authentication: hosts of another cluster are refused.
+    #[serde(default = "d_cluster")]
+    pub name: String,
+    /// UDP (gossip) and TCP (sync) address.
+    #[serde(default = "d_bind")]
+    pub bind: SocketAddr,
+    /// The address peers reach this host at, when `bind` is a wildcard.
+    pub advertise: Option<SocketAddr>,
+    /// Seeds, `host:port`; none starts a new cluster.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Base64 keys from `mesh keygen`; the first seals, all open (rotation).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// A file with one key per line, kept out of the config.
+    pub key_file: Option<PathBuf>,
+    /// Accept peers off loopback without a key.
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default = "d_anti_entropy", with = "mesh_core::duration")]
+    pub anti_entropy: Duration,
+    #[serde(default = "d_probe", with = "mesh_core::duration")]
+    pub probe_period: Duration,
+    #[serde(default = "d_probe_timeout", with = "mesh_core::duration")]
+    pub probe_timeout: Duration,
+    /// Default: 4·max(1, log10 n)·probe_period, as memberlist's LAN profile.
+    #[serde(default, with = "mesh_core::duration::optional")]
+    pub suspect_timeout: Option<Duration>,
+    /// How long a down host's records are kept, suspended, before they are purged.
+    #[serde(default = "d_purge", with = "mesh_core::duration")]
+    pub purge_after: Duration,
+}
+
+fn d_cluster() -> String {
+    "mesh".into()
+}
+fn d_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7946))
+}
+fn d_anti_entropy() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_probe() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_probe_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn d_purge() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            name: d_cluster(),
+            bind: d_bind(),
+            advertise: None,
+            join: Vec::new(),
+            keys: Vec::new(),
+            key_file: None,
+            insecure: false,
+            anti_entropy: d_anti_entropy(),
+            probe_period: d_probe(),
+            probe_timeout: d_probe_timeout(),
+            suspect_timeout: None,
+            purge_after: d_purge(),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_core::{ServiceSpec, Snapshot, State, TaskSpec, VipPool};
+use mesh_core::{Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec, VipPool};
 use mesh_dns::{DnsConfig, DnsMetrics, DnsServer};
 use mesh_proxy::{ProxyConfig, ProxyMetrics, ProxyPlane};
 use tokio::sync::watch;
@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
+use crate::config::ClusterSettings;
 use crate::config::{DnsSettings, ProxySettings, VipSettings};
 use crate::prober::{self, HealthMetrics};
-use crate::registry::Registry;
+use crate::registry::{Registry, wall_ms};
 use crate::store::DataDir;
 use crate::vip::{VipInterface, has_net_admin};
 
@@ -34,6 +35,7 @@ pub struct Settings {
     pub proxy: ProxySettings,
     pub dns: DnsSettings,
     pub vip: VipSettings,
+    pub cluster: ClusterSettings,
     /// Declared in the config file; applied over the saved state at every start.
     pub services: Vec<ServiceSpec>,
     pub tasks: Vec<TaskSpec>,
@@ -41,6 +43,7 @@ pub struct Settings {
 
 pub struct RunningAgent {
     pub registry: Arc<Registry>,
+    gossip: Option<mesh_gossip::transport::GossipHandle>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
     socket: PathBuf,
@@ -60,28 +63,39 @@ pub fn raise_fd_limit() {
     }
 }
 
-fn load_state(settings: &Settings, store: &DataDir) -> Result<State> {
+/// The replica as saved: service records with their stamps (so a restart never
+/// overrules newer writes from peers), and this host's tasks, re-registered under the
+/// new generation.
+fn load_replica(settings: &Settings, store: &DataDir, generation: u64) -> Result<Replica> {
     let saved = store.load()?;
     let pool = VipPool {
         v4: settings.vip.ipv4_cidr,
         v6: settings.vip.ipv6_cidr,
     };
-    let mut state = State::with_vip_pool(&settings.node_name, pool);
-    state.reserve_vips(saved.vips);
+    let config = ReplicaConfig {
+        purge_after_ms: settings.cluster.purge_after.as_millis() as u64,
+        ..ReplicaConfig::default()
+    };
+    let mut replica = Replica::new(&settings.node_name, generation, pool, config);
     let path = store.path();
+    let now = wall_ms();
+    for record in saved.records {
+        replica.restore_service(record, now);
+    }
+    // Format 1 files (single host) kept plain specs.
     for spec in saved.services {
         let name = spec.name.clone();
-        state
-            .put_service(spec)
+        replica
+            .put_service(spec, now)
             .with_context(|| format!("{}: service {name:?}", path.display()))?;
     }
     for task in saved.tasks {
         let id = task.id.clone().unwrap_or_default();
-        state
-            .add_task(task)
+        replica
+            .add_task(task, now)
             .with_context(|| format!("{}: task {id:?}", path.display()))?;
     }
-    Ok(state)
+    Ok(replica)
 }
 
 /// Binds the unix socket, refusing to steal it from a live agent and removing a stale
@@ -111,19 +125,38 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     raise_fd_limit();
     let store = DataDir::open(&settings.data_dir)?;
     let vip_record = settings.data_dir.join("vips-installed.json");
-    let state = load_state(&settings, &store)?;
-    let registry = Registry::new(state, Some(store));
+    // A generation that grows with every start: peers replace this host's previous
+    // incarnation with it.
+    let generation = wall_ms();
+    let replica = load_replica(&settings, &store, generation)?;
+    let registry = Registry::new(replica, Some(store));
     for spec in &settings.services {
+        let mut declared = spec.clone();
+        declared
+            .normalize()
+            .with_context(|| format!("config: service {:?}", spec.name))?;
+        // Re-put only what differs, so restarts do not overrule newer writes.
+        if registry
+            .replica()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .service(&spec.name)
+            == Some(&declared)
+        {
+            continue;
+        }
         registry
-            .write(|st| st.put_service(spec.clone()))
+            .write(|r, now| r.put_service(declared, now).map(|d| ((), d)))
             .with_context(|| format!("config: service {:?}", spec.name))?;
     }
     for task in &settings.tasks {
         let id = task.id.clone().unwrap_or_default();
         registry
-            .write(|st| {
-                let _ = st.remove_task(&task.service, &id);
-                st.add_task(task.clone())
+            .write(|r, now| {
+                let mut deltas = r.remove_task(&task.service, &id, now).unwrap_or_default();
+                let (id, more) = r.add_task(task.clone(), now)?;
+                deltas.extend(more);
+                Ok((id, deltas))
             })
             .with_context(|| format!("config: task {id:?} of service {:?}", task.service))?;
     }
@@ -133,6 +166,32 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     let health_metrics = HealthMetrics::new(&prom)?;
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
+
+    let gossip = start_gossip(&settings, &registry, generation, &prom).await?;
+    let members = gossip
+        .as_ref()
+        .map(|g| g.members.clone())
+        .unwrap_or_else(|| watch::channel(Vec::new()).1);
+    let saver = registry.clone();
+    let save_stop = stop.clone();
+    tasks.spawn(async move {
+        // What peers changed is saved too, every few seconds when it changed.
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        let mut saved = 0;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = save_stop.cancelled() => return,
+            }
+            let version = saver.snapshot().version;
+            if version != saved {
+                match saver.save() {
+                    Ok(()) => saved = version,
+                    Err(e) => warn!(error = %format!("{e:#}"), "cannot save the replicated table"),
+                }
+            }
+        }
+    });
 
     let unix = bind_socket(&settings.socket).await?;
     let mut api_names = vec![format!("unix:{}", settings.socket.display())];
@@ -223,6 +282,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
         dns: dns_addrs.clone(),
         vip_state: vip_state_rx,
         applied: applied_rx,
+        members,
     });
     let s = stop.clone();
     let app = api::router(state.clone(), None);
@@ -265,6 +325,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
     info!(node = %settings.node_name, data_dir = %settings.data_dir.display(), "mesh agent started");
     Ok(RunningAgent {
         registry,
+        gossip,
         stop,
         tasks,
         socket: settings.socket,
@@ -275,6 +336,11 @@ impl RunningAgent {
     /// Stops accepting, drains connections for the configured grace, closes every
     /// socket and removes the API socket file.
     pub async fn shutdown(mut self) {
+        // Leave first: peers withdraw our tasks at once, then our connections drain.
+        if let Some(g) = self.gossip.take() {
+            g.leave().await;
+        }
+        let _ = self.registry.save();
         self.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
         let _ = std::fs::remove_file(&self.socket);
@@ -449,4 +515,65 @@ async fn start_dns(
     });
     tasks.spawn(server.serve(bound, stop));
     Ok(Some(addrs))
+}
+
+/// Starts gossip on `cluster.bind`, joining the seeds. Peers' changes republish the
+/// snapshot through the registry.
+async fn start_gossip(
+    settings: &Settings,
+    registry: &Arc<Registry>,
+    generation: u64,
+    prom: &prometheus::Registry,
+) -> Result<Option<mesh_gossip::transport::GossipHandle>> {
+    use mesh_gossip::crypto::Keyring;
+    let c = &settings.cluster;
+    let mut keys = c.keys.clone();
+    if let Some(f) = &c.key_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cluster.key_file {}", f.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    let keyring = Keyring::new(&c.name, &keys).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut seeds = Vec::new();
+    for seed in &c.join {
+        let resolved = tokio::net::lookup_host(seed.as_str())
+            .await
+            .with_context(|| format!("--join {seed}: expected HOST:PORT"))?;
+        seeds.extend(resolved.take(1));
+    }
+    if !keyring.is_encrypted() && !c.insecure && !c.bind.ip().is_loopback() {
+        warn!(
+            "gossip has no cluster key: only peers on loopback are accepted. Set cluster.keys (see `mesh keygen`) to form a cluster, or pass --insecure"
+        );
+    }
+    let config = mesh_gossip::transport::TransportConfig {
+        cluster: c.name.clone(),
+        node: settings.node_name.clone(),
+        generation,
+        bind: c.bind,
+        advertise: c.advertise,
+        seeds,
+        keyring,
+        insecure: c.insecure,
+        gossip: mesh_gossip::GossipConfig {
+            probe_period: c.probe_period,
+            probe_rtt: c.probe_timeout,
+            suspect_to_down_after: c.suspect_timeout,
+            ..mesh_gossip::GossipConfig::default()
+        },
+        anti_entropy: c.anti_entropy,
+    };
+    let publisher = registry.clone();
+    let on_change: Arc<dyn Fn() + Send + Sync> = Arc::new(move || publisher.publish());
+    let handle = mesh_gossip::transport::start(config, registry.replica(), on_change, prom)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    registry.set_gossip(handle.deltas.clone());
+    info!(gossip = %handle.local_addr, "cluster gossip listening (UDP and TCP)");
+    Ok(Some(handle))
 }

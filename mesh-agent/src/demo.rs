@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use std::net::SocketAddr;
 
-use crate::config::{DnsSettings, ProxySettings, VipSettings};
+use crate::config::{ClusterSettings, DnsSettings, ProxySettings, VipSettings};
 use crate::daemon::{self, Settings};
 
 async fn backend(name: String) -> Result<(u16, tokio::task::JoinHandle<()>)> {
@@ -105,6 +105,11 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
             ..DnsSettings::default()
         },
         vip: VipSettings::default(),
+        // A one-host cluster on loopback, beside any real agent on :7946.
+        cluster: ClusterSettings {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ClusterSettings::default()
+        },
         services: vec![web],
         tasks,
     };

@@ -80,6 +80,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Service(cmd) => commands::service(&client()?, cli.format, cmd).await,
         Command::Task(cmd) => commands::task(&client()?, cli.format, cmd).await,
         Command::Status => commands::status(&client()?, cli.format).await,
+        Command::Node(cli::NodeCommand::Ls) => commands::nodes(&client()?, cli.format).await,
+        Command::Keygen => {
+            println!("{}", mesh_gossip::crypto::generate_key());
+            Ok(())
+        }
     }
 }
 
@@ -162,6 +167,21 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
             let mut vip = config.vip;
             vip.manage &= !args.no_vips;
             vip
+        },
+        cluster: {
+            let mut c = config.cluster;
+            if let Some(b) = args.bind {
+                c.bind = b;
+            }
+            if args.advertise.is_some() {
+                c.advertise = args.advertise;
+            }
+            c.join.extend(args.join.iter().cloned());
+            if let Some(k) = &args.cluster_key {
+                c.keys.insert(0, k.clone());
+            }
+            c.insecure |= args.insecure;
+            c
         },
         services: config.service.into_iter().map(|s| s.into_inner()).collect(),
         tasks: config.task.into_iter().map(|t| t.into_inner()).collect(),

@@ -1,11 +1,12 @@
 //! The single write path of the agent. API calls, config declarations and health
-//! transitions change the [`State`] here; every accepted change publishes a new
-//! immutable [`Snapshot`] that the data plane, prober and API reads use.
+//! transitions change the replica here; peers change it through gossip. Every change
+//! publishes a new immutable [`Snapshot`] that the data plane, DNS, prober and API
+//! reads use, and local changes are handed to gossip as deltas.
 
 use std::sync::{Arc, Mutex};
 
-use mesh_core::{Health, Snapshot, State, StateError};
-use tokio::sync::watch;
+use mesh_core::{Delta, Health, Replica, Snapshot, StateError};
+use tokio::sync::{mpsc, watch};
 
 use crate::store::{DataDir, Persisted};
 
@@ -17,23 +18,38 @@ pub enum WriteError {
     Storage(anyhow::Error),
 }
 
-struct Inner {
-    state: State,
+pub struct Registry {
+    replica: Arc<Mutex<Replica>>,
     store: Option<DataDir>,
+    /// Serialises writes with their save, so the file follows the same order.
+    write_lock: Mutex<()>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    gossip: Mutex<Option<mpsc::UnboundedSender<Vec<Delta>>>>,
 }
 
-pub struct Registry {
-    inner: Mutex<Inner>,
-    snapshots: watch::Sender<Arc<Snapshot>>,
+pub fn wall_ms() -> u64 {
+    mesh_gossip::transport::wall_ms()
 }
 
 impl Registry {
-    pub fn new(state: State, store: Option<DataDir>) -> Arc<Self> {
-        let (snapshots, _) = watch::channel(Arc::new(state.snapshot()));
+    pub fn new(replica: Replica, store: Option<DataDir>) -> Arc<Self> {
+        let (snapshots, _) = watch::channel(Arc::new(replica.snapshot()));
         Arc::new(Self {
-            inner: Mutex::new(Inner { state, store }),
+            replica: Arc::new(Mutex::new(replica)),
+            store,
+            write_lock: Mutex::new(()),
             snapshots,
+            gossip: Mutex::new(None),
         })
+    }
+
+    /// The replica, shared with gossip.
+    pub fn replica(&self) -> Arc<Mutex<Replica>> {
+        self.replica.clone()
+    }
+
+    pub fn set_gossip(&self, deltas: mpsc::UnboundedSender<Vec<Delta>>) {
+        *self.gossip.lock().unwrap_or_else(|p| p.into_inner()) = Some(deltas);
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
@@ -45,52 +61,87 @@ impl Registry {
     }
 
     pub fn node(&self) -> String {
-        self.lock().state.node().to_string()
+        self.lock().node().to_string()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Replica> {
+        // Writes run on a copy (see `write`), so a panic cannot leave the replica
+        // half-changed: a poisoned lock is safe to reuse.
+        self.replica.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gossip(&self, deltas: Vec<Delta>) {
+        if deltas.is_empty() {
+            return;
+        }
+        if let Some(tx) = self
+            .gossip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(deltas);
+        }
     }
 
     /// Applies a durable change: it is saved before it takes effect, and if saving
-    /// fails nothing changes. The change runs on a copy so a failure leaves no trace.
+    /// fails nothing changes.
     pub fn write<T>(
         &self,
-        change: impl FnOnce(&mut State) -> Result<T, StateError>,
+        change: impl FnOnce(&mut Replica, u64) -> Result<(T, Vec<Delta>), StateError>,
     ) -> Result<T, WriteError> {
-        let mut inner = self.lock();
-        let mut next = inner.state.clone();
-        let out = change(&mut next)?;
-        if next.version() != inner.state.version() {
-            if let Some(store) = &inner.store {
-                store.save(&persisted(&next)).map_err(WriteError::Storage)?;
+        let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut replica = self.lock();
+        let before = replica.clone();
+        let (out, deltas) = change(&mut replica, wall_ms())?;
+        if replica.version() != before.version() {
+            if let Some(store) = &self.store
+                && let Err(e) = store.save(&persisted(&replica))
+            {
+                *replica = before;
+                return Err(WriteError::Storage(e));
             }
-            inner.state = next;
-            self.publish(&inner.state);
+            let snapshot = Arc::new(replica.snapshot());
+            drop(replica);
+            self.snapshots.send_replace(snapshot);
         }
+        self.gossip(deltas);
         Ok(out)
     }
 
-    /// Health is observed, not declared, so it is not saved.
+    /// Health is observed, not declared, so it is not saved; it is gossiped.
     pub fn set_health(&self, service: &str, task: &str, health: Health) {
-        let mut inner = self.lock();
-        if inner.state.set_health(service, task, health) {
-            self.publish(&inner.state);
+        let deltas = self.lock().set_health(service, task, health, wall_ms());
+        if !deltas.is_empty() {
+            self.publish();
+            self.gossip(deltas);
         }
     }
 
-    fn publish(&self, state: &State) {
-        self.snapshots.send_replace(Arc::new(state.snapshot()));
+    /// Publishes a snapshot of the current replica (after gossip changed it).
+    pub fn publish(&self) {
+        let snapshot = Arc::new(self.lock().snapshot());
+        if snapshot.version != self.snapshots.borrow().version {
+            self.snapshots.send_replace(snapshot);
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave State half-changed (changes run
-        // on a copy), so a poisoned lock is safe to reuse.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// Saves what peers changed too, so a restart without peers keeps the table.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let p = persisted(&self.lock());
+        match &self.store {
+            Some(store) => store.save(&p),
+            None => Ok(()),
+        }
     }
 }
 
-fn persisted(state: &State) -> Persisted {
+fn persisted(replica: &Replica) -> Persisted {
     Persisted {
-        format: 1,
-        services: state.services().cloned().collect(),
-        tasks: state.tasks().cloned().collect(),
-        vips: state.vips().clone(),
+        format: 2,
+        records: replica.service_records().cloned().collect(),
+        tasks: replica.own_tasks(),
+        ..Persisted::default()
     }
 }

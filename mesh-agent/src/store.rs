@@ -9,19 +9,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 
+use mesh_core::replica::services::ServiceRecord;
 use mesh_core::{ServiceSpec, TaskSpec, Vips};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "state.json";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
+/// Format 2 keeps the replicated service records with their stamps and VIPs, and the
+/// tasks this host owns. Format 1 (single host) kept plain specs; it is still read.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Persisted {
     pub format: u32,
+    #[serde(default)]
+    pub records: Vec<ServiceRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceSpec>,
     pub tasks: Vec<TaskSpec>,
-    /// VIPs of the services, kept so that a VIP never changes while its service exists.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vips: BTreeMap<String, Vips>,
 }
 
@@ -97,15 +102,17 @@ mod tests {
         assert!(data.load().unwrap().services.is_empty());
         let state = Persisted {
             format: FORMAT,
-            services: vec![ServiceSpec::new(
-                "web",
-                vec![mesh_core::PortSpec::tcp(Some(8080), 80)],
-            )],
-            tasks: vec![],
-            vips: BTreeMap::new(),
+            tasks: vec![TaskSpec {
+                service: "web".into(),
+                id: Some("web.1".into()),
+                ip: "10.0.0.1".parse().unwrap(),
+                port: None,
+                state: mesh_core::TaskState::Active,
+            }],
+            ..Persisted::default()
         };
         data.save(&state).unwrap();
-        assert_eq!(data.load().unwrap().services, state.services);
+        assert_eq!(data.load().unwrap().tasks, state.tasks);
         fs::write(data.path(), "{ torn").unwrap();
         let err = format!("{:#}", data.load().unwrap_err());
         assert!(err.contains("state.json"), "{err}");

@@ -17,6 +17,9 @@ pub struct ServiceView {
     /// Published ports this host could not bind, e.g. "8080/tcp: Address in use".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// Conflicts this service lost to another (a published port, a task id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +57,16 @@ pub struct StatusView {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub address: String,
+    pub generation: u64,
+    /// alive, suspect, down or left
+    pub status: String,
+    pub tasks: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
     pub detail: String,
@@ -71,5 +84,6 @@ pub fn service_view(
         routable: entry.tasks.iter().filter(|t| t.routable()).count(),
         tasks: entry.tasks.len(),
         errors: errors.get(name).cloned().unwrap_or_default(),
+        conflicts: entry.conflicts.clone(),
     })
 }

@@ -211,7 +211,6 @@ pub async fn start(
     let (stop_tx, stop_rx) = oneshot::channel();
     let shared_members = Arc::new(Mutex::new(Vec::new()));
     info!(node = %config.node, %advertise, encrypted = config.keyring.is_encrypted(), seeds = ?config.seeds, "gossip started");
-    let start = Instant::now();
     let ctx = SyncCtx {
         keyring: config.keyring.clone(),
         replica: replica.clone(),
@@ -219,7 +218,6 @@ pub async fn start(
         membership_tx: membership_tx.clone(),
         on_change: on_change.clone(),
         metrics: metrics.clone(),
-        start,
     };
     tokio::spawn(serve_sync(tcp, config.clone(), ctx));
     let task = tokio::spawn(
@@ -233,7 +231,6 @@ pub async fn start(
             timers: BinaryHeap::new(),
             timer_seq: 0,
             pending: BTreeMap::new(),
-            start,
             log: RateLimitedLog {
                 last: BTreeMap::new(),
             },
@@ -267,16 +264,24 @@ struct Loop {
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_seq: u64,
     pending: BTreeMap<u64, Timer<NodeIdentity>>,
-    start: Instant,
     log: RateLimitedLog,
     shared_members: Arc<Mutex<Vec<foca::Member<NodeIdentity>>>>,
     members_tx: watch::Sender<Vec<MemberView>>,
     membership_tx: mpsc::UnboundedSender<Vec<foca::Member<NodeIdentity>>>,
 }
 
+/// Wall-clock milliseconds: the replica's HLC and tombstone ages need real time,
+/// comparable across hosts.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Loop {
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        wall_ms()
     }
 
     async fn run(
@@ -444,7 +449,6 @@ impl Loop {
             membership_tx: self.membership_tx.clone(),
             on_change: self.on_change.clone(),
             metrics: self.metrics.clone(),
-            start: self.start,
         };
         tokio::spawn(async move {
             match tokio::time::timeout(SYNC_TIMEOUT, ctx.initiate(peer)).await {
@@ -464,7 +468,6 @@ struct SyncCtx {
     membership_tx: mpsc::UnboundedSender<Vec<foca::Member<NodeIdentity>>>,
     on_change: Arc<dyn Fn() + Send + Sync>,
     metrics: Metrics,
-    start: Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -481,7 +484,7 @@ enum SyncError {
 
 impl SyncCtx {
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        wall_ms()
     }
 
     async fn write<T: Serialize>(&self, s: &mut TcpStream, msg: &T) -> Result<(), SyncError> {

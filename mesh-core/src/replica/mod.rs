@@ -158,6 +158,7 @@ pub struct NodeView {
     pub tasks: usize,
 }
 
+#[derive(Clone)]
 pub struct Replica {
     node: String,
     generation: u64,
@@ -221,6 +222,14 @@ impl Replica {
             hlc: self.clock.tick(now_ms),
             node: self.node.clone(),
         }
+    }
+
+    /// Loads a saved record as it was (its stamps included), so a restart does not
+    /// overrule newer writes made elsewhere while this host was down.
+    pub fn restore_service(&mut self, record: ServiceRecord, now_ms: u64) {
+        self.clock.observe(record.stamp.hlc, now_ms);
+        let changed = self.services.apply(record, now_ms);
+        self.bump(changed);
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceSpec> {
