@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
 pub mod netns;
 
 pub use netns::{Netns, is_root, skip_unless_root};
@@ -90,6 +91,7 @@ pub struct Agent {
     pub data_dir: PathBuf,
     child: Option<Child>,
     netns: Option<String>,
+    pub name: String,
 }
 
 impl Agent {
@@ -107,6 +109,30 @@ impl Agent {
         Self::start_with(Some(netns), config, args)
     }
 
+    /// Starts host `name` of a cluster inside `netns`.
+    pub fn start_named_in(netns: &Netns, name: &str, config: Option<&str>, args: &[&str]) -> Agent {
+        let mut agent = Self::start_with_name(Some(netns), name);
+        agent.spawn(config, args);
+        agent
+    }
+
+    fn start_with_name(netns: Option<&Netns>, name: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("mesh-it-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("mesh.sock");
+        let data_dir = dir.path().join("data");
+        Agent {
+            dir,
+            socket,
+            data_dir,
+            child: None,
+            netns: netns.map(|n| n.name.clone()),
+            name: name.into(),
+        }
+    }
+
     fn start_with(netns: Option<&Netns>, config: Option<&str>, args: &[&str]) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("mesh-it-")
@@ -120,6 +146,7 @@ impl Agent {
             data_dir,
             child: None,
             netns: netns.map(|n| n.name.clone()),
+            name: "it".into(),
         };
         agent.spawn(config, args);
         agent
@@ -140,7 +167,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--node-name")
-            .arg("it")
+            .arg(&self.name)
             .args(args)
             .env("RUST_LOG", "info,mesh_proxy=debug")
             .env_remove("MESH_API")
@@ -165,6 +192,14 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: a crash, with no leave and no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -351,6 +386,30 @@ impl Backend {
         let mut child = cmd
             .arg(name)
             .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn backend");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("backend {name} did not start: {line:?}"));
+        Backend {
+            name: name.into(),
+            port,
+            child,
+        }
+    }
+
+    /// A backend inside `netns`, listening on `ip:port` (0: any port).
+    pub fn start_in_at(netns: &Netns, name: &str, ip: &str, port: u16) -> Backend {
+        let mut cmd = netns.command(backend_bin());
+        cmd.arg(name).arg(port.to_string()).arg(ip);
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

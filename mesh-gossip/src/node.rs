@@ -82,6 +82,9 @@ pub struct Outbox {
 struct LocalHealth {
     score: u32,
     failed_since_last_probe: bool,
+    /// The member whose probe failed last. Repeated failures against one member mean
+    /// that member is down; failures against different members point at us.
+    last_failed: Option<std::net::SocketAddr>,
 }
 
 const MAX_HEALTH_SCORE: u32 = 8;
@@ -102,9 +105,16 @@ impl Runtime<NodeIdentity> for Io<'_> {
             Notification::MemberDown(id) if !id.name.is_empty() => {
                 replica.member_down(&id.name, self.now_ms)
             }
-            Notification::ProbeFailed(..) => {
+            Notification::ProbeFailed(_, member) => {
                 self.health.failed_since_last_probe = true;
-                self.health.score = (self.health.score + 1).min(MAX_HEALTH_SCORE);
+                if self
+                    .health
+                    .last_failed
+                    .is_some_and(|prev| prev != member.addr)
+                {
+                    self.health.score = (self.health.score + 1).min(MAX_HEALTH_SCORE);
+                }
+                self.health.last_failed = Some(member.addr);
             }
             _ => {}
         }

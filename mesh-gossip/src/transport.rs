@@ -298,6 +298,7 @@ impl Loop {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let ae = self.config.anti_entropy.max(Duration::from_millis(100));
         let mut next_sync = tokio::time::Instant::now() + ae;
+        let mut unanswered = 0u32;
         loop {
             let next_timer = self
                 .timers
@@ -360,8 +361,17 @@ impl Loop {
                     let d = self.replica.lock().unwrap_or_else(|p| p.into_inner()).tick(now);
                     self.node.publish(&d, now);
                     if self.node.alive_members().is_empty() && !seeds.is_empty() {
-                        // Keep knocking until a seed answers.
+                        // Keep knocking until a seed answers, and say why it may not.
                         self.node.announce(&seeds, now);
+                        unanswered += 1;
+                        if unanswered >= 5 {
+                            let seeds = seeds.clone();
+                            self.log.warn("no-seed", move || format!(
+                                "no seed has answered yet ({seeds:?}); retrying. If this persists, check that cluster.keys and cluster.name match the cluster's"
+                            ));
+                        }
+                    } else {
+                        unanswered = 0;
                     }
                     self.refresh_members();
                 }

@@ -43,7 +43,8 @@ fn main() {
         get(&args.next().expect("--get ADDR"));
     }
     let port: u16 = args.next().map(|p| p.parse().expect("PORT")).unwrap_or(0);
-    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let ip = args.next().unwrap_or_else(|| "127.0.0.1".into());
+    let listener = TcpListener::bind((ip.as_str(), port)).expect("bind");
     println!("{}", listener.local_addr().expect("addr").port());
     std::io::stdout().flush().expect("stdout");
     for stream in listener.incoming() {

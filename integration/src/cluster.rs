@@ -1,0 +1,117 @@
+//! N hosts on one bridge, each in its own network namespace with its own address,
+//! plus a client namespace. The bridge lives in a "switch" namespace, so nothing
+//! touches the host's own network, and parallel tests never share a link name.
+
+use std::process::Command;
+
+use crate::netns::Netns;
+
+pub struct Host {
+    pub ns: Netns,
+    pub ip: String,
+    /// The switch-side veth of this host, for cutting its link.
+    pub port: String,
+}
+
+pub struct Cluster {
+    pub switch: Netns,
+    pub hosts: Vec<Host>,
+    pub client: Host,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn attach(switch: &Netns, ns: Netns, index: usize, addr: &str) -> Host {
+    let port = format!("p{index}");
+    ip(&[
+        "-n",
+        &switch.name,
+        "link",
+        "add",
+        &port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &ns.name,
+    ]);
+    ip(&[
+        "-n",
+        &switch.name,
+        "link",
+        "set",
+        &port,
+        "master",
+        "br0",
+        "up",
+    ]);
+    ip(&[
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ]);
+    ip(&["-n", &ns.name, "link", "set", "eth0", "up"]);
+    Host {
+        ns,
+        ip: addr.to_string(),
+        port,
+    }
+}
+
+impl Cluster {
+    /// Hosts get 10.77.0.1.. and the client 10.77.0.200.
+    pub fn new(hosts: usize) -> Cluster {
+        let switch = Netns::new();
+        ip(&["-n", &switch.name, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &switch.name, "link", "set", "br0", "up"]);
+        let hosts = (0..hosts)
+            .map(|i| attach(&switch, Netns::new(), i, &format!("10.77.0.{}", i + 1)))
+            .collect();
+        let client = attach(&switch, Netns::new(), 200, "10.77.0.200");
+        Cluster {
+            switch,
+            hosts,
+            client,
+        }
+    }
+
+    /// Takes host `i`'s link down (a partition) or back up.
+    pub fn link(&self, i: usize, up: bool) {
+        ip(&[
+            "-n",
+            &self.switch.name,
+            "link",
+            "set",
+            &self.hosts[i].port,
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// GET / from the client namespace; the body, or None on failure.
+    pub fn get(&self, addr: &str) -> Option<String> {
+        let out = self
+            .client
+            .ns
+            .command(crate::backend_bin())
+            .args(["--get", addr])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}

@@ -1,0 +1,384 @@
+//! Real agents on three hosts (network namespaces on one bridge): the routing mesh,
+//! VIP and DNS agreement, crash, restart, partition, graceful leave, wrong key.
+//! Times are printed for the record, never asserted.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Instant;
+
+use integration::cluster::Cluster;
+use integration::*;
+
+fn keygen() -> String {
+    let out = Command::new(mesh_bin()).arg("keygen").output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn config(c: &Cluster, i: usize, key: &str) -> String {
+    let me = &c.hosts[i].ip;
+    let join = if i == 0 {
+        String::new()
+    } else {
+        format!("join = [\"{}:7946\"]\n", c.hosts[0].ip)
+    };
+    format!(
+        "[cluster]\nbind = \"{me}:7946\"\n{join}keys = [\"{key}\"]\nanti_entropy = \"2s\"\n\
+         [dns]\nlisten = [\"{me}:53\"]\nupstreams = []\nallow = [\"10.77.0.0/24\", \"127.0.0.0/8\"]\n"
+    )
+}
+
+fn start(c: &Cluster, i: usize, key: &str) -> Agent {
+    Agent::start_named_in(
+        &c.hosts[i].ns,
+        &format!("host{}", i + 1),
+        Some(&config(c, i, key)),
+        &[],
+    )
+}
+
+/// Tasks of `web` this host routes to: healthy, active, and on a live host.
+fn routed(agent: &Agent) -> BTreeSet<String> {
+    let (status, tasks) = agent.http("GET", "/v1/services/web/tasks", None);
+    if status != 200 {
+        return BTreeSet::new();
+    }
+    tasks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["health"] == "healthy" && t["state"] == "active")
+        .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn ok(out: std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn alive(agent: &Agent) -> usize {
+    let (_, nodes) = agent.http("GET", "/v1/nodes", None);
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["status"] == "alive")
+        .count()
+}
+
+#[test]
+fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave() {
+    if skip_unless_root(
+        "three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave",
+    ) {
+        return;
+    }
+    let key = keygen();
+    let c = Cluster::new(3);
+    let mut hosts: Vec<Agent> = (0..3).map(|i| start(&c, i, &key)).collect();
+    eventually("three hosts alive everywhere", || {
+        hosts.iter().all(|h| alive(h) == 3).then_some(())
+    });
+
+    ok(hosts[0].cli(&[
+        "service",
+        "create",
+        "web",
+        "-p",
+        "8080:80",
+        "--health-interval",
+        "200ms",
+        "--drain-timeout",
+        "2s",
+    ]));
+    eventually("web known on every host", || {
+        hosts
+            .iter()
+            .all(|h| h.http("GET", "/v1/services/web", None).0 == 200)
+            .then_some(())
+    });
+    let b1 = Backend::start_in_at(&c.hosts[0].ns, "web.1", &c.hosts[0].ip, 0);
+    let b2 = Backend::start_in_at(&c.hosts[1].ns, "web.2", &c.hosts[1].ip, 0);
+    ok(hosts[0].cli(&[
+        "task",
+        "add",
+        "web",
+        &format!("{}:{}", c.hosts[0].ip, b1.port),
+        "--id",
+        "web.1",
+    ]));
+    let added = Instant::now();
+    ok(hosts[1].cli(&[
+        "task",
+        "add",
+        "web",
+        &format!("{}:{}", c.hosts[1].ip, b2.port),
+        "--id",
+        "web.2",
+    ]));
+    eventually("web.2 routed on host1 and host3", || {
+        (routed(&hosts[0]).contains("web.2") && routed(&hosts[2]).contains("web.2")).then_some(())
+    });
+    eprintln!(
+        "FIGURE new task on host2 routed by host1 and host3 after {:?} (includes its first health probe)",
+        added.elapsed()
+    );
+    eventually("both tasks on host3", || {
+        (routed(&hosts[2]) == set(&["web.1", "web.2"])).then_some(())
+    });
+    hosts[2].wait_applied();
+
+    // The routing mesh: host3 runs no task, and balances over host1's and host2's.
+    let answers: Vec<String> = (0..4)
+        .map(|_| {
+            c.get(&format!("{}:8080", c.hosts[2].ip))
+                .expect("connection through host3")
+        })
+        .collect();
+    assert_eq!(
+        answers.iter().cloned().collect::<BTreeSet<_>>(),
+        set(&["web.1", "web.2"]),
+        "{answers:?}"
+    );
+    assert_ne!(answers[0], answers[1], "round robin: {answers:?}");
+
+    // One VIP, agreed everywhere; reached through host2 from the client.
+    let vips: BTreeSet<String> = hosts
+        .iter()
+        .map(|h| h.http("GET", "/v1/services/web", None).1["vips"]["v4"].to_string())
+        .collect();
+    assert_eq!(vips.len(), 1, "{vips:?}");
+    let vip = vips
+        .into_iter()
+        .next()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let route = Command::new("ip")
+        .args([
+            "-n",
+            &c.client.ns.name,
+            "route",
+            "add",
+            "10.254.0.0/16",
+            "via",
+            &c.hosts[1].ip,
+        ])
+        .output()
+        .unwrap();
+    assert!(route.status.success());
+    let dig = |server: &str, args: &[&str]| {
+        let mut all = vec![
+            format!("@{server}"),
+            "+short".into(),
+            "+time=3".into(),
+            "+tries=2".into(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        c.client
+            .ns
+            .run("dig", &all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let have_dig = Command::new("dig").arg("-v").output().is_ok();
+    if have_dig {
+        assert_eq!(
+            dig(&c.hosts[1].ip, &["web.mesh"]).trim(),
+            vip,
+            "host2's DNS answers the VIP"
+        );
+    }
+    let via_vip: BTreeSet<String> = (0..4).filter_map(|_| c.get(&format!("{vip}:80"))).collect();
+    assert_eq!(
+        via_vip,
+        set(&["web.1", "web.2"]),
+        "VIP:80 through host2 balances over host1 and host2"
+    );
+
+    // kill -9 host2's agent and task: withdrawn on every host.
+    let port2 = b2.port;
+    let killed = Instant::now();
+    hosts[1].kill9();
+    drop(b2);
+    eventually("web.2 withdrawn on host1 and host3", || {
+        (!routed(&hosts[0]).contains("web.2") && !routed(&hosts[2]).contains("web.2")).then_some(())
+    });
+    eprintln!(
+        "FIGURE kill -9 of host2: its task withdrawn everywhere after {:?}",
+        killed.elapsed()
+    );
+    if have_dig {
+        let tasks = dig(&c.hosts[0].ip, &["tasks.web.mesh"]);
+        assert!(
+            !tasks.contains(&c.hosts[1].ip),
+            "tasks.web drops the dead host: {tasks}"
+        );
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            c.get(&format!("{}:8080", c.hosts[2].ip)).as_deref(),
+            Some("web.1")
+        );
+    }
+
+    // Restart host2 (same data dir, new generation): its task comes back by itself.
+    let _b2 = Backend::start_in_at(&c.hosts[1].ns, "web.2", &c.hosts[1].ip, port2);
+    let restarted = Instant::now();
+    let cfg = config(&c, 1, &key);
+    hosts[1].spawn(Some(&cfg), &[]);
+    eventually("web.2 routed again on host3", || {
+        routed(&hosts[2]).contains("web.2").then_some(())
+    });
+    eprintln!(
+        "FIGURE host2 restarted: its task routed again on host3 after {:?}",
+        restarted.elapsed()
+    );
+
+    // Partition host2 away, change the table on the other side, heal.
+    c.link(1, false);
+    let b3 = Backend::start_in_at(&c.hosts[0].ns, "web.3", &c.hosts[0].ip, 0);
+    ok(hosts[0].cli(&[
+        "task",
+        "add",
+        "web",
+        &format!("{}:{}", c.hosts[0].ip, b3.port),
+        "--id",
+        "web.3",
+    ]));
+    eventually("web.3 routed on host3", || {
+        routed(&hosts[2]).contains("web.3").then_some(())
+    });
+    assert!(!routed(&hosts[1]).contains("web.3"), "host2 is cut off");
+    let healed = Instant::now();
+    c.link(1, true);
+    eventually("host2 reconverged", || {
+        (routed(&hosts[1]) == routed(&hosts[0]) && routed(&hosts[1]).contains("web.3"))
+            .then_some(())
+    });
+    eprintln!(
+        "FIGURE partition healed: host2 reconverged after {:?}",
+        healed.elapsed()
+    );
+
+    // Graceful leave: withdrawn at once, no failure detection needed.
+    let left = Instant::now();
+    assert!(hosts[1].stop().success());
+    eventually("web.2 withdrawn after leave", || {
+        (!routed(&hosts[0]).contains("web.2") && !routed(&hosts[2]).contains("web.2")).then_some(())
+    });
+    eprintln!(
+        "FIGURE host2 left gracefully: withdrawn everywhere after {:?}",
+        left.elapsed()
+    );
+    eventually("host2 shown as left", || {
+        let (_, nodes) = hosts[0].http("GET", "/v1/nodes", None);
+        nodes
+            .as_array()?
+            .iter()
+            .any(|n| n["name"] == "host2" && n["status"] == "left")
+            .then_some(())
+    });
+
+    // A deleted service is gone everywhere, DNS included.
+    ok(hosts[2].cli(&["service", "rm", "web"]));
+    eventually("web gone on host1", || {
+        (hosts[0].http("GET", "/v1/services/web", None).0 == 404).then_some(())
+    });
+    if have_dig {
+        let out = c
+            .client
+            .ns
+            .run("dig", &[&format!("@{}", c.hosts[0].ip), "web.mesh"]);
+        assert!(out.contains("NXDOMAIN"), "{out}");
+    }
+}
+
+#[test]
+fn concurrent_creation_on_two_hosts_agrees_on_one_vip_each() {
+    if skip_unless_root("concurrent_creation_on_two_hosts_agrees_on_one_vip_each") {
+        return;
+    }
+    let key = keygen();
+    let c = Cluster::new(3);
+    let hosts: Vec<Agent> = (0..3).map(|i| start(&c, i, &key)).collect();
+    eventually("three hosts alive everywhere", || {
+        hosts.iter().all(|h| alive(h) == 3).then_some(())
+    });
+    // Two services at once on two hosts, and one name created on both at once.
+    let (h1, h3) = (&hosts[0], &hosts[2]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ok(h1.cli(&[
+                "service", "create", "api", "-p", "9000:80", "--health", "none",
+            ]))
+        });
+        s.spawn(|| {
+            ok(h3.cli(&[
+                "service", "create", "db", "-p", "9001:80", "--health", "none",
+            ]))
+        });
+        s.spawn(|| {
+            let _ = h1.cli(&[
+                "service", "create", "same", "-p", "9100:80", "--health", "none",
+            ]);
+        });
+        s.spawn(|| {
+            let _ = h3.cli(&[
+                "service",
+                "create",
+                "same",
+                "-p",
+                "9100:80",
+                "--health",
+                "none",
+                "--drain-timeout",
+                "9s",
+            ]);
+        });
+    });
+    let view = |h: &Agent| {
+        let (_, list) = h.http("GET", "/v1/services", None);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} {} {}",
+                    s["name"], s["vips"]["v4"], s["vips"]["v6"], s["drain_timeout"]
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    eventually("every host agrees", || {
+        let v = view(&hosts[0]);
+        (v.len() == 3 && hosts.iter().all(|h| view(h) == v)).then_some(())
+    });
+    let v = view(&hosts[1]);
+    let vips: BTreeSet<&str> = v.iter().map(|l| l.split(' ').nth(1).unwrap()).collect();
+    assert_eq!(vips.len(), 3, "one VIP each: {v:?}");
+}
+
+#[test]
+fn a_host_with_the_wrong_key_cannot_join_and_says_why() {
+    if skip_unless_root("a_host_with_the_wrong_key_cannot_join_and_says_why") {
+        return;
+    }
+    let c = Cluster::new(2);
+    let h1 = start(&c, 0, &keygen());
+    let h2 = start(&c, 1, &keygen());
+    eventually("host1 logs the rejected packets", || {
+        h1.log().contains("authentication failed").then_some(())
+    });
+    eventually("host2 says why it cannot join", || {
+        h2.log().contains("no seed has answered").then_some(())
+    });
+    assert_eq!(alive(&h1), 1);
+    assert_eq!(alive(&h2), 1);
+}
