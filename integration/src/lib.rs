@@ -92,6 +92,8 @@ pub struct Agent {
     child: Option<Child>,
     netns: Option<String>,
     pub name: String,
+    /// Arguments given at start, reused by every restart.
+    base_args: Vec<String>,
 }
 
 impl Agent {
@@ -112,7 +114,8 @@ impl Agent {
     /// Starts host `name` of a cluster inside `netns`.
     pub fn start_named_in(netns: &Netns, name: &str, config: Option<&str>, args: &[&str]) -> Agent {
         let mut agent = Self::start_with_name(Some(netns), name);
-        agent.spawn(config, args);
+        agent.base_args = args.iter().map(|a| a.to_string()).collect();
+        agent.spawn(config, &[]);
         agent
     }
 
@@ -130,6 +133,7 @@ impl Agent {
             child: None,
             netns: netns.map(|n| n.name.clone()),
             name: name.into(),
+            base_args: Vec::new(),
         }
     }
 
@@ -147,8 +151,9 @@ impl Agent {
             child: None,
             netns: netns.map(|n| n.name.clone()),
             name: "it".into(),
+            base_args: args.iter().map(|a| a.to_string()).collect(),
         };
-        agent.spawn(config, args);
+        agent.spawn(config, &[]);
         agent
     }
 
@@ -168,6 +173,7 @@ impl Agent {
             .arg(&self.data_dir)
             .arg("--node-name")
             .arg(&self.name)
+            .args(&self.base_args)
             .args(args)
             .env("RUST_LOG", "info,mesh_proxy=debug")
             .env_remove("MESH_API")
