@@ -12,7 +12,6 @@ pub mod name;
 pub mod replica;
 pub mod service;
 pub mod snapshot;
-pub mod state;
 pub mod task;
 pub mod vip;
 
@@ -23,6 +22,5 @@ pub use health::{Health, HealthTracker};
 pub use replica::{Delta, Digest, Replica, ReplicaConfig, SyncItem};
 pub use service::{HealthCheck, HealthKind, Mode, PortSpec, Protocol, ProxyProtocol, ServiceSpec};
 pub use snapshot::{ServiceEntry, Snapshot, TaskEntry};
-pub use state::State;
 pub use task::{TaskSpec, TaskState};
 pub use vip::{VipPool, Vips};

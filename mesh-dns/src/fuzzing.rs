@@ -1,7 +1,10 @@
 //! The request path as one pure function, for the fuzz target and the mutation test.
 
 use hickory_proto::op::Message;
-use mesh_core::{Health, Mode, PortSpec, ServiceSpec, Snapshot, State, TaskSpec, TaskState};
+use mesh_core::{
+    Health, Mode, PortSpec, Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec, TaskState,
+    VipPool,
+};
 
 use crate::answer::{Resolution, resolve};
 use crate::wire::{check_query, echo_edns, encode, formerr, udp_limit};
@@ -32,7 +35,7 @@ pub fn respond(zone: &Zone, raw: &[u8]) -> Option<Vec<u8>> {
 
 /// Services in every mode, with healthy and unhealthy tasks, IPv4 and IPv6.
 pub fn sample_snapshot() -> Snapshot {
-    let mut s = State::new("fuzz");
+    let mut s = Replica::new("fuzz", 1, VipPool::default(), ReplicaConfig::default());
     let mut rr = ServiceSpec::new("rr", vec![PortSpec::tcp(None, 5432)]);
     rr.mode = Mode::Dnsrr;
     let services = [
@@ -41,7 +44,7 @@ pub fn sample_snapshot() -> Snapshot {
     ];
     for spec in services {
         let name = spec.name.clone();
-        s.create_service(spec).expect("valid");
+        s.create_service(spec, 0).expect("valid");
         for (i, ip) in ["10.0.0.1", "10.0.0.2", "fd00::3"].iter().enumerate() {
             let id = format!("{name}.{i}");
             let task = TaskSpec {
@@ -51,7 +54,7 @@ pub fn sample_snapshot() -> Snapshot {
                 port: None,
                 state: TaskState::Active,
             };
-            s.add_task(task).expect("valid");
+            s.add_task(task, 0).expect("valid");
             s.set_health(
                 &name,
                 &id,
@@ -60,6 +63,7 @@ pub fn sample_snapshot() -> Snapshot {
                 } else {
                     Health::Healthy
                 },
+                0,
             );
         }
     }

@@ -13,14 +13,17 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
-use mesh_core::{Health, Mode, PortSpec, ServiceSpec, Snapshot, State, TaskSpec, TaskState};
+use mesh_core::{
+    Health, Mode, PortSpec, Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec, TaskState,
+    VipPool,
+};
 use mesh_dns::{DnsConfig, DnsMetrics, DnsServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 fn snapshot() -> Snapshot {
-    let mut s = State::new("h1");
+    let mut s = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
     let mut web = ServiceSpec::new(
         "web",
         vec![PortSpec {
@@ -29,7 +32,7 @@ fn snapshot() -> Snapshot {
         }],
     );
     web.normalize().unwrap();
-    s.create_service(web).unwrap();
+    s.create_service(web, 0).unwrap();
     let mut rr = ServiceSpec::new(
         "rr",
         vec![PortSpec {
@@ -38,19 +41,22 @@ fn snapshot() -> Snapshot {
         }],
     );
     rr.mode = Mode::Dnsrr;
-    s.create_service(rr).unwrap();
-    s.create_service(ServiceSpec::new("big", vec![PortSpec::tcp(None, 80)]))
+    s.create_service(rr, 0).unwrap();
+    s.create_service(ServiceSpec::new("big", vec![PortSpec::tcp(None, 80)]), 0)
         .unwrap();
     let mut add = |svc: &str, id: &str, ip: &str| {
-        s.add_task(TaskSpec {
-            service: svc.into(),
-            id: Some(id.into()),
-            ip: ip.parse().unwrap(),
-            port: None,
-            state: TaskState::Active,
-        })
+        s.add_task(
+            TaskSpec {
+                service: svc.into(),
+                id: Some(id.into()),
+                ip: ip.parse().unwrap(),
+                port: None,
+                state: TaskState::Active,
+            },
+            0,
+        )
         .unwrap();
-        s.set_health(svc, id, Health::Healthy);
+        s.set_health(svc, id, Health::Healthy, 0);
     };
     for i in 1..=3 {
         add("web", &format!("web.{i}"), &format!("10.0.0.{i}"));
@@ -66,7 +72,7 @@ fn snapshot() -> Snapshot {
     }
     // An unhealthy task is never answered.
     add("web", "web.sick", "10.0.0.99");
-    s.set_health("web", "web.sick", Health::Unhealthy);
+    s.set_health("web", "web.sick", Health::Unhealthy, 0);
     s.snapshot()
 }
 

@@ -363,7 +363,7 @@ async fn udp_echo_and_flows_move_off_a_removed_task() {
 
     // Remove the flow's task: the next datagram of the same flow goes to the other.
     let other = if task == "a" { "b" } else { "a" };
-    d.state.remove_task("dns", task).unwrap();
+    d.state.remove_task("dns", task, 0).unwrap();
     plane.apply(&d.snapshot());
     assert_eq!(ask("moved").await, format!("{other}:moved"));
 }
@@ -386,7 +386,7 @@ async fn a_drained_task_keeps_its_connections_until_drain_timeout() {
 
     d.task("web", "b", b.addr);
     d.state
-        .set_task_state("web", "a", TaskState::Draining)
+        .set_task_state("web", "a", TaskState::Draining, 0)
         .unwrap();
     plane.apply(&d.snapshot());
     // New connections go elsewhere; the old one goes on.
@@ -479,7 +479,7 @@ async fn a_deleted_service_stops_listening() {
     let (mut plane, _, _) = plane();
     plane.apply(&d.snapshot());
     assert_eq!(fetch(port).await.unwrap(), "a");
-    d.state.remove_service("web").unwrap();
+    d.state.remove_service("web", 0).unwrap();
     plane.apply(&d.snapshot());
     let err = TcpStream::connect(local(port))
         .await
@@ -511,7 +511,7 @@ async fn streams_survive_reconfiguration_under_load() {
         let other = format!("other{}", round % 3);
         let other_port = free_port(Protocol::Tcp);
         if d.state.service(&other).is_some() {
-            d.state.remove_service(&other).unwrap();
+            d.state.remove_service(&other, 0).unwrap();
         } else {
             d.service(tcp_service(&other, other_port))
                 .task(&other, "s.1", spare.addr);
@@ -520,9 +520,9 @@ async fn streams_survive_reconfiguration_under_load() {
         d.task("echo", &id, echo.addr);
         let mut spec = d.state.service("echo").unwrap().clone();
         spec.drain_timeout = Duration::from_secs(3600 + round);
-        d.state.put_service(spec).unwrap();
+        d.state.put_service(spec, 0).unwrap();
         plane.apply(&d.snapshot());
-        d.state.remove_task("echo", &id).unwrap();
+        d.state.remove_task("echo", &id, 0).unwrap();
         plane.apply(&d.snapshot());
         tokio::select! {
             r = streams.join_next() => { if let Some(r) = r { r.expect("stream intact"); } }
@@ -547,7 +547,7 @@ async fn a_deleted_service_drains_its_open_connections() {
     let mut one = [0u8; 1];
     long.read_exact(&mut one).await.unwrap();
 
-    d.state.remove_service("web").unwrap();
+    d.state.remove_service("web", 0).unwrap();
     plane.apply(&d.snapshot());
     assert!(
         TcpStream::connect(local(port)).await.is_err(),

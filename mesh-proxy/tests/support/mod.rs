@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::{Health, PortSpec, Protocol, ServiceSpec, Snapshot, State, TaskSpec, TaskState};
+use mesh_core::{
+    Health, PortSpec, Protocol, Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec, TaskState,
+    VipPool,
+};
 use mesh_proxy::{ProxyConfig, ProxyMetrics, ProxyPlane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -139,32 +142,35 @@ impl UdpBackend {
 /// The desired state, built through the real `State` so tests use the same paths as
 /// the agent. Every task is marked healthy, as a passing probe would.
 pub struct Desired {
-    pub state: State,
+    pub state: Replica,
 }
 
 impl Desired {
     pub fn new() -> Self {
         Self {
-            state: State::new("test"),
+            state: Replica::new("test", 1, VipPool::default(), ReplicaConfig::default()),
         }
     }
 
     pub fn service(&mut self, spec: ServiceSpec) -> &mut Self {
-        self.state.put_service(spec).unwrap();
+        self.state.put_service(spec, 0).unwrap();
         self
     }
 
     pub fn task(&mut self, service: &str, id: &str, addr: SocketAddr) -> &mut Self {
         self.state
-            .add_task(TaskSpec {
-                service: service.into(),
-                id: Some(id.into()),
-                ip: addr.ip(),
-                port: Some(addr.port()),
-                state: TaskState::Active,
-            })
+            .add_task(
+                TaskSpec {
+                    service: service.into(),
+                    id: Some(id.into()),
+                    ip: addr.ip(),
+                    port: Some(addr.port()),
+                    state: TaskState::Active,
+                },
+                0,
+            )
             .unwrap();
-        self.state.set_health(service, id, Health::Healthy);
+        self.state.set_health(service, id, Health::Healthy, 0);
         self
     }
 
