@@ -149,6 +149,9 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                     if !v.errors.is_empty() {
                         ports.push_str(&format!("  (error: {})", v.errors.join("; ")));
                     }
+                    if !v.conflicts.is_empty() {
+                        ports.push_str(&format!("  (conflict: {})", v.conflicts.join("; ")));
+                    }
                     vec![
                         v.spec.name.clone(),
                         format!("{:?}", v.spec.mode).to_lowercase(),

@@ -948,6 +948,16 @@ impl Replica {
         }
     }
 
+    /// The version of one task entry here, if known: whether a given change of it
+    /// has arrived, whatever the watermark says.
+    pub fn task_version(&self, origin: &str, service: &str, id: &str) -> Option<u64> {
+        self.origins
+            .get(origin)?
+            .entries
+            .get(&(service.to_string(), id.to_string()))
+            .map(|e| e.version)
+    }
+
     /// (generation, watermark) of an origin's log here: how much of it this replica
     /// knows for certain.
     pub fn watermark(&self, origin: &str) -> Option<(u64, u64)> {
