@@ -380,18 +380,21 @@ impl Backend {
     }
 
     pub fn on_port(name: &str, port: u16) -> Backend {
-        Self::spawn(Command::new(backend_bin()), name, port)
+        let mut cmd = Command::new(backend_bin());
+        cmd.args([name, &port.to_string()]);
+        Self::spawn(cmd, name)
     }
 
     /// A backend inside `netns`, on its loopback.
     pub fn start_in(netns: &Netns, name: &str) -> Backend {
-        Self::spawn(netns.command(backend_bin()), name, 0)
+        let mut cmd = netns.command(backend_bin());
+        cmd.args([name, "0"]);
+        Self::spawn(cmd, name)
     }
 
-    fn spawn(mut cmd: Command, name: &str, port: u16) -> Backend {
+    /// Runs `cmd` (the backend with its arguments) and reads the port it bound.
+    fn spawn(mut cmd: Command, name: &str) -> Backend {
         let mut child = cmd
-            .arg(name)
-            .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -414,25 +417,8 @@ impl Backend {
     /// A backend inside `netns`, listening on `ip:port` (0: any port).
     pub fn start_in_at(netns: &Netns, name: &str, ip: &str, port: u16) -> Backend {
         let mut cmd = netns.command(backend_bin());
-        cmd.arg(name).arg(port.to_string()).arg(ip);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn backend");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("backend {name} did not start: {line:?}"));
-        Backend {
-            name: name.into(),
-            port,
-            child,
-        }
+        cmd.args([name, &port.to_string(), ip]);
+        Self::spawn(cmd, name)
     }
 
     /// SIGKILL, as a crash would.

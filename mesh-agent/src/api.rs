@@ -369,18 +369,7 @@ async fn add_task(
         state: t.state,
     };
     let id = s.registry.write(|r, now| r.add_task(spec, now))?;
-    let snap = s.registry.snapshot();
-    let entry = snap.services[&name]
-        .tasks
-        .iter()
-        .find(|t| t.id == id && t.node == snap_node(&s))
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "task {id:?} was added but is not in the table (an id conflict?)"
-            ))
-        })?;
-    Ok((StatusCode::CREATED, Json(task_view(&s, &name, entry))))
+    Ok((StatusCode::CREATED, Json(own_task_view(&s, &name, &id)?)))
 }
 
 async fn remove_task(
@@ -400,18 +389,20 @@ async fn drain_task(
         r.set_task_state(&name, &id, TaskState::Draining, now)
             .map(|d| ((), d))
     })?;
-    let snap = s.registry.snapshot();
-    let entry = snap.services[&name]
-        .tasks
-        .iter()
-        .find(|t| t.id == id && t.node == snap_node(&s))
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("task {id:?} not found")))?;
-    Ok(Json(task_view(&s, &name, entry)))
+    Ok(Json(own_task_view(&s, &name, &id)?))
 }
 
-fn snap_node(s: &ApiState) -> String {
-    s.registry.node()
+/// This host's task `id` of `service` as the table now has it, after a write.
+fn own_task_view(s: &ApiState, service: &str, id: &str) -> Result<TaskView, ApiError> {
+    let node = s.registry.node();
+    let snap = s.registry.snapshot();
+    let entry = snap
+        .services
+        .get(service)
+        .and_then(|e| e.tasks.iter().find(|t| t.id == id && t.node == node))
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("task {id:?} of service {service:?} is not in the table (removed meanwhile, or an id conflict)")))?;
+    Ok(task_view(s, service, entry))
 }
 
 async fn nodes(State(s): State<AppState>) -> Json<Vec<crate::views::NodeView>> {
