@@ -138,21 +138,8 @@ impl Agent {
     }
 
     fn start_with(netns: Option<&Netns>, config: Option<&str>, args: &[&str]) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix("mesh-it-")
-            .tempdir()
-            .unwrap();
-        let socket = dir.path().join("mesh.sock");
-        let data_dir = dir.path().join("data");
-        let mut agent = Agent {
-            dir,
-            socket,
-            data_dir,
-            child: None,
-            netns: netns.map(|n| n.name.clone()),
-            name: "it".into(),
-            base_args: args.iter().map(|a| a.to_string()).collect(),
-        };
+        let mut agent = Self::start_with_name(netns, "it");
+        agent.base_args = args.iter().map(|a| a.to_string()).collect();
         agent.spawn(config, &[]);
         agent
     }

@@ -19,6 +19,15 @@ fn task(service: &str, id: &str, ip: &str) -> TaskSpec {
     }
 }
 
+/// The ids of the `web` tasks a replica routes, in id order.
+fn web_task_ids(r: &Replica) -> Vec<String> {
+    r.snapshot().services["web"]
+        .tasks
+        .iter()
+        .map(|t| t.id.clone())
+        .collect()
+}
+
 /// The routing-relevant view, for comparing replicas.
 fn view(r: &Replica) -> String {
     serde_json::to_string(&r.snapshot().services).unwrap()
@@ -122,19 +131,11 @@ fn a_peer_below_the_gc_floor_gets_a_full_copy_and_deletes_stick() {
     for i in items {
         b.apply_sync(i, 600);
     }
-    let ids: Vec<String> = b.snapshot().services["web"]
-        .tasks
-        .iter()
-        .map(|t| t.id.clone())
-        .collect();
+    let ids = web_task_ids(&b);
     assert_eq!(ids, ["keep"]);
     // Replaying the old add to b does nothing: it is below the floor.
     deliver(&mut b, &log, 700);
-    let ids: Vec<String> = b.snapshot().services["web"]
-        .tasks
-        .iter()
-        .map(|t| t.id.clone())
-        .collect();
+    let ids = web_task_ids(&b);
     assert_eq!(ids, ["keep"]);
 }
 
@@ -291,11 +292,7 @@ fn a_restarted_host_replaces_its_old_generation() {
     sync(&mut a2, &mut b, 2); // a2 learns the service
     let (_, d) = a2.add_task(task("web", "new", "10.0.0.2"), 3).unwrap();
     deliver(&mut b, &d, 3);
-    let ids: Vec<String> = b.snapshot().services["web"]
-        .tasks
-        .iter()
-        .map(|t| t.id.clone())
-        .collect();
+    let ids = web_task_ids(&b);
     assert_eq!(ids, ["new"]);
 }
 
