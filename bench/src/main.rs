@@ -1,0 +1,166 @@
+//! `mesh-bench`: mesh side by side with a direct connection, HAProxy and nginx stream;
+//! mesh-dns beside unbound, knotd and dnsmasq; gossip figures from the simulator.
+//! `bench/run.sh` runs all of it and writes bench/RESULTS.md; see bench/README.md.
+
+mod backend;
+mod dataplane;
+mod load;
+mod process;
+mod stats;
+mod targets;
+mod topology;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use dataplane::Workload;
+use targets::Target;
+
+#[derive(Parser)]
+#[command(name = "mesh-bench", about = "Benchmarks mesh against direct, HAProxy, nginx and DNS servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The data-plane benchmark: writes OUT/dataplane.json.
+    Dataplane {
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Measured seconds per trial, after the warm-up.
+        #[arg(long, default_value_t = 4.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long, value_delimiter = ',', default_values_t = Target::ALL)]
+        targets: Vec<Target>,
+        #[arg(long, value_delimiter = ',', value_enum, default_values_t = Workload::ALL)]
+        workloads: Vec<Workload>,
+        /// Connections per second for the latency workload; default: half of direct's CRR.
+        #[arg(long)]
+        latency_rate: Option<f64>,
+        /// The mesh binary; default: `mesh` beside this program.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Serves TCP/UDP echo and HTTP (run by the harness in the backend namespace).
+    Backend {
+        #[arg(long)]
+        ip: IpAddr,
+    },
+    /// One load-generator run; prints JSON (run by the harness in the client namespace).
+    Load {
+        #[arg(value_enum)]
+        kind: load::Kind,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 32)]
+        conc: usize,
+        #[arg(long, default_value_t = 4.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+    },
+    /// Waits until echo and HTTP work through a target (run by the harness).
+    Probe {
+        #[arg(long)]
+        echo: SocketAddr,
+        #[arg(long)]
+        http: SocketAddr,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value = "30s", value_parser = humantime_secs)]
+        timeout: Duration,
+    },
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    s.strip_suffix('s')
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("expected whole seconds like 30s, got {s:?}"))
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark creates network namespaces and must run as root");
+    }
+    Ok(())
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locate mesh-bench")?;
+    let path = me.with_file_name(name);
+    if !path.exists() {
+        bail!("{} not found; build it first (cargo build --release -p mesh-agent)", path.display());
+    }
+    Ok(path)
+}
+
+fn write_json(out: &Path, name: &str, value: &impl serde::Serialize) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let path = out.join(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("write {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Dataplane { reps, secs, warmup, targets, workloads, latency_rate, mesh, out } => {
+            require_root()?;
+            if reps == 0 || !(secs > 0.0) || !(warmup >= 0.0) {
+                bail!("--reps must be at least 1 and --secs positive");
+            }
+            let mesh_bin = match mesh {
+                Some(p) => p,
+                None => sibling("mesh")?,
+            };
+            let opts = dataplane::Options {
+                reps,
+                secs,
+                warmup,
+                targets,
+                workloads,
+                latency_rate,
+                mesh_bin,
+                self_bin: std::env::current_exe()?,
+            };
+            let results = dataplane::run(&opts)?;
+            write_json(&out, "dataplane.json", &results)
+        }
+        Command::Backend { ip } => backend::run(ip),
+        Command::Load { kind, addr, conc, secs, warmup, rate } => {
+            if conc == 0 && kind != load::Kind::Latency {
+                bail!("--conc must be at least 1");
+            }
+            let r = load::run(&load::Params { kind, addr, conc, secs, warmup, rate })?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Command::Probe { echo, http, udp, timeout } => load::probe(echo, http, udp, timeout),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

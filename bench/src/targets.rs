@@ -1,0 +1,195 @@
+//! What the load goes through: nothing (direct), mesh's userspace plane, HAProxy and
+//! nginx stream, each configured as fairly as we know how: one CPU, one worker, the
+//! same backlog (4096, mesh's), generous timeouts, the same connection limit (7,000:
+//! HAProxy wants about two descriptors per connection and this machine's hard limit is
+//! 20,000), splice where offered.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{ECHO_PORT, HTTP_PORT};
+use crate::process::{Running, pinned};
+use crate::topology::{BACKEND_IP, LB_CPU, LB_IP, Topology, backend_addr, lb_addr};
+
+pub const IPERF_PORT: u16 = 5201;
+/// Where the proxies publish the echo, HTTP and iperf backends.
+pub const LB_ECHO_PORT: u16 = 8000;
+pub const LB_HTTP_PORT: u16 = 8080;
+pub const LB_IPERF_PORT: u16 = 8201;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Direct,
+    Mesh,
+    Haproxy,
+    Nginx,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Target::Direct => "direct",
+            Target::Mesh => "mesh",
+            Target::Haproxy => "haproxy",
+            Target::Nginx => "nginx",
+        })
+    }
+}
+
+pub struct Addrs {
+    pub echo: SocketAddr,
+    pub http: SocketAddr,
+    pub iperf: SocketAddr,
+}
+
+impl Target {
+    pub const ALL: [Target; 4] = [Target::Direct, Target::Mesh, Target::Haproxy, Target::Nginx];
+
+    pub fn addrs(self) -> Addrs {
+        if self == Target::Direct {
+            Addrs {
+                echo: backend_addr(ECHO_PORT),
+                http: backend_addr(HTTP_PORT),
+                iperf: backend_addr(IPERF_PORT),
+            }
+        } else {
+            Addrs {
+                echo: lb_addr(LB_ECHO_PORT),
+                http: lb_addr(LB_HTTP_PORT),
+                iperf: lb_addr(LB_IPERF_PORT),
+            }
+        }
+    }
+
+    /// HAProxy's community edition has no UDP load balancing.
+    pub fn supports_udp(self) -> bool {
+        self != Target::Haproxy
+    }
+
+    /// Starts the LB in the topology's LB namespace; `None` for direct.
+    pub fn start(self, topo: &Topology, dir: &Path, mesh_bin: &Path) -> Result<Option<Running>> {
+        let log = dir.join(format!("{self}.log"));
+        let cmd = match self {
+            Target::Direct => return Ok(None),
+            Target::Mesh => {
+                let cfg = write(dir, "mesh.toml", &mesh_config(dir))?;
+                let bin = mesh_bin.to_string_lossy().to_string();
+                pinned(&topo.lb, LB_CPU, &bin, &["agent", "--config", &cfg, "--no-vips"])
+            }
+            Target::Haproxy => {
+                let cfg = write(dir, "haproxy.cfg", &haproxy_config())?;
+                pinned(&topo.lb, LB_CPU, "haproxy", &["-db", "-f", &cfg])
+            }
+            Target::Nginx => {
+                let cfg = write(dir, "nginx.conf", &nginx_config(dir))?;
+                let prefix = format!("{}/", dir.display());
+                pinned(&topo.lb, LB_CPU, "nginx", &["-p", &prefix, "-c", &cfg, "-e", "stderr"])
+            }
+        };
+        Running::spawn(&self.to_string(), cmd, &log).map(Some)
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<String> {
+    let path: PathBuf = dir.join(name);
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    Ok(path.to_string_lossy().to_string())
+}
+
+fn mesh_config(dir: &Path) -> String {
+    format!(
+        r#"node_name = "lb"
+data_dir = "{dir}/mesh-data"
+log_format = "text"
+
+[api]
+socket = "{dir}/mesh.sock"
+
+[proxy]
+bind = "{LB_IP}"
+shutdown_grace = "1s"
+
+[cluster]
+bind = "127.0.0.1:0"
+
+[[service]]
+name = "echo"
+ports = [
+  {{ published = {LB_ECHO_PORT}, target = {ECHO_PORT}, protocol = "tcp" }},
+  {{ published = {LB_ECHO_PORT}, target = {ECHO_PORT}, protocol = "udp" }},
+]
+max_connections = 7000
+
+[[service]]
+name = "http"
+ports = [{{ published = {LB_HTTP_PORT}, target = {HTTP_PORT}, protocol = "tcp" }}]
+health = {{ check = "http", path = "/" }}
+
+[[service]]
+name = "iperf"
+ports = [{{ published = {LB_IPERF_PORT}, target = {IPERF_PORT}, protocol = "tcp" }}]
+# A TCP probe would look like a stray data connection to iperf3.
+health = {{ check = "none" }}
+
+[[task]]
+service = "echo"
+id = "echo.1"
+ip = "{BACKEND_IP}"
+
+[[task]]
+service = "http"
+id = "http.1"
+ip = "{BACKEND_IP}"
+
+[[task]]
+service = "iperf"
+id = "iperf.1"
+ip = "{BACKEND_IP}"
+"#,
+        dir = dir.display()
+    )
+}
+
+fn haproxy_config() -> String {
+    let listen = |name: &str, port: u16, target: u16| {
+        format!(
+            "listen {name}\n  bind {LB_IP}:{port}\n  server {name}1 {BACKEND_IP}:{target}\n\n"
+        )
+    };
+    format!(
+        "global\n  nbthread 1\n  maxconn 7000\n  log stderr format raw local0 err\n\n\
+         defaults\n  mode tcp\n  maxconn 7000\n  backlog 4096\n  option splice-request\n  option splice-response\n  \
+         timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n{}{}{}",
+        listen("echo", LB_ECHO_PORT, ECHO_PORT),
+        listen("http", LB_HTTP_PORT, HTTP_PORT),
+        listen("iperf", LB_IPERF_PORT, IPERF_PORT),
+    )
+}
+
+fn nginx_config(dir: &Path) -> String {
+    let server = |port: u16, target: u16, udp: bool| {
+        let (flag, extra) = if udp {
+            (" udp", "proxy_responses 1; proxy_timeout 10s; ")
+        } else {
+            (" backlog=4096", "")
+        };
+        format!("  server {{ listen {LB_IP}:{port}{flag}; {extra}proxy_pass {BACKEND_IP}:{target}; }}\n")
+    };
+    format!(
+        "daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile 20000;\n\
+         pid {dir}/nginx.pid;\nerror_log stderr error;\n\
+         load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+         events {{ worker_connections 7000; }}\n\
+         stream {{\n{}{}{}{}}}\n",
+        server(LB_ECHO_PORT, ECHO_PORT, false),
+        server(LB_ECHO_PORT, ECHO_PORT, true),
+        server(LB_HTTP_PORT, HTTP_PORT, false),
+        server(LB_IPERF_PORT, IPERF_PORT, false),
+        dir = dir.display()
+    )
+}
