@@ -4,6 +4,8 @@
 
 mod backend;
 mod dataplane;
+mod dns;
+mod gossip;
 mod load;
 mod process;
 mod stats;
@@ -52,6 +54,28 @@ enum Command {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
+    /// The DNS benchmark: writes OUT/dns.json.
+    Dns {
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// dnsperf's simulated clients (-c).
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Gossip figures from the simulator: writes OUT/gossip.json.
+    Gossip {
+        /// NODES:CHANGES pairs: cluster sizes and task changes measured per loss level.
+        #[arg(long, value_delimiter = ',', default_value = "100:30,1000:10,5000:5", value_parser = size_pair)]
+        sizes: Vec<(usize, usize)>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// Serves TCP/UDP echo and HTTP (run by the harness in the backend namespace).
     Backend {
         #[arg(long)]
@@ -90,6 +114,16 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
         .and_then(|n| n.parse::<u64>().ok())
         .map(Duration::from_secs)
         .ok_or_else(|| format!("expected whole seconds like 30s, got {s:?}"))
+}
+
+fn size_pair(s: &str) -> Result<(usize, usize), String> {
+    let parsed = s
+        .split_once(':')
+        .and_then(|(n, c)| Some((n.parse::<usize>().ok()?, c.parse::<usize>().ok()?)));
+    match parsed {
+        Some((n, c)) if n >= 2 && c >= 1 => Ok((n, c)),
+        _ => Err(format!("expected NODES:CHANGES with NODES ≥ 2 and CHANGES ≥ 1, like 1000:10; got {s:?}")),
+    }
 }
 
 fn require_root() -> Result<()> {
@@ -141,6 +175,22 @@ fn run(cli: Cli) -> Result<()> {
             };
             let results = dataplane::run(&opts)?;
             write_json(&out, "dataplane.json", &results)
+        }
+        Command::Dns { reps, secs, clients, mesh, out } => {
+            require_root()?;
+            if reps == 0 || !(secs >= 1.0) || clients == 0 {
+                bail!("--reps and --clients must be at least 1, --secs at least 1");
+            }
+            let mesh_bin = match mesh {
+                Some(p) => p,
+                None => sibling("mesh")?,
+            };
+            let results = dns::run(reps, secs, clients, &mesh_bin)?;
+            write_json(&out, "dns.json", &results)
+        }
+        Command::Gossip { sizes, out } => {
+            let results = gossip::run(&sizes)?;
+            write_json(&out, "gossip.json", &results)
         }
         Command::Backend { ip } => backend::run(ip),
         Command::Load { kind, addr, conc, secs, warmup, rate } => {
