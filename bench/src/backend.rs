@@ -12,7 +12,8 @@ pub const ECHO_PORT: u16 = 9000;
 pub const HTTP_PORT: u16 = 9080;
 
 /// Exactly 64 bytes, so an HTTP transaction is the same size as an echo one.
-const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\nmesh-bench http backend\r\n";
+const HTTP_RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\nmesh-bench http backend\r\n";
 
 pub fn run(ip: IpAddr) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()

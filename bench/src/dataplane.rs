@@ -15,7 +15,9 @@ use crate::stats::{RunInfo, Spread};
 use crate::targets::{IPERF_PORT, Target};
 use crate::topology::{BACKEND_IP, LOAD_CPU, Topology};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     Crr32,
@@ -66,7 +68,8 @@ pub struct Trial {
     pub errors: u64,
     /// LB CPU seconds over the whole trial, warm-up included; none for direct.
     pub lb_cpu_s: Option<f64>,
-    /// LB CPU ms per 1,000 connections (CRR) or s per GB (STREAM).
+    /// LB CPU ms per 1,000 connections (CRR, and latency at its fixed rate) or s per
+    /// GB (STREAM).
     pub lb_cost: Option<f64>,
     pub latency: Option<Latency>,
 }
@@ -116,7 +119,9 @@ pub fn run(o: &Options) -> Result<DataplaneResults> {
                 .map(|t| t.value)
                 .collect();
             let Some(s) = Spread::of(&direct) else {
-                bail!("the latency workload runs at 50% of direct's CRR rate: include --workloads crr32 and --targets direct, or give --latency-rate");
+                bail!(
+                    "the latency workload runs at 50% of direct's CRR rate: include --workloads crr32 and --targets direct, or give --latency-rate"
+                );
             };
             latency_rate = Some((s.median * 0.5).round());
         }
@@ -158,7 +163,12 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     let backend_log = dir.path().join("backend.log");
     let mut backend = Running::spawn(
         "backend",
-        pinned(&topo.backend, LOAD_CPU, &self_bin, &["backend", "--ip", &BACKEND_IP.to_string()]),
+        pinned(
+            &topo.backend,
+            LOAD_CPU,
+            &self_bin,
+            &["backend", "--ip", &BACKEND_IP.to_string()],
+        ),
         &backend_log,
     )?;
     let streaming = matches!(w, Workload::Stream1 | Workload::Stream4);
@@ -166,7 +176,12 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
         let port = IPERF_PORT.to_string();
         Some(Running::spawn(
             "iperf3 server",
-            pinned(&topo.backend, LOAD_CPU, "iperf3", &["-s", "--forceflush", "-p", &port]),
+            pinned(
+                &topo.backend,
+                LOAD_CPU,
+                "iperf3",
+                &["-s", "--forceflush", "-p", &port],
+            ),
             &dir.path().join("iperf3.log"),
         )?)
     } else {
@@ -177,8 +192,18 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     let probe = topo
         .client
         .command(&self_bin)
-        .args(["probe", "--echo", &addrs.echo.to_string(), "--http", &addrs.http.to_string()])
-        .args(if w == Workload::Udp { &["--udp"][..] } else { &[][..] })
+        .args([
+            "probe",
+            "--echo",
+            &addrs.echo.to_string(),
+            "--http",
+            &addrs.http.to_string(),
+        ])
+        .args(if w == Workload::Udp {
+            &["--udp"][..]
+        } else {
+            &[][..]
+        })
         .output()?;
     if !probe.status.success() {
         backend.check_alive(&backend_log)?;
@@ -189,7 +214,7 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     }
     if streaming {
         // iperf3 needs a moment after bind before its first test; the probe did not touch it.
-        wait_for_iperf(&topo, dir.path())?;
+        wait_for_iperf(dir.path())?;
     }
     let cpu_before = lb.as_ref().map(Running::cpu_seconds);
     let secs = o.secs + o.warmup;
@@ -220,11 +245,12 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
         lb.check_alive(&dir.path().join(format!("{target}.log")))?;
     }
     let lb_cost = match (lb_cpu_s, w) {
-        (Some(cpu), Workload::Crr32 | Workload::Crr128) if units > 0.0 => Some(cpu * 1000.0 / units),
+        (Some(cpu), Workload::Crr32 | Workload::Crr128 | Workload::Latency) if units > 0.0 => {
+            Some(cpu * 1000.0 / units)
+        }
         (Some(cpu), Workload::Stream1 | Workload::Stream4) if units > 0.0 => Some(cpu / units),
         _ => None,
     };
-    let _ = secs;
     drop(lb);
     Ok(Trial {
         workload: w,
@@ -238,7 +264,14 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     })
 }
 
-fn load(o: &Options, topo: &Topology, kind: Kind, addr: std::net::SocketAddr, conc: usize, rate: f64) -> Result<LoadResult> {
+fn load(
+    o: &Options,
+    topo: &Topology,
+    kind: Kind,
+    addr: std::net::SocketAddr,
+    conc: usize,
+    rate: f64,
+) -> Result<LoadResult> {
     let self_bin = o.self_bin.to_string_lossy().to_string();
     let kind_name = format!("{kind:?}").to_lowercase();
     let out = pinned(
@@ -263,12 +296,15 @@ fn load(o: &Options, topo: &Topology, kind: Kind, addr: std::net::SocketAddr, co
     .output()
     .context("run the load generator")?;
     if !out.status.success() {
-        bail!("load generator: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "load generator: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     serde_json::from_slice(&out.stdout).context("parse the load generator's output")
 }
 
-fn wait_for_iperf(topo: &Topology, dir: &Path) -> Result<()> {
+fn wait_for_iperf(dir: &Path) -> Result<()> {
     for _ in 0..100 {
         let log = std::fs::read_to_string(dir.join("iperf3.log")).unwrap_or_default();
         if log.contains("Server listening") {
@@ -276,12 +312,16 @@ fn wait_for_iperf(topo: &Topology, dir: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = topo;
     bail!("iperf3 -s did not report listening within 5 s")
 }
 
 /// Gbit/s received and bytes moved, from iperf3's JSON report.
-fn iperf(topo: &Topology, addr: std::net::SocketAddr, flows: usize, secs: f64) -> Result<(f64, u64)> {
+fn iperf(
+    topo: &Topology,
+    addr: std::net::SocketAddr,
+    flows: usize,
+    secs: f64,
+) -> Result<(f64, u64)> {
     let out = pinned(
         &topo.client,
         LOAD_CPU,
@@ -300,7 +340,8 @@ fn iperf(topo: &Topology, addr: std::net::SocketAddr, flows: usize, secs: f64) -
     )
     .output()
     .context("run iperf3")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse iperf3 -J output")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parse iperf3 -J output")?;
     if let Some(e) = v.get("error") {
         bail!("iperf3: {e}");
     }
@@ -315,11 +356,17 @@ pub fn summarize(trials: &[Trial]) -> Vec<Summary> {
     let mut groups: BTreeMap<(Workload, usize), Vec<&Trial>> = BTreeMap::new();
     let order = |t: Target| Target::ALL.iter().position(|x| *x == t).unwrap_or(0);
     for t in trials {
-        groups.entry((t.workload, order(t.target))).or_default().push(t);
+        groups
+            .entry((t.workload, order(t.target)))
+            .or_default()
+            .push(t);
     }
     let spread = |ts: &[&Trial]| Spread::of(&ts.iter().map(|t| t.value).collect::<Vec<_>>());
     let median_of = |w: Workload, target: Target| {
-        groups.get(&(w, order(target))).and_then(|ts| spread(ts)).map(|s| s.median)
+        groups
+            .get(&(w, order(target)))
+            .and_then(|ts| spread(ts))
+            .map(|s| s.median)
     };
     let mut out = Vec::new();
     for ((w, _), ts) in &groups {

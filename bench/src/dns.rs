@@ -16,7 +16,9 @@ use crate::topology::{LB_CPU, LOAD_CPU};
 pub const NAMES: usize = 1000;
 const PORT: u16 = 5300;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Server {
     Mesh,
@@ -88,18 +90,32 @@ pub fn run(reps: usize, secs: f64, clients: usize, mesh_bin: &Path) -> Result<Dn
         }
     }
     let qps_of = |s: Server| {
-        Spread::of(&trials.iter().filter(|t| t.server == s).map(|t| t.qps).collect::<Vec<_>>())
+        Spread::of(
+            &trials
+                .iter()
+                .filter(|t| t.server == s)
+                .map(|t| t.qps)
+                .collect::<Vec<_>>(),
+        )
     };
     let mesh = qps_of(Server::Mesh).map_or(0.0, |s| s.median);
     let mut summary = Vec::new();
     for server in Server::ALL {
         let Some(qps) = qps_of(server) else { continue };
-        let cpu: Vec<f64> = trials.iter().filter(|t| t.server == server).map(|t| t.cpu_us_per_query).collect();
+        let cpu: Vec<f64> = trials
+            .iter()
+            .filter(|t| t.server == server)
+            .map(|t| t.cpu_us_per_query)
+            .collect();
         summary.push(DnsSummary {
             server,
             qps,
             cpu_us_per_query: Spread::of(&cpu).unwrap_or_default(),
-            mesh_qps_ratio: if qps.median > 0.0 { mesh / qps.median } else { 0.0 },
+            mesh_qps_ratio: if qps.median > 0.0 {
+                mesh / qps.median
+            } else {
+                0.0
+            },
         });
     }
     Ok(DnsResults {
@@ -112,9 +128,17 @@ pub fn run(reps: usize, secs: f64, clients: usize, mesh_bin: &Path) -> Result<Dn
     })
 }
 
-fn trial(server: Server, rep: usize, secs: f64, clients: usize, mesh_bin: &Path) -> Result<DnsTrial> {
+fn trial(
+    server: Server,
+    rep: usize,
+    secs: f64,
+    clients: usize,
+    mesh_bin: &Path,
+) -> Result<DnsTrial> {
     let ns = Netns::new();
-    let dir = tempfile::Builder::new().prefix("mesh-bench-dns-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("mesh-bench-dns-")
+        .tempdir()?;
     let d = dir.path();
     let queries = d.join("queries");
     let mut q = String::new();
@@ -131,12 +155,18 @@ fn trial(server: Server, rep: usize, secs: f64, clients: usize, mesh_bin: &Path)
         LOAD_CPU,
         "dnsperf",
         &[
-            "-s", "127.0.0.1",
-            "-p", &PORT.to_string(),
-            "-d", &queries.to_string_lossy(),
-            "-c", &clients.to_string(),
-            "-T", "1",
-            "-l", &format!("{secs}"),
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &PORT.to_string(),
+            "-d",
+            &queries.to_string_lossy(),
+            "-c",
+            &clients.to_string(),
+            "-T",
+            "1",
+            "-l",
+            &format!("{secs}"),
         ],
     )
     .output()
@@ -146,10 +176,19 @@ fn trial(server: Server, rep: usize, secs: f64, clients: usize, mesh_bin: &Path)
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |label: &str| -> Option<f64> {
         let line = text.lines().find(|l| l.trim_start().starts_with(label))?;
-        line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
+        line.split(':')
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     };
-    let (Some(qps), Some(completed)) = (field("Queries per second"), field("Queries completed")) else {
-        bail!("dnsperf printed no result:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    let (Some(qps), Some(completed)) = (field("Queries per second"), field("Queries completed"))
+    else {
+        bail!(
+            "dnsperf printed no result:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     if completed == 0.0 {
         bail!("no query was answered:\n{text}");
@@ -170,14 +209,26 @@ fn wait_ready(ns: &Netns, running: &mut Running, log: &Path) -> Result<()> {
         running.check_alive(log)?;
         let answer = ns.run(
             "dig",
-            &["@127.0.0.1", "-p", &PORT.to_string(), "+short", "+time=1", "+tries=1", &last],
+            &[
+                "@127.0.0.1",
+                "-p",
+                &PORT.to_string(),
+                "+short",
+                "+time=1",
+                "+tries=1",
+                &last,
+            ],
         );
         if answer.trim().parse::<std::net::Ipv4Addr>().is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("{} did not answer {last} within 30 s (see {})", running.name, log.display())
+    bail!(
+        "{} did not answer {last} within 30 s (see {})",
+        running.name,
+        log.display()
+    )
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
@@ -195,10 +246,18 @@ fn command(server: Server, ns: &Netns, d: &Path, mesh_bin: &Path) -> Result<std:
                  [cluster]\nbind = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:{PORT}\"]\nupstreams = []\n"
             );
             for i in 0..NAMES {
-                let _ = writeln!(cfg, "[[service]]\nname = \"svc{i}\"\nports = [{{ target = 80 }}]");
+                let _ = writeln!(
+                    cfg,
+                    "[[service]]\nname = \"svc{i}\"\nports = [{{ target = 80 }}]"
+                );
             }
             let cfg = write(d, "mesh.toml", &cfg)?;
-            pinned(ns, LB_CPU, &mesh_bin.to_string_lossy(), &["agent", "--config", &cfg.to_string_lossy(), "--no-vips"])
+            pinned(
+                ns,
+                LB_CPU,
+                &mesh_bin.to_string_lossy(),
+                &["agent", "--config", &cfg.to_string_lossy(), "--no-vips"],
+            )
         }
         Server::Unbound => {
             let mut cfg = format!(
@@ -243,9 +302,20 @@ fn command(server: Server, ns: &Netns, d: &Path, mesh_bin: &Path) -> Result<std:
                 LB_CPU,
                 "dnsmasq",
                 &[
-                    "-k", "-C", "/dev/null", "-p", &port, "--listen-address=127.0.0.1",
-                    "--bind-interfaces", "--no-resolv", "--no-hosts", &addn, "--user=root",
-                    "--pid-file", "--local=/mesh/", "--local-ttl=5",
+                    "-k",
+                    "-C",
+                    "/dev/null",
+                    "-p",
+                    &port,
+                    "--listen-address=127.0.0.1",
+                    "--bind-interfaces",
+                    "--no-resolv",
+                    "--no-hosts",
+                    &addn,
+                    "--user=root",
+                    "--pid-file",
+                    "--local=/mesh/",
+                    "--local-ttl=5",
                 ],
             )
         }

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use mesh_core::{Health, PortSpec, Replica, ReplicaConfig, ServiceSpec, TaskSpec, TaskState, VipPool};
+use mesh_core::{
+    Health, PortSpec, Replica, ReplicaConfig, ServiceSpec, TaskSpec, TaskState, VipPool,
+};
 use mesh_gossip::sim::{Sim, SimConfig};
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +78,11 @@ fn add_task(sim: &mut Sim, host: usize, id: &str) -> u64 {
     });
     sim.publish(host, &deltas);
     let origin = sim.name(host).to_string();
-    let w = sim.replica(host).lock().expect("replica lock").watermark(&origin);
+    let w = sim
+        .replica(host)
+        .lock()
+        .expect("replica lock")
+        .watermark(&origin);
     w.map(|(_, w)| w).unwrap_or(0)
 }
 
@@ -101,13 +107,20 @@ pub fn cluster(nodes: usize, changes: usize) -> (Option<u64>, Vec<Row>) {
         up.iter().filter(|i| s.known_members(**i) >= want).count() * 100 >= up.len() * 99
     });
     sim.write(0, |r, now| {
-        r.create_service(ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]), now)
-            .unwrap_or_default()
+        r.create_service(
+            ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]),
+            now,
+        )
+        .unwrap_or_default()
     });
     sim.until(50, 300_000, |s| {
-        s.up_nodes()
-            .iter()
-            .all(|i| s.replica(*i).lock().expect("replica lock").service("web").is_some())
+        s.up_nodes().iter().all(|i| {
+            s.replica(*i)
+                .lock()
+                .expect("replica lock")
+                .service("web")
+                .is_some()
+        })
     });
     let mut rows = Vec::new();
     let mut next_host = 1;
@@ -143,9 +156,15 @@ pub fn cluster(nodes: usize, changes: usize) -> (Option<u64>, Vec<Row>) {
         next_host += 1;
         let owner = sim.name(victim).to_string();
         add_task(&mut sim, victim, &format!("victim{level}"));
-        sim.until(10, 300_000, |s| s.up_nodes().iter().all(|i| *i == victim || routes(s, *i, &owner)));
+        sim.until(10, 300_000, |s| {
+            s.up_nodes()
+                .iter()
+                .all(|i| *i == victim || routes(s, *i, &owner))
+        });
         sim.crash(victim);
-        let withdrawal = sim.until(10, 300_000, |s| s.up_nodes().iter().all(|i| !routes(s, *i, &owner)));
+        let withdrawal = sim.until(10, 300_000, |s| {
+            s.up_nodes().iter().all(|i| !routes(s, *i, &owner))
+        });
         times.sort_unstable();
         rows.push(Row {
             nodes,
@@ -177,11 +196,15 @@ pub fn full_sync(services: usize, per_service: usize) -> Result<FullSync> {
     let now = 1_700_000_000_000;
     let replica = |name: &str| Replica::new(name, 1, VipPool::default(), ReplicaConfig::default());
     let mut source = replica("source");
-    let mut owners: Vec<Replica> = (0..per_service).map(|i| replica(&format!("h{i}"))).collect();
+    let mut owners: Vec<Replica> = (0..per_service)
+        .map(|i| replica(&format!("h{i}")))
+        .collect();
     for s in 0..services {
         let mut spec = ServiceSpec::new(format!("svc{s}"), vec![PortSpec::tcp(None, 80)]);
         spec.health.check = mesh_core::HealthKind::None;
-        let deltas = source.create_service(spec, now).context("create a service")?;
+        let deltas = source
+            .create_service(spec, now)
+            .context("create a service")?;
         for o in owners.iter_mut() {
             for d in &deltas {
                 o.apply_delta(d.clone(), now);
@@ -255,7 +278,9 @@ pub fn run(sizes: &[(usize, usize)]) -> Result<GossipResults> {
     let mut formation_ms = Vec::new();
     let mut rows = Vec::new();
     for h in handles {
-        let (n, (formed, r)) = h.join().map_err(|_| anyhow::anyhow!("a simulation panicked"))?;
+        let (n, (formed, r)) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a simulation panicked"))?;
         formation_ms.push((n, formed));
         rows.extend(r);
     }

@@ -192,8 +192,11 @@ fn set_timer_slack_ns(ns: u64) {
 }
 
 fn open_loop(rt: &tokio::runtime::Runtime, p: &Params) -> Result<LoadResult> {
-    if !(p.rate > 0.0 && p.rate.is_finite()) {
-        bail!("--rate must be a positive number of connections per second, not {}", p.rate);
+    if !p.rate.is_finite() || p.rate <= 0.0 {
+        bail!(
+            "--rate must be a positive number of connections per second, not {}",
+            p.rate
+        );
     }
     let hist = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?,
@@ -207,8 +210,13 @@ fn open_loop(rt: &tokio::runtime::Runtime, p: &Params) -> Result<LoadResult> {
     let end = warm + Duration::from_secs_f64(p.secs);
     let handle = rt.handle().clone();
     let scheduler = {
-        let (hist, total, errors, in_flight, addr) =
-            (hist.clone(), total.clone(), errors.clone(), in_flight.clone(), p.addr);
+        let (hist, total, errors, in_flight, addr) = (
+            hist.clone(),
+            total.clone(),
+            errors.clone(),
+            in_flight.clone(),
+            p.addr,
+        );
         std::thread::spawn(move || {
             // The default 50 µs slack would smear every release time.
             set_timer_slack_ns(1);
@@ -222,8 +230,12 @@ fn open_loop(rt: &tokio::runtime::Runtime, p: &Params) -> Result<LoadResult> {
                     errors.fetch_add(1, Ordering::Relaxed);
                 } else {
                     in_flight.fetch_add(1, Ordering::Relaxed);
-                    let (hist, total, errors, in_flight) =
-                        (hist.clone(), total.clone(), errors.clone(), in_flight.clone());
+                    let (hist, total, errors, in_flight) = (
+                        hist.clone(),
+                        total.clone(),
+                        errors.clone(),
+                        in_flight.clone(),
+                    );
                     let intended = due;
                     handle.spawn(async move {
                         let ok = transaction(addr).await.is_ok();
@@ -305,13 +317,17 @@ async fn probe_once(echo: SocketAddr, http: SocketAddr, udp: bool) -> Result<()>
     let mut s = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(http))
         .await
         .context("http connect timed out")??;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await?;
     let mut buf = [0u8; 64];
     tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf))
         .await
         .context("http response timed out")??;
     if !buf.starts_with(b"HTTP/1.1 200") {
-        bail!("http via {http}: unexpected response {:?}", String::from_utf8_lossy(&buf));
+        bail!(
+            "http via {http}: unexpected response {:?}",
+            String::from_utf8_lossy(&buf)
+        );
     }
     if udp {
         let sock = UdpSocket::bind("0.0.0.0:0").await?;

@@ -7,7 +7,9 @@ mod dataplane;
 mod dns;
 mod gossip;
 mod load;
+mod plot;
 mod process;
+mod report;
 mod stats;
 mod targets;
 mod topology;
@@ -24,7 +26,10 @@ use dataplane::Workload;
 use targets::Target;
 
 #[derive(Parser)]
-#[command(name = "mesh-bench", about = "Benchmarks mesh against direct, HAProxy, nginx and DNS servers")]
+#[command(
+    name = "mesh-bench",
+    about = "Benchmarks mesh against direct, HAProxy, nginx and DNS servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,10 +76,17 @@ enum Command {
     /// Gossip figures from the simulator: writes OUT/gossip.json.
     Gossip {
         /// NODES:CHANGES pairs: cluster sizes and task changes measured per loss level.
-        #[arg(long, value_delimiter = ',', default_value = "100:30,1000:10,5000:5", value_parser = size_pair)]
+        #[arg(long, value_delimiter = ',', default_value = "100:30,1000:10", value_parser = size_pair)]
         sizes: Vec<(usize, usize)>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+    },
+    /// Writes bench/RESULTS.md, bench/results.json and bench/plots/ from the JSON in DIR.
+    Report {
+        #[arg(long, default_value = "bench/results")]
+        results: PathBuf,
+        #[arg(long, default_value = "bench")]
+        bench_dir: PathBuf,
     },
     /// Serves TCP/UDP echo and HTTP (run by the harness in the backend namespace).
     Backend {
@@ -122,7 +134,9 @@ fn size_pair(s: &str) -> Result<(usize, usize), String> {
         .and_then(|(n, c)| Some((n.parse::<usize>().ok()?, c.parse::<usize>().ok()?)));
     match parsed {
         Some((n, c)) if n >= 2 && c >= 1 => Ok((n, c)),
-        _ => Err(format!("expected NODES:CHANGES with NODES ≥ 2 and CHANGES ≥ 1, like 1000:10; got {s:?}")),
+        _ => Err(format!(
+            "expected NODES:CHANGES with NODES ≥ 2 and CHANGES ≥ 1, like 1000:10; got {s:?}"
+        )),
     }
 }
 
@@ -138,7 +152,10 @@ fn sibling(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe().context("locate mesh-bench")?;
     let path = me.with_file_name(name);
     if !path.exists() {
-        bail!("{} not found; build it first (cargo build --release -p mesh-agent)", path.display());
+        bail!(
+            "{} not found; build it first (cargo build --release -p mesh-agent)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -154,9 +171,19 @@ fn write_json(out: &Path, name: &str, value: &impl serde::Serialize) -> Result<(
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Dataplane { reps, secs, warmup, targets, workloads, latency_rate, mesh, out } => {
+        Command::Dataplane {
+            reps,
+            secs,
+            warmup,
+            targets,
+            workloads,
+            latency_rate,
+            mesh,
+            out,
+        } => {
             require_root()?;
-            if reps == 0 || !(secs > 0.0) || !(warmup >= 0.0) {
+            if reps == 0 || !secs.is_finite() || secs <= 0.0 || !warmup.is_finite() || warmup < 0.0
+            {
                 bail!("--reps must be at least 1 and --secs positive");
             }
             let mesh_bin = match mesh {
@@ -176,9 +203,15 @@ fn run(cli: Cli) -> Result<()> {
             let results = dataplane::run(&opts)?;
             write_json(&out, "dataplane.json", &results)
         }
-        Command::Dns { reps, secs, clients, mesh, out } => {
+        Command::Dns {
+            reps,
+            secs,
+            clients,
+            mesh,
+            out,
+        } => {
             require_root()?;
-            if reps == 0 || !(secs >= 1.0) || clients == 0 {
+            if reps == 0 || !secs.is_finite() || secs < 1.0 || clients == 0 {
                 bail!("--reps and --clients must be at least 1, --secs at least 1");
             }
             let mesh_bin = match mesh {
@@ -192,16 +225,40 @@ fn run(cli: Cli) -> Result<()> {
             let results = gossip::run(&sizes)?;
             write_json(&out, "gossip.json", &results)
         }
+        Command::Report { results, bench_dir } => {
+            let inputs = report::Inputs::load(&results)?;
+            report::write(&results, &bench_dir, &inputs)?;
+            plot::all(&bench_dir.join("plots"), &inputs)
+        }
         Command::Backend { ip } => backend::run(ip),
-        Command::Load { kind, addr, conc, secs, warmup, rate } => {
+        Command::Load {
+            kind,
+            addr,
+            conc,
+            secs,
+            warmup,
+            rate,
+        } => {
             if conc == 0 && kind != load::Kind::Latency {
                 bail!("--conc must be at least 1");
             }
-            let r = load::run(&load::Params { kind, addr, conc, secs, warmup, rate })?;
+            let r = load::run(&load::Params {
+                kind,
+                addr,
+                conc,
+                secs,
+                warmup,
+                rate,
+            })?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
-        Command::Probe { echo, http, udp, timeout } => load::probe(echo, http, udp, timeout),
+        Command::Probe {
+            echo,
+            http,
+            udp,
+            timeout,
+        } => load::probe(echo, http, udp, timeout),
     }
 }
 

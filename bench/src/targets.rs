@@ -79,7 +79,12 @@ impl Target {
             Target::Mesh => {
                 let cfg = write(dir, "mesh.toml", &mesh_config(dir))?;
                 let bin = mesh_bin.to_string_lossy().to_string();
-                pinned(&topo.lb, LB_CPU, &bin, &["agent", "--config", &cfg, "--no-vips"])
+                pinned(
+                    &topo.lb,
+                    LB_CPU,
+                    &bin,
+                    &["agent", "--config", &cfg, "--no-vips"],
+                )
             }
             Target::Haproxy => {
                 let cfg = write(dir, "haproxy.cfg", &haproxy_config())?;
@@ -88,7 +93,12 @@ impl Target {
             Target::Nginx => {
                 let cfg = write(dir, "nginx.conf", &nginx_config(dir))?;
                 let prefix = format!("{}/", dir.display());
-                pinned(&topo.lb, LB_CPU, "nginx", &["-p", &prefix, "-c", &cfg, "-e", "stderr"])
+                pinned(
+                    &topo.lb,
+                    LB_CPU,
+                    "nginx",
+                    &["-p", &prefix, "-c", &cfg, "-e", "stderr"],
+                )
             }
         };
         Running::spawn(&self.to_string(), cmd, &log).map(Some)
@@ -157,9 +167,7 @@ ip = "{BACKEND_IP}"
 
 fn haproxy_config() -> String {
     let listen = |name: &str, port: u16, target: u16| {
-        format!(
-            "listen {name}\n  bind {LB_IP}:{port}\n  server {name}1 {BACKEND_IP}:{target}\n\n"
-        )
+        format!("listen {name}\n  bind {LB_IP}:{port}\n  server {name}1 {BACKEND_IP}:{target}\n\n")
     };
     format!(
         "global\n  nbthread 1\n  maxconn 7000\n  log stderr format raw local0 err\n\n\
@@ -178,7 +186,9 @@ fn nginx_config(dir: &Path) -> String {
         } else {
             (" backlog=4096", "")
         };
-        format!("  server {{ listen {LB_IP}:{port}{flag}; {extra}proxy_pass {BACKEND_IP}:{target}; }}\n")
+        format!(
+            "  server {{ listen {LB_IP}:{port}{flag}; {extra}proxy_pass {BACKEND_IP}:{target}; }}\n"
+        )
     };
     format!(
         "daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile 20000;\n\

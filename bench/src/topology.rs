@@ -47,8 +47,34 @@ impl Topology {
             backend: Netns::new(),
         };
         let (c, l, b) = (&t.client.name, &t.lb.name, &t.backend.name);
-        ip(&["-n", l, "link", "add", "to-client", "type", "veth", "peer", "name", "eth0", "netns", c])?;
-        ip(&["-n", l, "link", "add", "to-backend", "type", "veth", "peer", "name", "eth0", "netns", b])?;
+        ip(&[
+            "-n",
+            l,
+            "link",
+            "add",
+            "to-client",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            c,
+        ])?;
+        ip(&[
+            "-n",
+            l,
+            "link",
+            "add",
+            "to-backend",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b,
+        ])?;
         for (ns, dev, addr) in [
             (c, "eth0", format!("{CLIENT_IP}/24")),
             (l, "to-client", format!("{LB_IP}/24")),
@@ -58,8 +84,24 @@ impl Topology {
             ip(&["-n", ns, "addr", "add", &addr, "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
-        ip(&["-n", c, "route", "add", "default", "via", &LB_IP.to_string()])?;
-        ip(&["-n", b, "route", "add", "default", "via", &LB_BACKEND_SIDE_IP.to_string()])?;
+        ip(&[
+            "-n",
+            c,
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_IP.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            b,
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_BACKEND_SIDE_IP.to_string(),
+        ])?;
         // The same socket limits in every namespace, so no target is starved of ports
         // or backlog; forwarding in the LB namespace is the "direct" path.
         for ns in [&t.client, &t.lb, &t.backend] {
@@ -76,7 +118,11 @@ impl Topology {
                 .output()
                 .context("run sysctl")?;
             if !out.status.success() {
-                bail!("sysctl in {}: {}", ns.name, String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "sysctl in {}: {}",
+                    ns.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
         }
         Ok(t)

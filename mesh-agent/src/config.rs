@@ -77,6 +77,10 @@ pub struct ProxySettings {
     /// On shutdown, how long open connections may finish before they are closed.
     #[serde(default = "d_grace", with = "mesh_core::duration")]
     pub shutdown_grace: Duration,
+    /// Threads serving TCP connections. 0 (the default): one per CPU the agent may
+    /// run on, so `taskset` or a cgroup cpuset limits them too.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 fn d_connect() -> Duration {
@@ -100,6 +104,7 @@ impl Default for ProxySettings {
             eject_backoff: d_eject(),
             udp_idle_timeout: d_udp_idle(),
             shutdown_grace: d_grace(),
+            workers: 0,
         }
     }
 }

@@ -229,6 +229,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent> {
         eject_backoff: settings.proxy.eject_backoff,
         udp_idle_timeout: settings.proxy.udp_idle_timeout,
         serve_vips: vip_interface.is_some(),
+        workers: settings.proxy.workers,
     };
     let plane = ProxyPlane::new(proxy_config, proxy_metrics.clone());
     tasks.spawn(run_plane(

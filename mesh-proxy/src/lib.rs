@@ -15,6 +15,7 @@ pub mod proxy_header;
 mod route;
 mod tcp;
 mod udp;
+mod workers;
 
 pub use listen::check_port_free;
 pub use metrics::ProxyMetrics;

@@ -19,13 +19,18 @@ pub enum Bind {
     Vip(IpAddr),
 }
 
-pub fn tcp_at(bind: Bind, port: u16) -> io::Result<tokio::net::TcpListener> {
+/// A listening socket, not yet registered with a runtime: the worker that serves it
+/// registers it with its own.
+pub fn tcp_at(bind: Bind, port: u16) -> io::Result<std::net::TcpListener> {
     let socket = match bind {
         Bind::Published(ip) => bind_plain(ip, port, Type::STREAM, Protocol::TCP, true)?,
         Bind::Vip(ip) => bind_vip(ip, port, Type::STREAM, Protocol::TCP)?,
     };
+    // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the
+    // listener, which saves five setsockopt calls per client connection.
+    crate::tcp::tune(&socket);
     socket.listen(BACKLOG)?;
-    tokio::net::TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 pub fn udp_at(bind: Bind, port: u16) -> io::Result<tokio::net::UdpSocket> {

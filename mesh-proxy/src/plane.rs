@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::listen;
 use crate::metrics::ProxyMetrics;
 use crate::route::{Clock, ListenerShared, Route, RouteBackend, TaskSlot};
+use crate::workers::Workers;
 use crate::{tcp, udp};
 
 #[derive(Debug, Clone)]
@@ -32,6 +33,9 @@ pub struct ProxyConfig {
     /// Also listen on VIP:target for every port of every VIP service. The agent turns
     /// this on when it can put the VIPs on an interface.
     pub serve_vips: bool,
+    /// Threads serving TCP connections, each with its own listener per port.
+    /// 0: one per CPU the process may run on.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -42,6 +46,7 @@ impl Default for ProxyConfig {
             eject_backoff: Duration::from_secs(5),
             udp_idle_timeout: Duration::from_secs(60),
             serve_vips: false,
+            workers: 0,
         }
     }
 }
@@ -59,9 +64,9 @@ fn label(key: &ListenerKey) -> String {
 struct InstalledListener {
     shared: Arc<ListenerShared>,
     service: String,
-    task: JoinHandle<()>,
-    /// The listening socket, owned by `task`; kept to shut it down synchronously.
-    fd: RawFd,
+    /// Per socket (one per worker for TCP): the serving task, and the socket it owns,
+    /// kept to shut it down synchronously.
+    sockets: Vec<(RawFd, JoinHandle<()>)>,
 }
 
 struct InstalledSlot {
@@ -89,18 +94,20 @@ pub struct ProxyPlane {
     errors: BTreeMap<String, Vec<String>>,
     /// Listeners removed but whose connections may still be draining.
     retired: Vec<Arc<ListenerShared>>,
+    workers: Workers,
 }
 
 impl ProxyPlane {
     pub fn new(config: ProxyConfig, metrics: ProxyMetrics) -> Self {
         Self {
-            config,
             metrics,
             clock: Clock::new(),
             services: HashMap::new(),
             listeners: HashMap::new(),
             errors: BTreeMap::new(),
             retired: Vec::new(),
+            workers: Workers::start(config.workers),
+            config,
         }
     }
 
@@ -284,26 +291,24 @@ impl ProxyPlane {
             None => listen::Bind::Published(self.config.bind_ip),
             Some(vip) => listen::Bind::Vip(vip),
         };
-        let task = match port.protocol {
-            Protocol::Tcp => listen::tcp_at(bind, key.1)
-                .map(|l| (l.as_raw_fd(), tokio::spawn(tcp::serve(l, shared.clone())))),
+        let sockets = match port.protocol {
+            Protocol::Tcp => self.tcp_listeners(bind, key.1, &shared),
             Protocol::Udp => listen::udp_at(bind, key.1).map(|s| {
-                (
+                vec![(
                     s.as_raw_fd(),
                     tokio::spawn(udp::serve(s, shared.clone(), self.config.udp_idle_timeout)),
-                )
+                )]
             }),
         };
-        match task {
-            Ok((fd, task)) => {
+        match sockets {
+            Ok(sockets) => {
                 info!(service = name, listener = %label(&key), protocol = %proto, "listening");
                 self.listeners.insert(
                     key,
                     InstalledListener {
                         shared,
                         service: name.to_string(),
-                        task,
-                        fd,
+                        sockets,
                     },
                 );
             }
@@ -317,16 +322,45 @@ impl ProxyPlane {
         }
     }
 
+    /// One SO_REUSEPORT listener per worker, each served on its worker's runtime.
+    fn tcp_listeners(
+        &self,
+        bind: listen::Bind,
+        port: u16,
+        shared: &Arc<ListenerShared>,
+    ) -> std::io::Result<Vec<(RawFd, JoinHandle<()>)>> {
+        let sockets = (0..self.workers.count())
+            .map(|_| listen::tcp_at(bind, port))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, std)| {
+                let fd = std.as_raw_fd();
+                let shared = shared.clone();
+                let task = self.workers.spawn(i, async move {
+                    match tokio::net::TcpListener::from_std(std) {
+                        Ok(l) => tcp::serve(l, shared).await,
+                        Err(e) => warn!(error = %e, "cannot register a listener"),
+                    }
+                });
+                (fd, task)
+            })
+            .collect())
+    }
+
     fn close_listener(&mut self, key: ListenerKey, drain: Duration) {
         let Some(l) = self.listeners.remove(&key) else {
             return;
         };
         // The accept task drops the socket only when next polled; shutting it down
         // here makes new clients see "connection refused" the moment apply returns.
-        // SAFETY: the fd stays open until `task` is dropped, which happens below.
-        unsafe { libc::shutdown(l.fd, libc::SHUT_RDWR) };
+        for (fd, task) in &l.sockets {
+            // SAFETY: the fd stays open until `task` is dropped, which happens below.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+            task.abort();
+        }
         l.shared.closed.cancel();
-        l.task.abort();
         info!(service = %l.service, listener = %label(&key), protocol = %key.2, "listener closed");
         let kill = l.shared.kill.clone();
         tokio::spawn(async move {

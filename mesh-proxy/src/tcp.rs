@@ -16,9 +16,12 @@ use crate::proxy_header;
 use crate::route::{ListenerShared, TaskLease};
 
 pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>) {
+    // One waiter for the whole loop, not a new registration per accept.
+    let closed = shared.closed.clone().cancelled_owned();
+    tokio::pin!(closed);
     loop {
         let accepted = tokio::select! {
-            _ = shared.closed.cancelled() => return,
+            _ = &mut closed => return,
             r = listener.accept() => r,
         };
         match accepted {
@@ -40,11 +43,16 @@ fn refuse(stream: TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
 }
 
-fn tune(stream: &TcpStream) {
-    let sock = SockRef::from(stream);
+/// TCP_NODELAY and keepalive; on a listener, accepted sockets inherit both.
+pub(crate) fn tune<'s>(socket: impl Into<SockRef<'s>>) {
+    let sock = socket.into();
     let _ = sock.set_nodelay(true);
-    // Idle connections live forever unless the service sets idle_timeout; keepalive
-    // finds peers that vanished without a FIN.
+    set_keepalive(sock);
+}
+
+/// Idle connections live forever unless the service sets idle_timeout; keepalive
+/// finds peers that vanished without a FIN.
+pub(crate) fn set_keepalive(sock: SockRef<'_>) {
     let ka = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10))
@@ -88,8 +96,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<ListenerShared>
         tried.push(i);
     };
     let _lease = TaskLease::new(backend.slot.clone());
-    tune(&client);
-    tune(&upstream);
+    // Keepalive on the upstream leg is set by copy::proxy once the connection has
+    // lived a while: short connections never need it, and it costs four syscalls.
+    let _ = upstream.set_nodelay(true);
     if route.proxy_protocol != ProxyProtocol::Off {
         let local = client.local_addr().map(unmap).unwrap_or(peer);
         let mut buf = [0u8; proxy_header::MAX_LEN];
