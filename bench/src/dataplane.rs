@@ -103,6 +103,8 @@ pub struct Options {
     pub workloads: Vec<Workload>,
     pub latency_rate: Option<f64>,
     pub mesh_bin: PathBuf,
+    /// The binary of the `mesh-before` target.
+    pub mesh_before: Option<PathBuf>,
     pub self_bin: PathBuf,
 }
 
@@ -187,7 +189,14 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     } else {
         None
     };
-    let mut lb = target.start(&topo, dir.path(), &o.mesh_bin)?;
+    let mesh_bin = match target {
+        Target::MeshBefore => o
+            .mesh_before
+            .as_ref()
+            .context("the mesh-before target needs --mesh-before PATH")?,
+        _ => &o.mesh_bin,
+    };
+    let mut lb = target.start(&topo, dir.path(), mesh_bin)?;
     let addrs = target.addrs();
     let probe = topo
         .client
@@ -354,7 +363,7 @@ fn iperf(
 
 pub fn summarize(trials: &[Trial]) -> Vec<Summary> {
     let mut groups: BTreeMap<(Workload, usize), Vec<&Trial>> = BTreeMap::new();
-    let order = |t: Target| Target::ALL.iter().position(|x| *x == t).unwrap_or(0);
+    let order = |t: Target| Target::ORDER.iter().position(|x| *x == t).unwrap_or(0);
     for t in trials {
         groups
             .entry((t.workload, order(t.target)))

@@ -56,6 +56,9 @@ enum Command {
         /// The mesh binary; default: `mesh` beside this program.
         #[arg(long)]
         mesh: Option<PathBuf>,
+        /// An earlier mesh binary, run as the `mesh-before` target.
+        #[arg(long)]
+        mesh_before: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -179,6 +182,7 @@ fn run(cli: Cli) -> Result<()> {
             workloads,
             latency_rate,
             mesh,
+            mesh_before,
             out,
         } => {
             require_root()?;
@@ -198,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
                 workloads,
                 latency_rate,
                 mesh_bin,
+                mesh_before,
                 self_bin: std::env::current_exe()?,
             };
             let results = dataplane::run(&opts)?;

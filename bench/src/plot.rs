@@ -15,15 +15,16 @@ use crate::stats::Spread;
 use crate::targets::Target;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const COLORS: [RGBColor; 4] = [
+const COLORS: [RGBColor; 5] = [
     RGBColor(90, 90, 90),
+    RGBColor(158, 202, 225),
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
 ];
 
 fn color(t: Target) -> RGBColor {
-    COLORS[Target::ALL.iter().position(|x| *x == t).unwrap_or(0)]
+    COLORS[Target::ORDER.iter().position(|x| *x == t).unwrap_or(0)]
 }
 
 fn register_font() -> Result<()> {
@@ -71,7 +72,10 @@ fn ratios(path: &Path, d: &DataplaneResults) -> Result<()> {
         .into_iter()
         .filter(|w| d.summary.iter().any(|s| s.workload == *w))
         .collect();
-    let proxies = [Target::Mesh, Target::Haproxy, Target::Nginx];
+    let proxies: Vec<Target> = Target::ORDER
+        .into_iter()
+        .filter(|t| *t != Target::Direct && d.summary.iter().any(|s| s.target == *t))
+        .collect();
     let top = d
         .summary
         .iter()
@@ -115,9 +119,10 @@ fn ratios(path: &Path, d: &DataplaneResults) -> Result<()> {
                     .iter()
                     .find(|s| s.workload == *w && s.target == *t)?
                     .vs_direct?;
-                let x0 = i as f64 + 0.15 + k as f64 * 0.23;
+                let width = 0.7 / proxies.len() as f64;
+                let x0 = i as f64 + 0.15 + k as f64 * width;
                 Some(Rectangle::new(
-                    [(x0, 0.0), (x0 + 0.21, r)],
+                    [(x0, 0.0), (x0 + width * 0.92, r)],
                     color(*t).filled(),
                 ))
             })
@@ -151,7 +156,7 @@ fn nines(p: f64) -> f64 {
 
 fn latency_cdf(path: &Path, d: &DataplaneResults) -> Result<()> {
     let mut lines = Vec::new();
-    for t in Target::ALL {
+    for t in Target::ORDER {
         let ls: Vec<_> = d
             .trials
             .iter()
@@ -265,7 +270,7 @@ fn dns(path: &Path, d: &DnsResults) -> Result<()> {
         .draw()
         .map_err(err)?;
     for (i, s) in d.summary.iter().enumerate() {
-        let c = if i == 0 { COLORS[1] } else { COLORS[0] };
+        let c = if i == 0 { COLORS[2] } else { COLORS[0] };
         let x = i as f64;
         chart
             .draw_series([Rectangle::new(

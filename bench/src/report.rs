@@ -142,7 +142,7 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     );
     let _ = writeln!(out, "| target | p50 | p99 | p99.9 | max |");
     let _ = writeln!(out, "| --- | --- | --- | --- | --- |");
-    for t in Target::ALL {
+    for t in Target::ORDER {
         let ls: Vec<_> = d
             .trials
             .iter()

@@ -25,6 +25,11 @@ pub const LB_IPERF_PORT: u16 = 8201;
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     Direct,
+    /// A second mesh binary (`--mesh-before`), to measure an optimisation's before and
+    /// after in one interleaved run.
+    #[value(name = "mesh-before")]
+    #[serde(rename = "mesh-before")]
+    MeshBefore,
     Mesh,
     Haproxy,
     Nginx,
@@ -34,6 +39,7 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Target::Direct => "direct",
+            Target::MeshBefore => "mesh-before",
             Target::Mesh => "mesh",
             Target::Haproxy => "haproxy",
             Target::Nginx => "nginx",
@@ -48,7 +54,16 @@ pub struct Addrs {
 }
 
 impl Target {
+    /// The default targets.
     pub const ALL: [Target; 4] = [Target::Direct, Target::Mesh, Target::Haproxy, Target::Nginx];
+    /// Every target, in report order.
+    pub const ORDER: [Target; 5] = [
+        Target::Direct,
+        Target::MeshBefore,
+        Target::Mesh,
+        Target::Haproxy,
+        Target::Nginx,
+    ];
 
     pub fn addrs(self) -> Addrs {
         if self == Target::Direct {
@@ -76,7 +91,7 @@ impl Target {
         let log = dir.join(format!("{self}.log"));
         let cmd = match self {
             Target::Direct => return Ok(None),
-            Target::Mesh => {
+            Target::Mesh | Target::MeshBefore => {
                 let cfg = write(dir, "mesh.toml", &mesh_config(dir))?;
                 let bin = mesh_bin.to_string_lossy().to_string();
                 pinned(
