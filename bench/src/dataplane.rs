@@ -15,6 +15,9 @@ use crate::stats::{RunInfo, Spread};
 use crate::targets::{IPERF_PORT, Target};
 use crate::topology::{BACKEND_IP, LOAD_CPU, Topology};
 
+/// Pause between trials; see `run`.
+const SETTLE: Duration = Duration::from_millis(1500);
+
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize,
 )]
@@ -134,6 +137,9 @@ pub fn run(o: &Options) -> Result<DataplaneResults> {
                 }
                 let t = trial(o, w, target, rep, latency_rate.unwrap_or(0.0))
                     .with_context(|| format!("{w:?} via {target}, repetition {}", rep + 1))?;
+                // Deleting a namespace full of TIME_WAIT sockets is finished by a kernel
+                // worker after `ip netns del` returns: let it finish before the next trial.
+                std::thread::sleep(SETTLE);
                 eprintln!(
                     "  {:<8} {:<8} rep {}: {:>12.1}  errors {}  lb cpu {}",
                     format!("{w:?}").to_lowercase(),
