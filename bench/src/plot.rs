@@ -15,11 +15,12 @@ use crate::stats::Spread;
 use crate::targets::Target;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const COLORS: [RGBColor; 5] = [
+const COLORS: [RGBColor; 6] = [
     RGBColor(90, 90, 90),
     RGBColor(158, 202, 225),
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
+    RGBColor(255, 152, 150),
     RGBColor(44, 160, 44),
 ];
 

@@ -58,7 +58,11 @@ impl RunInfo {
             .unwrap_or("unknown CPU")
             .trim()
             .to_string();
-        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        // Every CPU of the machine, not the ones this process is pinned to.
+        let cpus = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count();
         let mem_gib = std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
             .lines()

@@ -32,6 +32,12 @@ pub enum Target {
     MeshBefore,
     Mesh,
     Haproxy,
+    /// HAProxy with `option splice-auto` instead of forced splice: its own heuristic,
+    /// which splices only when buffers fill. Not a default target; for checking that
+    /// forced splice does not handicap HAProxy on small exchanges.
+    #[value(name = "haproxy-splice-auto")]
+    #[serde(rename = "haproxy-splice-auto")]
+    HaproxySpliceAuto,
     Nginx,
 }
 
@@ -42,6 +48,7 @@ impl fmt::Display for Target {
             Target::MeshBefore => "mesh-before",
             Target::Mesh => "mesh",
             Target::Haproxy => "haproxy",
+            Target::HaproxySpliceAuto => "haproxy-splice-auto",
             Target::Nginx => "nginx",
         })
     }
@@ -57,11 +64,12 @@ impl Target {
     /// The default targets.
     pub const ALL: [Target; 4] = [Target::Direct, Target::Mesh, Target::Haproxy, Target::Nginx];
     /// Every target, in report order.
-    pub const ORDER: [Target; 5] = [
+    pub const ORDER: [Target; 6] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
         Target::Haproxy,
+        Target::HaproxySpliceAuto,
         Target::Nginx,
     ];
 
@@ -83,7 +91,7 @@ impl Target {
 
     /// HAProxy's community edition has no UDP load balancing.
     pub fn supports_udp(self) -> bool {
-        self != Target::Haproxy
+        !matches!(self, Target::Haproxy | Target::HaproxySpliceAuto)
     }
 
     /// Starts the LB in the topology's LB namespace; `None` for direct.
@@ -101,8 +109,13 @@ impl Target {
                     &["agent", "--config", &cfg, "--no-vips"],
                 )
             }
-            Target::Haproxy => {
-                let cfg = write(dir, "haproxy.cfg", &haproxy_config())?;
+            Target::Haproxy | Target::HaproxySpliceAuto => {
+                let splice = if self == Target::Haproxy {
+                    "option splice-request\n  option splice-response"
+                } else {
+                    "option splice-auto"
+                };
+                let cfg = write(dir, "haproxy.cfg", &haproxy_config(splice))?;
                 pinned(&topo.lb, LB_CPU, "haproxy", &["-db", "-f", &cfg])
             }
             Target::Nginx => {
@@ -180,13 +193,13 @@ ip = "{BACKEND_IP}"
     )
 }
 
-fn haproxy_config() -> String {
+fn haproxy_config(splice: &str) -> String {
     let listen = |name: &str, port: u16, target: u16| {
         format!("listen {name}\n  bind {LB_IP}:{port}\n  server {name}1 {BACKEND_IP}:{target}\n\n")
     };
     format!(
         "global\n  nbthread 1\n  maxconn 7000\n  log stderr format raw local0 err\n\n\
-         defaults\n  mode tcp\n  maxconn 7000\n  backlog 4096\n  option splice-request\n  option splice-response\n  \
+         defaults\n  mode tcp\n  maxconn 7000\n  backlog 4096\n  {splice}\n  \
          timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n{}{}{}",
         listen("echo", LB_ECHO_PORT, ECHO_PORT),
         listen("http", LB_HTTP_PORT, HTTP_PORT),

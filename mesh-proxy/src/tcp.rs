@@ -28,9 +28,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>) {
             Ok((stream, peer)) => {
                 shared.metrics.accepts.inc();
                 tokio::spawn(handle(stream, unmap(peer), shared.clone()));
-                // Let the new connection start its upstream connect before the next
-                // accept: a single-threaded worker runs tasks in FIFO order.
-                tokio::task::yield_now().await;
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on a full table.
