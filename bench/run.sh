@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces bench/RESULTS.md: installs the reference servers and tools, builds mesh
 # and mesh-bench in release mode, runs the data-plane, DNS and gossip benchmarks, then
-# writes RESULTS.md, results.json and plots/. Needs root (network namespaces).
+# writes RESULTS.md, the raw JSON in results/ and plots/. Needs root (network namespaces).
 # Environment: REPS (5), SECS (4), DNS_SECS (5), GOSSIP_SIZES ("100:30,1000:10"),
 # ONLY ("dataplane dns gossip").
 set -euo pipefail

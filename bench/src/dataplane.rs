@@ -98,6 +98,17 @@ pub struct DataplaneResults {
     pub summary: Vec<Summary>,
 }
 
+impl DataplaneResults {
+    /// The latency histograms of `target`, one per repetition.
+    pub fn latencies(&self, target: Target) -> Vec<&Latency> {
+        self.trials
+            .iter()
+            .filter(|t| t.workload == Workload::Latency && t.target == target)
+            .filter_map(|t| t.latency.as_ref())
+            .collect()
+    }
+}
+
 pub struct Options {
     pub reps: usize,
     pub secs: f64,

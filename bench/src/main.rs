@@ -84,7 +84,7 @@ enum Command {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
-    /// Writes bench/RESULTS.md, bench/results.json and bench/plots/ from the JSON in DIR.
+    /// Writes bench/RESULTS.md and bench/plots/ from the JSON in DIR.
     Report {
         #[arg(long, default_value = "bench/results")]
         results: PathBuf,
@@ -163,6 +163,14 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `--mesh`, or the `mesh` binary built beside this program.
+fn mesh_or_sibling(mesh: Option<PathBuf>) -> Result<PathBuf> {
+    match mesh {
+        Some(p) => Ok(p),
+        None => sibling("mesh"),
+    }
+}
+
 fn write_json(out: &Path, name: &str, value: &impl serde::Serialize) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let path = out.join(name);
@@ -190,10 +198,7 @@ fn run(cli: Cli) -> Result<()> {
             {
                 bail!("--reps must be at least 1 and --secs positive");
             }
-            let mesh_bin = match mesh {
-                Some(p) => p,
-                None => sibling("mesh")?,
-            };
+            let mesh_bin = mesh_or_sibling(mesh)?;
             let opts = dataplane::Options {
                 reps,
                 secs,
@@ -219,10 +224,7 @@ fn run(cli: Cli) -> Result<()> {
             if reps == 0 || !secs.is_finite() || secs < 1.0 || clients == 0 {
                 bail!("--reps and --clients must be at least 1, --secs at least 1");
             }
-            let mesh_bin = match mesh {
-                Some(p) => p,
-                None => sibling("mesh")?,
-            };
+            let mesh_bin = mesh_or_sibling(mesh)?;
             let results = dns::run(reps, secs, clients, &mesh_bin)?;
             write_json(&out, "dns.json", &results)
         }

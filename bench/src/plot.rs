@@ -158,12 +158,7 @@ fn nines(p: f64) -> f64 {
 fn latency_cdf(path: &Path, d: &DataplaneResults) -> Result<()> {
     let mut lines = Vec::new();
     for t in Target::ORDER {
-        let ls: Vec<_> = d
-            .trials
-            .iter()
-            .filter(|x| x.workload == Workload::Latency && x.target == t)
-            .filter_map(|x| x.latency.as_ref())
-            .collect();
+        let ls = d.latencies(t);
         let Some(first) = ls.first() else { continue };
         let points: Vec<(f64, f64)> = first
             .cdf

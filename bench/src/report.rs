@@ -1,4 +1,4 @@
-//! bench/RESULTS.md and bench/results.json from the JSON each benchmark wrote.
+//! bench/RESULTS.md from the JSON each benchmark wrote to bench/results/.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -143,12 +143,7 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     let _ = writeln!(out, "| target | p50 | p99 | p99.9 | max |");
     let _ = writeln!(out, "| --- | --- | --- | --- | --- |");
     for t in Target::ORDER {
-        let ls: Vec<_> = d
-            .trials
-            .iter()
-            .filter(|x| x.workload == Workload::Latency && x.target == t)
-            .filter_map(|x| x.latency.as_ref())
-            .collect();
+        let ls = d.latencies(t);
         if ls.is_empty() {
             continue;
         }
@@ -336,19 +331,6 @@ pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     }
     let results = bench_dir.join("RESULTS.md");
     std::fs::write(&results, out).with_context(|| format!("write {}", results.display()))?;
-    let merged = serde_json::json!({
-        "dataplane": inputs.dataplane,
-        "dns": inputs.dns,
-        "gossip": inputs.gossip,
-    });
-    let json = bench_dir.join("results.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&merged)?)
-        .with_context(|| format!("write {}", json.display()))?;
-    eprintln!(
-        "wrote {} and {} (from {})",
-        results.display(),
-        json.display(),
-        dir.display()
-    );
+    eprintln!("wrote {} (from {})", results.display(), dir.display());
     Ok(())
 }

@@ -47,34 +47,10 @@ impl Topology {
             backend: Netns::new(),
         };
         let (c, l, b) = (&t.client.name, &t.lb.name, &t.backend.name);
-        ip(&[
-            "-n",
-            l,
-            "link",
-            "add",
-            "to-client",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            c,
-        ])?;
-        ip(&[
-            "-n",
-            l,
-            "link",
-            "add",
-            "to-backend",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            b,
-        ])?;
+        t.lb.add_veth("to-client", &t.client, "eth0")
+            .map_err(anyhow::Error::msg)?;
+        t.lb.add_veth("to-backend", &t.backend, "eth0")
+            .map_err(anyhow::Error::msg)?;
         for (ns, dev, addr) in [
             (c, "eth0", format!("{CLIENT_IP}/24")),
             (l, "to-client", format!("{LB_IP}/24")),

@@ -31,20 +31,9 @@ fn ip(args: &[&str]) {
 
 fn attach(switch: &Netns, ns: Netns, index: usize, addr: &str) -> Host {
     let port = format!("p{index}");
-    ip(&[
-        "-n",
-        &switch.name,
-        "link",
-        "add",
-        &port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &ns.name,
-    ]);
+    switch
+        .add_veth(&port, &ns, "eth0")
+        .unwrap_or_else(|e| panic!("{e}"));
     ip(&[
         "-n",
         &switch.name,

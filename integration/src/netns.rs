@@ -96,6 +96,24 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
+    /// A veth pair: `name` in this namespace, `peer_name` in `peer`. Both start down.
+    pub fn add_veth(&self, name: &str, peer: &Netns, peer_name: &str) -> Result<(), String> {
+        let out = ip(&[
+            "-n", &self.name, "link", "add", name, "type", "veth", "peer", "name", peer_name,
+            "netns", &peer.name,
+        ]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "veth {name} in {} to {peer_name} in {}: {}",
+                self.name,
+                peer.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
     /// The addresses on `lo` inside the namespace.
     pub fn lo_addresses(&self) -> String {
         String::from_utf8_lossy(&ip(&["-n", &self.name, "addr", "show", "dev", "lo"]).stdout)
