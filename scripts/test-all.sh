@@ -26,8 +26,18 @@ cargo build --workspace --bins --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary does not hide the others' results.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# Every failing test, by name, at the end where CI output is read first.
+failed=$(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/  \1/' || true)
+if [ -n "$failed" ]; then
+  echo "failed tests:"
+  echo "$failed"
+fi
+if [ "$status" -ne 0 ] && [ -z "$failed" ]; then
+  echo "cargo test failed before or outside a test (build error, or a test binary crashed): see above"
+fi
 exit "$status"

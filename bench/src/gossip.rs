@@ -68,7 +68,7 @@ fn add_task(sim: &mut Sim, host: usize, id: &str) -> u64 {
             port: None,
             state: TaskState::Active,
         };
-        match r.add_task(spec, now) {
+        match r.add_task(spec, mesh_core::TaskSource::Api, now) {
             Ok((_, mut d)) => {
                 d.extend(r.set_health("web", &id, Health::Healthy, now));
                 d
@@ -78,16 +78,12 @@ fn add_task(sim: &mut Sim, host: usize, id: &str) -> u64 {
     });
     sim.publish(host, &deltas);
     let origin = sim.name(host).to_string();
-    let w = sim
-        .replica(host)
-        .lock()
-        .expect("replica lock")
-        .watermark(&origin);
+    let w = sim.replica(host).watermark(&origin);
     w.map(|(_, w)| w).unwrap_or(0)
 }
 
 fn routes(sim: &Sim, viewer: usize, owner: &str) -> bool {
-    let snap = sim.replica(viewer).lock().expect("replica lock").snapshot();
+    let snap = sim.replica(viewer).snapshot();
     snap.services
         .get("web")
         .is_some_and(|w| w.tasks.iter().any(|t| t.node == owner))
@@ -114,13 +110,9 @@ pub fn cluster(nodes: usize, changes: usize) -> (Option<u64>, Vec<Row>) {
         .unwrap_or_default()
     });
     sim.until(50, 300_000, |s| {
-        s.up_nodes().iter().all(|i| {
-            s.replica(*i)
-                .lock()
-                .expect("replica lock")
-                .service("web")
-                .is_some()
-        })
+        s.up_nodes()
+            .iter()
+            .all(|i| s.replica(*i).service("web").is_some())
     });
     let mut rows = Vec::new();
     let mut next_host = 1;
@@ -140,8 +132,6 @@ pub fn cluster(nodes: usize, changes: usize) -> (Option<u64>, Vec<Row>) {
             let took = sim.until(10, 300_000, |s| {
                 s.up_nodes().iter().all(|i| {
                     s.replica(*i)
-                        .lock()
-                        .expect("replica lock")
                         .task_version(&origin, "web", &id)
                         .is_some_and(|v| v >= version)
                 })
@@ -221,6 +211,7 @@ pub fn full_sync(services: usize, per_service: usize) -> Result<FullSync> {
                     port: None,
                     state: TaskState::Active,
                 },
+                mesh_core::TaskSource::Api,
                 now,
             )?;
             for d in deltas {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod cluster;
 pub mod netns;
+pub mod ports;
 
 pub use netns::{Netns, is_root, skip_unless_root};
 pub use serde_json::{Value, json};
@@ -50,25 +51,12 @@ pub fn eventually<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A UDP port that was free a moment ago on 127.0.0.1 (and its TCP twin, checked).
+/// A port free a moment ago for UDP and TCP (see [`ports`]).
 pub fn free_udp_port() -> u16 {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    ports::free_port()
 }
 
-/// A port that was free a moment ago, on all addresses.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("[::]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use ports::free_port;
 
 fn terminate(child: &mut Child) {
     // SAFETY: kill(2) with a pid we own.

@@ -7,9 +7,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use mesh_api::ErrorBody;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-
-use crate::views::ErrorBody;
 
 #[derive(Debug, Clone)]
 pub enum Endpoint {
@@ -56,7 +56,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes)> {
         let unreachable = |e: std::io::Error| {
             anyhow!(
@@ -64,9 +64,7 @@ impl Client {
                 self.endpoint
             )
         };
-        let body = body
-            .map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")))
-            .unwrap_or_default();
+        let body = body.map(Bytes::from).unwrap_or_default();
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -113,14 +111,23 @@ impl Client {
             })?
     }
 
-    /// Sends a request and decodes a 2xx answer; any other status becomes the agent's
-    /// own error message.
-    pub async fn call<T: DeserializeOwned>(
+    /// A request without a body.
+    pub async fn request<T: DeserializeOwned>(&self, method: Method, path: &str) -> Result<T> {
+        self.call::<(), T>(method, path, None).await
+    }
+
+    /// Sends a request with a typed body and decodes a 2xx answer; any other status
+    /// becomes the agent's own error message.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<&B>,
     ) -> Result<T> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .context("cannot encode the request")?;
         let (status, bytes) = self.send(method, path, body).await?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {

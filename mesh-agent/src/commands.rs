@@ -4,18 +4,22 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Result, bail};
 use hyper::Method;
+use mesh_api::{NewTask, NodeView, ServiceView, StatusView, TaskView};
+use mesh_core::{
+    Balance, HealthCheck, HealthKind, Mode, PortSpec, Protocol, ProxyProtocol, ServiceSpec,
+};
 use serde_json::{Value, json};
 
 use crate::cli::{CreateArgs, Format, ServiceCommand, TaskCommand};
 use crate::client::Client;
-use crate::views::{ServiceView, StatusView, TaskView};
 
-/// `[PUBLISHED:]TARGET[/udp|/tcp]` into a port object.
-pub fn parse_port(text: &str) -> Result<Value> {
-    let (ports, proto) = match text.rsplit_once('/') {
-        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
+/// `[PUBLISHED:]TARGET[/udp|/tcp]` into a port.
+pub fn parse_port(text: &str) -> Result<PortSpec> {
+    let (ports, protocol) = match text.rsplit_once('/') {
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some((p, "udp")) => (p, Protocol::Udp),
         Some((_, other)) => bail!("-p {text:?}: unknown protocol {other:?}; use tcp or udp"),
-        None => (text, "tcp"),
+        None => (text, Protocol::Tcp),
     };
     let num = |s: &str, what: &str| -> Result<u16> {
         match s.parse::<u16>() {
@@ -23,54 +27,74 @@ pub fn parse_port(text: &str) -> Result<Value> {
             _ => bail!("-p {text:?}: {what} port {s:?} must be a number from 1 to 65535"),
         }
     };
-    Ok(match ports.split_once(':') {
-        Some((published, target)) => {
-            json!({"published": num(published, "published")?, "target": num(target, "target")?, "protocol": proto})
-        }
-        None => json!({"target": num(ports, "target")?, "protocol": proto}),
+    let (published, target) = match ports.split_once(':') {
+        Some((published, target)) => (Some(num(published, "published")?), num(target, "target")?),
+        None => (None, num(ports, "target")?),
+    };
+    Ok(PortSpec {
+        protocol,
+        ..PortSpec::tcp(published, target)
     })
 }
 
-fn health(args: &CreateArgs, udp_only: bool) -> Result<Value> {
-    let mut h = match args.health.as_deref() {
-        None if udp_only => json!({"check": "none"}),
-        None | Some("tcp") => json!({"check": "tcp"}),
-        Some("none") => json!({"check": "none"}),
-        Some(s) if s.starts_with("http:") => json!({"check": "http", "path": &s[5..]}),
-        Some("http") => json!({"check": "http", "path": "/"}),
+fn duration(flag: &str, value: &str) -> Result<std::time::Duration> {
+    mesh_core::duration::parse(value).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+}
+
+fn health(args: &CreateArgs, udp_only: bool) -> Result<HealthCheck> {
+    let mut h = HealthCheck::default();
+    match args.health.as_deref() {
+        None if udp_only => h.check = HealthKind::None,
+        None | Some("tcp") => h.check = HealthKind::Tcp,
+        Some("none") => h.check = HealthKind::None,
+        Some("http") => h.check = HealthKind::Http,
+        Some(s) if s.starts_with("http:") => {
+            h.check = HealthKind::Http;
+            h.path = s[5..].to_string();
+        }
         Some(other) => bail!("--health {other:?}: use tcp, http:/PATH or none"),
-    };
+    }
     if let Some(i) = &args.health_interval {
-        h["interval"] = json!(i);
+        h.interval = duration("--health-interval", i)?;
     }
     Ok(h)
 }
 
-pub fn service_body(args: &CreateArgs) -> Result<Value> {
+/// The service `mesh service create` asks for. The agent validates it.
+pub fn service_body(args: &CreateArgs) -> Result<ServiceSpec> {
     let ports = args
         .ports
         .iter()
         .map(|p| parse_port(p))
         .collect::<Result<Vec<_>>>()?;
-    let udp_only = ports.iter().all(|p| p["protocol"] == "udp");
-    let mut body = json!({
-        "name": args.name,
-        "ports": ports,
-        "mode": args.mode,
-        "balance": args.balance,
-        "health": health(args, udp_only)?,
-        "proxy_protocol": args.proxy_protocol,
-    });
+    let udp_only = ports.iter().all(|p| p.protocol == Protocol::Udp);
+    let mut spec = ServiceSpec::new(args.name.clone(), ports);
+    spec.mode = match args.mode.as_str() {
+        "dnsrr" => Mode::Dnsrr,
+        _ => Mode::Vip,
+    };
+    spec.balance = match args.balance.as_str() {
+        "least-conn" => Balance::LeastConn,
+        _ => Balance::RoundRobin,
+    };
+    spec.proxy_protocol = match args.proxy_protocol.as_str() {
+        "v1" => ProxyProtocol::V1,
+        "v2" => ProxyProtocol::V2,
+        _ => ProxyProtocol::Off,
+    };
+    spec.health = health(args, udp_only)?;
     if let Some(d) = &args.drain_timeout {
-        body["drain_timeout"] = json!(d);
+        spec.drain_timeout = duration("--drain-timeout", d)?;
     }
     if let Some(d) = &args.idle_timeout {
-        body["idle_timeout"] = json!(d);
+        spec.idle_timeout = if d.trim().eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(duration("--idle-timeout", d)?)
+        };
     }
-    if let Some(m) = args.max_connections {
-        body["max_connections"] = json!(m);
-    }
-    Ok(body)
+    spec.max_connections = args.max_connections;
+    Ok(spec)
 }
 
 /// `IP`, `IP:PORT` or `[IPv6]:PORT`.
@@ -129,7 +153,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
     match cmd {
         ServiceCommand::Create(args) => {
             let v: ServiceView = client
-                .call(Method::POST, "/v1/services", Some(service_body(&args)?))
+                .call(Method::POST, "/v1/services", Some(&service_body(&args)?))
                 .await?;
             match format {
                 Format::Json => print_json(&v),
@@ -137,7 +161,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
             }
         }
         ServiceCommand::Ls => {
-            let list: Vec<ServiceView> = client.call(Method::GET, "/v1/services", None).await?;
+            let list: Vec<ServiceView> = client.request(Method::GET, "/v1/services").await?;
             if format == Format::Json {
                 print_json(&list);
                 return Ok(());
@@ -150,7 +174,9 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                         ports.push_str(&format!("  (error: {})", v.errors.join("; ")));
                     }
                     if !v.conflicts.is_empty() {
-                        ports.push_str(&format!("  (conflict: {})", v.conflicts.join("; ")));
+                        let conflicts: Vec<String> =
+                            v.conflicts.iter().map(|c| c.to_string()).collect();
+                        ports.push_str(&format!("  (conflict: {})", conflicts.join("; ")));
                     }
                     vec![
                         v.spec.name.clone(),
@@ -173,13 +199,13 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
         }
         ServiceCommand::Inspect { name } => {
             let v: Value = client
-                .call(Method::GET, &format!("/v1/services/{name}"), None)
+                .request(Method::GET, &format!("/v1/services/{name}"))
                 .await?;
             print_json(&v);
         }
         ServiceCommand::Rm { name } => {
             let v: ServiceView = client
-                .call(Method::DELETE, &format!("/v1/services/{name}"), None)
+                .request(Method::DELETE, &format!("/v1/services/{name}"))
                 .await?;
             match format {
                 Format::Json => print_json(&v),
@@ -188,14 +214,14 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
         }
         ServiceCommand::Ps { name } => {
             let list: Vec<TaskView> = client
-                .call(Method::GET, &format!("/v1/services/{name}/tasks"), None)
+                .request(Method::GET, &format!("/v1/services/{name}/tasks"))
                 .await?;
             if format == Format::Json {
                 print_json(&list);
                 return Ok(());
             }
             let service: ServiceView = client
-                .call(Method::GET, &format!("/v1/services/{name}"), None)
+                .request(Method::GET, &format!("/v1/services/{name}"))
                 .await?;
             let rows: Vec<Vec<String>> = list
                 .iter()
@@ -213,6 +239,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                         t.task.node.clone(),
                         t.task.health.to_string(),
                         t.task.state.to_string(),
+                        t.task.source.to_string(),
                         t.active_connections.to_string(),
                     ]
                 })
@@ -220,7 +247,15 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
             print!(
                 "{}",
                 table(
-                    &["ID", "ADDRESS", "HOST", "HEALTH", "STATE", "CONNECTIONS"],
+                    &[
+                        "ID",
+                        "ADDRESS",
+                        "HOST",
+                        "HEALTH",
+                        "STATE",
+                        "SOURCE",
+                        "CONNECTIONS"
+                    ],
                     &rows
                 )
             );
@@ -237,18 +272,17 @@ pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<(
             id,
         } => {
             let (ip, port) = parse_task_address(&address)?;
-            let mut body = json!({"ip": ip});
-            if let Some(p) = port {
-                body["port"] = json!(p);
-            }
-            if let Some(id) = id {
-                body["id"] = json!(id);
-            }
+            let body = NewTask {
+                id,
+                ip,
+                port,
+                state: Default::default(),
+            };
             let v: TaskView = client
                 .call(
                     Method::POST,
                     &format!("/v1/services/{service}/tasks"),
-                    Some(body),
+                    Some(&body),
                 )
                 .await?;
             let id = v.task.id.clone();
@@ -256,20 +290,18 @@ pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<(
         }
         TaskCommand::Rm { service, id } => {
             let _: Value = client
-                .call(
+                .request(
                     Method::DELETE,
                     &format!("/v1/services/{service}/tasks/{id}"),
-                    None,
                 )
                 .await?;
             (None, id)
         }
         TaskCommand::Drain { service, id } => {
             let v: TaskView = client
-                .call(
+                .request(
                     Method::POST,
                     &format!("/v1/services/{service}/tasks/{id}/drain"),
-                    None,
                 )
                 .await?;
             (Some(v), id)
@@ -284,7 +316,7 @@ pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<(
 }
 
 pub async fn status(client: &Client, format: Format) -> Result<()> {
-    let s: StatusView = client.call(Method::GET, "/v1/status", None).await?;
+    let s: StatusView = client.request(Method::GET, "/v1/status").await?;
     if format == Format::Json {
         print_json(&s);
         return Ok(());
@@ -312,7 +344,7 @@ pub async fn status(client: &Client, format: Format) -> Result<()> {
 }
 
 pub async fn nodes(client: &Client, format: Format) -> Result<()> {
-    let list: Vec<crate::views::NodeView> = client.call(Method::GET, "/v1/nodes", None).await?;
+    let list: Vec<NodeView> = client.request(Method::GET, "/v1/nodes").await?;
     if format == Format::Json {
         print_json(&list);
         return Ok(());
@@ -323,7 +355,7 @@ pub async fn nodes(client: &Client, format: Format) -> Result<()> {
             vec![
                 n.name.clone(),
                 n.address.clone(),
-                n.status.clone(),
+                n.status.to_string(),
                 n.tasks.to_string(),
                 n.generation.to_string(),
             ]
@@ -344,11 +376,14 @@ mod tests {
     fn ports_parse() {
         assert_eq!(
             parse_port("8080:80").unwrap(),
-            json!({"published": 8080, "target": 80, "protocol": "tcp"})
+            PortSpec::tcp(Some(8080), 80)
         );
         assert_eq!(
             parse_port("53/udp").unwrap(),
-            json!({"target": 53, "protocol": "udp"})
+            PortSpec {
+                protocol: Protocol::Udp,
+                ..PortSpec::tcp(None, 53)
+            }
         );
         assert!(
             parse_port("80/sctp")

@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use mesh_core::{HealthCheck, HealthKind, PortSpec, Protocol, ServiceSpec, TaskSpec, TaskState};
+use mesh_dns::DnsConfig;
+use mesh_proxy::ProxyConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use std::net::SocketAddr;
 
-use crate::config::{ClusterSettings, DnsSettings, ProxySettings, VipSettings};
-use crate::daemon::{self, Settings};
+use crate::config::{ClusterConfig, VipConfig};
+use crate::daemon::{self, AgentError, Settings};
 
 async fn backend(name: String) -> Result<(u16, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -96,34 +98,34 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
         tcp_api: None,
         token: None,
         metrics: None,
-        proxy: ProxySettings {
+        proxy: ProxyConfig {
             shutdown_grace: Duration::from_secs(2),
-            ..ProxySettings::default()
+            ..ProxyConfig::default()
         },
-        dns: DnsSettings {
+        dns: DnsConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], dns_port))],
-            ..DnsSettings::default()
+            ..DnsConfig::default()
         },
-        vip: VipSettings::default(),
+        vip: VipConfig::default(),
         // A one-host cluster on loopback, beside any real agent on :7946.
-        cluster: ClusterSettings {
+        cluster: ClusterConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..ClusterSettings::default()
+            ..ClusterConfig::default()
         },
         services: vec![web],
         tasks,
     };
-    let agent = daemon::start(settings).await.map_err(|e| {
-        if format!("{e:#}").contains("DNS") {
-            e.context(format!(
+    let agent = match daemon::start(settings).await {
+        Ok(agent) => agent,
+        Err(e @ AgentError::Dns { .. }) => {
+            return Err(anyhow::Error::new(e).context(format!(
                 "try `mesh demo --dns-port {}`",
                 dns_port.wrapping_add(1).max(1024)
-            ))
-        } else {
-            e
+            )));
         }
-    })?;
-    let mut snapshots = agent.registry.subscribe();
+        Err(e) => return Err(e.into()),
+    };
+    let mut snapshots = agent.table.subscribe();
     let ready = async {
         loop {
             let routable = snapshots
@@ -147,14 +149,14 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
     }
     let api = format!("unix:{}", socket.display());
     let vip = agent
-        .registry
+        .table
         .snapshot()
         .services
         .get("web")
         .and_then(|w| w.vips.v4)
         .map(|v| v.to_string())
         .unwrap_or_default();
-    let vip_line = if crate::vip::has_net_admin() {
+    let vip_line = if mesh_dataplane::has_net_admin() {
         format!("curl -s {vip}                    # the service VIP, balanced the same way")
     } else {
         format!("# {vip} is the VIP; run the demo as root to reach it on this host")

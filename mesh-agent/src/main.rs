@@ -9,10 +9,8 @@ mod daemon;
 mod demo;
 mod paths;
 mod prober;
-mod registry;
 mod store;
-mod views;
-mod vip;
+mod table;
 
 use std::process::ExitCode;
 
@@ -22,6 +20,18 @@ use clap::Parser;
 use cli::{AgentArgs, Cli, Command};
 use client::{Client, Endpoint};
 use config::{AgentConfig, LogFormat};
+
+/// An error and its sources on one line, joined by ": ", as users read them.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        out.push_str(": ");
+        out.push_str(&source.to_string());
+        next = source.source();
+    }
+    out
+}
 
 fn init_logging(format: LogFormat) {
     // hyper and axum log every connection at debug; keep them quiet unless asked.

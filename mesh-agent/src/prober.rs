@@ -1,20 +1,24 @@
 //! Active health checks of the tasks that run on this host. Each task gets a probe
-//! loop; the sans-IO [`HealthTracker`] decides transitions, which are written to the
-//! registry, logged and counted.
+//! loop; the sans-IO [`HealthTracker`] decides transitions, which go to the table and
+//! are logged and counted. The set of probes follows the snapshots by their diff, so
+//! a change to one service costs the same however many services there are.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::{Health, HealthCheck, HealthKind, HealthTracker, Protocol, Snapshot};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::{Request, header};
+use hyper_util::rt::TokioIo;
+use imbl::ordmap::DiffItem;
+use mesh_core::{Health, HealthCheck, HealthKind, HealthTracker, Protocol, ServiceEntry, Snapshot};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry as Prom};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::registry::Registry;
+use crate::table::TableHandle;
 
 #[derive(Clone)]
 pub struct HealthMetrics {
@@ -47,6 +51,23 @@ impl HealthMetrics {
     }
 }
 
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[source] hyper::Error),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("the connection closed before a response")]
+    Closed,
+    #[error("cannot build the request: {0}")]
+    Request(String),
+    #[error("no answer within {0}")]
+    Timeout(String),
+}
+
 #[derive(PartialEq)]
 struct ProbeKey {
     addr: SocketAddr,
@@ -58,70 +79,112 @@ struct Probe {
     task: JoinHandle<()>,
 }
 
-/// Keeps one probe loop per local task in step with the snapshots.
-pub async fn run(
-    registry: Arc<Registry>,
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The probes of one host's tasks, by (service, task).
+struct Probes {
+    table: TableHandle,
     metrics: HealthMetrics,
-    mut snapshots: watch::Receiver<Arc<Snapshot>>,
-) {
-    let mut probes: HashMap<(String, String), Probe> = HashMap::new();
-    let node = registry.node();
-    loop {
-        let snapshot = snapshots.borrow_and_update().clone();
-        let mut wanted = HashMap::new();
-        for (name, entry) in &snapshot.services {
-            let spec = &entry.spec;
-            if spec.health.check == HealthKind::None {
-                continue;
-            }
-            let Some(port) = spec.ports.iter().find(|p| p.protocol == Protocol::Tcp) else {
-                continue;
-            };
-            for task in entry.tasks.iter().filter(|t| t.node == node) {
-                wanted.insert(
-                    (name.clone(), task.id.clone()),
+    running: BTreeMap<(String, String), Probe>,
+}
+
+impl Probes {
+    /// What `entry` wants probed on this host: its local tasks, on its first TCP
+    /// port, unless the service checks nothing.
+    fn wanted(&self, entry: Option<&ServiceEntry>) -> BTreeMap<String, ProbeKey> {
+        let Some(entry) = entry else {
+            return BTreeMap::new();
+        };
+        let spec = &entry.spec;
+        if spec.health.check == HealthKind::None {
+            return BTreeMap::new();
+        }
+        let Some(port) = spec.ports.iter().find(|p| p.protocol == Protocol::Tcp) else {
+            return BTreeMap::new();
+        };
+        entry
+            .tasks
+            .iter()
+            .filter(|t| t.node == self.table.node())
+            .map(|t| {
+                (
+                    t.id.clone(),
                     ProbeKey {
-                        addr: task.addr(port),
+                        addr: t.addr(port),
                         check: spec.health.clone(),
                     },
-                );
-            }
-        }
-        probes.retain(|id, probe| {
-            let keep = wanted.get(id) == Some(&probe.key);
-            if !keep {
-                probe.task.abort();
-                if !wanted.contains_key(id) {
-                    let _ = metrics.healthy.remove_label_values(&[&id.0, &id.1]);
-                }
-            }
-            keep
-        });
-        for (id, key) in wanted {
-            if probes.contains_key(&id) {
+                )
+            })
+            .collect()
+    }
+
+    fn reconcile(&mut self, service: &str, entry: Option<&ServiceEntry>) {
+        let mut wanted = self.wanted(entry);
+        let running: Vec<String> = self
+            .running
+            .range((service.to_string(), String::new())..)
+            .take_while(|((s, _), _)| s == service)
+            .map(|((_, id), _)| id.clone())
+            .collect();
+        for id in running {
+            let key = (service.to_string(), id);
+            if wanted.get(&key.1) == Some(&self.running[&key].key) {
+                wanted.remove(&key.1);
                 continue;
             }
+            self.running.remove(&key);
+            if !wanted.contains_key(&key.1) {
+                let _ = self.metrics.healthy.remove_label_values(&[service, &key.1]);
+            }
+        }
+        for (id, key) in wanted {
             let task = tokio::spawn(probe_loop(
-                registry.clone(),
-                metrics.clone(),
-                id.0.clone(),
-                id.1.clone(),
+                self.table.clone(),
+                self.metrics.clone(),
+                service.to_string(),
+                id.clone(),
                 key.addr,
                 key.check.clone(),
             ));
-            probes.insert(id, Probe { key, task });
+            self.running
+                .insert((service.to_string(), id), Probe { key, task });
         }
+    }
+}
+
+/// Keeps one probe loop per local task in step with the snapshots.
+pub async fn run(table: TableHandle, metrics: HealthMetrics) {
+    let mut snapshots = table.subscribe();
+    let mut probes = Probes {
+        table,
+        metrics,
+        running: BTreeMap::new(),
+    };
+    let mut previous = Arc::new(Snapshot::default());
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        for item in previous.services.diff(&snapshot.services) {
+            match item {
+                DiffItem::Add(name, entry)
+                | DiffItem::Update {
+                    new: (name, entry), ..
+                } => probes.reconcile(name, Some(entry)),
+                DiffItem::Remove(name, _) => probes.reconcile(name, None),
+            }
+        }
+        previous = snapshot;
         if snapshots.changed().await.is_err() {
             break;
         }
     }
-    for probe in probes.into_values() {
-        probe.task.abort();
-    }
 }
 
 async fn probe_loop(
-    registry: Arc<Registry>,
+    table: TableHandle,
     metrics: HealthMetrics,
     service: String,
     task: String,
@@ -133,19 +196,13 @@ async fn probe_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = tokio::time::timeout(check.timeout, probe(addr, &check)).await;
-        let (ok, why) = match result {
-            Ok(Ok(())) => (true, String::new()),
-            Ok(Err(e)) => (false, e),
-            Err(_) => (
-                false,
-                format!(
-                    "no answer within {}",
-                    mesh_core::duration::format(check.timeout)
-                ),
-            ),
+        let result = match tokio::time::timeout(check.timeout, probe(addr, &check)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProbeError::Timeout(mesh_core::duration::format(
+                check.timeout,
+            ))),
         };
-        let Some(health) = tracker.observe(ok) else {
+        let Some(health) = tracker.observe(result.is_ok()) else {
             continue;
         };
         metrics
@@ -156,47 +213,44 @@ async fn probe_loop(
             .healthy
             .with_label_values(&[&service, &task])
             .set(i64::from(health == Health::Healthy));
-        match health {
-            Health::Healthy => info!(service = %service, task = %task, %addr, "task is healthy"),
-            _ => warn!(service = %service, task = %task, %addr, reason = %why, "task is unhealthy"),
+        match result {
+            Ok(()) => info!(service = %service, task = %task, %addr, "task is healthy"),
+            Err(e) => {
+                warn!(service = %service, task = %task, %addr, reason = %e, "task is unhealthy")
+            }
         }
-        registry.set_health(&service, &task, health);
+        table.set_health(&service, &task, health).await;
     }
 }
 
-async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
+async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), ProbeError> {
+    let stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(ProbeError::Connect)?;
     if check.check != HealthKind::Http {
         return Ok(());
     }
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mesh-health-check\r\nConnection: close\r\n\r\n",
-        check.path
-    );
-    stream
-        .write_all(request.as_bytes())
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("send: {e}"))?;
-    // Only the status line matters; read just enough of it.
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        match stream.read(&mut buf[n..]).await {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok());
-    match status {
-        Some(200..=399) => Ok(()),
-        Some(code) => Err(format!("HTTP status {code}")),
-        None => Err("not an HTTP response".into()),
+        .map_err(ProbeError::Http)?;
+    let request = Request::get(check.path.as_str())
+        .header(header::HOST, addr.to_string())
+        .header(header::USER_AGENT, "mesh-health-check")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ProbeError::Request(e.to_string()))?;
+    // Only the status line matters: the connection is driven in the background until
+    // the response head arrives, then dropped with the body unread.
+    let driver = tokio::spawn(connection);
+    let response = sender.send_request(request).await;
+    driver.abort();
+    let response = match response {
+        Ok(r) => r,
+        Err(e) if e.is_closed() || e.is_incomplete_message() => return Err(ProbeError::Closed),
+        Err(e) => return Err(ProbeError::Http(e)),
+    };
+    match response.status().as_u16() {
+        200..=399 => Ok(()),
+        code => Err(ProbeError::Status(code)),
     }
 }

@@ -1,64 +1,46 @@
-//! IP networks in CIDR notation, for VIP pools and DNS access lists.
+//! IP networks in CIDR notation, for VIP pools and DNS access lists. `ipnet` does the
+//! parsing and the prefix math; this type adds what mesh needs on top: a bare address
+//! means a single host, an IPv4 client seen through a dual-stack socket
+//! (`::ffff:a.b.c.d`) matches IPv4 networks, and a pool can be indexed.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
-    pub fn bits(&self) -> u8 {
-        if self.addr.is_ipv4() { 32 } else { 128 }
+    pub fn is_ipv4(&self) -> bool {
+        matches!(self.0, IpNet::V4(_))
     }
 
-    fn mask(&self) -> u128 {
-        let host_bits = u32::from(self.bits() - self.prefix);
-        if host_bits >= 128 {
-            0
-        } else {
-            !0u128 << host_bits
-        }
-    }
-
-    fn as_u128(ip: IpAddr) -> u128 {
-        match ip {
-            IpAddr::V4(v4) => u128::from(u32::from(v4)),
-            IpAddr::V6(v6) => u128::from(v6),
-        }
+    pub fn prefix(&self) -> u8 {
+        self.0.prefix_len()
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        ip.is_ipv4() == self.addr.is_ipv4()
-            && (Self::as_u128(ip) & self.mask()) == (Self::as_u128(self.addr) & self.mask())
+        self.0.contains(&ip)
     }
 
-    /// The number of addresses in the network.
+    /// The number of addresses in the network (saturating for a whole IPv6 space).
     pub fn size(&self) -> u128 {
-        let host_bits = u32::from(self.bits() - self.prefix);
-        if host_bits >= 128 {
-            u128::MAX
-        } else {
-            1u128 << host_bits
-        }
+        let host_bits = u32::from(self.0.max_prefix_len() - self.0.prefix_len());
+        1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
     }
 
     /// The address at `offset` from the start of the network.
     pub fn nth(&self, offset: u128) -> IpAddr {
-        let base = Self::as_u128(self.addr) & self.mask();
-        match self.addr {
-            IpAddr::V4(_) => IpAddr::V4(((base + offset) as u32).into()),
-            IpAddr::V6(_) => IpAddr::V6((base.wrapping_add(offset)).into()),
+        match self.0.network() {
+            IpAddr::V4(base) => IpAddr::V4(u32::from(base).wrapping_add(offset as u32).into()),
+            IpAddr::V6(base) => IpAddr::V6(u128::from(base).wrapping_add(offset).into()),
         }
     }
 }
@@ -66,29 +48,18 @@ impl Cidr {
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP network like 10.0.0.0/8"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix must be 0 to {max}"))?,
-            None => max,
-        };
-        Ok(Cidr { addr, prefix })
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Cidr(IpNet::from(ip)));
+        }
+        s.parse::<IpNet>()
+            .map(Cidr)
+            .map_err(|_| format!("{s:?} is not an IP network like 10.0.0.0/8 or fd00::/64"))
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
     }
 }
 
@@ -119,7 +90,7 @@ mod tests {
         assert!(!c.contains("fd00::1".parse().unwrap()));
         let v6: Cidr = "fd6d:6573:6800::/64".parse().unwrap();
         assert!(v6.contains("fd6d:6573:6800::1234".parse().unwrap()));
-        assert_eq!("127.0.0.1".parse::<Cidr>().unwrap().prefix, 32);
+        assert_eq!("127.0.0.1".parse::<Cidr>().unwrap().prefix(), 32);
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("ten/8".parse::<Cidr>().is_err());
         assert!(
@@ -128,5 +99,14 @@ mod tests {
                 .unwrap()
                 .contains("1.2.3.4".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn size_and_nth() {
+        let c: Cidr = "192.0.2.0/30".parse().unwrap();
+        assert_eq!(c.size(), 4);
+        assert_eq!(c.nth(1), "192.0.2.1".parse::<IpAddr>().unwrap());
+        let all: Cidr = "::/0".parse().unwrap();
+        assert_eq!(all.size(), u128::MAX);
     }
 }

@@ -1,6 +1,6 @@
 use std::fmt;
 
-use crate::service::Protocol;
+use crate::protocol::Protocol;
 
 /// A value that fails validation. `field` is the path of the offending field as a user
 /// wrote it (`ports[1].published`), so the message can point at it.
@@ -39,10 +39,10 @@ impl fmt::Display for ModelError {
 
 impl std::error::Error for ModelError {}
 
-/// Why a change to the [`State`](crate::State) was refused.
+/// Why a change to the [`Replica`](crate::Replica) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] ModelError),
     #[error("service {0:?} not found")]
     ServiceNotFound(String),

@@ -1,14 +1,21 @@
-//! Sans-IO core of mesh: the model, its validation, the local state, the immutable
-//! [`Snapshot`] that data planes read, balancers and the health state machine.
+//! Sans-IO core of mesh: the model and its validation, the replicated table, the
+//! immutable [`Snapshot`] that readers share, the [`Plan`] that data planes reconcile,
+//! balancers and the health state machine.
 //!
 //! Nothing here does I/O or reads a clock: callers pass `now` and act on the results.
 
 pub mod balance;
 pub mod cidr;
+pub mod conflict;
 pub mod duration;
 pub mod error;
+pub mod hash;
 pub mod health;
+pub mod log_limit;
+pub mod member;
 pub mod name;
+pub mod plan;
+pub mod protocol;
 pub mod replica;
 pub mod service;
 pub mod snapshot;
@@ -17,10 +24,14 @@ pub mod vip;
 
 pub use balance::{BackendSet, Balance};
 pub use cidr::Cidr;
+pub use conflict::Conflict;
 pub use error::{ModelError, StateError};
 pub use health::{Health, HealthTracker};
+pub use member::MemberStatus;
+pub use plan::{Frontend, FrontendKey, Listen, Plan, PlanChange};
+pub use protocol::Protocol;
 pub use replica::{Delta, Digest, Replica, ReplicaConfig, SyncItem};
-pub use service::{HealthCheck, HealthKind, Mode, PortSpec, Protocol, ProxyProtocol, ServiceSpec};
+pub use service::{HealthCheck, HealthKind, Mode, PortSpec, ProxyProtocol, ServiceSpec};
 pub use snapshot::{ServiceEntry, Snapshot, TaskEntry};
-pub use task::{TaskSpec, TaskState};
+pub use task::{TaskSource, TaskSpec, TaskState};
 pub use vip::{VipPool, Vips};

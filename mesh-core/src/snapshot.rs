@@ -1,24 +1,30 @@
 //! The immutable view of the desired state that data planes, DNS and API reads use.
+//!
+//! The services are a persistent map of shared entries: the table republishes it after
+//! every change in O(what changed), and a reader diffs two snapshots in O(what
+//! changed) because unchanged entries are the same allocation in both.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{Backend, BackendSet};
+use crate::conflict::Conflict;
 use crate::health::Health;
 use crate::service::{PortSpec, ServiceSpec};
-use crate::task::TaskState;
+use crate::task::{TaskSource, TaskState};
 use crate::vip::Vips;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
     /// Increases with every published change.
     pub version: u64,
-    pub services: BTreeMap<String, ServiceEntry>,
+    pub services: OrdMap<String, Arc<ServiceEntry>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceEntry {
     pub spec: ServiceSpec,
     /// Empty for `dnsrr` services.
@@ -28,7 +34,7 @@ pub struct ServiceEntry {
     /// Conflicts this service lost (a published port or a task id held by another),
     /// shown to operators instead of being dropped silently.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conflicts: Vec<String>,
+    pub conflicts: Vec<Conflict>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +47,9 @@ pub struct TaskEntry {
     pub port: Option<u16>,
     pub state: TaskState,
     pub health: Health,
+    /// Which source of its host registered it.
+    #[serde(default)]
+    pub source: TaskSource,
 }
 
 impl TaskEntry {

@@ -23,6 +23,41 @@ impl std::fmt::Display for TaskState {
     }
 }
 
+/// Where a task of this host came from. Each source owns its own set of tasks and
+/// reconciles it: it reports its full set at start, then additions and removals.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskSource {
+    /// Registered through the API (`mesh task add`); saved in the data directory.
+    #[default]
+    Api,
+    /// Declared in the config file; applied again at every start.
+    Config,
+    /// Observed from a container engine; reported again after every restart.
+    Docker,
+}
+
+impl TaskSource {
+    /// Whether the agent saves this source's tasks. Declared and observed tasks are
+    /// reported again by their source after a restart, so saving them would only let
+    /// stale copies come back.
+    pub fn is_saved(self) -> bool {
+        self == TaskSource::Api
+    }
+}
+
+impl std::fmt::Display for TaskSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskSource::Api => "api",
+            TaskSource::Config => "config",
+            TaskSource::Docker => "docker",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Cidr;
+use crate::hash::fnv1a;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vips {
@@ -41,17 +42,10 @@ impl Default for VipPool {
     }
 }
 
-/// FNV-1a: stable across Rust versions and hosts, unlike `DefaultHasher`.
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 fn pick(cidr: &Cidr, name: &str, taken: &impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
     // Skip the network address (and the v4 broadcast); tiny pools have no room.
     let size = cidr.size();
-    let usable = if cidr.addr.is_ipv4() {
+    let usable = if cidr.is_ipv4() {
         size.saturating_sub(2)
     } else {
         size.saturating_sub(1)

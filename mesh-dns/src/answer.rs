@@ -33,7 +33,7 @@ fn classify<'z>(zone: &'z Zone, rest: &'z str, in_domain: bool) -> Option<Target
         Some((p, s)) => (Some(p), s),
         None => (None, rest),
     };
-    let (svc_name, service) = zone.services.get_key_value(svc)?;
+    let (svc_name, service) = zone.service(svc)?;
     let Some(prefix) = prefix else {
         return Some(Target::Service(service));
     };
@@ -125,7 +125,7 @@ pub fn resolve(zone: &Zone, req: &Message) -> Resolution {
         let Some(target) = owner
             .parse_arpa_name()
             .ok()
-            .and_then(|net| zone.reverse.get(&net.addr()))
+            .and_then(|net| zone.ptr(net.addr()))
         else {
             return Resolution::Forward;
         };

@@ -92,6 +92,10 @@ impl Forwarder {
     }
 
     fn store(&self, req: &Message, resp: &Message) {
+        // A size of 0 turns the cache off; the eviction below would still keep one.
+        if self.cache_size == 0 {
+            return;
+        }
         if !matches!(
             resp.metadata.response_code,
             ResponseCode::NoError | ResponseCode::NXDomain

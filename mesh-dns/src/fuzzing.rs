@@ -1,35 +1,56 @@
-//! The request path as one pure function, for the fuzz target and the mutation test.
+//! The request path on arbitrary bytes, for the fuzz target and the mutation test:
+//! both run [`respond`], the function the server runs, and check what it returns.
 
-use hickory_proto::op::Message;
+use std::net::{IpAddr, Ipv4Addr};
+
+use hickory_proto::op::{Message, ResponseCode};
 use mesh_core::{
-    Health, Mode, PortSpec, Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec, TaskState,
-    VipPool,
+    Cidr, Health, Mode, PortSpec, Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec,
+    TaskState, VipPool,
 };
 
-use crate::answer::{Resolution, resolve};
-use crate::wire::{check_query, echo_edns, encode, formerr, udp_limit};
+use crate::config::DnsConfig;
+use crate::respond::{Step, respond};
 use crate::zone::Zone;
 
-/// What the server would send for `raw` (None: drop, or forward upstream).
-pub fn respond(zone: &Zone, raw: &[u8]) -> Option<Vec<u8>> {
-    let Ok(req) = Message::from_vec(raw) else {
-        return formerr(raw);
-    };
-    if check_query(&req).is_err() {
-        return None;
-    }
-    match resolve(zone, &req) {
-        Resolution::Answer(mut resp) => {
-            echo_edns(&req, &mut resp);
-            let (bytes, _) = encode(&resp, udp_limit(&req))?;
-            // Whatever we send must itself parse.
+/// Runs `raw` through [`respond`] as the server would: from an allowed client over
+/// UDP and over TCP, and from a client outside the allow list. Panics when the result
+/// breaks a promise the server makes to every client.
+pub fn exercise(zone: &Zone, raw: &[u8]) {
+    let allow: Vec<Cidr> = DnsConfig::default().allow;
+    let inside = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let outside = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    for (client, limit) in [(inside, None), (inside, Some(65_535)), (outside, None)] {
+        let step = respond(zone, &allow, raw, client, limit);
+        let reply = match step {
+            Step::Reply(reply) => reply,
+            Step::Forward(_) => {
+                assert_eq!(client, inside, "forwarded for a refused client: {raw:?}");
+                continue;
+            }
+            Step::Drop { .. } => continue,
+        };
+        // Whatever we send must itself parse.
+        let sent = Message::from_vec(&reply.bytes)
+            .unwrap_or_else(|e| panic!("unparseable answer ({e}) to {raw:?}"));
+        // Never answer a response: two servers doing so bounce packets forever.
+        assert!(
+            raw.get(2).is_some_and(|b| b & 0x80 == 0),
+            "answered a response: {raw:?}"
+        );
+        assert_eq!(
+            reply.bytes.get(..2),
+            raw.get(..2),
+            "an answer under another id to {raw:?}"
+        );
+        assert_eq!(sent.metadata.response_code, reply.rcode, "{raw:?}");
+        if client == outside {
             assert!(
-                Message::from_vec(&bytes).is_ok(),
-                "unparseable answer to {raw:?}"
+                matches!(reply.rcode, ResponseCode::Refused | ResponseCode::FormErr),
+                "a refused client got {:?} for {raw:?}",
+                reply.rcode
             );
-            Some(bytes)
         }
-        Resolution::Forward => None,
     }
 }
 
@@ -54,7 +75,8 @@ pub fn sample_snapshot() -> Snapshot {
                 port: None,
                 state: TaskState::Active,
             };
-            s.add_task(task, 0).expect("valid");
+            s.add_task(task, mesh_core::TaskSource::Api, 0)
+                .expect("valid");
             s.set_health(
                 &name,
                 &id,
@@ -136,7 +158,7 @@ mod tests {
                     p.extend_from_slice(&other[(next() as usize % other.len())..]);
                 }
             }
-            let _ = respond(&zone, &p);
+            exercise(&zone, &p);
         }
     }
 }

@@ -3,12 +3,11 @@
 //! answers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::RecordType;
+use hickory_proto::op::Message;
 use mesh_core::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -16,18 +15,22 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::answer::{Resolution, resolve, response_to};
 use crate::config::DnsConfig;
 use crate::forward::{Forwarded, Forwarder};
 use crate::metrics::DnsMetrics;
-use crate::wire::{check_query, echo_edns, encode, formerr, udp_limit};
+use crate::respond::{Reply, Step, relay, respond};
 use crate::zone::Zone;
 
 const TCP_IDLE: Duration = Duration::from_secs(10);
 const MAX_TCP_CONNECTIONS: usize = 512;
+/// The size limit of a TCP answer: the two-byte length prefix.
+const TCP_LIMIT: Option<usize> = Some(65_535);
 
 pub struct DnsServer {
     zone: ArcSwap<Zone>,
+    /// The snapshot `zone` was built from: the next update patches the zone with the
+    /// difference to it. The lock also keeps concurrent updates from interleaving.
+    shown: Mutex<Snapshot>,
     config: DnsConfig,
     forwarder: Forwarder,
     metrics: DnsMetrics,
@@ -49,16 +52,14 @@ impl Bound {
     }
 }
 
-enum Step {
-    Reply(Vec<u8>),
-    Forward(Message),
-    Drop,
-}
-
 impl DnsServer {
-    pub fn new(config: DnsConfig, metrics: DnsMetrics) -> Arc<Self> {
+    /// A server for a validated `config` (see [`DnsConfig::validate`]) that forwards
+    /// other names to `upstreams`, usually
+    /// [`DnsConfig::upstreams_or_resolv_conf`]; empty: they get SERVFAIL. It answers
+    /// nothing under the domain until the first [`DnsServer::update`].
+    pub fn new(config: DnsConfig, upstreams: Vec<SocketAddr>, metrics: DnsMetrics) -> Arc<Self> {
         let forwarder = Forwarder::new(
-            config.upstreams.clone(),
+            upstreams,
             config.forward_timeout,
             config.max_inflight,
             config.cache_size,
@@ -66,6 +67,7 @@ impl DnsServer {
         );
         Arc::new(Self {
             zone: ArcSwap::from_pointee(Zone::empty(&config.domain, config.ttl)),
+            shown: Mutex::new(Snapshot::default()),
             config,
             forwarder,
             metrics,
@@ -73,13 +75,15 @@ impl DnsServer {
         })
     }
 
-    /// Rebuilds the zone from a new snapshot; queries in progress keep the old one.
+    /// Brings the zone to a new snapshot, in O(services that changed); queries in
+    /// progress keep the old zone.
     pub fn update(&self, snapshot: &Snapshot) {
-        self.zone.store(Arc::new(Zone::build(
-            snapshot,
-            &self.config.domain,
-            self.config.ttl,
-        )));
+        // A panic in `Zone::updated` leaves the stored zone and `shown` as they were,
+        // so a poisoned lock still guards a matching pair and updating can go on.
+        let mut shown = self.shown.lock().unwrap_or_else(PoisonError::into_inner);
+        let zone = self.zone.load().updated(&shown, snapshot);
+        self.zone.store(Arc::new(zone));
+        *shown = snapshot.clone();
     }
 
     /// Binds UDP and TCP on every listen address. For port 0 the port is chosen for
@@ -123,67 +127,33 @@ impl DnsServer {
         while tasks.join_next().await.is_some() {}
     }
 
-    fn allowed(&self, src: SocketAddr) -> bool {
-        self.config.allow.iter().any(|c| c.contains(src.ip()))
+    /// One request through the pure request path, with its metrics recorded.
+    fn step(&self, raw: &[u8], src: SocketAddr, limit: Option<usize>, started: Instant) -> Step {
+        let step = respond(&self.zone.load(), &self.config.allow, raw, src.ip(), limit);
+        match &step {
+            Step::Reply(reply) => self.record(reply, started),
+            Step::Drop { malformed: true } => self.metrics.malformed.inc(),
+            Step::Drop { malformed: false } | Step::Forward(_) => {}
+        }
+        step
     }
 
-    fn finish(
-        &self,
-        req: &Message,
-        mut resp: Message,
-        limit: usize,
-        started: Instant,
-    ) -> Option<Vec<u8>> {
-        echo_edns(req, &mut resp);
-        let (bytes, truncated) = encode(&resp, limit)?;
-        if truncated {
+    fn record(&self, reply: &Reply, started: Instant) {
+        // A FORMERR for an unparseable packet has no question to count it under.
+        if reply.malformed {
+            self.metrics.malformed.inc();
+            return;
+        }
+        if reply.refused {
+            self.metrics.refused.inc();
+        }
+        if reply.truncated {
             self.metrics.truncated.inc();
         }
-        let qtype = req
-            .queries
-            .first()
-            .map_or(RecordType::Unknown(0), |q| q.query_type());
-        self.metrics.query(qtype, resp.metadata.response_code);
+        self.metrics.query(reply.qtype, reply.rcode);
         self.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
-        Some(bytes)
-    }
-
-    fn step(&self, raw: &[u8], src: SocketAddr, limit: Option<usize>, started: Instant) -> Step {
-        let req = match Message::from_vec(raw) {
-            Ok(m) => m,
-            Err(_) => {
-                self.metrics.malformed.inc();
-                return formerr(raw).map_or(Step::Drop, Step::Reply);
-            }
-        };
-        if req.metadata.message_type != hickory_proto::op::MessageType::Query {
-            return Step::Drop;
-        }
-        let limit = limit.unwrap_or_else(|| udp_limit(&req));
-        if !self.allowed(src) {
-            self.metrics.refused.inc();
-            return self
-                .finish(
-                    &req,
-                    response_to(&req, ResponseCode::Refused),
-                    limit,
-                    started,
-                )
-                .map_or(Step::Drop, Step::Reply);
-        }
-        if let Err(code) = check_query(&req) {
-            return self
-                .finish(&req, response_to(&req, code), limit, started)
-                .map_or(Step::Drop, Step::Reply);
-        }
-        match resolve(&self.zone.load(), &req) {
-            Resolution::Answer(resp) => self
-                .finish(&req, resp, limit, started)
-                .map_or(Step::Drop, Step::Reply),
-            Resolution::Forward => Step::Forward(req),
-        }
     }
 
     async fn forward(
@@ -193,16 +163,13 @@ impl DnsServer {
         limit: Option<usize>,
         started: Instant,
     ) -> Option<Vec<u8>> {
-        let limit = limit.unwrap_or_else(|| udp_limit(&req));
-        let resp = match self.forwarder.forward(&req, raw).await {
-            Forwarded::Answer(mut resp) => {
-                resp.metadata.id = req.metadata.id;
-                resp.edns = None;
-                resp
-            }
-            Forwarded::Overloaded | Forwarded::Failed => response_to(&req, ResponseCode::ServFail),
+        let upstream = match self.forwarder.forward(&req, raw).await {
+            Forwarded::Answer(resp) => Some(resp),
+            Forwarded::Overloaded | Forwarded::Failed => None,
         };
-        self.finish(&req, resp, limit, started)
+        let reply = relay(&req, upstream, limit)?;
+        self.record(&reply, started);
+        Some(reply.bytes)
     }
 
     async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>, stop: CancellationToken) {
@@ -220,8 +187,8 @@ impl DnsServer {
             };
             let started = Instant::now();
             match self.step(&buf[..n], src, None, started) {
-                Step::Reply(bytes) => {
-                    let _ = socket.send_to(&bytes, src).await;
+                Step::Reply(reply) => {
+                    let _ = socket.send_to(&reply.bytes, src).await;
                 }
                 Step::Forward(req) => {
                     let server = self.clone();
@@ -233,7 +200,7 @@ impl DnsServer {
                         }
                     });
                 }
-                Step::Drop => {}
+                Step::Drop { .. } => {}
             }
         }
     }
@@ -281,14 +248,19 @@ impl DnsServer {
                 return;
             }
             let started = Instant::now();
-            let reply = match self.step(&buf, src, Some(65_535), started) {
-                Step::Reply(bytes) => Some(bytes),
-                Step::Forward(req) => self.forward(req, &buf, Some(65_535), started).await,
-                Step::Drop => None,
+            let reply = match self.step(&buf, src, TCP_LIMIT, started) {
+                Step::Reply(reply) => Some(reply.bytes),
+                Step::Forward(req) => self.forward(req, &buf, TCP_LIMIT, started).await,
+                Step::Drop { .. } => None,
             };
             let Some(bytes) = reply else { return };
+            // Truncation keeps answers within the limit; an answer that echoes a huge
+            // question section could still not fit the length prefix.
+            let Ok(len) = u16::try_from(bytes.len()) else {
+                return;
+            };
             let mut framed = Vec::with_capacity(bytes.len() + 2);
-            framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&bytes);
             if stream.write_all(&framed).await.is_err() {
                 return;

@@ -53,6 +53,7 @@ fn snapshot() -> Snapshot {
                 port: None,
                 state: TaskState::Active,
             },
+            mesh_core::TaskSource::Api,
             0,
         )
         .unwrap();
@@ -79,6 +80,7 @@ fn snapshot() -> Snapshot {
 struct Running {
     addr: SocketAddr,
     registry: prometheus::Registry,
+    server: Arc<DnsServer>,
     stop: CancellationToken,
 }
 
@@ -95,15 +97,19 @@ async fn start(config: DnsConfig, snap: &Snapshot) -> Running {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         ..config
     };
-    let server = DnsServer::new(config, metrics);
+    config.validate().unwrap();
+    // No resolv.conf: only the tests that configure upstreams forward.
+    let upstreams = config.upstreams_or_resolv_conf("");
+    let server = DnsServer::new(config, upstreams, metrics);
     server.update(snap);
     let bound = server.bind().await.unwrap();
     let addr = bound.local_addrs()[0];
     let stop = CancellationToken::new();
-    tokio::spawn(server.serve(bound, stop.clone()));
+    tokio::spawn(server.clone().serve(bound, stop.clone()));
     Running {
         addr,
         registry,
+        server,
         stop,
     }
 }
@@ -378,6 +384,65 @@ async fn a_large_answer_is_truncated_over_udp_and_complete_over_tcp() {
     assert!(metric(&dns.registry, "mesh_dns_truncated_total") >= 3.0);
 }
 
+#[tokio::test]
+async fn answers_follow_snapshot_updates() {
+    let mut s = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
+    let add = |s: &mut Replica, svc: &str, id: &str, ip: &str| {
+        let task = TaskSpec {
+            service: svc.into(),
+            id: Some(id.into()),
+            ip: ip.parse().unwrap(),
+            port: None,
+            state: TaskState::Active,
+        };
+        s.add_task(task, mesh_core::TaskSource::Api, 0).unwrap();
+        s.set_health(svc, id, Health::Healthy, 0);
+    };
+    s.create_service(ServiceSpec::new("web", vec![PortSpec::tcp(None, 80)]), 0)
+        .unwrap();
+    add(&mut s, "web", "web.1", "10.0.0.1");
+    let dns = start(DnsConfig::default(), &s.snapshot()).await;
+    let tasks = udp(dns.addr, &request("tasks.web.mesh.", RecordType::A, None)).await;
+    assert_eq!(
+        ips(&tasks.answers),
+        HashSet::from(["10.0.0.1".parse().unwrap()])
+    );
+
+    // A task and a service appear.
+    add(&mut s, "web", "web.2", "10.0.0.2");
+    s.create_service(ServiceSpec::new("api", vec![PortSpec::tcp(None, 443)]), 1)
+        .unwrap();
+    let snap = s.snapshot();
+    dns.server.update(&snap);
+    let tasks = udp(dns.addr, &request("tasks.web.mesh.", RecordType::A, None)).await;
+    assert_eq!(
+        ips(&tasks.answers),
+        HashSet::from(["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()])
+    );
+    let api = udp(dns.addr, &request("api.mesh.", RecordType::A, None)).await;
+    assert_eq!(
+        ips(&api.answers),
+        HashSet::from([IpAddr::V4(snap.services["api"].vips.v4.unwrap())])
+    );
+    let ptr = udp(
+        dns.addr,
+        &request("2.0.0.10.in-addr.arpa.", RecordType::PTR, None),
+    )
+    .await;
+    assert!(
+        matches!(&ptr.answers[0].data, RData::PTR(p) if p.0.to_ascii() == "web.2.tasks.web.mesh."),
+        "{ptr:?}"
+    );
+
+    // And go away again.
+    s.remove_service("web", 2).unwrap();
+    dns.server.update(&s.snapshot());
+    let gone = udp(dns.addr, &request("web.mesh.", RecordType::A, None)).await;
+    assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
+    let api = udp(dns.addr, &request("api.mesh.", RecordType::A, None)).await;
+    assert_eq!(api.answers.len(), 1);
+}
+
 /// A small upstream DNS server: `example.test` is 192.0.2.7, everything else NXDOMAIN.
 async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -415,7 +480,7 @@ async fn other_names_are_forwarded_and_cached() {
     let (up, count) = upstream().await;
     let dns = start(
         DnsConfig {
-            upstreams: vec!["127.0.0.1:9".parse().unwrap(), up],
+            upstreams: Some(vec!["127.0.0.1:9".parse().unwrap(), up]),
             ..DnsConfig::default()
         },
         &snapshot(),
@@ -454,7 +519,7 @@ async fn clients_outside_the_allowed_networks_are_refused() {
     let (up, count) = upstream().await;
     let config = DnsConfig {
         allow: vec!["127.0.0.1/32".parse().unwrap()],
-        upstreams: vec![up],
+        upstreams: Some(vec![up]),
         ..DnsConfig::default()
     };
     let dns = start(config, &snapshot()).await;
@@ -481,7 +546,7 @@ async fn forwards_beyond_the_bound_get_servfail_at_once() {
     // An upstream that never answers keeps two forwards in flight for 60 s.
     let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let config = DnsConfig {
-        upstreams: vec![silent.local_addr().unwrap()],
+        upstreams: Some(vec![silent.local_addr().unwrap()]),
         max_inflight: 2,
         forward_timeout: Duration::from_secs(60),
         ..DnsConfig::default()

@@ -38,7 +38,7 @@ fn main() {
         sim.until(50, 120_000, |s| {
             s.up_nodes()
                 .iter()
-                .all(|i| s.replica(*i).lock().unwrap().service("web").is_some())
+                .all(|i| s.replica(*i).service("web").is_some())
         });
         sim.set_loss(loss);
         let (bytes0, t0) = (sim.total_bytes(), sim.now_ms);
@@ -57,14 +57,12 @@ fn main() {
                         port: None,
                         state: TaskState::Active,
                     };
-                    let mut d = r.add_task(spec, now).unwrap().1;
+                    let mut d = r.add_task(spec, mesh_core::TaskSource::Api, now).unwrap().1;
                     d.extend(r.set_health("web", &id, Health::Healthy, now));
                     d
                 });
                 sim.publish(host, &deltas);
                 sim.replica(host)
-                    .lock()
-                    .unwrap()
                     .watermark(&origin)
                     .map(|(_, w)| w)
                     .unwrap_or(0)
@@ -72,8 +70,6 @@ fn main() {
             let took = sim.until(10, 120_000, |s| {
                 s.up_nodes().iter().all(|i| {
                     s.replica(*i)
-                        .lock()
-                        .unwrap()
                         .task_version(&origin, "web", &id)
                         .is_some_and(|v| v >= version)
                 })

@@ -1,20 +1,25 @@
-//! One member: foca (SWIM) plus the replica it feeds. Sans-IO: inputs are datagrams,
-//! timer events and local deltas, each with the current time; outputs collect in an
-//! [`Outbox`].
+//! One member: foca (SWIM) and the deltas it disseminates. Sans-IO: inputs are
+//! datagrams, timer events and local deltas, each with the current time; outputs
+//! collect in an [`Outbox`]: datagrams to send, timers to set, and [`GossipEvent`]s for
+//! the table. The node owns no replica: whoever owns the table applies the events.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use foca::{Foca, Notification, PostcardCodec, Runtime, Timer};
-use mesh_core::{Delta, Replica};
+use mesh_core::Delta;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::broadcast::{DeltaHandler, encode};
+use crate::broadcast::{DeltaHandler, Inbox, encode, inbox};
+use crate::events::GossipEvent;
 use crate::identity::NodeIdentity;
+
+/// Subjects remembered to tell news from echoes; a forgotten one is passed on once
+/// more at worst.
+const SEEN_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct GossipConfig {
@@ -71,13 +76,14 @@ impl GossipConfig {
 pub struct Outbox {
     pub sends: Vec<(SocketAddr, Vec<u8>)>,
     pub timers: Vec<(Duration, Timer<NodeIdentity>)>,
-    /// Whether the replica changed: publish a new snapshot.
-    pub changed: bool,
+    /// For the table, in the order they happened.
+    pub events: Vec<GossipEvent>,
 }
 
-/// Lifeguard's local health multiplier, approximated from outside foca: while our
-/// own probes keep failing we may be the slow one, so our timers stretch instead of
-/// accusing others (shared/research/gossip.md §2.6).
+/// Lifeguard's local health multiplier (Dadgar et al., "Lifeguard: Local Health
+/// Awareness for More Accurate Failure Detection", 2018), approximated from outside
+/// foca: while our own probes keep failing we may be the slow one, so our timers
+/// stretch instead of accusing others.
 #[derive(Default)]
 struct LocalHealth {
     score: u32,
@@ -91,19 +97,28 @@ const MAX_HEALTH_SCORE: u32 = 8;
 
 struct Io<'a> {
     outbox: &'a mut Outbox,
-    replica: &'a Mutex<Replica>,
+    inbox: &'a Mutex<Inbox>,
     health: &'a mut LocalHealth,
-    now_ms: u64,
+}
+
+impl Io<'_> {
+    fn event(&self, e: GossipEvent) {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .events
+            .push(e);
+    }
 }
 
 impl Runtime<NodeIdentity> for Io<'_> {
     fn notify(&mut self, notification: Notification<'_, NodeIdentity>) {
-        let mut replica = self.replica.lock().unwrap_or_else(|p| p.into_inner());
-        let before = replica.version();
         match notification {
-            Notification::MemberUp(id) if !id.name.is_empty() => replica.member_up(&id.name),
+            Notification::MemberUp(id) if !id.name.is_empty() => {
+                self.event(GossipEvent::MemberUp(id.name.clone()))
+            }
             Notification::MemberDown(id) if !id.name.is_empty() => {
-                replica.member_down(&id.name, self.now_ms)
+                self.event(GossipEvent::MemberDown(id.name.clone()))
             }
             Notification::ProbeFailed(_, member) => {
                 self.health.failed_since_last_probe = true;
@@ -118,7 +133,6 @@ impl Runtime<NodeIdentity> for Io<'_> {
             }
             _ => {}
         }
-        self.outbox.changed |= replica.version() != before;
     }
 
     fn send_to(&mut self, to: NodeIdentity, data: &[u8]) {
@@ -141,23 +155,16 @@ pub struct GossipNode {
     config: GossipConfig,
     /// The cluster size foca's retransmissions and suspicion are tuned for.
     tuned_for: u32,
-    replica: Arc<Mutex<Replica>>,
-    clock: Arc<AtomicU64>,
+    inbox: Arc<Mutex<Inbox>>,
     outbox: Outbox,
     health: LocalHealth,
 }
 
 impl GossipNode {
-    pub fn new(
-        identity: NodeIdentity,
-        config: &GossipConfig,
-        rng_seed: u64,
-        replica: Arc<Mutex<Replica>>,
-    ) -> Self {
-        let clock = Arc::new(AtomicU64::new(0));
+    pub fn new(identity: NodeIdentity, config: &GossipConfig, rng_seed: u64) -> Self {
+        let inbox = inbox(SEEN_CAPACITY);
         let handler = DeltaHandler {
-            replica: replica.clone(),
-            now_ms: clock.clone(),
+            inbox: inbox.clone(),
         };
         let foca = Foca::with_custom_broadcast(
             identity,
@@ -170,8 +177,7 @@ impl GossipNode {
             foca,
             config: config.clone(),
             tuned_for: config.cluster_size.max(1),
-            replica,
-            clock,
+            inbox,
             outbox: Outbox::default(),
             health: LocalHealth::default(),
         }
@@ -196,40 +202,27 @@ impl GossipNode {
         self.foca.identity()
     }
 
-    pub fn replica(&self) -> &Arc<Mutex<Replica>> {
-        &self.replica
-    }
-
+    /// Runs foca with this node's runtime. foca itself keeps time through the timers
+    /// it asks for, so `now` is not needed here.
     fn run<T>(
         &mut self,
-        now_ms: u64,
         f: impl FnOnce(&mut Foca<NodeIdentity, PostcardCodec, StdRng, DeltaHandler>, &mut Io<'_>) -> T,
     ) -> T {
-        self.clock.store(now_ms, Ordering::Relaxed);
-        let before = self
-            .replica
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .version();
         let mut io = Io {
             outbox: &mut self.outbox,
-            replica: &self.replica,
+            inbox: &self.inbox,
             health: &mut self.health,
-            now_ms,
         };
         let out = f(&mut self.foca, &mut io);
-        let after = self
-            .replica
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .version();
-        self.outbox.changed |= after != before;
+        let events =
+            std::mem::take(&mut self.inbox.lock().unwrap_or_else(|p| p.into_inner()).events);
+        self.outbox.events.extend(events);
         out
     }
 
     /// Starts gossip: foca's periodic timers, and an announce to each seed.
-    pub fn start(&mut self, seeds: &[SocketAddr], now_ms: u64) {
-        self.run(now_ms, |foca, io| {
+    pub fn start(&mut self, seeds: &[SocketAddr]) {
+        self.run(|foca, io| {
             for seed in seeds {
                 let _ = foca.announce(NodeIdentity::seed(*seed), &mut *io);
             }
@@ -237,49 +230,44 @@ impl GossipNode {
     }
 
     /// Announces to the seeds again (the agent retries until someone answers).
-    pub fn announce(&mut self, seeds: &[SocketAddr], now_ms: u64) {
-        self.start(seeds, now_ms);
+    pub fn announce(&mut self, seeds: &[SocketAddr]) {
+        self.start(seeds);
     }
 
-    pub fn handle_data(&mut self, data: &[u8], now_ms: u64) -> Result<(), foca::Error> {
-        let r = self.run(now_ms, |foca, io| foca.handle_data(data, io));
+    pub fn handle_data(&mut self, data: &[u8]) -> Result<(), foca::Error> {
+        let r = self.run(|foca, io| foca.handle_data(data, io));
         self.retune();
         r
     }
 
-    pub fn handle_timer(&mut self, timer: Timer<NodeIdentity>, now_ms: u64) {
+    pub fn handle_timer(&mut self, timer: Timer<NodeIdentity>) {
         if let Timer::ProbeRandomMember(_) = timer {
             // A probe period without a failed probe: we look healthy again.
             if !std::mem::take(&mut self.health.failed_since_last_probe) {
                 self.health.score = self.health.score.saturating_sub(1);
             }
         }
-        let _ = self.run(now_ms, |foca, io| foca.handle_timer(timer, io));
+        let _ = self.run(|foca, io| foca.handle_timer(timer, io));
     }
 
-    /// Disseminates local writes (already applied to the replica), sending at once.
-    pub fn publish(&mut self, deltas: &[Delta], now_ms: u64) {
+    /// Disseminates local writes (already applied to the table), sending at once.
+    pub fn publish(&mut self, deltas: &[Delta]) {
         if deltas.is_empty() {
             return;
         }
-        self.run(now_ms, |foca, io| {
+        self.run(|foca, io| {
             for d in deltas {
                 let _ = foca.add_broadcast(&encode(d));
             }
             let _ = foca.gossip(&mut *io);
         });
-        self.outbox.changed = true;
     }
 
-    /// Tells the cluster we are leaving: our tasks are withdrawn everywhere at once.
-    pub fn leave(&mut self, now_ms: u64) {
-        let leave = self
-            .replica
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .leave();
-        self.publish(&[leave], now_ms);
-        self.run(now_ms, |foca, io| {
+    /// Tells the cluster we are leaving (`leave` is the table's `Delta::Leave`): our
+    /// tasks are withdrawn everywhere at once.
+    pub fn leave(&mut self, leave: Delta) {
+        self.publish(&[leave]);
+        self.run(|foca, io| {
             let _ = foca.gossip(&mut *io);
             let _ = foca.leave_cluster(&mut *io);
         });
@@ -308,8 +296,8 @@ impl GossipNode {
         self.foca.iter_membership_state().cloned().collect()
     }
 
-    pub fn apply_membership(&mut self, members: Vec<foca::Member<NodeIdentity>>, now_ms: u64) {
-        self.run(now_ms, |foca, io| {
+    pub fn apply_membership(&mut self, members: Vec<foca::Member<NodeIdentity>>) {
+        self.run(|foca, io| {
             let _ = foca.apply_many(members.into_iter(), true, io);
         });
         self.retune();

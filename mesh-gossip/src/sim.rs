@@ -1,19 +1,23 @@
 //! A deterministic simulation of a whole cluster in one process: real foca and real
 //! replicas per node, virtual time, a seeded RNG, and a network that loses, delays and
-//! partitions datagrams. Anti-entropy exchanges run over simulated TCP (reliable, but
-//! cut by partitions). Used by the tests for invariants and by the benchmarks for
-//! convergence figures.
+//! partitions datagrams. Each node's replica is owned by the simulator, which plays
+//! the table: it applies the node's [`GossipEvent`]s and runs the real anti-entropy
+//! steps ([`crate::anti_entropy`]) over simulated TCP (reliable, but cut by
+//! partitions), with every message encoded and decoded as on the wire. Used by the
+//! tests for invariants and by the benchmarks for convergence figures.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
 
 use foca::Timer;
 use mesh_core::{Delta, Replica, ReplicaConfig, VipPool};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
+use crate::anti_entropy::{self, Back, Hello, Reply};
 use crate::identity::NodeIdentity;
 use crate::node::{GossipConfig, GossipNode};
 
@@ -72,6 +76,8 @@ struct SimNode {
     /// Bumped at every restart; events of an older incarnation are dropped.
     incarnation: u64,
     gossip: Option<GossipNode>,
+    /// Owned here, as the agent's table owns it: the node only reports events.
+    replica: Option<Replica>,
     bytes_sent: u64,
 }
 
@@ -115,6 +121,7 @@ impl Sim {
                 addr,
                 incarnation: 0,
                 gossip: None,
+                replica: None,
                 bytes_sent: 0,
             });
             sim.boot(i);
@@ -138,15 +145,11 @@ impl Sim {
             self.config.replica.clone(),
         );
         let seed = self.config.seed ^ ((i as u64) << 20) ^ generation;
-        let mut g = GossipNode::new(
-            identity,
-            &self.config.gossip,
-            seed,
-            Arc::new(Mutex::new(replica)),
-        );
+        let mut g = GossipNode::new(identity, &self.config.gossip, seed);
         let seeds = if i == 0 { vec![] } else { vec![addr_of(0)] };
-        g.start(&seeds, self.now_ms);
+        g.start(&seeds);
         node.gossip = Some(g);
+        node.replica = Some(replica);
         let inc = node.incarnation;
         let jitter = self.rng.random_range(0..self.config.anti_entropy_ms.max(1));
         self.schedule(
@@ -173,12 +176,18 @@ impl Sim {
         self.queue.push(Reverse((self.now_ms + after_ms, id)));
     }
 
-    /// Turns a node's outbox into network and timer events.
+    /// Turns a node's outbox into network and timer events, and hands its events to
+    /// its replica.
     fn flush(&mut self, i: usize) {
         let Some(g) = self.nodes[i].gossip.as_mut() else {
             return;
         };
         let out = g.take_outbox();
+        if let Some(r) = self.nodes[i].replica.as_mut() {
+            for event in out.events {
+                event.apply(r, self.now_ms);
+            }
+        }
         let inc = self.nodes[i].incarnation;
         for (after, timer) in out.timers {
             self.schedule(
@@ -223,11 +232,10 @@ impl Sim {
     }
 
     fn handle(&mut self, event: Event) {
-        let now = self.now_ms;
         match event {
             Event::Deliver { to, data } => {
                 if let Some(g) = self.nodes[to].gossip.as_mut() {
-                    let _ = g.handle_data(&data, now);
+                    let _ = g.handle_data(&data);
                     self.flush(to);
                 }
             }
@@ -239,7 +247,7 @@ impl Sim {
                 if self.nodes[node].incarnation == incarnation
                     && let Some(g) = self.nodes[node].gossip.as_mut()
                 {
-                    g.handle_timer(timer, now);
+                    g.handle_timer(timer);
                     self.flush(node);
                 }
             }
@@ -265,8 +273,17 @@ impl Sim {
         }
     }
 
+    /// Carries one anti-entropy message from node `from` over simulated TCP: encoded,
+    /// counted and decoded, as the transport does.
+    fn carry<T: Serialize + DeserializeOwned>(&mut self, from: usize, msg: &T) -> T {
+        let bytes = postcard::to_allocvec(msg).expect("sync messages encode");
+        self.nodes[from].bytes_sent += bytes.len() as u64;
+        postcard::from_bytes(&bytes).expect("sync messages decode")
+    }
+
     /// One push-pull exchange with a random live member, if the network lets a TCP
-    /// connection through (both directions).
+    /// connection through (both directions): the real anti-entropy steps, each run
+    /// against the replica of the side that takes it.
     fn anti_entropy(&mut self, i: usize) {
         let members = self.nodes[i]
             .gossip
@@ -287,62 +304,50 @@ impl Sim {
             return;
         }
         let now = self.now_ms;
-        let (ri, rj) = (self.replica(i), self.replica(j));
-        let digest_i = ri.lock().unwrap().digest();
-        let to_i = rj.lock().unwrap().sync_for(&digest_i);
-        let digest_j = rj.lock().unwrap().digest();
-        let to_j = ri.lock().unwrap().sync_for(&digest_j);
-        let size = |v: &dyn erased::Size| v.size();
-        self.nodes[i].bytes_sent += size(&digest_i) + size(&to_j);
-        self.nodes[j].bytes_sent += size(&digest_j) + size(&to_i);
-        for item in to_i {
-            ri.lock().unwrap().apply_sync(item, now);
-        }
-        for item in to_j {
-            rj.lock().unwrap().apply_sync(item, now);
-        }
-        let members_i = self.nodes[i]
-            .gossip
-            .as_ref()
-            .map(|g| g.membership())
-            .unwrap_or_default();
-        let members_j = self.nodes[j]
-            .gossip
-            .as_ref()
-            .map(|g| g.membership())
-            .unwrap_or_default();
-        self.nodes[i].bytes_sent += size(&members_i);
-        self.nodes[j].bytes_sent += size(&members_j);
+        let membership = |sim: &Sim, k: usize| {
+            sim.nodes[k]
+                .gossip
+                .as_ref()
+                .map(|g| g.membership())
+                .unwrap_or_default()
+        };
+        let hello = anti_entropy::hello(self.replica(i), membership(self, i));
+        let mut hello: Hello = self.carry(i, &hello);
+        let theirs_i = std::mem::take(&mut hello.members);
+        let reply = anti_entropy::reply(self.replica(j), &hello, membership(self, j));
+        let mut reply: Reply = self.carry(j, &reply);
+        let theirs_j = std::mem::take(&mut reply.members);
+        let (back, _) = anti_entropy::absorb_reply(self.replica_mut(i), reply, now);
+        let back: Back = self.carry(i, &back);
+        anti_entropy::absorb(self.replica_mut(j), back, now);
         if let Some(g) = self.nodes[i].gossip.as_mut() {
-            g.apply_membership(members_j, now);
+            g.apply_membership(theirs_j);
         }
         if let Some(g) = self.nodes[j].gossip.as_mut() {
-            g.apply_membership(members_i, now);
+            g.apply_membership(theirs_i);
         }
         self.flush(i);
         self.flush(j);
     }
 
-    pub fn replica(&self, i: usize) -> Arc<Mutex<Replica>> {
-        self.nodes[i]
-            .gossip
-            .as_ref()
-            .expect("node is up")
-            .replica()
-            .clone()
+    /// The replica of a node that is up.
+    pub fn replica(&self, i: usize) -> &Replica {
+        self.nodes[i].replica.as_ref().expect("node is up")
     }
 
-    /// Runs a local write on node `i` and gossips its deltas.
+    fn replica_mut(&mut self, i: usize) -> &mut Replica {
+        self.nodes[i].replica.as_mut().expect("node is up")
+    }
+
+    /// Runs a local write on node `i` (gossip its deltas with [`Sim::publish`]).
     pub fn with_replica<T>(&mut self, i: usize, f: impl FnOnce(&mut Replica, u64) -> T) -> T {
-        let r = self.replica(i);
-        let mut guard = r.lock().unwrap();
-        f(&mut guard, self.now_ms)
+        let now = self.now_ms;
+        f(self.replica_mut(i), now)
     }
 
     pub fn publish(&mut self, i: usize, deltas: &[Delta]) {
-        let now = self.now_ms;
         if let Some(g) = self.nodes[i].gossip.as_mut() {
-            g.publish(deltas, now);
+            g.publish(deltas);
         }
         self.flush(i);
     }
@@ -360,6 +365,7 @@ impl Sim {
     /// kill -9: the node stops, its pending timers die with it.
     pub fn crash(&mut self, i: usize) {
         self.nodes[i].gossip = None;
+        self.nodes[i].replica = None;
         self.nodes[i].incarnation += 1;
     }
 
@@ -369,13 +375,12 @@ impl Sim {
     }
 
     pub fn leave(&mut self, i: usize) {
-        let now = self.now_ms;
-        if let Some(g) = self.nodes[i].gossip.as_mut() {
-            g.leave(now);
+        let leave = self.nodes[i].replica.as_ref().map(|r| r.leave());
+        if let (Some(g), Some(leave)) = (self.nodes[i].gossip.as_mut(), leave) {
+            g.leave(leave);
         }
         self.flush(i);
-        self.nodes[i].gossip = None;
-        self.nodes[i].incarnation += 1;
+        self.crash(i);
     }
 
     /// Cuts traffic from every node in `a` to every node in `b` (one way).
@@ -440,20 +445,5 @@ impl Sim {
             .gossip
             .as_ref()
             .map_or(0, |g| g.alive_members().len())
-    }
-}
-
-/// Serialized size for byte accounting, without naming each message type.
-mod erased {
-    pub trait Size {
-        fn size(&self) -> u64;
-    }
-
-    impl<T: serde::Serialize> Size for T {
-        fn size(&self) -> u64 {
-            postcard::to_allocvec(self)
-                .map(|v| v.len() as u64)
-                .unwrap_or(0)
-        }
     }
 }

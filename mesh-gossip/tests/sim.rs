@@ -9,12 +9,9 @@ use mesh_gossip::sim::{Sim, SimConfig};
 
 fn views_equal(sim: &Sim) -> bool {
     let up = sim.up_nodes();
-    let first =
-        serde_json::to_string(&sim.replica(up[0]).lock().unwrap().snapshot().services).unwrap();
-    up.iter().all(|i| {
-        serde_json::to_string(&sim.replica(*i).lock().unwrap().snapshot().services).unwrap()
-            == first
-    })
+    let first = serde_json::to_string(&sim.replica(up[0]).snapshot().services).unwrap();
+    up.iter()
+        .all(|i| serde_json::to_string(&sim.replica(*i).snapshot().services).unwrap() == first)
 }
 
 fn add_task(sim: &mut Sim, i: usize, id: &str, ip: &str) {
@@ -27,14 +24,14 @@ fn add_task(sim: &mut Sim, i: usize, id: &str, ip: &str) {
             port: None,
             state: TaskState::Active,
         };
-        let mut d = r.add_task(spec, now).unwrap().1;
+        let mut d = r.add_task(spec, mesh_core::TaskSource::Api, now).unwrap().1;
         d.extend(r.set_health(&service, &id, Health::Healthy, now));
         d
     });
 }
 
 fn routed_ids(sim: &Sim, i: usize) -> BTreeSet<String> {
-    let snap = sim.replica(i).lock().unwrap().snapshot();
+    let snap = sim.replica(i).snapshot();
     snap.services
         .get("web")
         .map(|w| {
@@ -64,12 +61,8 @@ fn a_small_cluster_forms_and_replicates() {
         .unwrap()
     });
     assert!(
-        sim.until(10, 60_000, |s| (0..16).all(|i| s
-            .replica(i)
-            .lock()
-            .unwrap()
-            .service("web")
-            .is_some()))
+        sim.until(10, 60_000, |s| (0..16)
+            .all(|i| s.replica(i).service("web").is_some()))
             .is_some()
     );
     for i in 0..16 {
@@ -125,7 +118,7 @@ fn five_hundred_nodes_survive_loss_partitions_crashes_and_restarts() {
     let t = sim.until(10, 120_000, |s| {
         s.up_nodes()
             .iter()
-            .all(|i| s.replica(*i).lock().unwrap().service("web").is_some())
+            .all(|i| s.replica(*i).service("web").is_some())
     });
     eprintln!("500 nodes: a new service reached every node in {t:?} ms (virtual, 0% loss)");
     assert!(t.is_some());
@@ -157,9 +150,7 @@ fn five_hundred_nodes_survive_loss_partitions_crashes_and_restarts() {
     }
     sim.run_for(20_000);
     sim.restart(6);
-    let t = sim.until(100, 120_000, |s| {
-        s.replica(6).lock().unwrap().service("web").is_some()
-    });
+    let t = sim.until(100, 120_000, |s| s.replica(6).service("web").is_some());
     eprintln!("a restarted host (new generation) had the service table again after {t:?} ms");
     assert!(t.is_some());
     add_task(&mut sim, 6, "t6b", "10.0.0.6");
@@ -191,12 +182,7 @@ fn five_hundred_nodes_survive_loss_partitions_crashes_and_restarts() {
     // Every host agrees on the VIP.
     let vips: BTreeSet<String> = up
         .iter()
-        .map(|i| {
-            format!(
-                "{:?}",
-                sim.replica(*i).lock().unwrap().snapshot().services["web"].vips
-            )
-        })
+        .map(|i| format!("{:?}", sim.replica(*i).snapshot().services["web"].vips))
         .collect();
     assert_eq!(vips.len(), 1);
     let bytes = sim.total_bytes() as f64 / N as f64 / (sim.now_ms as f64 / 1000.0);

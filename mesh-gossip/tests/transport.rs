@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_core::{
-    Health, PortSpec, Replica, ReplicaConfig, ServiceSpec, TaskSpec, TaskState, VipPool,
+    Health, MemberStatus, PortSpec, Replica, ReplicaConfig, ServiceSpec, TaskSpec, TaskState,
+    VipPool,
 };
 use mesh_gossip::GossipConfig;
 use mesh_gossip::crypto::{Keyring, generate_key};
-use mesh_gossip::transport::{GossipHandle, TransportConfig, start};
+use mesh_gossip::transport::{GossipHandle, ToTable, TransportConfig, start, wall_ms};
 
 struct Node {
     replica: Arc<Mutex<Replica>>,
@@ -43,9 +44,15 @@ async fn node(name: &str, seeds: Vec<SocketAddr>, key: &str) -> Node {
         },
         anti_entropy: Duration::from_millis(500),
     };
-    let handle = start(config, replica.clone(), Arc::new(|| {}), &prom)
-        .await
-        .unwrap();
+    // The table of this test: the one task that applies what gossip hands over.
+    let (table, mut requests) = tokio::sync::mpsc::channel::<ToTable>(64);
+    let owned = replica.clone();
+    tokio::spawn(async move {
+        while let Some(r) = requests.recv().await {
+            r.run(&mut owned.lock().unwrap(), wall_ms());
+        }
+    });
+    let handle = start(config, table, &prom).await.unwrap();
     Node {
         replica,
         handle,
@@ -82,7 +89,7 @@ async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
             .members
             .borrow()
             .iter()
-            .filter(|m| m.status == "alive")
+            .filter(|m| m.status == MemberStatus::Alive)
             .count()
             == 3
     })
@@ -97,7 +104,7 @@ async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
             1,
         )
         .unwrap();
-    a.handle.deltas.send(d).unwrap();
+    a.handle.deltas.try_send(d).unwrap();
     eventually("service on b", || {
         b.replica.lock().unwrap().service("web").is_some()
     })
@@ -111,11 +118,11 @@ async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
             port: None,
             state: TaskState::Active,
         };
-        let mut d = r.add_task(spec, 2).unwrap().1;
+        let mut d = r.add_task(spec, mesh_core::TaskSource::Api, 2).unwrap().1;
         d.extend(r.set_health("web", "web.1", Health::Healthy, 2));
         d
     };
-    b.handle.deltas.send(d).unwrap();
+    b.handle.deltas.try_send(d).unwrap();
     eventually("b's task routed on c", || routed(&c) == 1).await;
 
     // A node with another key gets nowhere, and the cluster counts its packets.
@@ -131,14 +138,15 @@ async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
     assert!(a.handle.members.borrow().iter().all(|m| m.name != "x"));
 
     // b leaves gracefully: its task is withdrawn on c at once, not after suspicion.
-    b.handle.leave().await;
+    let leave = b.replica.lock().unwrap().leave();
+    b.handle.leave(leave).await;
     eventually("b's task withdrawn on c", || routed(&c) == 0).await;
     eventually("b shown as left", || {
         c.handle
             .members
             .borrow()
             .iter()
-            .any(|m| m.name == "b" && (m.status == "left" || m.status == "down"))
+            .any(|m| m.name == "b" && matches!(m.status, MemberStatus::Left | MemberStatus::Down))
     })
     .await;
 }

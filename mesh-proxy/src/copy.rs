@@ -78,7 +78,7 @@ pub async fn proxy(
     };
     let keepalive = async {
         tokio::time::sleep(KEEPALIVE_AFTER).await;
-        crate::tcp::set_keepalive(SockRef::from(upstream));
+        crate::sockopt::set_keepalive(SockRef::from(upstream));
         std::future::pending::<()>().await
     };
     tokio::select! {

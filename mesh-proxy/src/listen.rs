@@ -28,7 +28,7 @@ pub fn tcp_at(bind: Bind, port: u16) -> io::Result<std::net::TcpListener> {
     };
     // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the
     // listener, which saves five setsockopt calls per client connection.
-    crate::tcp::tune(&socket);
+    crate::sockopt::tune(&socket);
     socket.listen(BACKLOG)?;
     Ok(socket.into())
 }
@@ -107,17 +107,5 @@ pub fn check_port_free(
         mesh_core::Protocol::Udp => {
             bind_plain(ip, port, Type::DGRAM, Protocol::UDP, false).map(drop)
         }
-    }
-}
-
-/// A v4 client seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; PROXY
-/// headers and logs must show the plain IPv4 address.
-pub fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
     }
 }

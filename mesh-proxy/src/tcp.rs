@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::ProxyProtocol;
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::copy::{self, End};
-use crate::listen::unmap;
 use crate::proxy_header;
 use crate::route::{ListenerShared, TaskLease};
+use crate::sockopt::unmap;
 
 pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>) {
     // One waiter for the whole loop, not a new registration per accept.
@@ -41,23 +41,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>) {
 /// Closes with RST, so a refused client fails at once instead of waiting.
 fn refuse(stream: TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-}
-
-/// TCP_NODELAY and keepalive; on a listener, accepted sockets inherit both.
-pub(crate) fn tune<'s>(socket: impl Into<SockRef<'s>>) {
-    let sock = socket.into();
-    let _ = sock.set_nodelay(true);
-    set_keepalive(sock);
-}
-
-/// Idle connections live forever unless the service sets idle_timeout; keepalive
-/// finds peers that vanished without a FIN.
-pub(crate) fn set_keepalive(sock: SockRef<'_>) {
-    let ka = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    let _ = sock.set_tcp_keepalive(&ka);
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<ListenerShared>) {

@@ -14,8 +14,8 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::listen::unmap;
 use crate::route::{ListenerShared, Route, TaskLease};
+use crate::sockopt::unmap;
 
 const MAX_DATAGRAM: usize = 65_536;
 

@@ -30,7 +30,7 @@ async fn round_robin_gives_each_task_exactly_its_share() {
         d.task("web", &format!("web.{}", i + 1), b.addr);
     }
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     assert!(plane.errors().is_empty(), "{:?}", plane.errors());
 
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -53,7 +53,7 @@ async fn least_conn_prefers_the_task_with_fewest_connections() {
     let mut d = Desired::new();
     d.service(spec).task("web", "a", a.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
 
     // Three long-lived connections pile onto the only task, a.
     let mut held = Vec::new();
@@ -66,7 +66,7 @@ async fn least_conn_prefers_the_task_with_fewest_connections() {
     }
     // With b added, round robin would alternate; least-conn sends the next three to b.
     d.task("web", "b", b.addr);
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     for _ in 0..3 {
         assert_eq!(fetch(port).await.unwrap(), "b");
     }
@@ -83,7 +83,7 @@ async fn a_dead_task_costs_clients_nothing() {
         d.task("web", &format!("web.{}", i + 1), b.addr);
     }
     let (mut plane, _, registry) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
 
     // web.2 dies, and the plane has not heard of it: only connects can tell.
     drop(backends.remove(1));
@@ -116,7 +116,7 @@ async fn no_healthy_task_refuses_at_once() {
     let mut d = Desired::new();
     d.service(tcp_service("web", port));
     let (mut plane, _, registry) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     assert_refused(port).await;
     eventually("refusal counted", || {
         metric(
@@ -152,7 +152,7 @@ async fn half_close_propagates_both_ways() {
     d.service(tcp_service("echo", p2))
         .task("echo", "e.1", echo.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
 
     let mut s = TcpStream::connect(local(p1)).await.unwrap();
     let mut banner = Vec::new();
@@ -227,7 +227,7 @@ async fn a_100_mb_transfer_arrives_intact() {
     d.service(tcp_service("echo", port))
         .task("echo", "e.1", echo.addr);
     let (mut plane, _, registry) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     let total = 100 * 1024 * 1024;
     echo_transfer(port, 42, total, 1 << 20).await;
     // And a smaller transfer compared byte for byte.
@@ -251,7 +251,7 @@ async fn a_thousand_concurrent_connections_all_complete() {
     d.service(tcp_service("echo", port))
         .task("echo", "e.1", echo.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     let gate = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..1000u64 {
@@ -306,7 +306,7 @@ async fn proxy_v2_tells_the_task_the_real_client() {
     let mut d = Desired::new();
     d.service(spec).task("web", "web.1", backend.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
 
     for target in ["127.0.0.1", "[::1]"] {
         let mut s = TcpStream::connect(format!("{target}:{port}"))
@@ -329,7 +329,7 @@ async fn udp_echo_and_flows_move_off_a_removed_task() {
         .task("dns", "a", a.addr)
         .task("dns", "b", b.addr);
     let (mut plane, _, registry) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
 
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(local(port)).await.unwrap();
@@ -364,7 +364,7 @@ async fn udp_echo_and_flows_move_off_a_removed_task() {
     // Remove the flow's task: the next datagram of the same flow goes to the other.
     let other = if task == "a" { "b" } else { "a" };
     d.state.remove_task("dns", task, 0).unwrap();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     assert_eq!(ask("moved").await, format!("{other}:moved"));
 }
 
@@ -378,7 +378,7 @@ async fn a_drained_task_keeps_its_connections_until_drain_timeout() {
     let mut d = Desired::new();
     d.service(spec).task("web", "a", a.addr);
     let (mut plane, _, registry) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     let mut long = TcpStream::connect(local(port)).await.unwrap();
     long.write_all(b"1").await.unwrap();
     let mut one = [0u8; 1];
@@ -388,7 +388,7 @@ async fn a_drained_task_keeps_its_connections_until_drain_timeout() {
     d.state
         .set_task_state("web", "a", TaskState::Draining, 0)
         .unwrap();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     // New connections go elsewhere; the old one goes on.
     for _ in 0..5 {
         assert_eq!(fetch(port).await.unwrap(), "b");
@@ -413,7 +413,7 @@ async fn max_connections_refuses_beyond_the_limit() {
     let mut d = Desired::new();
     d.service(spec).task("web", "a", a.addr);
     let (mut plane, _, registry) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     let mut held = Vec::new();
     for i in 0..2u8 {
         let mut s = TcpStream::connect(local(port)).await.unwrap();
@@ -462,7 +462,7 @@ async fn idle_timeout_closes_quiet_connections() {
     let mut d = Desired::new();
     d.service(spec).task("web", "a", a.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     let mut s = TcpStream::connect(local(port)).await.unwrap();
     s.write_all(b"x").await.unwrap();
     let mut b = [0u8; 1];
@@ -477,10 +477,10 @@ async fn a_deleted_service_stops_listening() {
     let mut d = Desired::new();
     d.service(tcp_service("web", port)).task("web", "a", a.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     assert_eq!(fetch(port).await.unwrap(), "a");
     d.state.remove_service("web", 0).unwrap();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     let err = TcpStream::connect(local(port))
         .await
         .expect_err("listener closed");
@@ -497,7 +497,7 @@ async fn streams_survive_reconfiguration_under_load() {
     d.service(tcp_service("echo", port))
         .task("echo", "e.1", echo.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
 
     let mut streams = tokio::task::JoinSet::new();
     for i in 0..100u64 {
@@ -521,9 +521,9 @@ async fn streams_survive_reconfiguration_under_load() {
         let mut spec = d.state.service("echo").unwrap().clone();
         spec.drain_timeout = Duration::from_secs(3600 + round);
         d.state.put_service(spec, 0).unwrap();
-        plane.apply(&d.snapshot());
+        plane.apply(&d.snapshot()).await;
         d.state.remove_task("echo", &id, 0).unwrap();
-        plane.apply(&d.snapshot());
+        plane.apply(&d.snapshot()).await;
         tokio::select! {
             r = streams.join_next() => { if let Some(r) = r { r.expect("stream intact"); } }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
@@ -541,14 +541,14 @@ async fn a_deleted_service_drains_its_open_connections() {
     let mut d = Desired::new();
     d.service(spec).task("web", "a", a.addr);
     let (mut plane, _, _) = plane();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     let mut long = TcpStream::connect(local(port)).await.unwrap();
     long.write_all(b"1").await.unwrap();
     let mut one = [0u8; 1];
     long.read_exact(&mut one).await.unwrap();
 
     d.state.remove_service("web", 0).unwrap();
-    plane.apply(&d.snapshot());
+    plane.apply(&d.snapshot()).await;
     assert!(
         TcpStream::connect(local(port)).await.is_err(),
         "no new connections"

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::health::Health;
-use crate::task::TaskState;
+use crate::task::{TaskSource, TaskState};
 
 /// (service, task id)
 pub type TaskKey = (String, String);
@@ -20,6 +20,9 @@ pub struct TaskValue {
     pub port: Option<u16>,
     pub state: TaskState,
     pub health: Health,
+    /// Which of its host's sources registered the task.
+    #[serde(default)]
+    pub source: TaskSource,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +145,22 @@ impl OriginLog {
             .iter()
             .filter_map(|(k, e)| e.value.as_ref().map(|v| (k, v)))
     }
+
+    /// The live tasks of one service, in id order.
+    pub fn live_of<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a TaskValue)> + 'a {
+        self.entries
+            .range((service.to_string(), String::new())..)
+            .take_while(move |((s, _), _)| s == service)
+            .filter_map(|((_, id), e)| e.value.as_ref().map(|v| (id.as_str(), v)))
+    }
+
+    /// The services this origin has live tasks of.
+    pub fn services(&self) -> std::collections::BTreeSet<&str> {
+        self.live().map(|((s, _), _)| s.as_str()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +173,7 @@ mod tests {
             port: None,
             state: TaskState::Active,
             health: Health::Healthy,
+            source: TaskSource::Api,
         })
     }
 

@@ -3,10 +3,11 @@
 //! are collected after a grace period; the collection horizon (the floor) travels
 //! with anti-entropy so that a deleted service can never come back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::hash::{self, fnv1a, fnv1a_from};
 use crate::replica::hlc::Hlc;
 use crate::service::ServiceSpec;
 use crate::vip::Vips;
@@ -33,15 +34,8 @@ pub struct ServiceRecord {
     pub stamp: Stamp,
 }
 
-fn fnv(data: &[u8], mut h: u64) -> u64 {
-    for b in data {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 pub fn bucket_of(name: &str) -> usize {
-    (fnv(name.as_bytes(), 0xcbf2_9ce4_8422_2325) % BUCKETS as u64) as usize
+    (fnv1a(name.as_bytes()) % BUCKETS as u64) as usize
 }
 
 #[derive(Debug, Clone, Default)]
@@ -51,9 +45,8 @@ pub struct ServiceTable {
     pub floor: Option<Hlc>,
     /// Local time each tombstone was learned, for its GC. Not replicated.
     tombstoned: HashMap<String, u64>,
-    /// Indexes of live records, so a write checks conflicts without a scan.
-    pub published: HashMap<(u16, crate::Protocol), String>,
-    pub vips: HashMap<std::net::IpAddr, String>,
+    /// Names whose record changed since the replica last refreshed its view.
+    pub changed: BTreeSet<String>,
 }
 
 impl ServiceTable {
@@ -61,44 +54,13 @@ impl ServiceTable {
         self.records.get(name).filter(|r| r.spec.is_some())
     }
 
-    fn unindex(&mut self, name: &str) {
-        if let Some(old) = self.records.get(name) {
-            if let Some(spec) = &old.spec {
-                for (n, p) in spec.published_ports() {
-                    if self
-                        .published
-                        .get(&(n, p.protocol))
-                        .is_some_and(|h| h == name)
-                    {
-                        self.published.remove(&(n, p.protocol));
-                    }
-                }
-            }
-            for ip in old.vips.iter() {
-                if self.vips.get(&ip).is_some_and(|h| h == name) {
-                    self.vips.remove(&ip);
-                }
-            }
-        }
-    }
-
     fn insert(&mut self, r: ServiceRecord) {
-        self.unindex(&r.name);
-        if let Some(spec) = &r.spec {
-            for (n, p) in spec.published_ports() {
-                self.published
-                    .entry((n, p.protocol))
-                    .or_insert_with(|| r.name.clone());
-            }
-            for ip in r.vips.iter() {
-                self.vips.entry(ip).or_insert_with(|| r.name.clone());
-            }
-        }
+        self.changed.insert(r.name.clone());
         self.records.insert(r.name.clone(), r);
     }
 
     fn remove(&mut self, name: &str) -> Option<ServiceRecord> {
-        self.unindex(name);
+        self.changed.insert(name.to_string());
         self.records.remove(name)
     }
 
@@ -123,13 +85,13 @@ impl ServiceTable {
     }
 
     pub fn bucket_hashes(&self) -> Vec<u64> {
-        let mut h = vec![0xcbf2_9ce4_8422_2325u64; BUCKETS];
+        let mut h = vec![hash::START; BUCKETS];
         for r in self.records.values() {
             let b = bucket_of(&r.name);
-            let mut x = fnv(r.name.as_bytes(), h[b]);
-            x = fnv(&r.stamp.hlc.wall_ms.to_le_bytes(), x);
-            x = fnv(&r.stamp.hlc.logical.to_le_bytes(), x);
-            h[b] = fnv(r.stamp.node.as_bytes(), x);
+            let mut x = fnv1a_from(h[b], r.name.as_bytes());
+            x = fnv1a_from(x, &r.stamp.hlc.wall_ms.to_le_bytes());
+            x = fnv1a_from(x, &r.stamp.hlc.logical.to_le_bytes());
+            h[b] = fnv1a_from(x, r.stamp.node.as_bytes());
         }
         h
     }

@@ -1,5 +1,10 @@
 use super::*;
+use crate::error::StateError;
+use crate::health::Health;
+use crate::service::HealthKind;
+use crate::service::Mode;
 use crate::service::PortSpec;
+use crate::task::{TaskSource, TaskState};
 
 fn replica(name: &str) -> Replica {
     Replica::new(name, 1, VipPool::default(), ReplicaConfig::default())
@@ -67,7 +72,11 @@ fn deliver(to: &mut Replica, deltas: &[Delta], now: u64) {
 fn deltas_and_anti_entropy_both_converge() {
     let (mut a, mut b, mut c) = (replica("a"), replica("b"), replica("c"));
     let mut log = a.create_service(web(8080), 1).unwrap();
-    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 2).unwrap().1);
+    log.extend(
+        a.add_task(task("web", "web.1", "10.0.0.1"), crate::TaskSource::Api, 2)
+            .unwrap()
+            .1,
+    );
     log.extend(a.set_health("web", "web.1", Health::Healthy, 3));
     deliver(&mut b, &log, 4);
     assert_eq!(view(&a), view(&b));
@@ -87,9 +96,13 @@ fn out_of_order_and_lost_deltas_heal_by_anti_entropy() {
     let mut log = a.create_service(web(8080), 1).unwrap();
     for i in 0..20 {
         log.extend(
-            a.add_task(task("web", &format!("t{i}"), "10.0.0.1"), 2)
-                .unwrap()
-                .1,
+            a.add_task(
+                task("web", &format!("t{i}"), "10.0.0.1"),
+                crate::TaskSource::Api,
+                2,
+            )
+            .unwrap()
+            .1,
         );
     }
     log.extend(a.remove_task("web", "t3", 3).unwrap());
@@ -114,8 +127,16 @@ fn a_peer_below_the_gc_floor_gets_a_full_copy_and_deletes_stick() {
     let mut a = Replica::new("a", 1, VipPool::default(), cfg);
     let mut b = replica("b");
     let mut log = a.create_service(web(8080), 1).unwrap();
-    log.extend(a.add_task(task("web", "keep", "10.0.0.1"), 1).unwrap().1);
-    log.extend(a.add_task(task("web", "gone", "10.0.0.2"), 1).unwrap().1);
+    log.extend(
+        a.add_task(task("web", "keep", "10.0.0.1"), crate::TaskSource::Api, 1)
+            .unwrap()
+            .1,
+    );
+    log.extend(
+        a.add_task(task("web", "gone", "10.0.0.2"), crate::TaskSource::Api, 1)
+            .unwrap()
+            .1,
+    );
     deliver(&mut b, &log, 1);
     // b misses the delete; a collects the tombstone.
     a.remove_task("web", "gone", 10).unwrap();
@@ -205,7 +226,7 @@ fn concurrent_vip_and_port_conflicts_resolve_the_same_everywhere() {
         panic!()
     };
     ry.vips = rx.vips;
-    b.services.apply(ry.clone(), 20);
+    b.force_record(ry.clone(), 20);
     deliver(&mut a, &[Delta::Service(ry)], 21);
     deliver(&mut b, &dx, 21);
     assert_eq!(view(&a), view(&b));
@@ -219,7 +240,9 @@ fn concurrent_vip_and_port_conflicts_resolve_the_same_everywhere() {
         "the earlier creation keeps its VIP"
     );
     assert!(
-        snap.services["y"].conflicts[0].contains("8080/tcp is held by service \"x\""),
+        snap.services["y"].conflicts[0]
+            .to_string()
+            .contains("8080/tcp is held by service \"x\""),
         "{:?}",
         snap.services["y"].conflicts
     );
@@ -250,7 +273,11 @@ fn a_down_host_is_suspended_then_restored_then_purged() {
     let mut a = replica("a");
     let mut b = Replica::new("b", 1, VipPool::default(), cfg);
     let mut log = a.create_service(web(8080), 1).unwrap();
-    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    log.extend(
+        a.add_task(task("web", "web.1", "10.0.0.1"), crate::TaskSource::Api, 1)
+            .unwrap()
+            .1,
+    );
     log.extend(a.set_health("web", "web.1", Health::Healthy, 1));
     deliver(&mut b, &log, 1);
     let routed = |r: &Replica| r.snapshot().services["web"].tasks.len();
@@ -271,7 +298,10 @@ fn a_down_host_is_suspended_then_restored_then_purged() {
     let mut a2 = Replica::new("a", 2, VipPool::default(), ReplicaConfig::default());
     let d = a2.create_service(web(8080), 3).unwrap();
     deliver(&mut a2, &[], 3);
-    let mut d2 = a2.add_task(task("web", "web.1", "10.0.0.9"), 3).unwrap().1;
+    let mut d2 = a2
+        .add_task(task("web", "web.1", "10.0.0.9"), crate::TaskSource::Api, 3)
+        .unwrap()
+        .1;
     d2.extend(a2.set_health("web", "web.1", Health::Healthy, 3));
     let _ = d;
     deliver(&mut b, &d2, 2_002);
@@ -286,11 +316,17 @@ fn a_down_host_is_suspended_then_restored_then_purged() {
 fn a_restarted_host_replaces_its_old_generation() {
     let (mut a, mut b) = (replica("a"), replica("b"));
     let mut log = a.create_service(web(8080), 1).unwrap();
-    log.extend(a.add_task(task("web", "old", "10.0.0.1"), 1).unwrap().1);
+    log.extend(
+        a.add_task(task("web", "old", "10.0.0.1"), crate::TaskSource::Api, 1)
+            .unwrap()
+            .1,
+    );
     deliver(&mut b, &log, 1);
     let mut a2 = Replica::new("a", 2, VipPool::default(), ReplicaConfig::default());
     sync(&mut a2, &mut b, 2); // a2 learns the service
-    let (_, d) = a2.add_task(task("web", "new", "10.0.0.2"), 3).unwrap();
+    let (_, d) = a2
+        .add_task(task("web", "new", "10.0.0.2"), crate::TaskSource::Api, 3)
+        .unwrap();
     deliver(&mut b, &d, 3);
     let ids = web_task_ids(&b);
     assert_eq!(ids, ["new"]);
@@ -300,7 +336,11 @@ fn a_restarted_host_replaces_its_old_generation() {
 fn a_graceful_leave_withdraws_at_once() {
     let (mut a, mut b) = (replica("a"), replica("b"));
     let mut log = a.create_service(web(8080), 1).unwrap();
-    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    log.extend(
+        a.add_task(task("web", "web.1", "10.0.0.1"), crate::TaskSource::Api, 1)
+            .unwrap()
+            .1,
+    );
     deliver(&mut b, &log, 1);
     assert!(b.apply_delta(a.leave(), 2));
     assert!(b.snapshot().services["web"].tasks.is_empty());
@@ -314,12 +354,16 @@ fn a_graceful_leave_withdraws_at_once() {
 fn only_the_owner_changes_its_tasks_and_ids_stay_unique() {
     let (mut a, mut b) = (replica("a"), replica("b"));
     let mut log = a.create_service(web(8080), 1).unwrap();
-    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    log.extend(
+        a.add_task(task("web", "web.1", "10.0.0.1"), crate::TaskSource::Api, 1)
+            .unwrap()
+            .1,
+    );
     deliver(&mut b, &log, 1);
     let err = b.remove_task("web", "web.1", 2).unwrap_err();
     assert!(err.to_string().contains("runs on host \"a\""), "{err}");
     assert!(matches!(
-        b.add_task(task("web", "web.1", "10.0.0.2"), 2),
+        b.add_task(task("web", "web.1", "10.0.0.2"), crate::TaskSource::Api, 2),
         Err(StateError::TaskExists { .. })
     ));
     let (id, _) = b
@@ -328,6 +372,7 @@ fn only_the_owner_changes_its_tasks_and_ids_stay_unique() {
                 id: None,
                 ..task("web", "", "10.0.0.2")
             },
+            crate::TaskSource::Api,
             2,
         )
         .unwrap();
@@ -336,8 +381,14 @@ fn only_the_owner_changes_its_tasks_and_ids_stay_unique() {
     let (mut c, mut d) = (replica("c"), replica("d"));
     let s = c.create_service(web(8080), 1).unwrap();
     deliver(&mut d, &s, 1);
-    let dc = c.add_task(task("web", "x", "10.0.0.3"), 2).unwrap().1;
-    let dd = d.add_task(task("web", "x", "10.0.0.4"), 2).unwrap().1;
+    let dc = c
+        .add_task(task("web", "x", "10.0.0.3"), crate::TaskSource::Api, 2)
+        .unwrap()
+        .1;
+    let dd = d
+        .add_task(task("web", "x", "10.0.0.4"), crate::TaskSource::Api, 2)
+        .unwrap()
+        .1;
     deliver(&mut c, &dd, 3);
     deliver(&mut d, &dc, 3);
     assert_eq!(view(&c), view(&d));
@@ -345,7 +396,7 @@ fn only_the_owner_changes_its_tasks_and_ids_stay_unique() {
     assert_eq!(web.tasks.len(), 1);
     assert_eq!(web.tasks[0].node, "c");
     assert!(
-        web.conflicts[0].contains("host \"d\""),
+        web.conflicts[0].to_string().contains("host \"d\""),
         "{:?}",
         web.conflicts
     );
@@ -356,7 +407,10 @@ fn deleting_a_service_removes_the_owners_tasks() {
     let (mut a, mut b) = (replica("a"), replica("b"));
     let mut log = a.create_service(web(8080), 1).unwrap();
     deliver(&mut b, &log, 1);
-    log = b.add_task(task("web", "web.1", "10.0.0.1"), 2).unwrap().1;
+    log = b
+        .add_task(task("web", "web.1", "10.0.0.1"), crate::TaskSource::Api, 2)
+        .unwrap()
+        .1;
     deliver(&mut a, &log, 2);
     let (_, d) = a.remove_service("web", 3).unwrap();
     deliver(&mut b, &d, 3);
@@ -365,7 +419,7 @@ fn deleting_a_service_removes_the_owners_tasks() {
         matches!(&cleanup[..], [Delta::Task { value: None, .. }]),
         "{cleanup:?}"
     );
-    assert!(b.own_tasks().is_empty());
+    assert!(b.own_tasks(None).is_empty());
 }
 
 #[test]
@@ -383,7 +437,11 @@ fn ten_thousand_services_with_ten_tasks_each_sync_to_a_new_host() {
     for (i, o) in owners.iter_mut().enumerate() {
         for s in 0..10_000 {
             let d = o
-                .add_task(task(&format!("s{s}"), &format!("t{i}"), "10.0.0.1"), 2)
+                .add_task(
+                    task(&format!("s{s}"), &format!("t{i}"), "10.0.0.1"),
+                    crate::TaskSource::Api,
+                    2,
+                )
                 .unwrap()
                 .1;
             deliver(&mut a, &d, 2);
@@ -435,6 +493,7 @@ fn deltas_round_trip_through_a_non_self_describing_format() {
                 port: None,
                 ..task("web", "x", "10.0.0.1")
             },
+            crate::TaskSource::Api,
             2,
         )
         .unwrap()
@@ -460,7 +519,11 @@ fn deltas_round_trip_through_a_non_self_describing_format() {
 fn tasks_of_a_host_membership_never_saw_alive_are_not_routed() {
     let (mut a, mut b) = (replica("a"), replica("b"));
     let mut log = a.create_service(web(8080), 1).unwrap();
-    log.extend(a.add_task(task("web", "web.1", "10.0.0.1"), 1).unwrap().1);
+    log.extend(
+        a.add_task(task("web", "web.1", "10.0.0.1"), crate::TaskSource::Api, 1)
+            .unwrap()
+            .1,
+    );
     log.extend(a.set_health("web", "web.1", Health::Healthy, 1));
     for d in &log {
         b.apply_delta(d.clone(), 2);
@@ -471,4 +534,168 @@ fn tasks_of_a_host_membership_never_saw_alive_are_not_routed() {
     );
     b.member_up("a");
     assert_eq!(b.snapshot().services["web"].tasks.len(), 1);
+}
+
+#[test]
+fn a_source_reconciles_its_own_set_and_leaves_the_others_alone() {
+    let mut a = replica("a");
+    a.create_service(web(8080), 1).unwrap();
+    a.add_task(task("web", "api.1", "10.0.0.9"), TaskSource::Api, 1)
+        .unwrap();
+    let SourceOutcome {
+        deltas: d, errors, ..
+    } = a.replace_source(
+        TaskSource::Docker,
+        vec![
+            task("web", "c1", "10.0.0.1"),
+            task("web", "c2", "10.0.0.2"),
+            task("web", "api.1", "10.0.0.3"),
+            task("nope", "c3", "10.0.0.3"),
+        ],
+        2,
+    );
+    assert_eq!(d.len(), 2, "two new tasks");
+    let refused: Vec<&str> = errors.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(refused, ["api.1", "c3"], "{errors:?}");
+    assert!(matches!(errors[1].error, StateError::ServiceNotFound(_)));
+    a.set_health("web", "c1", Health::Healthy, 3);
+    // The same set again changes nothing, and keeps what health learned.
+    let SourceOutcome {
+        deltas: d, errors, ..
+    } = a.replace_source(
+        TaskSource::Docker,
+        vec![task("web", "c1", "10.0.0.1"), task("web", "c2", "10.0.0.2")],
+        4,
+    );
+    assert!(d.is_empty() && errors.is_empty());
+    // A smaller set removes what is gone, and only from its own source.
+    let d = a
+        .replace_source(TaskSource::Docker, vec![task("web", "c2", "10.0.0.2")], 5)
+        .deltas;
+    assert_eq!(d.len(), 1);
+    assert_eq!(web_task_ids(&a), ["api.1", "c2"]);
+    let snap = a.snapshot();
+    let sources: Vec<TaskSource> = snap.services["web"]
+        .tasks
+        .iter()
+        .map(|t| t.source)
+        .collect();
+    assert_eq!(sources, [TaskSource::Api, TaskSource::Docker]);
+    assert_eq!(a.own_tasks(Some(TaskSource::Api)).len(), 1);
+    // The config source takes over an id registered through the API.
+    let out = a.replace_source(
+        TaskSource::Config,
+        vec![task("web", "api.1", "10.0.0.4")],
+        6,
+    );
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(out.taken_over, [("web".to_string(), "api.1".to_string())]);
+    assert_eq!(a.task_source("web", "api.1"), Ok(TaskSource::Config));
+}
+
+/// Random writes, gossip, anti-entropy, membership changes and upkeep on three
+/// replicas with a tiny VIP pool and few ports, so conflicts are frequent. Debug
+/// builds check after every change that the incremental snapshot equals one rebuilt
+/// from nothing; at the end, full anti-entropy makes the replicas agree.
+#[test]
+fn the_incremental_snapshot_survives_random_histories() {
+    let pool = VipPool {
+        v4: Some("192.0.2.0/29".parse().unwrap()),
+        v6: None,
+    };
+    for seed in 1..=8u64 {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut rs: Vec<Replica> = ["a", "b", "c"]
+            .iter()
+            .map(|n| Replica::new(*n, 1, pool.clone(), ReplicaConfig::default()))
+            .collect();
+        let mut inflight: Vec<(usize, Delta)> = Vec::new();
+        for step in 0..400u64 {
+            let now = 1_000 + step * 10;
+            let i = next(3) as usize;
+            let svc = ["s0", "s1", "s2", "s3"][next(4) as usize];
+            let deltas = match next(10) {
+                0 | 1 => {
+                    let mut spec =
+                        ServiceSpec::new(svc, vec![PortSpec::tcp(Some(8000 + next(3) as u16), 80)]);
+                    if next(4) == 0 {
+                        spec.mode = Mode::Dnsrr;
+                    }
+                    rs[i].put_service(spec, now).unwrap_or_default()
+                }
+                2 => rs[i]
+                    .remove_service(svc, now)
+                    .map(|(_, d)| d)
+                    .unwrap_or_default(),
+                3 | 4 => {
+                    let id = format!("t{}", next(4));
+                    rs[i]
+                        .add_task(task(svc, &id, "10.0.0.1"), TaskSource::Api, now)
+                        .map(|(_, d)| d)
+                        .unwrap_or_default()
+                }
+                5 => {
+                    let id = format!("t{}", next(4));
+                    let h = if next(2) == 0 {
+                        Health::Healthy
+                    } else {
+                        Health::Unhealthy
+                    };
+                    rs[i].set_health(svc, &id, h, now)
+                }
+                6 => {
+                    let j = next(3) as usize;
+                    let name = rs[j].node().to_string();
+                    if next(2) == 0 {
+                        rs[i].member_up(&name);
+                    } else {
+                        rs[i].member_down(&name, now);
+                    }
+                    Vec::new()
+                }
+                7 => rs[i].tick(now),
+                _ => {
+                    let j = next(3) as usize;
+                    if i != j {
+                        let (lo, hi) = if i < j { (i, j) } else { (j, i) };
+                        let (l, r) = rs.split_at_mut(hi);
+                        sync(&mut l[lo], &mut r[0], now);
+                    }
+                    Vec::new()
+                }
+            };
+            for d in deltas {
+                for to in 0..3 {
+                    if to != i {
+                        inflight.push((to, d.clone()));
+                    }
+                }
+            }
+            // Debug builds compare the snapshot with a rebuilt one on every rebuild.
+            let _ = rs[i].snapshot();
+            // Deliver some in-flight deltas, out of order.
+            while !inflight.is_empty() && next(3) != 0 {
+                let k = next(inflight.len() as u64) as usize;
+                let (to, d) = inflight.swap_remove(k);
+                rs[to].apply_delta(d, now);
+            }
+        }
+        for (to, d) in inflight.drain(..) {
+            rs[to].apply_delta(d, 9_000_000);
+        }
+        for _ in 0..3 {
+            for (a, b) in [(0, 1), (1, 2), (0, 2)] {
+                let (l, r) = rs.split_at_mut(b);
+                sync(&mut l[a], &mut r[0], 9_000_000);
+            }
+        }
+        assert_eq!(view(&rs[0]), view(&rs[1]), "seed {seed}");
+        assert_eq!(view(&rs[1]), view(&rs[2]), "seed {seed}");
+    }
 }

@@ -5,14 +5,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::plan::Host;
 use mesh_core::{
     Health, PortSpec, Protocol, Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec, TaskState,
     VipPool,
 };
+use mesh_dataplane::{Driver, DriverHandle};
 use mesh_proxy::{ProxyConfig, ProxyMetrics, ProxyPlane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Raises the soft open-file limit to the hard one: a thousand proxied connections need
 /// four sockets and four pipe ends each.
@@ -28,20 +32,10 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// A port that was free a moment ago. The plane binds `[::]:port`, so the probe does too.
-pub fn free_port(proto: Protocol) -> u16 {
-    match proto {
-        Protocol::Tcp => std::net::TcpListener::bind("[::]:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-        Protocol::Udp => std::net::UdpSocket::bind("[::]:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-    }
+/// A port free a moment ago for TCP and UDP on every address, outside the ephemeral
+/// range (see `integration::ports`).
+pub fn free_port(_proto: Protocol) -> u16 {
+    integration::ports::free_port()
 }
 
 /// A TCP backend. Dropping it stops the accept loop and closes the listener.
@@ -167,6 +161,7 @@ impl Desired {
                     port: Some(addr.port()),
                     state: TaskState::Active,
                 },
+                mesh_core::TaskSource::Api,
                 0,
             )
             .unwrap();
@@ -193,14 +188,70 @@ pub fn udp_service(name: &str, published: u16) -> ServiceSpec {
     )
 }
 
-pub fn plane() -> (ProxyPlane, ProxyMetrics, prometheus::Registry) {
+/// The userspace plane under the real driver, fed snapshots by the test.
+pub struct TestPlane {
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    handle: DriverHandle,
+    stop: CancellationToken,
+}
+
+impl TestPlane {
+    /// Hands the driver `snapshot` and waits until the plane has applied it.
+    pub async fn apply(&mut self, snapshot: &Snapshot) {
+        let version = snapshot.version;
+        self.snapshots.send_replace(Arc::new(snapshot.clone()));
+        let mut status = self.handle.client.status.clone();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            status.wait_for(|s| s.applied >= version),
+        )
+        .await
+        .expect("the plane applied the snapshot in time")
+        .expect("the driver runs");
+    }
+
+    /// Frontends the plane could not serve, by service: "8080/tcp: Address in use".
+    pub fn errors(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for e in self.handle.client.status.borrow().errors() {
+            out.entry(e.service.clone().unwrap_or_default())
+                .or_default()
+                .push(e.to_string());
+        }
+        out
+    }
+}
+
+impl Drop for TestPlane {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub fn plane() -> (TestPlane, ProxyMetrics, prometheus::Registry) {
     let registry = prometheus::Registry::new();
     let metrics = ProxyMetrics::new(&registry).unwrap();
     let config = ProxyConfig {
         connect_timeout: Duration::from_secs(5),
         ..ProxyConfig::default()
     };
-    (ProxyPlane::new(config, metrics.clone()), metrics, registry)
+    let plane = ProxyPlane::new(config, metrics.clone());
+    let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let stop = CancellationToken::new();
+    let handle = Driver::new(Host::default()).plane(Box::new(plane)).spawn(
+        rx,
+        stop.clone(),
+        Duration::from_secs(1),
+    );
+    (
+        TestPlane {
+            snapshots,
+            handle,
+            stop,
+        },
+        metrics,
+        registry,
+    )
 }
 
 pub fn local(port: u16) -> SocketAddr {

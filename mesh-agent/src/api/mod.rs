@@ -1,0 +1,77 @@
+//! The HTTP/JSON API under `/v1`, plus `/healthz` and `/metrics`. Reads come from the
+//! current snapshot and the planes' status; writes go to the table. Bodies and
+//! answers are the typed views of `mesh-api`.
+
+mod auth;
+mod error;
+mod services;
+mod status;
+mod tasks;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::routing::{get, post};
+use mesh_dataplane::PlaneClient;
+use mesh_gossip::transport::MemberView;
+use tokio::sync::watch;
+
+pub use error::ApiError;
+
+use crate::table::TableHandle;
+
+pub struct ApiState {
+    pub table: TableHandle,
+    pub planes: PlaneClient,
+    pub prometheus: prometheus::Registry,
+    pub started: Instant,
+    pub api: Vec<String>,
+    pub metrics_addr: Option<String>,
+    pub data_dir: String,
+    pub dns: Vec<String>,
+    pub members: watch::Receiver<Vec<MemberView>>,
+}
+
+pub type AppState = Arc<ApiState>;
+
+pub fn router(state: AppState, token: Option<String>) -> Router {
+    let api = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(status::metrics))
+        .route("/v1/status", get(status::status))
+        .route("/v1/nodes", get(status::nodes))
+        .route("/v1/services", get(services::list).post(services::create))
+        .route(
+            "/v1/services/{name}",
+            get(services::get)
+                .put(services::update)
+                .delete(services::delete),
+        )
+        .route(
+            "/v1/services/{name}/tasks",
+            get(tasks::list).post(tasks::add),
+        )
+        .route(
+            "/v1/services/{name}/tasks/{id}",
+            axum::routing::delete(tasks::remove),
+        )
+        .route("/v1/services/{name}/tasks/{id}/drain", post(tasks::drain))
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such endpoint; see /v1/services, /v1/status, /healthz, /metrics",
+            )
+        })
+        .with_state(state);
+    match token {
+        Some(token) => auth::require(api, token),
+        None => api,
+    }
+}
+
+/// A router that serves only `/metrics`, for a separate scrape address.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(status::metrics))
+        .with_state(state)
+}

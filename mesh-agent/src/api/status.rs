@@ -1,0 +1,100 @@
+//! `/v1/status`, `/v1/nodes` and `/metrics`.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mesh_api::{NodeView, PlaneView, StatusView};
+use mesh_dataplane::PlaneState;
+
+use super::AppState;
+
+pub async fn metrics(State(s): State<AppState>) -> Response {
+    let mut out = String::new();
+    let families = s.prometheus.gather();
+    match prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], out).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+pub async fn status(State(s): State<AppState>) -> Json<StatusView> {
+    let snap = s.table.snapshot();
+    let planes = s.planes.status.borrow().clone();
+    let tasks = || snap.services.values().flat_map(|e| e.tasks.iter());
+    let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in planes.errors() {
+        errors
+            .entry(e.service.clone().unwrap_or_else(|| "-".into()))
+            .or_default()
+            .push(e.to_string());
+    }
+    let vips = planes
+        .planes
+        .iter()
+        .find(|p| p.name == "addresses")
+        .map(|p| match &p.state {
+            PlaneState::Active { detail } => detail.clone(),
+            PlaneState::Off { reason } => reason.clone(),
+        })
+        .unwrap_or_default();
+    Json(StatusView {
+        node: s.table.node().to_string(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        snapshot: snap.version,
+        applied_snapshot: planes.applied,
+        services: snap.services.len(),
+        tasks: tasks().count(),
+        routable_tasks: tasks().filter(|t| t.routable()).count(),
+        uptime_seconds: s.started.elapsed().as_secs(),
+        api: s.api.clone(),
+        metrics: s.metrics_addr.clone(),
+        data_dir: s.data_dir.clone(),
+        dns: s.dns.clone(),
+        vips,
+        planes: planes
+            .planes
+            .iter()
+            .map(|p| {
+                let (active, detail) = match &p.state {
+                    PlaneState::Active { detail } => (true, detail.clone()),
+                    PlaneState::Off { reason } => (false, reason.clone()),
+                };
+                PlaneView {
+                    name: p.name.clone(),
+                    active,
+                    detail,
+                    frontends: p.frontends,
+                    errors: p.errors.iter().map(|e| e.to_string()).collect(),
+                }
+            })
+            .collect(),
+        errors,
+    })
+}
+
+pub async fn nodes(State(s): State<AppState>) -> Json<Vec<NodeView>> {
+    let counts: BTreeMap<String, usize> = s
+        .table
+        .nodes()
+        .await
+        .into_iter()
+        .map(|n| (n.name, n.tasks))
+        .collect();
+    let mut list: Vec<NodeView> = s
+        .members
+        .borrow()
+        .iter()
+        .map(|m| NodeView {
+            name: m.name.clone(),
+            address: m.addr.to_string(),
+            generation: m.generation,
+            status: m.status,
+            tasks: counts.get(&m.name).copied().unwrap_or(0),
+        })
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(list)
+}

@@ -1,0 +1,109 @@
+//! `/v1/services/{name}/tasks`: list, add (the API task source), remove, drain.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use mesh_api::{NewTask, TaskView};
+use mesh_core::{TaskEntry, TaskSource, TaskSpec, TaskState};
+use mesh_dataplane::PlaneStats;
+
+use super::error::parse;
+use super::{ApiError, AppState};
+use crate::table::{Outcome, Write};
+
+fn view(service: &str, task: TaskEntry, stats: &PlaneStats) -> TaskView {
+    let active_connections = stats
+        .connections
+        .get(&(service.to_string(), task.id.clone()))
+        .copied()
+        .unwrap_or(0);
+    TaskView {
+        service: service.into(),
+        task,
+        active_connections,
+    }
+}
+
+pub async fn list(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<TaskView>>, ApiError> {
+    let snap = s.table.snapshot();
+    let entry = snap
+        .services
+        .get(&name)
+        .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))?;
+    let stats = s.planes.stats().await;
+    Ok(Json(
+        entry
+            .tasks
+            .iter()
+            .map(|t| view(&name, t.clone(), &stats))
+            .collect(),
+    ))
+}
+
+/// This host's task `id` of `service` as the table has it after a write.
+async fn own(s: &AppState, service: &str, id: &str) -> Result<TaskView, ApiError> {
+    let snap = s.table.snapshot();
+    let entry = snap
+        .services
+        .get(service)
+        .and_then(|e| {
+            e.tasks
+                .iter()
+                .find(|t| t.id == id && t.node == s.table.node())
+        })
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("task {id:?} of service {service:?} is not in the table (removed meanwhile, or an id conflict)")))?;
+    Ok(view(service, entry, &s.planes.stats().await))
+}
+
+pub async fn add(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<TaskView>), ApiError> {
+    let t: NewTask = parse(&body)?;
+    let task = TaskSpec {
+        service: name.clone(),
+        id: t.id,
+        ip: t.ip,
+        port: t.port,
+        state: t.state,
+    };
+    let outcome = s
+        .table
+        .write(Write::AddTask {
+            task,
+            source: TaskSource::Api,
+        })
+        .await?;
+    let Outcome::Task(id) = outcome else {
+        unreachable!("adding a task yields its id")
+    };
+    Ok((StatusCode::CREATED, Json(own(&s, &name, &id).await?)))
+}
+
+pub async fn remove(
+    State(s): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.table.write(Write::RemoveTask { service, id }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn drain(
+    State(s): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Json<TaskView>, ApiError> {
+    s.table
+        .write(Write::SetTaskState {
+            service: service.clone(),
+            id: id.clone(),
+            state: TaskState::Draining,
+        })
+        .await?;
+    Ok(Json(own(&s, &service, &id).await?))
+}

@@ -1,0 +1,277 @@
+//! The table: the one owner of this host's replica. Everything that changes it arrives
+//! on a channel and is applied in order by one task:
+//! - writes from this host's sources (the API, the config file, and observed sources),
+//!   each with a reply;
+//! - health transitions from the prober;
+//! - deltas, membership events and anti-entropy steps from gossip;
+//! - a tick every second (tombstone collection, purges, conflict write-downs).
+//!
+//! After each change it publishes an immutable `Arc<Snapshot>` on a watch channel (the
+//! planes, DNS, the prober and API reads only read those) and hands its deltas to
+//! gossip. It never waits for gossip: when gossip is behind, deltas are dropped and
+//! counted, and anti-entropy delivers them.
+
+mod write;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::replica::NodeView;
+use mesh_core::{Delta, Health, Replica, Snapshot, TaskSource};
+use mesh_gossip::transport::{ToTable, wall_ms};
+use prometheus::IntCounter;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+pub use write::{Outcome, Write, WriteError};
+
+use crate::store::DataDir;
+
+/// Inputs waiting for the table; beyond it, senders wait.
+const QUEUE: usize = 1024;
+/// How often changes that were not logged (from peers, from upkeep) are saved.
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+
+enum Input {
+    Write {
+        write: Write,
+        reply: oneshot::Sender<Result<Outcome, WriteError>>,
+    },
+    Health {
+        service: String,
+        task: String,
+        health: Health,
+    },
+    Nodes {
+        reply: oneshot::Sender<Vec<NodeView>>,
+    },
+    /// Save everything and stop.
+    Stop { reply: oneshot::Sender<()> },
+}
+
+/// How the rest of the agent reaches the table. Cheap to clone.
+#[derive(Clone)]
+pub struct TableHandle {
+    inputs: mpsc::Sender<Input>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    node: Arc<str>,
+}
+
+impl TableHandle {
+    /// Applies a write; when it returns, the published snapshot includes it.
+    pub async fn write(&self, write: Write) -> Result<Outcome, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Write { write, reply })
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// A health transition of one of this host's tasks (observed, so not saved).
+    pub async fn set_health(&self, service: &str, task: &str, health: Health) {
+        let _ = self
+            .inputs
+            .send(Input::Health {
+                service: service.to_string(),
+                task: task.to_string(),
+                health,
+            })
+            .await;
+    }
+
+    /// Every host the table has records of.
+    pub async fn nodes(&self) -> Vec<NodeView> {
+        let (reply, rx) = oneshot::channel();
+        if self.inputs.send(Input::Nodes { reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Saves what is not saved yet and stops the table.
+    pub async fn stop(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.inputs.send(Input::Stop { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+/// Where the table's deltas go.
+pub struct GossipOut {
+    pub deltas: mpsc::Sender<Vec<Delta>>,
+    pub dropped: IntCounter,
+}
+
+pub struct Table {
+    replica: Replica,
+    store: Option<DataDir>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    gossip: Option<GossipOut>,
+    /// The table changed in ways the log does not hold.
+    unsaved: bool,
+    dropped_log: mesh_gossip::log_limit::LogLimit,
+}
+
+impl Table {
+    /// Starts the table task on `replica` (restored from `store`). `gossip_in`
+    /// carries what gossip asks of the table.
+    pub fn spawn(
+        replica: Replica,
+        store: Option<DataDir>,
+        gossip_in: mpsc::Receiver<ToTable>,
+        gossip: Option<GossipOut>,
+    ) -> (TableHandle, JoinHandle<()>) {
+        let (snapshots, rx) = watch::channel(Arc::new(replica.snapshot()));
+        let (inputs, inbox) = mpsc::channel(QUEUE);
+        let handle = TableHandle {
+            inputs,
+            snapshots: rx,
+            node: replica.node().into(),
+        };
+        let table = Table {
+            replica,
+            store,
+            snapshots,
+            gossip,
+            unsaved: false,
+            dropped_log: Default::default(),
+        };
+        (handle, tokio::spawn(table.run(inbox, gossip_in)))
+    }
+
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Input>,
+        mut gossip_in: mpsc::Receiver<ToTable>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut save = tokio::time::interval(SAVE_EVERY);
+        let mut gossip_open = true;
+        loop {
+            tokio::select! {
+                input = inbox.recv() => match input {
+                    Some(Input::Stop { reply }) => {
+                        self.compact();
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(input) => self.handle(input),
+                    None => {
+                        self.compact();
+                        return;
+                    }
+                },
+                request = gossip_in.recv(), if gossip_open => match request {
+                    Some(request) => {
+                        let before = self.replica.version();
+                        request.run(&mut self.replica, wall_ms());
+                        self.after_unlogged_change(before);
+                    }
+                    None => gossip_open = false,
+                },
+                _ = tick.tick() => {
+                    let before = self.replica.version();
+                    let deltas = self.replica.tick(wall_ms());
+                    self.after_unlogged_change(before);
+                    self.gossip(deltas);
+                }
+                _ = save.tick() => if self.unsaved {
+                    self.compact();
+                },
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Write { write, reply } => {
+                let result = write::apply(&mut self.replica, &mut self.store, write, wall_ms());
+                let result = result.map(|(outcome, deltas)| {
+                    self.publish();
+                    self.gossip(deltas);
+                    outcome
+                });
+                let _ = reply.send(result);
+                let live = self.snapshots.borrow().services.len();
+                if self
+                    .store
+                    .as_ref()
+                    .is_some_and(|s| s.wants_compaction(live))
+                {
+                    self.compact();
+                }
+            }
+            Input::Health {
+                service,
+                task,
+                health,
+            } => {
+                let deltas = self.replica.set_health(&service, &task, health, wall_ms());
+                self.publish();
+                self.gossip(deltas);
+            }
+            Input::Nodes { reply } => {
+                let _ = reply.send(self.replica.nodes());
+            }
+            Input::Stop { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn after_unlogged_change(&mut self, before: u64) {
+        if self.replica.version() != before {
+            self.unsaved = true;
+            self.publish();
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.snapshots.borrow().version != self.replica.version() {
+            self.snapshots
+                .send_replace(Arc::new(self.replica.snapshot()));
+        }
+    }
+
+    fn gossip(&mut self, deltas: Vec<Delta>) {
+        let Some(out) = &self.gossip else { return };
+        if deltas.is_empty() {
+            return;
+        }
+        match out.deltas.try_send(deltas) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                out.dropped.inc();
+                self.dropped_log.warn("gossip-behind", || {
+                    "gossip is behind: local changes are left to anti-entropy".to_string()
+                });
+            }
+        }
+    }
+
+    /// Rewrites the saved state with everything, peers' changes included.
+    fn compact(&mut self) {
+        let Some(store) = &mut self.store else {
+            return;
+        };
+        let tasks = self.replica.own_tasks(Some(TaskSource::Api));
+        match store.compact(self.replica.service_records(), tasks) {
+            Ok(()) => self.unsaved = false,
+            Err(e) => warn!(error = %crate::error_chain(&e), "cannot save the replicated table"),
+        }
+    }
+}

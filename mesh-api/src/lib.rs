@@ -1,0 +1,15 @@
+//! The typed edge of mesh: what the HTTP API returns and accepts. The agent serves
+//! these types, the CLI sends and decodes them, and the dashboard will too, so one
+//! definition keeps all three in step.
+
+mod error;
+mod node;
+mod service;
+mod status;
+mod task;
+
+pub use error::ErrorBody;
+pub use node::NodeView;
+pub use service::ServiceView;
+pub use status::{PlaneView, StatusView};
+pub use task::{NewTask, TaskView};

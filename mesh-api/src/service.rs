@@ -1,0 +1,23 @@
+use mesh_core::{Conflict, ServiceSpec, Vips};
+use serde::{Deserialize, Serialize};
+
+/// A service as `mesh service ls` and `inspect` show it. Its spec is the spec the
+/// table resolved: a published port lost to an earlier service shows as unpublished,
+/// with the conflict saying why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    #[serde(flatten)]
+    pub spec: ServiceSpec,
+    #[serde(default)]
+    pub vips: Vips,
+    /// Tasks that take new connections.
+    pub routable: usize,
+    pub tasks: usize,
+    /// What the data planes of this host could not do for the service, e.g.
+    /// "8080/tcp: Address in use".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// Conflicts this service lost to another (a published port, a task id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<Conflict>,
+}

@@ -1,0 +1,47 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One data plane as `mesh status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaneView {
+    pub name: String,
+    pub active: bool,
+    /// What it does ("VIPs on lo"), or why it is off.
+    pub detail: String,
+    /// Frontends the plan gives it.
+    pub frontends: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// The agent's status, for `mesh status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub node: String,
+    pub version: String,
+    /// The table's version.
+    pub snapshot: u64,
+    /// The version the data planes have applied; equal to `snapshot` when in sync.
+    #[serde(default)]
+    pub applied_snapshot: u64,
+    pub services: usize,
+    pub tasks: usize,
+    pub routable_tasks: usize,
+    pub uptime_seconds: u64,
+    pub api: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+    pub data_dir: String,
+    /// Where DNS is served.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Whether VIPs are reachable on this host, and why not.
+    #[serde(default)]
+    pub vips: String,
+    #[serde(default)]
+    pub planes: Vec<PlaneView>,
+    /// Problems of the data planes, by service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, Vec<String>>,
+}

@@ -1,0 +1,29 @@
+use std::net::IpAddr;
+
+use mesh_core::{TaskEntry, TaskState};
+use serde::{Deserialize, Serialize};
+
+/// A task as `mesh service ps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub service: String,
+    #[serde(flatten)]
+    pub task: TaskEntry,
+    /// Open connections and UDP flows to the task through this host's planes.
+    pub active_connections: u64,
+}
+
+/// The body of `POST /v1/services/{name}/tasks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    /// Chosen by the agent when absent: `<service>.<n>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub ip: IpAddr,
+    /// Overrides the service's target port (single-port services only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub state: TaskState,
+}

@@ -1,0 +1,54 @@
+//! Prometheus metrics of gossip and anti-entropy.
+
+use prometheus::{IntCounter, IntGauge, Registry};
+
+#[derive(Clone)]
+pub struct GossipMetrics {
+    pub auth_failures: IntCounter,
+    pub refused_peers: IntCounter,
+    pub members: IntGauge,
+    pub bytes_out: IntCounter,
+    pub bytes_in: IntCounter,
+    pub syncs: IntCounter,
+    /// Local deltas dropped because gossip was behind; anti-entropy repairs them.
+    pub dropped_deltas: IntCounter,
+}
+
+impl GossipMetrics {
+    pub fn new(prom: &Registry) -> prometheus::Result<Self> {
+        let counter = |n: &str, h: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(n, h)?;
+            prom.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let members = IntGauge::new(
+            "mesh_gossip_members",
+            "Cluster members this host sees alive, itself included",
+        )?;
+        prom.register(Box::new(members.clone()))?;
+        Ok(Self {
+            auth_failures: counter(
+                "mesh_gossip_auth_failures_total",
+                "Gossip packets and sync frames dropped: wrong key, wrong cluster or unencrypted",
+            )?,
+            refused_peers: counter(
+                "mesh_gossip_refused_peers_total",
+                "Packets from non-loopback peers refused for lack of a cluster key",
+            )?,
+            members,
+            bytes_out: counter("mesh_gossip_bytes_sent_total", "Gossip and sync bytes sent")?,
+            bytes_in: counter(
+                "mesh_gossip_bytes_received_total",
+                "Gossip and sync bytes received",
+            )?,
+            syncs: counter(
+                "mesh_gossip_syncs_total",
+                "Anti-entropy exchanges completed",
+            )?,
+            dropped_deltas: counter(
+                "mesh_gossip_dropped_deltas_total",
+                "Local changes not gossiped because gossip was behind (anti-entropy delivers them)",
+            )?,
+        })
+    }
+}

@@ -1,0 +1,173 @@
+//! Anti-entropy over TCP: the three messages of [`crate::anti_entropy`] as
+//! length-prefixed frames sealed by the keyring. The replica side of each step runs in
+//! the table; the membership side goes to the gossip loop.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::metrics::GossipMetrics;
+use super::table::ToTable;
+use crate::anti_entropy::{Back, Hello, Members, Reply};
+use crate::crypto::{Keyring, OpenError};
+use crate::log_limit::LogLimit;
+
+const MAX_FRAME: usize = 256 << 20;
+pub(super) const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub(super) struct SyncCtx {
+    pub keyring: Keyring,
+    pub table: mpsc::Sender<ToTable>,
+    /// foca's view of the cluster, kept current by the gossip loop.
+    pub members: watch::Receiver<Members>,
+    /// Members a peer sent, for the gossip loop to apply.
+    pub membership: mpsc::Sender<Members>,
+    pub metrics: GossipMetrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SyncError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("undecodable frame")]
+    Decode(#[from] postcard::Error),
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooBig(usize),
+    #[error("the table is shutting down")]
+    TableGone,
+}
+
+impl SyncCtx {
+    async fn write<T: Serialize>(&self, s: &mut TcpStream, msg: &T) -> Result<(), SyncError> {
+        let sealed = self.keyring.seal(&postcard::to_allocvec(msg)?);
+        s.write_all(&(sealed.len() as u32).to_be_bytes()).await?;
+        s.write_all(&sealed).await?;
+        self.metrics.bytes_out.inc_by(sealed.len() as u64 + 4);
+        Ok(())
+    }
+
+    async fn read<T: for<'de> Deserialize<'de>>(&self, s: &mut TcpStream) -> Result<T, SyncError> {
+        let len = s.read_u32().await? as usize;
+        if len > MAX_FRAME {
+            return Err(SyncError::TooBig(len));
+        }
+        let mut buf = vec![0u8; len];
+        s.read_exact(&mut buf).await?;
+        self.metrics.bytes_in.inc_by(len as u64 + 4);
+        let plain = self
+            .keyring
+            .open(&buf)
+            .inspect_err(|_| self.metrics.auth_failures.inc())?;
+        Ok(postcard::from_bytes(&plain)?)
+    }
+
+    /// Sends a request to the table and waits for its answer.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> ToTable,
+    ) -> Result<T, SyncError> {
+        let (tx, rx) = oneshot::channel();
+        self.table
+            .send(make(tx))
+            .await
+            .map_err(|_| SyncError::TableGone)?;
+        rx.await.map_err(|_| SyncError::TableGone)
+    }
+
+    fn members(&self) -> Members {
+        self.members.borrow().clone()
+    }
+
+    fn learn_members(&self, members: Members) {
+        // Membership is exchanged every round: dropping one when the loop is busy
+        // costs nothing.
+        let _ = self.membership.try_send(members);
+    }
+
+    /// Push-pull with `peer`.
+    pub async fn initiate(&self, peer: SocketAddr) -> Result<(), SyncError> {
+        let mut s = TcpStream::connect(peer).await?;
+        let members = self.members();
+        let hello = self.ask(|reply| ToTable::Hello { members, reply }).await?;
+        self.write(&mut s, &hello).await?;
+        let mut reply: Reply = self.read(&mut s).await?;
+        let theirs = std::mem::take(&mut reply.members);
+        let back = self
+            .ask(|back| ToTable::AbsorbReply { reply, back })
+            .await?;
+        self.write(&mut s, &back).await?;
+        self.learn_members(theirs);
+        Ok(())
+    }
+
+    async fn respond(&self, mut s: TcpStream) -> Result<(), SyncError> {
+        let mut hello: Hello = self.read(&mut s).await?;
+        let theirs = std::mem::take(&mut hello.members);
+        let members = self.members();
+        let reply = self
+            .ask(|reply| ToTable::Reply {
+                hello,
+                members,
+                reply,
+            })
+            .await?;
+        self.write(&mut s, &reply).await?;
+        let back: Back = self.read(&mut s).await?;
+        self.table
+            .send(ToTable::Absorb { items: back })
+            .await
+            .map_err(|_| SyncError::TableGone)?;
+        self.learn_members(theirs);
+        Ok(())
+    }
+}
+
+/// Accepts sync connections until `stop`.
+pub(super) async fn serve(
+    listener: TcpListener,
+    allowed: impl Fn(std::net::IpAddr) -> bool,
+    ctx: SyncCtx,
+    stop: CancellationToken,
+) {
+    let mut log = LogLimit::default();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (s, src) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a full table.
+                log.warn("sync-accept", || format!("sync accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !allowed(src.ip()) {
+            ctx.metrics.refused_peers.inc();
+            log.warn("refused-sync", || {
+                format!("refused sync from {src}: not on loopback and no cluster key")
+            });
+            continue;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(SYNC_TIMEOUT, ctx.respond(s)).await {
+                Ok(Ok(())) => ctx.metrics.syncs.inc(),
+                Ok(Err(SyncError::Open(e))) => warn!(%src, error = %e, "sync frame rejected"),
+                Ok(Err(e)) => debug!(%src, error = %e, "sync failed"),
+                Err(_) => debug!(%src, "sync timed out"),
+            }
+        });
+    }
+}
