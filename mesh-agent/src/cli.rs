@@ -1,4 +1,6 @@
-//! Command-line surface of the `mesh` binary.
+//! Command-line surface of the `mesh` binary. Doc comments here are `--help` text, where
+//! brackets are syntax, not links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

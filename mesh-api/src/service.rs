@@ -1,4 +1,6 @@
-use mesh_core::{Conflict, ServiceSpec, Vips};
+use std::collections::BTreeMap;
+
+use mesh_core::{Conflict, ServiceSpec, TaskSource, Vips};
 use serde::{Deserialize, Serialize};
 
 /// A service as `mesh service ls` and `inspect` show it. Its spec is the spec the
@@ -13,6 +15,9 @@ pub struct ServiceView {
     /// Tasks that take new connections.
     pub routable: usize,
     pub tasks: usize,
+    /// Tasks by the source that registered them (the API, the config file, Docker).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<TaskSource, usize>,
     /// What the data planes of this host could not do for the service, e.g.
     /// "8080/tcp: Address in use".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

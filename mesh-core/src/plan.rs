@@ -436,13 +436,7 @@ mod tests {
     }
 
     fn task(r: &mut Replica, service: &str, id: &str, ip: &str) {
-        let spec = TaskSpec {
-            service: service.into(),
-            id: Some(id.into()),
-            ip: ip.parse().unwrap(),
-            port: None,
-            state: TaskState::Active,
-        };
+        let spec = TaskSpec::new(service, id, ip.parse().unwrap());
         r.add_task(spec, TaskSource::Api, 0).unwrap();
         r.set_health(service, id, Health::Healthy, 0);
     }

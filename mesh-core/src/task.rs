@@ -73,3 +73,16 @@ pub struct TaskSpec {
     #[serde(default)]
     pub state: TaskState,
 }
+
+impl TaskSpec {
+    /// An active task with a chosen id, serving on the service's target ports.
+    pub fn new(service: &str, id: &str, ip: IpAddr) -> Self {
+        Self {
+            service: service.to_string(),
+            id: Some(id.to_string()),
+            ip,
+            port: None,
+            state: TaskState::Active,
+        }
+    }
+}

@@ -267,13 +267,7 @@ mod tests {
     use crate::answer::{Resolution, resolve};
 
     fn add_task(r: &mut Replica, service: &str, id: &str, ip: &str, now: u64) {
-        let spec = TaskSpec {
-            service: service.into(),
-            id: Some(id.into()),
-            ip: ip.parse().unwrap(),
-            port: None,
-            state: TaskState::Active,
-        };
+        let spec = TaskSpec::new(service, id, ip.parse().unwrap());
         r.add_task(spec, TaskSource::Api, now).unwrap();
         r.set_health(service, id, Health::Healthy, now);
     }

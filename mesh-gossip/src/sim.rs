@@ -1,7 +1,7 @@
 //! A deterministic simulation of a whole cluster in one process: real foca and real
 //! replicas per node, virtual time, a seeded RNG, and a network that loses, delays and
 //! partitions datagrams. Each node's replica is owned by the simulator, which plays
-//! the table: it applies the node's [`GossipEvent`]s and runs the real anti-entropy
+//! the table: it applies the node's [`GossipEvent`](crate::GossipEvent)s and runs the real anti-entropy
 //! steps ([`crate::anti_entropy`]) over simulated TCP (reliable, but cut by
 //! partitions), with every message encoded and decoded as on the wire. Used by the
 //! tests for invariants and by the benchmarks for convergence figures.

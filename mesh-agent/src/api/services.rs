@@ -21,6 +21,10 @@ pub fn view(snapshot: &Snapshot, status: &PlaneStatus, name: &str) -> Option<Ser
         vips: entry.vips,
         routable: entry.tasks.iter().filter(|t| t.routable()).count(),
         tasks: entry.tasks.len(),
+        sources: entry.tasks.iter().fold(Default::default(), |mut m, t| {
+            *m.entry(t.source).or_default() += 1;
+            m
+        }),
         errors: status
             .errors()
             .filter(|e| e.service.as_deref() == Some(name))

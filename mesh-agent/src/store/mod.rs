@@ -270,13 +270,7 @@ mod tests {
     use mesh_core::replica::services::Stamp;
 
     fn task(id: &str) -> TaskSpec {
-        TaskSpec {
-            service: "web".into(),
-            id: Some(id.into()),
-            ip: "10.0.0.1".parse().unwrap(),
-            port: None,
-            state: mesh_core::TaskState::Active,
-        }
+        TaskSpec::new("web", id, "10.0.0.1".parse().unwrap())
     }
 
     fn record(name: &str, wall_ms: u64) -> ServiceRecord {

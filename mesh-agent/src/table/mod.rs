@@ -275,3 +275,108 @@ impl Table {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::{PortSpec, ReplicaConfig, ServiceSpec, TaskSpec, VipPool};
+
+    use super::*;
+    use crate::store::Saved;
+
+    fn task(id: &str) -> TaskSpec {
+        TaskSpec::new("web", id, "10.0.0.1".parse().unwrap())
+    }
+
+    fn start(dir: &std::path::Path) -> (TableHandle, JoinHandle<()>, Saved) {
+        let mut store = DataDir::open(dir).unwrap();
+        let saved = store.load().unwrap();
+        let mut replica = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
+        for r in saved.records.clone() {
+            replica.restore_service(r, wall_ms());
+        }
+        let (_tx, gossip_in) = mpsc::channel(1);
+        let (handle, task) = Table::spawn(replica, Some(store), gossip_in, None);
+        (handle, task, saved)
+    }
+
+    /// Every source reconciles its own set; only the API's tasks are saved, and a
+    /// write is in the published snapshot when it returns.
+    #[tokio::test]
+    async fn sources_own_their_tasks_and_only_api_tasks_are_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (table, running, _) = start(dir.path());
+        let web = ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]);
+        table.write(Write::CreateService(web)).await.unwrap();
+        table
+            .write(Write::AddTask {
+                task: task("api.1"),
+                source: TaskSource::Api,
+            })
+            .await
+            .unwrap();
+        for source in [TaskSource::Docker, TaskSource::Config] {
+            let id = format!("{source}.1");
+            let out = table
+                .write(Write::ReplaceSource {
+                    source,
+                    tasks: vec![task(&id)],
+                })
+                .await
+                .unwrap();
+            assert_eq!(out, Outcome::Source(Vec::new()));
+        }
+        let snap = table.snapshot();
+        let sources: Vec<(String, TaskSource)> = snap.services["web"]
+            .tasks
+            .iter()
+            .map(|t| (t.id.clone(), t.source))
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                ("api.1".into(), TaskSource::Api),
+                ("config.1".into(), TaskSource::Config),
+                ("docker.1".into(), TaskSource::Docker),
+            ]
+        );
+        // An empty set from Docker removes only Docker's task.
+        table
+            .write(Write::ReplaceSource {
+                source: TaskSource::Docker,
+                tasks: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(table.snapshot().services["web"].tasks.len(), 2);
+        table.stop().await;
+        running.await.unwrap();
+        // After a restart, the log and the saved copy hold the service and the API's
+        // task only: declared and observed tasks are reported again by their source.
+        let (table, running, saved) = start(dir.path());
+        assert_eq!(saved.records.len(), 1);
+        assert_eq!(saved.tasks, [task("api.1")]);
+        table.stop().await;
+        running.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_be_saved_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (table, running, _) = start(dir.path());
+        let before = table.snapshot().version;
+        // The log's place is taken by a directory: every append fails.
+        std::fs::create_dir(dir.path().join("state.wal")).unwrap();
+        let web = ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]);
+        let err = table.write(Write::CreateService(web)).await.unwrap_err();
+        assert!(matches!(err, WriteError::Storage(_)), "{err}");
+        assert!(
+            crate::error_chain(&err).contains("state.wal"),
+            "{}",
+            crate::error_chain(&err)
+        );
+        assert_eq!(table.snapshot().version, before);
+        assert!(table.snapshot().services.is_empty());
+        table.stop().await;
+        running.await.unwrap();
+    }
+}

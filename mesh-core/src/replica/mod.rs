@@ -7,7 +7,7 @@
 //! - A host that is down keeps its records, suspended (not routed), and they are
 //!   routed again the moment it is back; after `purge_after` they are dropped.
 //! - VIP, published-port and task-id conflicts from concurrent writes resolve by a
-//!   rule every host computes alike: the earlier creation wins ([`view`]).
+//!   rule every host computes alike: the earlier creation wins (see `view.rs`).
 //!
 //! Every change marks the snapshot entries it affects; [`Replica::snapshot`] rebuilds
 //! just those, so a snapshot after a change costs O(what changed), and many changes

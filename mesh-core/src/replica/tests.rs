@@ -4,7 +4,7 @@ use crate::health::Health;
 use crate::service::HealthKind;
 use crate::service::Mode;
 use crate::service::PortSpec;
-use crate::task::{TaskSource, TaskState};
+use crate::task::TaskSource;
 
 fn replica(name: &str) -> Replica {
     Replica::new(name, 1, VipPool::default(), ReplicaConfig::default())
@@ -15,13 +15,7 @@ fn web(port: u16) -> ServiceSpec {
 }
 
 fn task(service: &str, id: &str, ip: &str) -> TaskSpec {
-    TaskSpec {
-        service: service.into(),
-        id: Some(id.into()),
-        ip: ip.parse().unwrap(),
-        port: None,
-        state: TaskState::Active,
-    }
+    TaskSpec::new(service, id, ip.parse().unwrap())
 }
 
 /// The ids of the `web` tasks a replica routes, in id order.
