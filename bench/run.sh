@@ -38,6 +38,7 @@ for part in $ONLY; do
         dataplane) echo "== data plane"; $BENCH dataplane --reps "${REPS:-5}" --secs "${SECS:-4}" --out "$OUT" ;;
         dns) echo "== DNS"; $BENCH dns --reps "${REPS:-5}" --secs "${DNS_SECS:-5}" --out "$OUT" ;;
         gossip) echo "== gossip (simulator)"; $BENCH gossip --sizes "${GOSSIP_SIZES:-100:30,1000:10}" --out "$OUT" ;;
+        api) echo "== API write cost"; $BENCH api --out "$OUT" ;;
         *) echo "unknown part $part (dataplane, dns, gossip)" >&2; exit 2 ;;
     esac
 done

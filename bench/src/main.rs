@@ -2,6 +2,7 @@
 //! mesh-dns beside unbound, knotd and dnsmasq; gossip figures from the simulator.
 //! `bench/run.sh` runs all of it and writes bench/RESULTS.md; see bench/README.md.
 
+mod api;
 mod backend;
 mod dataplane;
 mod dns;
@@ -81,6 +82,22 @@ enum Command {
         /// NODES:CHANGES pairs: cluster sizes and task changes measured per loss level.
         #[arg(long, value_delimiter = ',', default_value = "100:30,1000:10", value_parser = size_pair)]
         sizes: Vec<(usize, usize)>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// API write cost: times POST /v1/services at each table size; writes OUT/api.json.
+    Api {
+        /// Services the agent holds before each size's timed creates, increasing.
+        #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10000])]
+        sizes: Vec<usize>,
+        /// Timed creates per size, one at a time; they stay in the table.
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+        /// Connections that fill the table up to each size (not timed).
+        #[arg(long, default_value_t = 4)]
+        fill_connections: usize,
+        #[arg(long)]
+        mesh: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -231,6 +248,24 @@ fn run(cli: Cli) -> Result<()> {
         Command::Gossip { sizes, out } => {
             let results = gossip::run(&sizes)?;
             write_json(&out, "gossip.json", &results)
+        }
+        Command::Api {
+            sizes,
+            samples,
+            fill_connections,
+            mesh,
+            out,
+        } => {
+            // No root: the agent runs without VIPs, on a unix socket and loopback.
+            let opts = api::Options {
+                sizes,
+                samples,
+                fill_connections,
+                mesh_bin: mesh_or_sibling(mesh)?,
+            };
+            let results = api::run(&opts)?;
+            api::print(&results);
+            write_json(&out, "api.json", &results)
         }
         Command::Report { results, bench_dir } => {
             let inputs = report::Inputs::load(&results)?;

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 
+use crate::api::{ApiResults, RATIO_LIMIT, WARMUP};
 use crate::dataplane::{DataplaneResults, Summary, Workload};
 use crate::dns::DnsResults;
 use crate::gossip::GossipResults;
@@ -16,6 +17,7 @@ pub struct Inputs {
     pub dataplane: Option<DataplaneResults>,
     pub dns: Option<DnsResults>,
     pub gossip: Option<GossipResults>,
+    pub api: Option<ApiResults>,
 }
 
 fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
@@ -34,6 +36,7 @@ impl Inputs {
             dataplane: read(&dir.join("dataplane.json"))?,
             dns: read(&dir.join("dns.json"))?,
             gossip: read(&dir.join("gossip.json"))?,
+            api: read(&dir.join("api.json"))?,
         })
     }
 }
@@ -306,6 +309,44 @@ fn gossip(out: &mut String, g: &GossipResults) {
     let _ = writeln!(out, "![gossip convergence](plots/gossip.png)\n");
 }
 
+fn api(out: &mut String, a: &ApiResults) {
+    let _ = writeln!(out, "## API write cost\n");
+    run_line(out, "Measured", &a.run);
+    let _ = writeln!(
+        out,
+        "One `mesh agent` with its API on a unix socket (`--no-vips`, data dir in the temp \
+         directory). Before each size the table is filled through the API ({} connections, then \
+         the last {WARMUP} one at a time; not timed). Then {} services are created \
+         (`POST /v1/services`, one unpublished port) one at a time on one keep-alive connection, \
+         each timed from the request's first byte to the end of the 201. The timed creates stay \
+         in the table.\n",
+        a.fill_connections, a.samples
+    );
+    let _ = writeln!(out, "| services held | p50 | p90 | p99 | mean | max |");
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
+    for r in &a.rows {
+        let l = &r.create;
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+            r.services, l.p50_ms, l.p90_ms, l.p99_ms, l.mean_ms, l.max_ms
+        );
+    }
+    if let (Some(first), Some(last), Some(met)) = (a.rows.first(), a.rows.last(), a.within_limit())
+    {
+        let _ = writeln!(
+            out,
+            "\n**{} ÷ {} services:** p50 {}×, mean {}×. The target is at most {RATIO_LIMIT}× for \
+             both: {}.\n",
+            last.services,
+            first.services,
+            ratio(a.p50_ratio),
+            ratio(a.mean_ratio),
+            if met { "met" } else { "not met" }
+        );
+    }
+}
+
 pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     let mut out = String::new();
     let _ = writeln!(out, "# mesh benchmark results\n");
@@ -328,6 +369,9 @@ pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     }
     if let Some(g) = &inputs.gossip {
         gossip(&mut out, g);
+    }
+    if let Some(a) = &inputs.api {
+        api(&mut out, a);
     }
     let results = bench_dir.join("RESULTS.md");
     std::fs::write(&results, out).with_context(|| format!("write {}", results.display()))?;

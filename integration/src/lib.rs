@@ -82,6 +82,8 @@ pub struct Agent {
     pub name: String,
     /// Arguments given at start, reused by every restart.
     base_args: Vec<String>,
+    /// A command the agent runs under (e.g. `prlimit --nofile=256:256`).
+    prefix: Vec<String>,
 }
 
 impl Agent {
@@ -92,6 +94,18 @@ impl Agent {
         let mut all = vec!["--no-vips", "--bind", "127.0.0.1:0"];
         all.extend_from_slice(args);
         Self::start_with(None, config, &all)
+    }
+
+    /// Starts an agent named `name` (as [`Agent::start`]).
+    pub fn start_named(name: &str, config: Option<&str>, args: &[&str]) -> Agent {
+        let mut agent = Self::start_with_name(None, name);
+        agent.base_args = ["--no-vips", "--bind", "127.0.0.1:0"]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        agent.spawn(config, &[]);
+        agent
     }
 
     /// Starts an agent inside `netns`, managing VIPs there.
@@ -122,6 +136,7 @@ impl Agent {
             netns: netns.map(|n| n.name.clone()),
             name: name.into(),
             base_args: Vec::new(),
+            prefix: Vec::new(),
         }
     }
 
@@ -132,15 +147,52 @@ impl Agent {
         agent
     }
 
-    pub fn spawn(&mut self, config: Option<&str>, args: &[&str]) {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(mesh_bin());
-                c
-            }
-            None => Command::new(mesh_bin()),
+    /// Starts an agent (as [`Agent::start`]) under `prefix`, a command that runs it,
+    /// such as `prlimit --nofile=256:256`.
+    pub fn start_under(prefix: &[&str], config: Option<&str>, args: &[&str]) -> Agent {
+        let mut agent = Self::start_with_name(None, "it");
+        agent.prefix = prefix.iter().map(|a| a.to_string()).collect();
+        agent.base_args = ["--no-vips", "--bind", "127.0.0.1:0"]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        agent.spawn(config, &[]);
+        agent
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The value of a metric series from `/metrics`, 0 when absent. `labels` must
+    /// all match.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let Ok((_, text)) = self.try_http("GET", "/metrics", None) else {
+            return 0.0;
         };
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn spawn(&mut self, config: Option<&str>, args: &[&str]) {
+        let mut program: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            program.extend(["ip", "netns", "exec", ns].map(Into::into));
+        }
+        program.extend(self.prefix.iter().map(Into::into));
+        program.push(mesh_bin().into());
+        let mut cmd = Command::new(&program[0]);
+        cmd.args(&program[1..]);
         cmd.arg("agent")
             .arg("--api")
             .arg(format!("unix:{}", self.socket.display()))

@@ -100,7 +100,8 @@ pub struct AgentArgs {
     /// Cluster key (base64, from `mesh keygen`); adds to [cluster] keys.
     #[arg(long, env = "MESH_CLUSTER_KEY", hide_env_values = true)]
     pub cluster_key: Option<String>,
-    /// Accept peers off loopback without a cluster key.
+    /// Accept peers without a cluster key: plaintext, unauthenticated. Without a key
+    /// and without this, the agent runs alone.
     #[arg(long)]
     pub insecure: bool,
 }

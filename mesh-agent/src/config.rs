@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mesh_core::{Cidr, ServiceSpec, TaskSpec, VipPool};
+use mesh_core::{
+    Cidr, ModelError, Replica, ReplicaConfig, ServiceSpec, TaskSource, TaskSpec, VipPool,
+};
 use mesh_dns::DnsConfig;
 use mesh_gossip::GossipConfig;
 use mesh_proxy::ProxyConfig;
@@ -104,6 +106,63 @@ impl Default for VipConfig {
 }
 
 impl VipConfig {
+    /// A pool must be a range VIPs can be taken from without shadowing anything
+    /// real: not so wide it covers the internet or loopback, not too small to hold a
+    /// VIP.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let check = |field: &str, c: &Cidr, v4: bool, prefixes: std::ops::RangeInclusive<u8>| {
+            if c.is_ipv4() != v4 {
+                let family = if v4 { "IPv4" } else { "IPv6" };
+                return Err(ModelError::new(
+                    field,
+                    format!("{c} is not an {family} network"),
+                ));
+            }
+            if !prefixes.contains(&c.prefix()) {
+                return Err(ModelError::new(
+                    field,
+                    format!(
+                        "{c}: the prefix must be /{} to /{}, a private range VIPs can be taken from (or \"none\")",
+                        prefixes.start(),
+                        prefixes.end()
+                    ),
+                ));
+            }
+            let special: Vec<std::net::IpAddr> = if v4 {
+                vec![
+                    [127, 0, 0, 1].into(),
+                    [0, 0, 0, 0].into(),
+                    [255, 255, 255, 255].into(),
+                ]
+            } else {
+                vec![
+                    std::net::Ipv6Addr::LOCALHOST.into(),
+                    std::net::Ipv6Addr::UNSPECIFIED.into(),
+                ]
+            };
+            if let Some(ip) = special.iter().find(|ip| c.contains(**ip)) {
+                return Err(ModelError::new(
+                    field,
+                    format!("{c} contains {ip}; choose a private range such as 10.254.0.0/16"),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(c) = &self.ipv4_cidr {
+            check("ipv4_cidr", c, true, 8..=30)?;
+        }
+        if let Some(c) = &self.ipv6_cidr {
+            check("ipv6_cidr", c, false, 48..=126)?;
+        }
+        if self.interface.is_empty() {
+            return Err(ModelError::new(
+                "interface",
+                "must name an interface, such as lo",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn pool(&self) -> VipPool {
         VipPool {
             v4: self.ipv4_cidr,
@@ -129,7 +188,8 @@ pub struct ClusterConfig {
     pub keys: Vec<String>,
     /// A file with one key per line, kept out of the config.
     pub key_file: Option<PathBuf>,
-    /// Accept peers off loopback without a key.
+    /// Accept peers without a key: plaintext and unauthenticated. Without a key and
+    /// without this, the agent runs alone.
     pub insecure: bool,
     #[serde(with = "mesh_core::duration")]
     pub anti_entropy: Duration,
@@ -165,6 +225,51 @@ impl Default for ClusterConfig {
     }
 }
 
+impl ClusterConfig {
+    /// Refuses timers gossip cannot run with; the error names the field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let at_least = |field: &str, d: Duration, min: Duration| {
+            if d < min {
+                Err(ModelError::new(
+                    field,
+                    format!("must be at least {}", mesh_core::duration::format(min)),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        at_least(
+            "probe_period",
+            self.probe_period,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "probe_timeout",
+            self.probe_timeout,
+            Duration::from_millis(10),
+        )?;
+        if self.probe_timeout >= self.probe_period {
+            return Err(ModelError::new(
+                "probe_timeout",
+                "must be shorter than probe_period",
+            ));
+        }
+        at_least(
+            "anti_entropy",
+            self.anti_entropy,
+            Duration::from_millis(100),
+        )?;
+        at_least("purge_after", self.purge_after, Duration::from_secs(1))?;
+        if let Some(s) = self.suspect_timeout {
+            at_least("suspect_timeout", s, Duration::from_millis(100))?;
+        }
+        if self.name.is_empty() {
+            return Err(ModelError::new("name", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
 /// A config that cannot be used; it names the file and, where known, the line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -193,6 +298,43 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 impl AgentConfig {
+    /// Declared services and tasks go through a scratch table, the real code path, so
+    /// everything the agent would refuse at start (a port published twice, a task of
+    /// an undeclared service, a port override on a two-port service) is refused here,
+    /// with the line.
+    fn check_declarations(&self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let at = |line: usize, message: String| ConfigError::At {
+            file: file.to_string(),
+            line,
+            message,
+        };
+        let mut scratch = Replica::new("check", 1, self.vip.pool(), ReplicaConfig::default());
+        for svc in &self.service {
+            let line = line_of(text, svc.span().start);
+            let spec = svc.get_ref();
+            scratch
+                .put_service(spec.clone(), 0)
+                .map_err(|e| at(line, format!("service {:?}: {e}", spec.name)))?;
+        }
+        for task in &self.task {
+            let line = line_of(text, task.span().start);
+            let t = task.get_ref();
+            scratch
+                .add_task(t.clone(), TaskSource::Config, 0)
+                .map_err(|e| {
+                    at(
+                        line,
+                        format!(
+                            "task {:?} of service {:?}: {e}",
+                            t.id.as_deref().unwrap_or(""),
+                            t.service
+                        ),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -255,16 +397,19 @@ impl AgentConfig {
                 ));
             }
         }
-        if let Some(c) = config.vip.ipv4_cidr
-            && !c.is_ipv4()
-        {
-            return Err(within(format!("vip.ipv4_cidr: {c} is not an IPv4 network")));
-        }
-        if let Some(c) = config.vip.ipv6_cidr
-            && c.is_ipv4()
-        {
-            return Err(within(format!("vip.ipv6_cidr: {c} is not an IPv6 network")));
-        }
+        config
+            .vip
+            .validate()
+            .map_err(|e| within(e.within("vip").to_string()))?;
+        config
+            .cluster
+            .validate()
+            .map_err(|e| within(e.within("cluster").to_string()))?;
+        config
+            .proxy
+            .validate()
+            .map_err(|e| within(e.within("proxy").to_string()))?;
+        config.check_declarations(text, file)?;
         config.dns = std::mem::take(&mut config.dns).normalized();
         config
             .dns

@@ -103,25 +103,7 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         Some(path) => AgentConfig::load(path)?,
         None => AgentConfig::default(),
     };
-    if args.check_config {
-        let what = args
-            .config
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "(no --config)".into());
-        println!(
-            "{what}: ok ({} services, {} tasks)",
-            config.service.len(),
-            config.task.len()
-        );
-        return Ok(());
-    }
-    init_logging(
-        args.log_format
-            .or(config.log_format)
-            .unwrap_or(LogFormat::Text),
-    );
-
+    let log_format = config.log_format;
     let mut socket = config
         .api
         .socket
@@ -147,8 +129,10 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         ),
         _ => None,
     };
-    if token.as_deref() == Some("") {
-        bail!("the API token is empty");
+    if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        bail!(
+            "the API token is empty or blank; use a long random string (e.g. from `mesh keygen`)"
+        );
     }
     let node_name = args
         .node_name
@@ -196,6 +180,23 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         services: config.service.into_iter().map(|s| s.into_inner()).collect(),
         tasks: config.task.into_iter().map(|t| t.into_inner()).collect(),
     };
+    // Everything the agent would refuse at start is refused here too, flags included.
+    daemon::check(&settings)?;
+    if args.check_config {
+        let what = args
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(no --config)".into());
+        println!(
+            "{what}: ok ({} services, {} tasks)",
+            settings.services.len(),
+            settings.tasks.len()
+        );
+        return Ok(());
+    }
+    init_logging(args.log_format.or(log_format).unwrap_or(LogFormat::Text));
+
     let running = daemon::start(settings).await?;
     daemon::termination().await;
     running.shutdown().await;

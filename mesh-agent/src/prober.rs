@@ -12,6 +12,8 @@ use hyper::body::Bytes;
 use hyper::{Request, header};
 use hyper_util::rt::TokioIo;
 use imbl::ordmap::DiffItem;
+use mesh_core::io_error::is_local_exhaustion;
+use mesh_core::log_limit::LogLimit;
 use mesh_core::{Health, HealthCheck, HealthKind, HealthTracker, Protocol, ServiceEntry, Snapshot};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry as Prom};
 use tokio::net::TcpStream;
@@ -56,6 +58,9 @@ impl HealthMetrics {
 enum ProbeError {
     #[error("connect: {0}")]
     Connect(#[source] std::io::Error),
+    /// This host is out of descriptors or buffers: says nothing about the task.
+    #[error("this host cannot open a connection: {0}")]
+    Local(#[source] std::io::Error),
     #[error("HTTP: {0}")]
     Http(#[source] hyper::Error),
     #[error("HTTP status {0}")]
@@ -192,6 +197,7 @@ async fn probe_loop(
     check: HealthCheck,
 ) {
     let mut tracker = HealthTracker::new(check.rise, check.fall);
+    let mut log = LogLimit::default();
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -202,6 +208,13 @@ async fn probe_loop(
                 check.timeout,
             ))),
         };
+        if let Err(e @ ProbeError::Local(_)) = &result {
+            // Not the task's fault: no observation this round.
+            if let Some(suppressed) = log.allow("local", std::time::Instant::now()) {
+                warn!(service = %service, task = %task, error = %e, suppressed, "health probe skipped");
+            }
+            continue;
+        }
         let Some(health) = tracker.observe(result.is_ok()) else {
             continue;
         };
@@ -224,9 +237,13 @@ async fn probe_loop(
 }
 
 async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), ProbeError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(ProbeError::Connect)?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| {
+        if is_local_exhaustion(&e) {
+            ProbeError::Local(e)
+        } else {
+            ProbeError::Connect(e)
+        }
+    })?;
     if check.check != HealthKind::Http {
         return Ok(());
     }

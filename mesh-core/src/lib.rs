@@ -11,6 +11,7 @@ pub mod duration;
 pub mod error;
 pub mod hash;
 pub mod health;
+pub mod io_error;
 pub mod log_limit;
 pub mod member;
 pub mod name;

@@ -40,6 +40,12 @@ pub fn check_task_id(field: &str, value: &str) -> Result<(), ModelError> {
     if value.is_empty() || value.len() > 128 {
         return Err(ModelError::new(field, "must be 1 to 128 characters long"));
     }
+    if value.starts_with('.') {
+        return Err(ModelError::new(
+            field,
+            format!("{value:?} must not start with '.'"),
+        ));
+    }
     if let Some(c) = value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
@@ -50,6 +56,21 @@ pub fn check_task_id(field: &str, value: &str) -> Result<(), ModelError> {
         ));
     }
     Ok(())
+}
+
+/// A task address must be one a connection can go to: not unspecified (`0.0.0.0`,
+/// `::`), not broadcast, not multicast.
+pub fn check_task_ip(field: &str, ip: std::net::IpAddr) -> Result<(), ModelError> {
+    let why = match ip {
+        _ if ip.is_unspecified() => "is unspecified",
+        _ if ip.is_multicast() => "is a multicast address",
+        std::net::IpAddr::V4(v4) if v4.is_broadcast() => "is the broadcast address",
+        _ => return Ok(()),
+    };
+    Err(ModelError::new(
+        field,
+        format!("{ip} {why}; a task needs the address it serves on"),
+    ))
 }
 
 #[cfg(test)]
@@ -79,5 +100,17 @@ mod tests {
         assert!(check_task_id("id", "web.1").is_ok());
         assert!(check_task_id("id", "a/b").is_err());
         assert!(check_task_id("id", "").is_err());
+        assert!(check_task_id("id", ".").is_err());
+        assert!(check_task_id("id", "..").is_err());
+    }
+
+    #[test]
+    fn task_ips() {
+        for bad in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "::", "ff02::1"] {
+            let e = check_task_ip("ip", bad.parse().unwrap()).unwrap_err();
+            assert_eq!(e.field, "ip", "{bad}");
+        }
+        assert!(check_task_ip("ip", "10.0.0.1".parse().unwrap()).is_ok());
+        assert!(check_task_ip("ip", "fd00::1".parse().unwrap()).is_ok());
     }
 }

@@ -20,10 +20,6 @@ use crate::plane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats,
 
 /// How long a failed address waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(5);
-/// How long changes to the record of installed addresses are batched: rewriting it
-/// costs O(addresses), so it is not done per change. A crash within that second may
-/// leave an address unrecorded, and so on `lo` after a restart.
-const RECORD_EVERY: Duration = Duration::from_secs(1);
 
 /// Whether this process holds CAP_NET_ADMIN (bit 12 of CapEff).
 pub fn has_net_admin() -> bool {
@@ -65,8 +61,8 @@ pub struct AddressPlane {
     failed: BTreeMap<IpAddr, String>,
     retry_at: Option<Instant>,
     record: PathBuf,
-    /// When the record is next rewritten, if it is out of date.
-    record_at: Option<Instant>,
+    /// Lines in the record file, to know when to rewrite it.
+    record_lines: usize,
 }
 
 impl AddressPlane {
@@ -92,10 +88,10 @@ impl AddressPlane {
                 },
             })?
             .ok_or_else(|| OpenError::NoInterface(interface.to_string()))?;
-        let previous: BTreeSet<IpAddr> = std::fs::read_to_string(&record)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
+        // One address per line; an older agent wrote a JSON list, read too.
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        let previous: BTreeSet<IpAddr> = serde_json::from_str(&text)
+            .unwrap_or_else(|_| text.lines().filter_map(|l| l.trim().parse().ok()).collect());
         let now = Instant::now();
         Ok(Self {
             handle,
@@ -106,8 +102,8 @@ impl AddressPlane {
             wanted: BTreeMap::new(),
             failed: BTreeMap::new(),
             retry_at: None,
+            record_lines: text.lines().count(),
             record,
-            record_at: None,
         })
     }
 
@@ -125,6 +121,7 @@ impl AddressPlane {
     }
 
     async fn add(&mut self, ip: IpAddr, now: Instant) {
+        self.note(ip);
         let prefix = if ip.is_ipv4() { 32 } else { 128 };
         match self
             .handle
@@ -161,12 +158,33 @@ impl AddressPlane {
         self.installed.remove(&ip);
     }
 
-    fn save(&self) {
+    /// Records `ip` before it is added.
+    fn note(&mut self, ip: IpAddr) {
+        if self.record_lines > 2 * self.installed.len() + 64 {
+            self.rewrite();
+        }
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.record)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{ip}\n").as_bytes()));
+        match appended {
+            Ok(()) => self.record_lines += 1,
+            Err(e) => {
+                warn!(error = %e, path = %self.record.display(), "cannot record a VIP; a crash now may leave it on the interface")
+            }
+        }
+    }
+
+    /// Rewrites the record with just the installed addresses.
+    fn rewrite(&mut self) {
         let tmp = self.record.with_extension("tmp");
-        let text = serde_json::to_string(&self.installed).expect("addresses serialize");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.record))
-        {
-            warn!(error = %e, path = %self.record.display(), "cannot record installed VIPs");
+        let text: String = self.installed.iter().map(|ip| format!("{ip}\n")).collect();
+        match std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.record)) {
+            Ok(()) => self.record_lines = self.installed.len(),
+            Err(e) => {
+                warn!(error = %e, path = %self.record.display(), "cannot record installed VIPs")
+            }
         }
     }
 
@@ -216,7 +234,6 @@ impl Dataplane for AddressPlane {
     }
 
     async fn apply(&mut self, plan: &Plan, changes: &[PlanChange], now: Instant) -> ApplyReport {
-        let before = self.installed.clone();
         for change in changes {
             let PlanChange::Address(ip, change) = change else {
                 continue;
@@ -244,9 +261,6 @@ impl Dataplane for AddressPlane {
                 }
             }
         }
-        if self.installed != before {
-            self.record_at.get_or_insert(now + RECORD_EVERY);
-        }
         self.report()
     }
 
@@ -255,16 +269,10 @@ impl Dataplane for AddressPlane {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.pending
-            .values()
-            .copied()
-            .chain(self.retry_at)
-            .chain(self.record_at)
-            .min()
+        self.pending.values().copied().chain(self.retry_at).min()
     }
 
     async fn on_deadline(&mut self, now: Instant) -> ApplyReport {
-        let before = self.installed.clone();
         let due: Vec<IpAddr> = self
             .pending
             .iter()
@@ -284,10 +292,6 @@ impl Dataplane for AddressPlane {
                 self.add(ip, now).await;
             }
         }
-        if self.installed != before || self.record_at.is_some_and(|at| at <= now) {
-            self.record_at = None;
-            self.save();
-        }
         self.report()
     }
 
@@ -297,7 +301,6 @@ impl Dataplane for AddressPlane {
             self.remove(ip).await;
         }
         self.pending.clear();
-        self.record_at = None;
-        self.save();
+        self.rewrite();
     }
 }

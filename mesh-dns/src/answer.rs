@@ -3,9 +3,9 @@
 
 use std::net::IpAddr;
 
-use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, SRV};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use mesh_core::{Mode, Protocol};
 
 use crate::zone::{Zone, ZoneService};
@@ -92,12 +92,22 @@ fn task_ips(zone: &Zone, service: &ZoneService) -> Vec<IpAddr> {
     ips
 }
 
+/// The zone's SOA. Its MNAME, the primary name server, is the apex itself, which
+/// answers A/AAAA with the server's addresses (see [`Zone::with_listen`]): the apex is
+/// the one name under the domain that no service can take, since services are the
+/// labels below it.
 pub fn soa(zone: &Zone) -> Record {
-    let mname =
-        Name::from_ascii(format!("ns.{}.", zone.domain)).unwrap_or_else(|_| zone.apex.clone());
     let rname = Name::from_ascii(format!("hostmaster.{}.", zone.domain))
         .unwrap_or_else(|_| zone.apex.clone());
-    let rdata = SOA::new(mname, rname, zone.serial, 3600, 600, 86400, zone.ttl);
+    let rdata = SOA::new(
+        zone.apex.clone(),
+        rname,
+        zone.serial,
+        3600,
+        600,
+        86400,
+        zone.ttl,
+    );
     Record::from_rdata(zone.apex.clone(), zone.ttl, RData::SOA(rdata))
 }
 
@@ -112,10 +122,45 @@ pub fn response_to(req: &Message, code: ResponseCode) -> Message {
     resp
 }
 
+/// Answers class CH (CHAOS) questions: only the server-identification names that
+/// monitoring and `dig CH TXT version.bind` ask, as BIND does (RFC 4892):
+/// `version.bind` and `version.server` are TXT "mesh <version>", `id.server` is TXT
+/// "mesh" (the software, not the host: no host name leaks). Every other CH name is
+/// REFUSED, and none is ever forwarded: upstreams answer for themselves.
+fn chaos(req: &Message, q: &Query) -> Message {
+    let name = q.name().to_lowercase().to_ascii();
+    let text = match name.as_str() {
+        "version.bind." | "version.server." => format!("mesh {}", env!("CARGO_PKG_VERSION")),
+        "id.server." => "mesh".to_string(),
+        _ => return response_to(req, ResponseCode::Refused),
+    };
+    let mut resp = response_to(req, ResponseCode::NoError);
+    resp.metadata.authoritative = true;
+    if matches!(q.query_type(), RecordType::TXT | RecordType::ANY) {
+        // TTL 0: the version changes with an upgrade.
+        let mut record = Record::from_rdata(q.name().clone(), 0, RData::TXT(TXT::new(vec![text])));
+        record.dns_class = DNSClass::CH;
+        resp.add_answer(record);
+    }
+    resp
+}
+
 pub fn resolve(zone: &Zone, req: &Message) -> Resolution {
     let Some(q) = req.queries.first() else {
         return Resolution::Forward;
     };
+    // Zone transfers are refused, for every name: the zone is rebuilt from each
+    // snapshot and has no secondaries, and a forwarder passes no transfers on.
+    if matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR) {
+        return Resolution::Answer(response_to(req, ResponseCode::Refused));
+    }
+    // The zone and the upstreams are class IN: other classes never get IN data and
+    // are never forwarded.
+    match q.query_class() {
+        DNSClass::IN => {}
+        DNSClass::CH => return Resolution::Answer(chaos(req, q)),
+        _ => return Resolution::Answer(response_to(req, ResponseCode::Refused)),
+    }
     let qtype = q.query_type();
     let owner = q.name();
     let lower = owner.to_lowercase().to_ascii();
@@ -168,8 +213,30 @@ pub fn resolve(zone: &Zone, req: &Message) -> Resolution {
     let ttl = zone.ttl;
     match target {
         Target::Apex => {
+            // The apex is also the name server's name: NS points at it, with its
+            // addresses as glue, and it answers A/AAAA with them.
             if matches!(qtype, RecordType::SOA | RecordType::ANY) {
                 resp.add_answer(soa(zone));
+            }
+            if matches!(qtype, RecordType::NS | RecordType::ANY) {
+                resp.add_answer(Record::from_rdata(
+                    owner.clone(),
+                    ttl,
+                    RData::NS(NS(zone.apex.clone())),
+                ));
+            }
+            resp.add_answers(
+                zone.nameservers
+                    .iter()
+                    .filter(|ip| wants(qtype, ip))
+                    .map(|ip| address(owner, ttl, *ip)),
+            );
+            if qtype == RecordType::NS {
+                resp.add_additionals(
+                    zone.nameservers
+                        .iter()
+                        .map(|ip| address(&zone.apex, ttl, *ip)),
+                );
             }
         }
         Target::Service(service) => {

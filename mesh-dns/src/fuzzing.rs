@@ -4,13 +4,15 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{DNSClass, RecordType};
 use mesh_core::{
     Cidr, Health, Mode, PortSpec, Replica, ReplicaConfig, ServiceSpec, Snapshot, TaskSpec,
     TaskState, VipPool,
 };
 
 use crate::config::DnsConfig;
-use crate::respond::{Step, respond};
+use crate::respond::{Reply, Step, respond};
+use crate::wire::udp_limit;
 use crate::zone::Zone;
 
 /// Runs `raw` through [`respond`] as the server would: from an allowed client over
@@ -43,13 +45,68 @@ pub fn exercise(zone: &Zone, raw: &[u8]) {
             raw.get(..2),
             "an answer under another id to {raw:?}"
         );
-        assert_eq!(sent.metadata.response_code, reply.rcode, "{raw:?}");
+        // By number: 16 decodes as BADSIG, the code BADVERS shares.
+        assert_eq!(
+            u16::from(sent.metadata.response_code),
+            u16::from(reply.rcode),
+            "{raw:?}"
+        );
         if client == outside {
             assert!(
                 matches!(reply.rcode, ResponseCode::Refused | ResponseCode::FormErr),
                 "a refused client got {:?} for {raw:?}",
                 reply.rcode
             );
+        }
+        if let Ok(req) = Message::from_vec(raw) {
+            check_reply(&req, &sent, &reply, limit, raw);
+        }
+    }
+}
+
+/// The promises an answer to a query that parsed keeps.
+fn check_reply(req: &Message, sent: &Message, reply: &Reply, limit: Option<usize>, raw: &[u8]) {
+    let bytes = &reply.bytes;
+    // Within the transport's limit: truncation makes it fit.
+    let limit = limit.unwrap_or_else(|| udp_limit(req));
+    assert!(
+        bytes.len() <= limit || sent.answers.is_empty(),
+        "{} bytes over a limit of {limit} for {raw:?}",
+        bytes.len()
+    );
+    // An OPT record for a client that sent one (RFC 6891 §6.1.1), version 0 and with
+    // the client's DO bit (RFC 3225 §3); none for a client that did not.
+    assert_eq!(sent.edns.is_some(), req.edns.is_some(), "OPT for {raw:?}");
+    if let (Some(ours), Some(theirs)) = (&sent.edns, &req.edns) {
+        assert_eq!(ours.version(), 0, "{raw:?}");
+        assert_eq!(
+            ours.flags().dnssec_ok,
+            theirs.flags().dnssec_ok,
+            "DO for {raw:?}"
+        );
+        if theirs.version() > 0 && !reply.refused {
+            assert_eq!(u16::from(sent.metadata.response_code), 16, "{raw:?}");
+        }
+    }
+    assert_eq!(
+        sent.metadata.recursion_desired, req.metadata.recursion_desired,
+        "RD for {raw:?}"
+    );
+    if let Some(q) = req.queries.first() {
+        // No IN data for another class, and no zone transfer.
+        if q.query_class() != DNSClass::IN {
+            assert!(
+                sent.answers
+                    .iter()
+                    .chain(&sent.authorities)
+                    .chain(&sent.additionals)
+                    .all(|r| r.dns_class == q.query_class()),
+                "IN data for class {} in {raw:?}",
+                q.query_class()
+            );
+        }
+        if matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR) {
+            assert!(sent.answers.is_empty(), "a transfer for {raw:?}");
         }
     }
 }
@@ -95,7 +152,7 @@ pub fn sample_snapshot() -> Snapshot {
 #[cfg(test)]
 mod tests {
     use hickory_proto::op::{Edns, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RecordType};
+    use hickory_proto::rr::Name;
 
     use super::*;
 
@@ -112,6 +169,7 @@ mod tests {
             "3.0.0.10.in-addr.arpa.",
             "mesh.",
             "x.mesh.",
+            "version.bind.",
         ];
         let types = [
             RecordType::A,
@@ -120,14 +178,47 @@ mod tests {
             RecordType::PTR,
             RecordType::ANY,
             RecordType::SOA,
+            RecordType::NS,
+            RecordType::TXT,
+            RecordType::AXFR,
+            RecordType::IXFR,
         ];
         let mut seeds = Vec::new();
+        let query = |name: &str, t, class| {
+            let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+            let mut q = Query::query(Name::from_ascii(name).expect("name"), t);
+            q.set_query_class(class);
+            m.add_query(q);
+            m
+        };
         for name in names {
             for t in types {
-                let mut m = Message::new(7, MessageType::Query, OpCode::Query);
-                m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
+                let mut m = query(name, t, DNSClass::IN);
                 m.set_edns(Edns::new());
                 seeds.push(m.to_vec().expect("encode"));
+            }
+        }
+        // Without EDNS (512 bytes: the big answers truncate), with DO, with an EDNS
+        // version we do not speak, and in the CH and HS classes.
+        for name in ["tasks.web.mesh.", "_tcp5432._tcp.rr.mesh.", "mesh."] {
+            let mut m = query(name, RecordType::ANY, DNSClass::IN);
+            m.metadata.recursion_desired = true;
+            seeds.push(m.to_vec().expect("encode"));
+        }
+        for version in [0, 1] {
+            let mut m = query("web.mesh.", RecordType::A, DNSClass::IN);
+            let mut edns = Edns::new();
+            edns.set_dnssec_ok(true).set_version(version);
+            m.set_edns(edns);
+            seeds.push(m.to_vec().expect("encode"));
+        }
+        for name in ["version.bind.", "id.server.", "web.mesh.", "example.test."] {
+            for class in [DNSClass::CH, DNSClass::HS] {
+                seeds.push(
+                    query(name, RecordType::TXT, class)
+                        .to_vec()
+                        .expect("encode"),
+                );
             }
         }
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;

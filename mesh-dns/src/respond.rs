@@ -10,7 +10,7 @@ use hickory_proto::rr::RecordType;
 use mesh_core::Cidr;
 
 use crate::answer::{Resolution, resolve, response_to};
-use crate::wire::{check_query, echo_edns, encode, formerr, udp_limit};
+use crate::wire::{check_edns_version, check_query, echo_edns, encode, formerr, udp_limit};
 use crate::zone::Zone;
 
 /// What to do with one request.
@@ -35,7 +35,8 @@ pub struct Reply {
     /// The type of the question; `Unknown(0)` when there was none.
     pub qtype: RecordType,
     pub rcode: ResponseCode,
-    /// The answer did not fit the size limit: the question alone went, with TC set.
+    /// The answer did not fit the size limit: the question and the answer records
+    /// that fit went, with TC set (see [`crate::wire::encode`]).
     pub truncated: bool,
     /// REFUSED because the client is outside the allow list.
     pub refused: bool,
@@ -76,7 +77,8 @@ pub fn respond(
     if !allow.iter().any(|c| c.contains(client)) {
         return finish(&req, response_to(&req, ResponseCode::Refused), limit, true);
     }
-    if let Err(code) = check_query(&req) {
+    // Before the rest: a client that speaks a newer EDNS learns ours and retries.
+    if let Err(code) = check_edns_version(&req).and_then(|()| check_query(&req)) {
         return finish(&req, response_to(&req, code), limit, false);
     }
     match resolve(zone, &req) {
@@ -85,12 +87,16 @@ pub fn respond(
     }
 }
 
-/// The answer to a forwarded `req`: the upstream's answer under the client's id, or
-/// SERVFAIL when no upstream gave one (`None`). `None` out: nothing to send.
+/// The answer to a forwarded `req`: the upstream's answer (fresh or cached) under the
+/// client's id and RD bit, or SERVFAIL when no upstream gave one (`None`). `None` out:
+/// nothing to send.
 pub fn relay(req: &Message, upstream: Option<Message>, limit: Option<usize>) -> Option<Reply> {
     let resp = match upstream {
         Some(mut resp) => {
             resp.metadata.id = req.metadata.id;
+            // RFC 1035 §4.1.1: RD is copied from the query. A cached answer was
+            // fetched for another client, who may have asked otherwise.
+            resp.metadata.recursion_desired = req.metadata.recursion_desired;
             // The upstream's OPT describes its link to us, not ours to the client;
             // `finish` adds ours when the client sent one.
             resp.edns = None;
@@ -126,7 +132,7 @@ fn finish(req: &Message, mut resp: Message, limit: Option<usize>, refused: bool)
 #[cfg(test)]
 mod tests {
     use hickory_proto::op::{Edns, OpCode, Query};
-    use hickory_proto::rr::Name;
+    use hickory_proto::rr::{DNSClass, Name, RData};
 
     use super::*;
     use crate::config::DnsConfig;
@@ -219,14 +225,261 @@ mod tests {
     }
 
     #[test]
-    fn the_limit_truncates() {
+    fn a_truncated_answer_keeps_the_records_that_fit() {
         let mut m = query("tasks.web.mesh.", RecordType::ANY);
         m.set_edns(Edns::new());
         let (r, full) = reply(run(&m, "127.0.0.1", Some(65_535)));
         assert!(!r.truncated && !full.metadata.truncation);
         assert!(full.edns.is_some(), "our OPT echoes the client's");
+        assert_eq!(full.answers.len(), 2);
         let (r, cut) = reply(run(&m, "127.0.0.1", Some(r.bytes.len() - 1)));
-        assert!(r.truncated && cut.metadata.truncation && cut.answers.is_empty());
+        assert!(r.truncated && cut.metadata.truncation);
+        assert_eq!(cut.answers.len(), 1, "one record fits");
+        assert_eq!((cut.queries, cut.edns.is_some()), (m.queries.clone(), true));
+        assert!(r.bytes.len() < full.to_vec().unwrap().len());
+
+        // Additional records go first, and without TC (RFC 2181 §9): the answer is
+        // complete without them.
+        let srv = query("_tcp5432._tcp.rr.mesh.", RecordType::SRV);
+        let (r, full) = reply(run(&srv, "127.0.0.1", None));
+        assert!(!r.truncated && !full.additionals.is_empty());
+        let (r, cut) = reply(run(&srv, "127.0.0.1", Some(r.bytes.len() - 1)));
+        assert!(!r.truncated && !cut.metadata.truncation);
+        assert_eq!(cut.answers, full.answers);
+        assert!(cut.additionals.is_empty());
+
+        // Not even one record fits: the question alone, with TC.
+        let q = query("tasks.web.mesh.", RecordType::A).to_vec().unwrap();
+        let (r, cut) = reply(run(
+            &query("tasks.web.mesh.", RecordType::A),
+            "127.0.0.1",
+            Some(q.len()),
+        ));
+        assert!(r.truncated && cut.answers.is_empty() && r.bytes.len() == q.len());
+    }
+
+    #[test]
+    fn the_do_bit_is_copied_into_the_answer() {
+        for dnssec_ok in [false, true] {
+            let mut m = query("web.mesh.", RecordType::A);
+            let mut edns = Edns::new();
+            edns.set_dnssec_ok(dnssec_ok);
+            m.set_edns(edns);
+            let (_, sent) = reply(run(&m, "127.0.0.1", None));
+            assert_eq!(sent.edns.unwrap().flags().dnssec_ok, dnssec_ok);
+            // And on a relayed answer, whatever the upstream's OPT said.
+            let mut upstream = Message::response(7, OpCode::Query);
+            let mut theirs = Edns::new();
+            theirs.set_dnssec_ok(!dnssec_ok);
+            upstream.set_edns(theirs);
+            let r = relay(&m, Some(upstream), None).unwrap();
+            let sent = Message::from_vec(&r.bytes).unwrap();
+            assert_eq!(sent.edns.unwrap().flags().dnssec_ok, dnssec_ok);
+            let r = relay(&m, None, None).unwrap();
+            let sent = Message::from_vec(&r.bytes).unwrap();
+            assert_eq!(sent.edns.unwrap().flags().dnssec_ok, dnssec_ok);
+        }
+    }
+
+    #[test]
+    fn edns_versions_above_0_get_badvers() {
+        for name in ["web.mesh.", "example.test."] {
+            let mut m = query(name, RecordType::A);
+            let mut edns = Edns::new();
+            edns.set_version(1);
+            m.set_edns(edns);
+            let (r, sent) = reply(run(&m, "127.0.0.1", None));
+            assert_eq!(u16::from(r.rcode), 16, "{name}");
+            assert_eq!(u16::from(sent.metadata.response_code), 16, "{name}");
+            assert_eq!(r.bytes[3] & 0x0f, 0, "the low bits are in the header");
+            let edns = sent.edns.expect("an OPT record carries the high bits");
+            assert_eq!((edns.rcode_high(), edns.version()), (1, 0));
+            assert!(sent.answers.is_empty());
+        }
+    }
+
+    fn classed(name: &str, qtype: RecordType, class: DNSClass) -> Message {
+        let mut m = query(name, qtype);
+        m.queries[0].set_query_class(class);
+        m
+    }
+
+    fn txt(m: &Message) -> Vec<String> {
+        m.answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::TXT(t) => t.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chaos_names_are_answered_and_other_classes_refused() {
+        let version = format!("mesh {}", env!("CARGO_PKG_VERSION"));
+        for (name, want) in [
+            ("version.bind.", version.as_str()),
+            ("VERSION.SERVER.", version.as_str()),
+            ("id.server.", "mesh"),
+        ] {
+            for qtype in [RecordType::TXT, RecordType::ANY] {
+                let (r, sent) = reply(run(&classed(name, qtype, DNSClass::CH), "127.0.0.1", None));
+                assert_eq!(r.rcode, ResponseCode::NoError, "{name}");
+                assert_eq!(txt(&sent), [want], "{name}");
+                assert_eq!(sent.answers[0].dns_class, DNSClass::CH);
+                assert_eq!(sent.queries[0].query_class(), DNSClass::CH);
+            }
+            // The name exists in CH, not with this type.
+            let (r, sent) = reply(run(
+                &classed(name, RecordType::A, DNSClass::CH),
+                "127.0.0.1",
+                None,
+            ));
+            assert_eq!(r.rcode, ResponseCode::NoError, "{name}");
+            assert!(sent.answers.is_empty());
+        }
+        for class in [
+            DNSClass::CH,
+            DNSClass::HS,
+            DNSClass::ANY,
+            DNSClass::NONE,
+            DNSClass::Unknown(77),
+        ] {
+            for name in [
+                "web.mesh.",
+                "tasks.web.mesh.",
+                "mesh.",
+                "example.test.",
+                "3.0.0.10.in-addr.arpa.",
+                "hostname.bind.",
+            ] {
+                let (r, sent) = reply(run(&classed(name, RecordType::A, class), "127.0.0.1", None));
+                assert_eq!(r.rcode, ResponseCode::Refused, "{name} {class:?}");
+                assert!(sent.answers.is_empty() && sent.authorities.is_empty());
+            }
+            let (r, _) = reply(run(
+                &classed("version.bind.", RecordType::TXT, class),
+                "127.0.0.1",
+                None,
+            ));
+            let want = if class == DNSClass::CH {
+                ResponseCode::NoError
+            } else {
+                ResponseCode::Refused
+            };
+            assert_eq!(r.rcode, want, "{class:?}");
+        }
+        // And for a client outside the allow list, still REFUSED before anything.
+        let (r, _) = reply(run(
+            &classed("version.bind.", RecordType::TXT, DNSClass::CH),
+            "192.0.2.1",
+            None,
+        ));
+        assert!(r.refused);
+    }
+
+    #[test]
+    fn zone_transfers_are_refused_and_never_forwarded() {
+        for name in ["mesh.", "web.mesh.", "example.test.", "0.10.in-addr.arpa."] {
+            for qtype in [RecordType::AXFR, RecordType::IXFR] {
+                for limit in [None, Some(65_535)] {
+                    let (r, sent) = reply(run(&query(name, qtype), "127.0.0.1", limit));
+                    assert_eq!(r.rcode, ResponseCode::Refused, "{name} {qtype}");
+                    assert!(!r.refused, "not an allow-list refusal");
+                    assert!(sent.answers.is_empty() && sent.authorities.is_empty());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_apex_has_ns_with_glue_and_the_ns_name_resolves() {
+        let listen: Vec<std::net::SocketAddr> = vec![
+            "192.0.2.53:53".parse().unwrap(),
+            "[2001:db8::53]:53".parse().unwrap(),
+        ];
+        let zone = Zone::build(&sample_snapshot(), "mesh", 5).with_listen(&listen);
+        let allow = DnsConfig::default().allow;
+        let ask = |name: &str, qtype| {
+            let raw = query(name, qtype).to_vec().unwrap();
+            reply(respond(
+                &zone,
+                &allow,
+                &raw,
+                "127.0.0.1".parse().unwrap(),
+                None,
+            ))
+            .1
+        };
+        let ns = ask("mesh.", RecordType::NS);
+        assert!(ns.metadata.authoritative);
+        let [ns_record] = &ns.answers[..] else {
+            panic!("{ns:?}")
+        };
+        let RData::NS(target) = &ns_record.data else {
+            panic!("{ns:?}")
+        };
+        let glue: Vec<String> = ns
+            .additionals
+            .iter()
+            .map(|r| {
+                assert_eq!(&r.name, &target.0);
+                r.data.to_string()
+            })
+            .collect();
+        assert_eq!(glue, ["192.0.2.53", "2001:db8::53"]);
+        let soa = ask("mesh.", RecordType::SOA);
+        let RData::SOA(soa) = &soa.answers[0].data else {
+            panic!("{soa:?}")
+        };
+        assert_eq!(&soa.mname, &target.0, "MNAME is the name server");
+        let target = target.0.to_ascii();
+        let a = ask(&target, RecordType::A);
+        assert_eq!(
+            a.answers
+                .iter()
+                .map(|r| r.data.to_string())
+                .collect::<Vec<_>>(),
+            ["192.0.2.53"]
+        );
+        let aaaa = ask(&target, RecordType::AAAA);
+        assert_eq!(
+            aaaa.answers
+                .iter()
+                .map(|r| r.data.to_string())
+                .collect::<Vec<_>>(),
+            ["2001:db8::53"]
+        );
+        let any = ask("mesh.", RecordType::ANY);
+        let mut types: Vec<RecordType> = any.answers.iter().map(|r| r.record_type()).collect();
+        types.sort();
+        let mut want = vec![
+            RecordType::SOA,
+            RecordType::NS,
+            RecordType::A,
+            RecordType::AAAA,
+        ];
+        want.sort();
+        assert_eq!(types, want);
+        // Types the apex does not have: NODATA with the SOA.
+        let mx = ask("mesh.", RecordType::MX);
+        assert_eq!(mx.metadata.response_code, ResponseCode::NoError);
+        assert!(mx.answers.is_empty() && mx.authorities.len() == 1);
+    }
+
+    #[test]
+    fn relayed_answers_copy_rd_from_the_query() {
+        for rd in [false, true] {
+            let mut req = query("example.test.", RecordType::A);
+            req.metadata.recursion_desired = rd;
+            let mut upstream = Message::response(7, OpCode::Query);
+            upstream.metadata.recursion_desired = !rd;
+            for up in [Some(upstream), None] {
+                let r = relay(&req, up, None).unwrap();
+                let sent = Message::from_vec(&r.bytes).unwrap();
+                assert_eq!(sent.metadata.recursion_desired, rd);
+            }
+        }
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! names are forwarded on their own tasks so a slow upstream never blocks local
 //! answers.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::Message;
 use mesh_core::Snapshot;
+use mesh_core::io_error::{AcceptBackoff, AcceptFailure, classify_accept};
+use mesh_core::log_limit::LogLimit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -16,13 +19,48 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::DnsConfig;
-use crate::forward::{Forwarded, Forwarder};
+use crate::forward::{Forwarded, Forwarder, failure_ttl};
 use crate::metrics::DnsMetrics;
 use crate::respond::{Reply, Step, relay, respond};
 use crate::zone::Zone;
 
 const TCP_IDLE: Duration = Duration::from_secs(10);
 const MAX_TCP_CONNECTIONS: usize = 512;
+/// TCP connections one client address may hold at once.
+const MAX_TCP_PER_CLIENT: usize = 16;
+
+/// One of a client's TCP connection slots, given back on drop.
+struct ClientShare {
+    clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl ClientShare {
+    fn take(clients: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<ClientShare> {
+        let mut map = clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_TCP_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientShare {
+            clients: clients.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientShare {
+    fn drop(&mut self) {
+        let mut map = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 /// The size limit of a TCP answer: the two-byte length prefix.
 const TCP_LIMIT: Option<usize> = Some(65_535);
 
@@ -63,10 +101,12 @@ impl DnsServer {
             config.forward_timeout,
             config.max_inflight,
             config.cache_size,
+            failure_ttl(config.ttl),
             metrics.clone(),
         );
+        let zone = Zone::empty(&config.domain, config.ttl).with_listen(&config.listen);
         Arc::new(Self {
-            zone: ArcSwap::from_pointee(Zone::empty(&config.domain, config.ttl)),
+            zone: ArcSwap::from_pointee(zone),
             shown: Mutex::new(Snapshot::default()),
             config,
             forwarder,
@@ -180,7 +220,9 @@ impl DnsServer {
                 r = socket.recv_from(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
+                        // A socket that keeps failing must not spin a core.
                         debug!(error = %e, "DNS UDP receive failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 },
@@ -206,19 +248,41 @@ impl DnsServer {
     }
 
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let mut backoff = AcceptBackoff::default();
+        let mut log = LogLimit::default();
+        let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
         loop {
             let (stream, src) = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = listener.accept() => match r {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        backoff.accepted();
+                        x
+                    }
                     Err(e) => {
-                        warn!(error = %e, "DNS TCP accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let failure = classify_accept(&e);
+                        if failure == AcceptFailure::Closed {
+                            return;
+                        }
+                        if let Some(suppressed) = log.allow("accept", Instant::now()) {
+                            warn!(error = %e, suppressed, "DNS TCP accept failed");
+                        }
+                        // Out of descriptors: back off instead of spinning.
+                        tokio::time::sleep(backoff.after(failure)).await;
                         continue;
                     }
                 },
             };
-            // Beyond the limit the connection is closed at once rather than queued.
+            // A client that may not query gets no slot: closed at once.
+            if !self.config.allow.iter().any(|c| c.contains(src.ip())) {
+                self.metrics.refused.inc();
+                continue;
+            }
+            // Each client gets a share of the slots, so one cannot take them all; beyond
+            // either limit the connection is closed at once rather than queued.
+            let Some(share) = ClientShare::take(&per_client, src.ip()) else {
+                continue;
+            };
             let Ok(slot) = self.tcp_slots.clone().try_acquire_owned() else {
                 continue;
             };
@@ -226,6 +290,7 @@ impl DnsServer {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let _slot = slot;
+                let _share = share;
                 tokio::select! {
                     _ = server.tcp_connection(stream, src) => {}
                     _ = stop.cancelled() => {}

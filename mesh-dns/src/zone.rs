@@ -4,7 +4,7 @@
 //! patched with the services that differ between two snapshots, in O(what changed),
 //! and the old zone stays intact for the queries still reading it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -65,6 +65,10 @@ pub struct Zone {
     pub apex: Name,
     pub ttl: u32,
     pub serial: u32,
+    /// The addresses of the zone's name server, whose name is the apex itself: the
+    /// target of the apex NS record and the SOA's MNAME, answered as `<domain>.` A and
+    /// AAAA. See [`Zone::with_listen`].
+    pub nameservers: Vec<IpAddr>,
     services: OrdMap<String, Arc<ZoneService>>,
     /// VIPs and task IPs → every name that claims them; PTR answers the first.
     reverse: OrdMap<IpAddr, OrdMap<Claim, Name>>,
@@ -80,6 +84,7 @@ impl Clone for Zone {
             apex: self.apex.clone(),
             ttl: self.ttl,
             serial: self.serial,
+            nameservers: self.nameservers.clone(),
             services: self.services.clone(),
             reverse: self.reverse.clone(),
             rotation: AtomicUsize::new(self.rotation.load(Ordering::Relaxed)),
@@ -94,6 +99,7 @@ impl PartialEq for Zone {
             && self.apex == other.apex
             && self.ttl == other.ttl
             && self.serial == other.serial
+            && self.nameservers == other.nameservers
             && self.services == other.services
             && self.reverse == other.reverse
     }
@@ -111,10 +117,21 @@ impl Zone {
             apex,
             ttl,
             serial: 0,
+            nameservers: nameserver_addrs(&[]),
             services: OrdMap::new(),
             reverse: OrdMap::new(),
             rotation: AtomicUsize::new(0),
         }
+    }
+
+    /// This zone served on `listen`: the name server's addresses (the apex A and AAAA,
+    /// and the glue of the apex NS) become the listen addresses. A wildcard address
+    /// (0.0.0.0, ::) says nothing a client can use, so it is skipped; when only
+    /// wildcards (or nothing) are left, loopback stands in: 127.0.0.1 for 0.0.0.0, ::1
+    /// for ::, both for no address at all. Updates carry the addresses on.
+    pub fn with_listen(mut self, listen: &[SocketAddr]) -> Self {
+        self.nameservers = nameserver_addrs(listen);
+        self
     }
 
     /// The zone of a whole snapshot: every service is an addition to an empty zone.
@@ -234,6 +251,30 @@ impl Zone {
     }
 }
 
+/// See [`Zone::with_listen`].
+fn nameserver_addrs(listen: &[SocketAddr]) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = Vec::new();
+    for ip in listen.iter().map(SocketAddr::ip) {
+        if !ip.is_unspecified() && !addrs.contains(&ip) {
+            addrs.push(ip);
+        }
+    }
+    if addrs.is_empty() {
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        let (any4, any6) = (
+            listen.iter().any(SocketAddr::is_ipv4),
+            listen.iter().any(SocketAddr::is_ipv6),
+        );
+        match (any4, any6) {
+            (true, false) => addrs.push(v4),
+            (false, true) => addrs.push(v6),
+            _ => addrs.extend([v4, v6]),
+        }
+    }
+    addrs
+}
+
 /// The addresses one service entry claims for PTR (its VIPs and its routable tasks'
 /// IPs), sorted and deduplicated for binary search.
 fn claims(entry: &ServiceEntry) -> Vec<ClaimRef<'_>> {
@@ -265,6 +306,7 @@ mod tests {
 
     use super::*;
     use crate::answer::{Resolution, resolve};
+    use crate::fuzzing::sample_snapshot;
 
     fn add_task(r: &mut Replica, service: &str, id: &str, ip: &str, now: u64) {
         let spec = TaskSpec::new(service, id, ip.parse().unwrap());
@@ -456,6 +498,42 @@ mod tests {
         let empty = follow(&jumps);
         assert_eq!(empty.services().count(), 0);
         assert_eq!(empty, Zone::empty("mesh", 5));
+    }
+
+    #[test]
+    fn the_name_server_answers_the_listen_addresses() {
+        let ns = |listen: &[&str]| {
+            let listen: Vec<SocketAddr> = listen.iter().map(|a| a.parse().unwrap()).collect();
+            Zone::empty("mesh", 5)
+                .with_listen(&listen)
+                .nameservers
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ns(&[]), ["127.0.0.1", "::1"]);
+        assert_eq!(ns(&["0.0.0.0:53"]), ["127.0.0.1"]);
+        assert_eq!(ns(&["[::]:53"]), ["::1"]);
+        assert_eq!(ns(&["0.0.0.0:53", "[::]:5353"]), ["127.0.0.1", "::1"]);
+        assert_eq!(
+            ns(&[
+                "0.0.0.0:53",
+                "172.17.0.1:53",
+                "172.17.0.1:5353",
+                "[fd00::1]:53"
+            ]),
+            ["172.17.0.1", "fd00::1"],
+            "wildcards skipped, duplicates once"
+        );
+        // Updates carry the addresses on.
+        let listen = ["192.0.2.1:53".parse().unwrap()];
+        let zone = Zone::empty("mesh", 5).with_listen(&listen);
+        let next = zone.updated(&Snapshot::default(), &sample_snapshot());
+        assert_eq!(next.nameservers, zone.nameservers);
+        assert_eq!(
+            next,
+            Zone::build(&sample_snapshot(), "mesh", 5).with_listen(&listen)
+        );
     }
 
     #[test]

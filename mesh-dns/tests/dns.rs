@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
@@ -44,6 +44,11 @@ fn snapshot() -> Snapshot {
     s.create_service(rr, 0).unwrap();
     s.create_service(ServiceSpec::new("big", vec![PortSpec::tcp(None, 80)]), 0)
         .unwrap();
+    s.create_service(ServiceSpec::new("forty", vec![PortSpec::tcp(None, 80)]), 0)
+        .unwrap();
+    // "ns" is a valid service name: it must not collide with the zone's name server.
+    s.create_service(ServiceSpec::new("ns", vec![PortSpec::tcp(None, 53)]), 0)
+        .unwrap();
     let mut add = |svc: &str, id: &str, ip: &str| {
         s.add_task(
             TaskSpec {
@@ -70,6 +75,9 @@ fn snapshot() -> Snapshot {
             &format!("big.{i}"),
             &format!("10.1.{}.{}", i / 200, i % 200 + 1),
         );
+    }
+    for i in 1..=40 {
+        add("forty", &format!("forty.{i}"), &format!("10.2.0.{i}"));
     }
     // An unhealthy task is never answered.
     add("web", "web.sick", "10.0.0.99");
@@ -165,6 +173,22 @@ async fn udp(server: SocketAddr, req: &Message) -> Message {
         .await
         .expect("an answer");
     let m = Message::from_vec(&raw).unwrap();
+    assert_eq!(m.metadata.id, req.metadata.id);
+    m
+}
+
+/// One UDP query, sent once, and its answer: for tests that count what reaches an
+/// upstream, where a resend would be forwarded again. Loopback does not drop.
+async fn udp_once(server: SocketAddr, req: &Message) -> Message {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(server).await.unwrap();
+    socket.send(&req.to_vec().unwrap()).await.unwrap();
+    let mut buf = vec![0u8; 65_535];
+    let n = tokio::time::timeout(Duration::from_secs(60), socket.recv(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let m = Message::from_vec(&buf[..n]).unwrap();
     assert_eq!(m.metadata.id, req.metadata.id);
     m
 }
@@ -459,6 +483,8 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
             let req = Message::from_vec(&buf[..n]).unwrap();
             let q = req.queries[0].clone();
             let mut resp = Message::response(req.metadata.id, OpCode::Query);
+            resp.metadata.recursion_desired = req.metadata.recursion_desired;
+            resp.metadata.recursion_available = true;
             resp.add_query(q.clone());
             if q.name().to_ascii().eq_ignore_ascii_case("example.test.") {
                 resp.add_answer(Record::from_rdata(
@@ -684,55 +710,389 @@ async fn malformed_packets_get_formerr_or_are_dropped_and_good_clients_still_get
     assert!(metric(&dns.registry, "mesh_dns_malformed_total") >= 5.0);
 }
 
-#[tokio::test]
-async fn dig_sees_a_srv_and_ptr_answers() {
+/// Runs `dig @server -p port ARGS`; `None` (after saying so) when dig is not installed.
+async fn dig(server: SocketAddr, args: &[&str]) -> Option<String> {
     if std::process::Command::new("dig")
         .arg("-v")
         .output()
         .is_err()
     {
         eprintln!(
-            "SKIPPED: dig is not installed (apt-get install bind9-dnsutils); the resolver tests cover the same answers"
+            "SKIPPED: dig is not installed (apt-get install bind9-dnsutils); raw queries cover the same answers"
         );
-        return;
+        return None;
     }
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("dig")
+            .arg(format!("@{}", server.ip()))
+            .arg("-p")
+            .arg(server.port().to_string())
+            // Generous retries: the machine may be loaded.
+            .args(["+tries=5", "+time=10"])
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+#[tokio::test]
+async fn dig_sees_a_srv_and_ptr_answers() {
     let snap = snapshot();
     let vip = snap.services["web"].vips.v4.unwrap().to_string();
     let dns = start(DnsConfig::default(), &snap).await;
-    let dig_async = |args: Vec<String>| {
-        let addr = dns.addr;
-        tokio::task::spawn_blocking(move || {
-            let mut cmd = std::process::Command::new("dig");
-            cmd.arg(format!("@{}", addr.ip()))
-                .arg("-p")
-                .arg(addr.port().to_string())
-                .arg("+short")
-                .args(&args);
-            String::from_utf8(cmd.output().unwrap().stdout).unwrap()
-        })
+    let Some(web) = dig(dns.addr, &["+short", "web.mesh"]).await else {
+        return;
     };
-    assert_eq!(
-        dig_async(vec!["web.mesh".into()]).await.unwrap().trim(),
-        vip
-    );
-    let tasks = dig_async(vec!["tasks.web.mesh".into()]).await.unwrap();
+    assert_eq!(web.trim(), vip);
+    let tasks = dig(dns.addr, &["+short", "tasks.web.mesh"]).await.unwrap();
     assert_eq!(tasks.lines().count(), 3, "{tasks}");
     assert_eq!(
-        dig_async(vec!["SRV".into(), "_http._tcp.web.mesh".into()])
+        dig(dns.addr, &["+short", "SRV", "_http._tcp.web.mesh"])
             .await
             .unwrap()
             .trim(),
         "0 0 80 web.mesh."
     );
     assert_eq!(
-        dig_async(vec!["-x".into(), vip.clone()])
-            .await
-            .unwrap()
-            .trim(),
+        dig(dns.addr, &["+short", "-x", &vip]).await.unwrap().trim(),
         "web.mesh."
     );
-    let big = dig_async(vec!["tasks.big.mesh".into()]).await.unwrap();
+    let big = dig(dns.addr, &["+short", "tasks.big.mesh"]).await.unwrap();
     assert_eq!(big.lines().count(), 150, "dig retries over TCP after TC");
+}
+
+/// The A records of a dig answer section.
+fn dig_a_records(out: &str) -> usize {
+    out.lines()
+        .filter(|l| !l.starts_with(';') && l.split_whitespace().nth(3) == Some("A"))
+        .count()
+}
+
+#[tokio::test]
+async fn a_truncated_udp_answer_carries_the_records_that_fit() {
+    let dns = start(DnsConfig::default(), &snapshot()).await;
+    // Without EDNS the limit is 512 bytes: the header, the question and then as many
+    // 16-byte A records (the owner a compression pointer) as fit.
+    let name = "tasks.forty.mesh.";
+    let question = Name::from_ascii(name).unwrap().len() + 4;
+    let fit = (512 - 12 - question) / 16;
+    assert!(fit > 0 && fit < 40);
+    let req = request(name, RecordType::A, None);
+    let raw = udp_from("127.0.0.1:0", dns.addr, &req.to_vec().unwrap())
+        .await
+        .expect("an answer");
+    assert!(raw.len() <= 512, "{} bytes", raw.len());
+    let m = Message::from_vec(&raw).unwrap();
+    assert!(m.metadata.truncation, "TC is set");
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.queries, req.queries, "the question is kept");
+    assert_eq!(ips(&m.answers).len(), fit, "as many records as fit");
+    assert!(m.edns.is_none(), "no OPT for a client without EDNS");
+    // With EDNS the OPT record is kept, and it all fits in 1232 bytes.
+    let m = udp(dns.addr, &request(name, RecordType::A, Some(1232))).await;
+    assert!(!m.metadata.truncation && m.edns.is_some());
+    assert_eq!(ips(&m.answers).len(), 40);
+    // A 512-byte EDNS client gets the truncated answer with the OPT record.
+    let m = udp(dns.addr, &request(name, RecordType::A, Some(512))).await;
+    assert!(m.metadata.truncation && m.edns.is_some());
+    assert!(!m.answers.is_empty() && m.answers.len() < 40);
+    let full = tcp(dns.addr, &request(name, RecordType::A, None)).await;
+    assert!(!full.metadata.truncation);
+    assert_eq!(ips(&full.answers).len(), 40);
+
+    // What a client without a TCP retry (musl before 1.2.4) sees, through dig.
+    let Some(out) = dig(dns.addr, &["+noedns", "+ignore", "tasks.forty.mesh"]).await else {
+        return;
+    };
+    assert!(out.contains(" tc"), "TC in the flags: {out}");
+    assert_eq!(dig_a_records(&out), fit, "{out}");
+    let out = dig(dns.addr, &["+tcp", "tasks.forty.mesh"]).await.unwrap();
+    assert_eq!(dig_a_records(&out), 40, "{out}");
+}
+
+#[tokio::test]
+async fn the_do_bit_is_echoed_on_mesh_and_forwarded_answers() {
+    let (up, _) = upstream().await;
+    let config = DnsConfig {
+        upstreams: Some(vec![up]),
+        ..DnsConfig::default()
+    };
+    let dns = start(config, &snapshot()).await;
+    for name in ["web.mesh.", "example.test."] {
+        for dnssec_ok in [true, false] {
+            let mut req = request(name, RecordType::A, Some(1232));
+            req.edns.as_mut().unwrap().set_dnssec_ok(dnssec_ok);
+            let m = udp(dns.addr, &req).await;
+            assert_eq!(m.answers.len(), 1, "{name}");
+            assert_eq!(
+                m.edns.expect("an OPT record").flags().dnssec_ok,
+                dnssec_ok,
+                "{name} DO={dnssec_ok}"
+            );
+        }
+    }
+    let Some(out) = dig(dns.addr, &["+dnssec", "web.mesh"]).await else {
+        return;
+    };
+    assert!(out.contains("flags: do;"), "{out}");
+}
+
+#[tokio::test]
+async fn an_unknown_edns_version_gets_badvers() {
+    let dns = start(DnsConfig::default(), &snapshot()).await;
+    let mut req = request("web.mesh.", RecordType::A, Some(1232));
+    req.edns.as_mut().unwrap().set_version(1);
+    let raw = udp_from("127.0.0.1:0", dns.addr, &req.to_vec().unwrap())
+        .await
+        .expect("an answer");
+    let m = Message::from_vec(&raw).unwrap();
+    // BADVERS is 16: 0 in the header, 1 in the OPT record's extended RCODE.
+    assert_eq!(raw[3] & 0x0f, 0);
+    assert_eq!(u16::from(m.metadata.response_code), 16);
+    let edns = m.edns.expect("an OPT record");
+    assert_eq!((edns.rcode_high(), edns.version()), (1, 0));
+    assert!(m.answers.is_empty());
+    let Some(out) = dig(dns.addr, &["+edns=1", "+noednsnegotiation", "web.mesh"]).await else {
+        return;
+    };
+    assert!(out.contains("status: BADVERS"), "{out}");
+}
+
+#[tokio::test]
+async fn other_classes_get_no_in_data_and_are_never_forwarded() {
+    let (up, count) = upstream().await;
+    let config = DnsConfig {
+        upstreams: Some(vec![up]),
+        ..DnsConfig::default()
+    };
+    let dns = start(config, &snapshot()).await;
+    let classed = |name: &str, qtype, class| {
+        let mut m = request(name, qtype, None);
+        m.queries[0].set_query_class(class);
+        m
+    };
+    let txt = |m: &Message| -> Vec<String> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(t) => Some(t.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let version = udp(
+        dns.addr,
+        &classed("version.bind.", RecordType::TXT, DNSClass::CH),
+    )
+    .await;
+    assert_eq!(version.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        txt(&version),
+        [format!("mesh {}", env!("CARGO_PKG_VERSION"))]
+    );
+    assert_eq!(version.answers[0].dns_class, DNSClass::CH);
+    let id = udp(
+        dns.addr,
+        &classed("ID.SERVER.", RecordType::TXT, DNSClass::CH),
+    )
+    .await;
+    assert_eq!(txt(&id), ["mesh"]);
+    for (name, class) in [
+        ("web.mesh.", DNSClass::CH),
+        ("web.mesh.", DNSClass::HS),
+        ("example.test.", DNSClass::CH),
+        ("example.test.", DNSClass::HS),
+        ("version.bind.", DNSClass::HS),
+        ("hostname.example.", DNSClass::CH),
+    ] {
+        let m = udp(dns.addr, &classed(name, RecordType::A, class)).await;
+        assert_eq!(
+            m.metadata.response_code,
+            ResponseCode::Refused,
+            "{name} {class}"
+        );
+        assert!(m.answers.is_empty(), "{name} {class}: {m:?}");
+    }
+    assert_eq!(count.load(Ordering::Relaxed), 0, "nothing was forwarded");
+    assert_eq!(metric(&dns.registry, "mesh_dns_forwarded_total"), 0.0);
+    let Some(out) = dig(dns.addr, &["+short", "CH", "TXT", "version.bind"]).await else {
+        return;
+    };
+    assert_eq!(
+        out.trim(),
+        format!("\"mesh {}\"", env!("CARGO_PKG_VERSION"))
+    );
+    let out = dig(dns.addr, &["CH", "A", "web.mesh"]).await.unwrap();
+    assert!(out.contains("status: REFUSED"), "{out}");
+}
+
+#[tokio::test]
+async fn cached_answers_copy_rd_from_the_query() {
+    let (up, count) = upstream().await;
+    let config = DnsConfig {
+        upstreams: Some(vec![up]),
+        ..DnsConfig::default()
+    };
+    let dns = start(config, &snapshot()).await;
+    for rd in [true, false, true, false] {
+        let mut req = request("example.test.", RecordType::A, None);
+        req.metadata.recursion_desired = rd;
+        // Sent once: a resend could be forwarded a second time.
+        let m = udp_once(dns.addr, &req).await;
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.metadata.recursion_desired, rd);
+        assert_eq!(m.metadata.id, req.metadata.id);
+    }
+    assert_eq!(count.load(Ordering::Relaxed), 1, "the rest from the cache");
+    assert_eq!(metric(&dns.registry, "mesh_dns_cache_hits_total"), 3.0);
+}
+
+#[tokio::test]
+async fn zone_transfers_are_refused_over_udp_and_tcp() {
+    let (up, count) = upstream().await;
+    let config = DnsConfig {
+        upstreams: Some(vec![up]),
+        ..DnsConfig::default()
+    };
+    let dns = start(config, &snapshot()).await;
+    for name in ["mesh.", "web.mesh.", "example.test."] {
+        for qtype in [RecordType::AXFR, RecordType::IXFR] {
+            let req = request(name, qtype, None);
+            for m in [udp(dns.addr, &req).await, tcp(dns.addr, &req).await] {
+                assert_eq!(
+                    m.metadata.response_code,
+                    ResponseCode::Refused,
+                    "{name} {qtype}"
+                );
+                assert!(m.answers.is_empty() && m.authorities.is_empty(), "{m:?}");
+            }
+        }
+    }
+    assert_eq!(count.load(Ordering::Relaxed), 0, "nothing was forwarded");
+    let Some(out) = dig(dns.addr, &["AXFR", "mesh"]).await else {
+        return;
+    };
+    assert!(out.contains("Transfer failed"), "{out}");
+}
+
+#[tokio::test]
+async fn the_apex_names_its_name_server_and_the_name_resolves() {
+    let snap = snapshot();
+    let dns = start(DnsConfig::default(), &snap).await;
+    let ns = udp(dns.addr, &request("mesh.", RecordType::NS, None)).await;
+    assert_eq!(ns.metadata.response_code, ResponseCode::NoError);
+    assert!(ns.metadata.authoritative);
+    let [record] = &ns.answers[..] else {
+        panic!("one NS record: {ns:?}")
+    };
+    let RData::NS(target) = &record.data else {
+        panic!("{record:?}")
+    };
+    let target = target.0.clone();
+    // Glue: the name server's address, the one the harness listens on.
+    let listen = HashSet::from([dns.addr.ip()]);
+    assert_eq!(ips(&ns.additionals), listen, "{ns:?}");
+    assert!(ns.additionals.iter().all(|r| r.name == target));
+
+    // The SOA names the same server, and that name resolves.
+    let soa = udp(dns.addr, &request("mesh.", RecordType::SOA, None)).await;
+    let RData::SOA(soa) = &soa.answers[0].data else {
+        panic!("{soa:?}")
+    };
+    assert_eq!(soa.mname, target);
+    let a = udp(dns.addr, &request(&target.to_ascii(), RecordType::A, None)).await;
+    assert_eq!(ips(&a.answers), listen);
+    // Only an IPv4 listen address: AAAA is NODATA.
+    let aaaa = udp(
+        dns.addr,
+        &request(&target.to_ascii(), RecordType::AAAA, None),
+    )
+    .await;
+    assert_eq!(aaaa.metadata.response_code, ResponseCode::NoError);
+    assert!(aaaa.answers.is_empty() && has_soa(&aaaa));
+
+    // A service named "ns" keeps its name: the name server cannot shadow it.
+    let vip = IpAddr::V4(snap.services["ns"].vips.v4.unwrap());
+    let svc = udp(dns.addr, &request("ns.mesh.", RecordType::A, None)).await;
+    assert_eq!(ips(&svc.answers), HashSet::from([vip]));
+
+    let Some(out) = dig(dns.addr, &["NS", "mesh"]).await else {
+        return;
+    };
+    let additional = out
+        .split(";; ADDITIONAL SECTION:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no glue: {out}"));
+    let glue: Vec<Vec<&str>> = additional
+        .lines()
+        .filter(|l| !l.starts_with(';'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| !f.is_empty())
+        .collect();
+    let ip = dns.addr.ip().to_string();
+    assert_eq!(glue, [vec!["mesh.", "5", "IN", "A", ip.as_str()]], "{out}");
+    let short = dig(dns.addr, &["+short", "NS", "mesh"]).await.unwrap();
+    let ns_a = dig(dns.addr, &["+short", short.trim()]).await.unwrap();
+    assert_eq!(ns_a.trim(), dns.addr.ip().to_string());
+}
+
+#[tokio::test]
+async fn a_failed_forward_is_cached_briefly_as_servfail() {
+    // An upstream that never answers, and a failure remembered for the TTL (300 s
+    // here, so a loaded machine cannot let it expire between the two queries).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let config = DnsConfig {
+        upstreams: Some(vec![silent.local_addr().unwrap()]),
+        forward_timeout: Duration::from_millis(200),
+        ttl: 300,
+        ..DnsConfig::default()
+    };
+    let dns = start(config, &snapshot()).await;
+    // Sent once each, not resent: a resend would be a second forward of its own.
+    let ask = async |name: &str, qtype| {
+        udp_once(dns.addr, &request(name, qtype, None))
+            .await
+            .metadata
+            .response_code
+    };
+    assert_eq!(
+        ask("down.test.", RecordType::A).await,
+        ResponseCode::ServFail
+    );
+    assert_eq!(metric(&dns.registry, "mesh_dns_forwarded_total"), 1.0);
+    assert_eq!(
+        metric(&dns.registry, "mesh_dns_forward_failures_total"),
+        1.0
+    );
+    // The same question again, in another case: SERVFAIL without a second forward.
+    assert_eq!(
+        ask("DOWN.test.", RecordType::A).await,
+        ResponseCode::ServFail
+    );
+    assert_eq!(metric(&dns.registry, "mesh_dns_forwarded_total"), 1.0);
+    assert_eq!(
+        metric(&dns.registry, "mesh_dns_forward_failures_total"),
+        1.0
+    );
+    assert_eq!(metric(&dns.registry, "mesh_dns_cache_hits_total"), 1.0);
+    // Another type is another question: it is forwarded.
+    assert_eq!(
+        ask("down.test.", RecordType::AAAA).await,
+        ResponseCode::ServFail
+    );
+    assert_eq!(metric(&dns.registry, "mesh_dns_forwarded_total"), 2.0);
+    // On loopback a datagram is queued at the receiver when sent: exactly the two
+    // forwards reached the upstream.
+    let (mut buf, mut received) = ([0u8; 512], 0);
+    while silent.recv(&mut buf).is_ok() {
+        received += 1;
+    }
+    assert_eq!(received, 2);
 }
 
 fn metric(registry: &prometheus::Registry, name: &str) -> f64 {
@@ -742,4 +1102,35 @@ fn metric(registry: &prometheus::Registry, name: &str) -> f64 {
         .filter(|f| f.get_name() == name)
         .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
         .sum()
+}
+
+/// Connections that send a length prefix and nothing more cannot lock other clients
+/// out of DNS over TCP: each client address gets a share of the slots, and a client
+/// that may not query gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_tcp_queries_do_not_starve_other_clients() {
+    let config = DnsConfig {
+        allow: vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "127.0.0.3/32".parse().unwrap(),
+        ],
+        ..DnsConfig::default()
+    };
+    let dns = start(config, &snapshot()).await;
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..300 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            if let Ok(mut s) = socket.connect(dns.addr).await {
+                let _ = s.write_all(&[0, 40]).await;
+                held.push(s);
+            }
+        }
+    }
+    // A third client is answered at once, while the 600 connections are still open.
+    let ok = tcp(dns.addr, &request("web.mesh.", RecordType::A, None)).await;
+    assert_eq!(ok.metadata.response_code, ResponseCode::NoError);
+    assert!(metric(&dns.registry, "mesh_dns_refused_total") >= 300.0);
+    drop(held);
 }

@@ -20,6 +20,9 @@ pub struct ProxyConfig {
     /// Idle timeout of UDP flows when the service sets none.
     #[serde(with = "mesh_core::duration")]
     pub udp_idle_timeout: Duration,
+    /// UDP flows (each holds a socket) per listener; beyond it the flow idle longest
+    /// is dropped to make room.
+    pub udp_max_flows: usize,
     /// On shutdown, how long open connections may finish before they are closed.
     #[serde(with = "mesh_core::duration")]
     pub shutdown_grace: Duration,
@@ -29,6 +32,32 @@ pub struct ProxyConfig {
     pub workers: usize,
 }
 
+impl ProxyConfig {
+    /// Refuses values the plane cannot work with; the error names the field.
+    pub fn validate(&self) -> Result<(), mesh_core::ModelError> {
+        use mesh_core::ModelError;
+        if self.connect_timeout.is_zero() {
+            return Err(ModelError::new("connect_timeout", "must be positive"));
+        }
+        if self.udp_idle_timeout.is_zero() {
+            return Err(ModelError::new("udp_idle_timeout", "must be positive"));
+        }
+        if self.udp_max_flows == 0 {
+            return Err(ModelError::new("udp_max_flows", "must be at least 1"));
+        }
+        if self.workers > 1024 {
+            return Err(ModelError::new(
+                "workers",
+                format!(
+                    "{} is more threads than any host has CPUs; 0 means one per CPU",
+                    self.workers
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
@@ -36,6 +65,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(2),
             eject_backoff: Duration::from_secs(5),
             udp_idle_timeout: Duration::from_secs(60),
+            udp_max_flows: 4096,
             shutdown_grace: Duration::from_secs(10),
             workers: 0,
         }

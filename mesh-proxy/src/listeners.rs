@@ -63,7 +63,13 @@ impl Listener {
             kill,
         });
         let bind = match key.listen {
-            Listen::Published => listen::Bind::Published(config.bind),
+            Listen::Published => {
+                // The workers' listeners share the port through SO_REUSEPORT, which
+                // another process of the same user could join: first make sure no
+                // one else holds it, so the port is never split with a stranger.
+                listen::check_port_free(config.bind, key.port, key.protocol)?;
+                listen::Bind::Published(config.bind)
+            }
             Listen::Vip(vip) => listen::Bind::Vip(vip),
         };
         let sockets = match key.protocol {
@@ -72,7 +78,12 @@ impl Listener {
                 let s = listen::udp_at(bind, key.port)?;
                 vec![(
                     s.as_raw_fd(),
-                    tokio::spawn(udp::serve(s, shared.clone(), config.udp_idle_timeout)),
+                    tokio::spawn(udp::serve(
+                        s,
+                        shared.clone(),
+                        config.udp_idle_timeout,
+                        config.udp_max_flows.max(1),
+                    )),
                 )]
             }
         };
@@ -86,6 +97,9 @@ impl Listener {
     /// Stops accepting at once: new clients see "connection refused" the moment this
     /// returns. Open connections go on until the listener's kill token is cancelled.
     pub fn close(self) -> Arc<ListenerShared> {
+        // Closed first, so an accept that fails on the shut-down socket sees it and
+        // ends quietly.
+        self.shared.closed.cancel();
         for (fd, task) in &self.sockets {
             // The accept task drops the socket only when next polled; shutting it
             // down here refuses new clients now. SAFETY: the fd stays open until
@@ -93,7 +107,6 @@ impl Listener {
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
             task.abort();
         }
-        self.shared.closed.cancel();
         self.shared
     }
 }

@@ -14,6 +14,7 @@ pub struct ProxyMetrics {
     accepts: IntCounterVec,
     refused: IntCounterVec,
     udp_flows: IntGaugeVec,
+    udp_evicted: IntCounterVec,
     drain_closed: IntCounterVec,
 }
 
@@ -33,8 +34,12 @@ pub struct ListenerMetrics {
     pub accepts: IntCounter,
     pub refused_no_task: IntCounter,
     pub refused_limit: IntCounter,
+    /// Refused because this host ran out of descriptors or buffers.
+    pub refused_local: IntCounter,
     pub retries: IntCounter,
     pub udp_flows: IntGauge,
+    /// Flows dropped to make room under `udp_max_flows`.
+    pub udp_evicted: IntCounter,
     pub drain_closed: IntCounter,
 }
 
@@ -118,6 +123,12 @@ impl ProxyMetrics {
                 "Active UDP flows on a published port",
                 PORT,
             )?,
+            udp_evicted: counter(
+                registry,
+                "mesh_udp_flows_evicted_total",
+                "UDP flows dropped, the longest idle first, to stay within proxy.udp_max_flows",
+                PORT,
+            )?,
             drain_closed: counter(
                 registry,
                 "mesh_drain_closed_total",
@@ -165,8 +176,15 @@ impl ProxyMetrics {
                 protocol,
                 "max_connections",
             ]),
+            refused_local: self.refused.with_label_values(&[
+                service,
+                port,
+                protocol,
+                "local_resources",
+            ]),
             retries: self.retries.with_label_values(l),
             udp_flows: self.udp_flows.with_label_values(l),
+            udp_evicted: self.udp_evicted.with_label_values(l),
             drain_closed: self.drain_closed.with_label_values(l),
         }
     }
@@ -176,8 +194,9 @@ impl ProxyMetrics {
         let _ = self.accepts.remove_label_values(l);
         let _ = self.retries.remove_label_values(l);
         let _ = self.udp_flows.remove_label_values(l);
+        let _ = self.udp_evicted.remove_label_values(l);
         let _ = self.drain_closed.remove_label_values(l);
-        for reason in ["no_healthy_task", "max_connections"] {
+        for reason in ["no_healthy_task", "max_connections", "local_resources"] {
             let _ = self
                 .refused
                 .remove_label_values(&[service, port, protocol, reason]);

@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_core::ProxyProtocol;
+use mesh_core::io_error::{AcceptBackoff, AcceptFailure, classify_accept, is_local_exhaustion};
+use mesh_core::log_limit::LogLimit;
 use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +21,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>) {
     // One waiter for the whole loop, not a new registration per accept.
     let closed = shared.closed.clone().cancelled_owned();
     tokio::pin!(closed);
+    let mut backoff = AcceptBackoff::default();
+    let mut log = LogLimit::default();
     loop {
         let accepted = tokio::select! {
             _ = &mut closed => return,
@@ -26,13 +30,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff.accepted();
                 shared.metrics.accepts.inc();
                 tokio::spawn(handle(stream, unmap(peer), shared.clone()));
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning on a full table.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let failure = classify_accept(&e);
+                if failure == AcceptFailure::Closed || shared.closed.is_cancelled() {
+                    return;
+                }
+                if let Some(suppressed) = log.allow("accept", Instant::now()) {
+                    warn!(error = %e, suppressed, "accept failed");
+                }
+                // Out of descriptors: back off instead of spinning on a full table.
+                tokio::time::sleep(backoff.after(failure)).await;
             }
         }
     }
@@ -66,6 +77,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<ListenerShared>
             Ok(Ok(stream)) => {
                 backend.slot.clear_ejection();
                 break (stream, backend);
+            }
+            Ok(Err(e)) if is_local_exhaustion(&e) => {
+                // This host is out of descriptors or buffers: no task is to blame, and
+                // no other task would do better now.
+                shared.metrics.refused_local.inc();
+                debug!(service = %route.service, client = %peer, error = %e, "cannot open an upstream connection here");
+                return refuse(client);
             }
             Ok(Err(e)) => {
                 debug!(service = %route.service, task = %backend.slot.id, error = %e, "connect failed; trying another task")

@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use mesh_core::io_error::is_local_exhaustion;
+use mesh_core::log_limit::LogLimit;
 use prometheus::IntGauge;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::route::{ListenerShared, Route, TaskLease};
 use crate::sockopt::unmap;
@@ -48,11 +50,17 @@ impl Flow {
     }
 }
 
-pub async fn serve(socket: UdpSocket, shared: Arc<ListenerShared>, default_idle: Duration) {
+pub async fn serve(
+    socket: UdpSocket,
+    shared: Arc<ListenerShared>,
+    default_idle: Duration,
+    max_flows: usize,
+) {
     let socket = Arc::new(socket);
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
+    let mut log = LogLimit::default();
     loop {
         tokio::select! {
             _ = shared.closed.cancelled() => return,
@@ -64,11 +72,40 @@ pub async fn serve(socket: UdpSocket, shared: Arc<ListenerShared>, default_idle:
                         && now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) < idle.as_millis() as u64
                 });
             }
-            r = socket.recv_from(&mut buf) => {
-                let Ok((n, client)) = r else { continue };
-                forward(&socket, &shared, &mut flows, client, &buf[..n]).await;
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, client)) => {
+                    if !flows.contains_key(&client) && flows.len() >= max_flows {
+                        evict_idlest(&mut flows, &shared);
+                    }
+                    forward(&socket, &shared, &mut flows, client, &buf[..n]).await;
+                }
+                Err(e) => {
+                    if shared.closed.is_cancelled() {
+                        return;
+                    }
+                    // An error here is this socket's (out of buffers, or an ICMP error
+                    // reported on it): log it rarely and pause briefly, so a socket
+                    // that keeps failing can never spin a core.
+                    if let Some(suppressed) = log.allow("udp-recv", Instant::now()) {
+                        warn!(error = %e, suppressed, "UDP receive failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         }
+    }
+}
+
+/// Makes room for a new flow by dropping the one idle longest: a flood of one-datagram
+/// flows then costs at most `max_flows` sockets, and live flows keep theirs.
+fn evict_idlest(flows: &mut HashMap<SocketAddr, Flow>, shared: &ListenerShared) {
+    let idlest = flows
+        .iter()
+        .min_by_key(|(_, f)| f.last_seen.load(Ordering::Relaxed))
+        .map(|(k, _)| *k);
+    if let Some(k) = idlest {
+        flows.remove(&k);
+        shared.metrics.udp_evicted.inc();
     }
 }
 
@@ -122,6 +159,11 @@ async fn forward(
                 flow.lease.0.metrics.bytes_in.inc_by(datagram.len() as u64);
                 flow.last_seen
                     .store(shared.clock.now_ms(), Ordering::Relaxed);
+                return;
+            }
+            Err(e) if is_local_exhaustion(&e) => {
+                // Out of buffers here: the datagram is lost, and no task is to blame.
+                debug!(task = %flow.lease.0.id, error = %e, "UDP send failed here");
                 return;
             }
             Err(e) => {
@@ -193,8 +235,11 @@ async fn reply_loop(
                 }
                 last_seen.store(shared.clock.now_ms(), Ordering::Relaxed);
             }
-            Err(_) => {
-                failed.store(true, Ordering::Relaxed);
+            Err(e) => {
+                // ICMP errors mean the task is unreachable; anything else is ours.
+                if !is_local_exhaustion(&e) {
+                    failed.store(true, Ordering::Relaxed);
+                }
                 return;
             }
         }

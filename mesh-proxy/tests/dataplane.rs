@@ -562,3 +562,49 @@ async fn a_deleted_service_drains_its_open_connections() {
         "closed at the drain deadline"
     );
 }
+
+/// A flood of one-datagram flows holds at most `udp_max_flows` sockets: the flows idle
+/// longest make room, and new clients are still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_are_capped_and_the_idlest_make_room() {
+    let a = UdpBackend::named("a").await;
+    let port = free_port(Protocol::Udp);
+    let mut d = Desired::new();
+    d.service(udp_service("dns", port)).task("dns", "a", a.addr);
+    let (mut plane, _, registry) = plane_with(mesh_proxy::ProxyConfig {
+        udp_max_flows: 4,
+        ..mesh_proxy::ProxyConfig::default()
+    });
+    plane.apply(&d.snapshot()).await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(local(port)).await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut answered = false;
+        for _ in 0..300 {
+            client.send(format!("q{i}").as_bytes()).await.unwrap();
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(200), client.recv(&mut buf)).await
+            {
+                assert_eq!(&buf[..n], format!("a:q{i}").as_bytes());
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "client {i} got no answer");
+        clients.push(client);
+    }
+    assert!(
+        metric(&registry, "mesh_udp_flows_active", &[("service", "dns")]) <= 4.0,
+        "flows over the cap"
+    );
+    assert!(
+        metric(
+            &registry,
+            "mesh_udp_flows_evicted_total",
+            &[("service", "dns")]
+        ) >= 6.0,
+        "the idlest flows made room"
+    );
+}

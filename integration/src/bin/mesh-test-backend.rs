@@ -2,6 +2,9 @@
 //! with its name. `mesh-test-backend NAME [PORT]` prints the bound port on stdout.
 //! `mesh-test-backend --get ADDR` is the matching client: it prints the answer's body,
 //! so tests can run it inside a network namespace.
+//! `mesh-test-backend --udp NAME PORT [IP]` answers each datagram with `NAME:<payload>`;
+//! `mesh-test-backend --udp-ask ADDR COUNT` sends COUNT datagrams from as many sockets
+//! (flows), each retried until answered, and prints the answers.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -34,6 +37,43 @@ fn get(addr: &str) -> ! {
     }
 }
 
+fn udp_echo(name: &str, ip: &str, port: u16) -> ! {
+    let socket = std::net::UdpSocket::bind((ip, port)).expect("bind");
+    println!("{}", socket.local_addr().expect("addr").port());
+    std::io::stdout().flush().expect("stdout");
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let mut answer = format!("{name}:").into_bytes();
+        answer.extend_from_slice(&buf[..n]);
+        let _ = socket.send_to(&answer, from);
+    }
+}
+
+fn udp_ask(addr: &str, count: usize) -> ! {
+    let mut answered = 0;
+    for i in 0..count {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.connect(addr).expect("connect");
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        // UDP may drop: resend until answered, within a generous bound.
+        for _ in 0..150 {
+            let _ = socket.send(format!("q{i}").as_bytes());
+            if let Ok(n) = socket.recv(&mut buf) {
+                println!("{}", String::from_utf8_lossy(&buf[..n]));
+                answered += 1;
+                break;
+            }
+        }
+    }
+    std::process::exit(if answered == count { 0 } else { 1 })
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let name = args
@@ -41,6 +81,17 @@ fn main() {
         .expect("usage: mesh-test-backend NAME [PORT] | --get ADDR");
     if name == "--get" {
         get(&args.next().expect("--get ADDR"));
+    }
+    if name == "--udp" {
+        let name = args.next().expect("--udp NAME PORT [IP]");
+        let port: u16 = args.next().map(|p| p.parse().expect("PORT")).unwrap_or(0);
+        let ip = args.next().unwrap_or_else(|| "127.0.0.1".into());
+        udp_echo(&name, &ip, port);
+    }
+    if name == "--udp-ask" {
+        let addr = args.next().expect("--udp-ask ADDR COUNT");
+        let count: usize = args.next().map(|c| c.parse().expect("COUNT")).unwrap_or(1);
+        udp_ask(&addr, count);
     }
     let port: u16 = args.next().map(|p| p.parse().expect("PORT")).unwrap_or(0);
     let ip = args.next().unwrap_or_else(|| "127.0.0.1".into());

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use mesh_dataplane::PlaneClient;
 use mesh_gossip::transport::MemberView;
@@ -34,6 +35,9 @@ pub struct ApiState {
 }
 
 pub type AppState = Arc<ApiState>;
+
+/// Request bodies are small JSON documents.
+pub const MAX_BODY: usize = 1 << 20;
 
 pub fn router(state: AppState, token: Option<String>) -> Router {
     let api = Router::new()
@@ -62,6 +66,9 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
                 "no such endpoint; see /v1/services, /v1/status, /healthz, /metrics",
             )
         })
+        .layer(axum::middleware::map_response(error::as_json))
+        .layer(axum::middleware::from_fn(error::bounded))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state);
     match token {
         Some(token) => auth::require(api, token),

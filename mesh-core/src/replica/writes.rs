@@ -8,7 +8,7 @@ use super::services::ServiceRecord;
 use super::{Delta, Replica};
 use crate::error::{ModelError, StateError};
 use crate::health::Health;
-use crate::name::check_task_id;
+use crate::name::{check_task_id, check_task_ip};
 use crate::service::{HealthKind, Mode, ServiceSpec};
 use crate::task::{TaskSource, TaskSpec, TaskState};
 use crate::vip::Vips;
@@ -268,6 +268,33 @@ impl Replica {
         if spec.port == Some(0) {
             return Err(ModelError::new("port", "must be between 1 and 65535").into());
         }
+        check_task_ip("ip", spec.ip)?;
+        if spec.ip.is_loopback() {
+            // A loopback task on one of this host's published ports is the mesh
+            // itself: every connection would loop back in until descriptors run out.
+            let ports = match spec.port {
+                Some(p) => vec![(p, service.ports[0].protocol)],
+                None => service
+                    .ports
+                    .iter()
+                    .map(|p| (p.target, p.protocol))
+                    .collect(),
+            };
+            let view = self.view.borrow();
+            if let Some((port, protocol)) = ports
+                .into_iter()
+                .find(|(p, proto)| view.port_holder((*p, *proto), "").is_some())
+            {
+                return Err(ModelError::new(
+                    "ip",
+                    format!(
+                        "{}:{port}/{protocol} is a published port of this mesh; the task would loop back into it",
+                        spec.ip
+                    ),
+                )
+                .into());
+            }
+        }
         if spec.port.is_some() && service.ports.len() > 1 {
             return Err(ModelError::new(
                 "port",
@@ -323,8 +350,10 @@ impl Replica {
                 }
                 id
             }
+            // Qualified by this host's name, which no other live host has: two hosts
+            // adding a task at the same moment cannot pick the same id.
             None => (1..)
-                .map(|n| format!("{}.{n}", spec.service))
+                .map(|n| format!("{}.{}.{n}", spec.service, self.node))
                 .find(|id| !self.task_id_taken(&spec.service, id))
                 .expect("unbounded"),
         };

@@ -71,11 +71,19 @@ impl GossipLoop {
             };
             tokio::select! {
                 r = self.udp.recv_from(&mut buf) => {
-                    let Ok((n, src)) = r else { continue };
+                    let (n, src) = match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Never spin on a socket that keeps failing.
+                            self.log.warn("udp-recv", || format!("gossip receive failed: {e}"));
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
                     self.metrics.bytes_in.inc_by(n as u64);
                     if !allowed(&self.config, src.ip()) {
                         self.metrics.refused_peers.inc();
-                        self.log.warn("refused", || format!("refused gossip from {src}: not on loopback and this agent has no cluster key (set cluster.keys, or --insecure)"));
+                        self.log.warn("refused", || format!("refused gossip from {src}: this agent has no cluster key, so it accepts no peer (set cluster.keys from `mesh keygen`, or pass --insecure)"));
                         continue;
                     }
                     match self.config.keyring.open(&buf[..n]) {

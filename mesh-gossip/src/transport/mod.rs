@@ -47,7 +47,7 @@ pub struct TransportConfig {
     pub advertise: Option<SocketAddr>,
     pub seeds: Vec<SocketAddr>,
     pub keyring: Keyring,
-    /// Accept peers off loopback without a cluster key.
+    /// Accept peers without a cluster key (plaintext, unauthenticated).
     pub insecure: bool,
     pub gossip: GossipConfig,
     pub anti_entropy: Duration,
@@ -107,11 +107,10 @@ impl Drop for GossipHandle {
     }
 }
 
-fn allowed(config: &TransportConfig, ip: IpAddr) -> bool {
-    config.keyring.is_encrypted()
-        || config.insecure
-        || ip.is_loopback()
-        || ip.to_canonical().is_loopback()
+/// Without a key nothing authenticates a peer, not even on loopback (any local user
+/// could run an agent there): such an agent talks to no one unless `insecure`.
+fn allowed(config: &TransportConfig, _ip: IpAddr) -> bool {
+    config.keyring.is_encrypted() || config.insecure
 }
 
 fn advertise_addr(config: &TransportConfig, bound: SocketAddr) -> SocketAddr {
@@ -175,7 +174,7 @@ pub async fn start(
 ) -> Result<GossipHandle, StartError> {
     if !config.keyring.is_encrypted()
         && !config.insecure
-        && let Some(seed) = config.seeds.iter().find(|s| !s.ip().is_loopback())
+        && let Some(seed) = config.seeds.first()
     {
         return Err(StartError::Keyless { seed: *seed });
     }

@@ -3,14 +3,16 @@
 //! the table; the membership side goes to the gossip loop.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mesh_core::io_error::{AcceptBackoff, AcceptFailure, classify_accept};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::metrics::GossipMetrics;
 use super::table::ToTable;
@@ -18,8 +20,16 @@ use crate::anti_entropy::{Back, Hello, Members, Reply};
 use crate::crypto::{Keyring, OpenError};
 use crate::log_limit::LogLimit;
 
+/// The first frame of a connection comes before anything proved the peer holds the
+/// key: it is a digest and a member list, so it is small, and a larger claim is refused
+/// before a byte of it is buffered.
+const MAX_OPENING: usize = 4 << 20;
+/// Later frames carry state (a full copy of 10,000 services of 10 tasks is about
+/// 3 MB). Memory follows the bytes that actually arrive, not the length claimed.
 const MAX_FRAME: usize = 256 << 20;
 pub(super) const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sync connections served at once; beyond it a connection is closed at once.
+const MAX_SYNCS: usize = 32;
 
 #[derive(Clone)]
 pub(super) struct SyncCtx {
@@ -55,13 +65,20 @@ impl SyncCtx {
         Ok(())
     }
 
-    async fn read<T: for<'de> Deserialize<'de>>(&self, s: &mut TcpStream) -> Result<T, SyncError> {
+    async fn read<T: for<'de> Deserialize<'de>>(
+        &self,
+        s: &mut TcpStream,
+        limit: usize,
+    ) -> Result<T, SyncError> {
         let len = s.read_u32().await? as usize;
-        if len > MAX_FRAME {
+        if len > limit {
             return Err(SyncError::TooBig(len));
         }
-        let mut buf = vec![0u8; len];
-        s.read_exact(&mut buf).await?;
+        let mut buf = Vec::with_capacity(len.min(64 * 1024));
+        (&mut *s).take(len as u64).read_to_end(&mut buf).await?;
+        if buf.len() != len {
+            return Err(SyncError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
         self.metrics.bytes_in.inc_by(len as u64 + 4);
         let plain = self
             .keyring
@@ -99,7 +116,7 @@ impl SyncCtx {
         let members = self.members();
         let hello = self.ask(|reply| ToTable::Hello { members, reply }).await?;
         self.write(&mut s, &hello).await?;
-        let mut reply: Reply = self.read(&mut s).await?;
+        let mut reply: Reply = self.read(&mut s, MAX_FRAME).await?;
         let theirs = std::mem::take(&mut reply.members);
         let back = self
             .ask(|back| ToTable::AbsorbReply { reply, back })
@@ -110,7 +127,7 @@ impl SyncCtx {
     }
 
     async fn respond(&self, mut s: TcpStream) -> Result<(), SyncError> {
-        let mut hello: Hello = self.read(&mut s).await?;
+        let mut hello: Hello = self.read(&mut s, MAX_OPENING).await?;
         let theirs = std::mem::take(&mut hello.members);
         let members = self.members();
         let reply = self
@@ -121,7 +138,7 @@ impl SyncCtx {
             })
             .await?;
         self.write(&mut s, &reply).await?;
-        let back: Back = self.read(&mut s).await?;
+        let back: Back = self.read(&mut s, MAX_FRAME).await?;
         self.table
             .send(ToTable::Absorb { items: back })
             .await
@@ -138,33 +155,66 @@ pub(super) async fn serve(
     ctx: SyncCtx,
     stop: CancellationToken,
 ) {
-    let mut log = LogLimit::default();
+    let log = Arc::new(Mutex::new(LogLimit::default()));
+    let warn = |kind: &'static str, message: String| {
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .warn(kind, || message);
+    };
+    let slots = Arc::new(Semaphore::new(MAX_SYNCS));
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         let (s, src) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                backoff.accepted();
+                x
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning on a full table.
-                log.warn("sync-accept", || format!("sync accept failed: {e}"));
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let failure = classify_accept(&e);
+                if failure == AcceptFailure::Closed {
+                    return;
+                }
+                warn("sync-accept", format!("sync accept failed: {e}"));
+                // Out of descriptors: back off instead of spinning on a full table.
+                tokio::time::sleep(backoff.after(failure)).await;
                 continue;
             }
         };
         if !allowed(src.ip()) {
             ctx.metrics.refused_peers.inc();
-            log.warn("refused-sync", || {
-                format!("refused sync from {src}: not on loopback and no cluster key")
-            });
+            warn(
+                "refused-sync",
+                format!(
+                    "refused sync from {src}: this agent has no cluster key, so it accepts no peer"
+                ),
+            );
             continue;
         }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn(
+                "sync-busy",
+                format!("refused sync from {src}: {MAX_SYNCS} syncs already in progress"),
+            );
+            continue;
+        };
         let ctx = ctx.clone();
+        let log = log.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let rejected = |e: &dyn std::fmt::Display| {
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .warn("sync-rejected", || {
+                        format!("sync frame from {src} rejected: {e}")
+                    });
+            };
             match tokio::time::timeout(SYNC_TIMEOUT, ctx.respond(s)).await {
                 Ok(Ok(())) => ctx.metrics.syncs.inc(),
-                Ok(Err(SyncError::Open(e))) => warn!(%src, error = %e, "sync frame rejected"),
+                Ok(Err(e @ (SyncError::Open(_) | SyncError::TooBig(_)))) => rejected(&e),
                 Ok(Err(e)) => debug!(%src, error = %e, "sync failed"),
                 Err(_) => debug!(%src, "sync timed out"),
             }

@@ -229,12 +229,16 @@ impl Drop for TestPlane {
 }
 
 pub fn plane() -> (TestPlane, ProxyMetrics, prometheus::Registry) {
-    let registry = prometheus::Registry::new();
-    let metrics = ProxyMetrics::new(&registry).unwrap();
-    let config = ProxyConfig {
+    plane_with(ProxyConfig {
         connect_timeout: Duration::from_secs(5),
         ..ProxyConfig::default()
-    };
+    })
+}
+
+/// The userspace plane with `config`, under the real driver.
+pub fn plane_with(config: ProxyConfig) -> (TestPlane, ProxyMetrics, prometheus::Registry) {
+    let registry = prometheus::Registry::new();
+    let metrics = ProxyMetrics::new(&registry).unwrap();
     let plane = ProxyPlane::new(config, metrics.clone());
     let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
     let stop = CancellationToken::new();
