@@ -2,8 +2,9 @@
 # Reproduces bench/RESULTS.md: installs the reference servers and tools, builds mesh
 # and mesh-bench in release mode, runs the data-plane, DNS and gossip benchmarks, then
 # writes RESULTS.md, the raw JSON in results/ and plots/. Needs root (network namespaces).
+# Also measures the cost of an API write as the table grows (api).
 # Environment: REPS (5), SECS (4), DNS_SECS (5), GOSSIP_SIZES ("100:30,1000:10"),
-# ONLY ("dataplane dns gossip").
+# ONLY ("dataplane dns gossip api").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,7 @@ cargo build --release -q -p mesh-agent -p mesh-bench
 BENCH=target/release/mesh-bench
 OUT=bench/results
 mkdir -p "$OUT"
-ONLY=${ONLY:-"dataplane dns gossip"}
+ONLY=${ONLY:-"dataplane dns gossip api"}
 
 for part in $ONLY; do
     case $part in
@@ -39,7 +40,7 @@ for part in $ONLY; do
         dns) echo "== DNS"; $BENCH dns --reps "${REPS:-5}" --secs "${DNS_SECS:-5}" --out "$OUT" ;;
         gossip) echo "== gossip (simulator)"; $BENCH gossip --sizes "${GOSSIP_SIZES:-100:30,1000:10}" --out "$OUT" ;;
         api) echo "== API write cost"; $BENCH api --out "$OUT" ;;
-        *) echo "unknown part $part (dataplane, dns, gossip)" >&2; exit 2 ;;
+        *) echo "unknown part $part (dataplane, dns, gossip, api)" >&2; exit 2 ;;
     esac
 done
 $BENCH report --results "$OUT" --bench-dir bench

@@ -2,13 +2,22 @@
 //! 100, 1,000 and 10,000 services. The issue's target is that a create at the largest
 //! size costs no more than twice one at the smallest.
 //!
-//! One real `mesh agent` runs in a temp dir with its API on a unix socket. For each
-//! size, in increasing order, the table is filled through the API (several
-//! connections at once, then the last few one at a time on the timing connection;
-//! none of it timed) and then `samples` more services are created one at a time on
-//! that keep-alive connection, each timed from the first byte of the request to the
-//! last byte of the 201 answer. The measured creates stay in the table,
-//! so each size must leave room for the previous size's samples.
+//! One real `mesh agent` per size, each in its own temp dir with its API on a unix
+//! socket, is filled through the API to its size (several connections at once, then
+//! the last few one at a time on the timing connection; none of it timed). Then the
+//! agents take turns: in each round every agent gets one create, timed from the first
+//! byte of the request to the last byte of the 201 answer, on its keep-alive
+//! connection. The timed creates stay in the tables.
+//!
+//! Why one agent per size, interleaved, rather than one agent grown from size to size:
+//! once a write appends to a log instead of rewriting the state, a create is dominated
+//! by the fsync in the agent's data dir, and on a shared VM that swings between about
+//! 0.3 and 4 ms with whatever else the disk is doing.
+//! Measured one size after the other, those swings landed on one size and not on
+//! another: over three identical runs of the new store, the p50 ratio ranged from 0.9×
+//! to 7× and the mean ratio from 0.4× to 1.6×. Taking turns spreads them over all
+//! sizes alike, as the data-plane benchmark does with its targets; three runs then
+//! gave 1.5–1.9× and 1.2–2.0×.
 //!
 //! The client is a minimal HTTP/1.1 client over std's `UnixStream`, not hyper: the
 //! rest of mesh-bench is synchronous, hyper would add three dependencies (and a
@@ -16,7 +25,9 @@
 //! JSON bodies with a Content-Length. Keep-alive keeps the connect and the agent's
 //! per-connection setup out of the figure, so it is the write path that is timed.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::process::Running;
 use crate::stats::{RunInfo, Spread};
 
-/// Any single wait on the agent (connect, write, read, startup) longer than this
+/// Any single wait on an agent (connect, write, read, startup) longer than this
 /// fails the run instead of hanging it. The old code took about 33 ms per create at
 /// 2,000 services; 30 s is far beyond any create this benchmark should see.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,10 +48,9 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// The issue's target: largest-size cost ÷ smallest-size cost.
 pub const RATIO_LIMIT: f64 = 2.0;
 
-/// Creates before each size's timed ones, made one at a time on the timing
-/// connection and not timed; they count toward the size. Any backlog the concurrent
-/// fill left in the agent (a queue of persistence work, say) is worked off at the
-/// timed pace here instead of landing on the first samples.
+/// The last creates of each fill, made one at a time on the timing connection and
+/// not timed; they count toward the size. Whatever the concurrent fill left queued in
+/// the agent is worked off at the timed pace here, not on the first samples.
 pub const WARMUP: usize = 10;
 
 /// Longest unix socket path: `sun_path` is 108 bytes, NUL included.
@@ -87,11 +97,11 @@ impl Latency {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
-    /// Services the agent held before the first measured create; it holds
+    /// Services the agent held before its first timed create; it holds
     /// `services + samples` after the last.
     pub services: usize,
     pub create: Latency,
-    /// Every measured create, in order, in ms: the outliers behind p99 and the mean.
+    /// Every timed create, in order, in ms: the outliers behind p99 and the mean.
     pub create_ms: Vec<f64>,
 }
 
@@ -104,7 +114,7 @@ pub struct ApiResults {
     /// Largest size's p50 ÷ smallest size's p50 (None with a single size).
     pub p50_ratio: Option<f64>,
     /// The same for the mean, which also carries work done every so many writes
-    /// (compaction, a periodic full rewrite) that the median would not show.
+    /// (compaction, a periodic full rewrite) when it falls among the samples.
     pub mean_ratio: Option<f64>,
 }
 
@@ -134,64 +144,33 @@ pub fn run(o: &Options) -> Result<ApiResults> {
         o.fill_connections >= 1,
         "--fill-connections must be at least 1"
     );
-    // The measured creates stay in the table (deleting them would leave tombstones,
-    // and draining services, in the tables being measured).
-    for w in o.sizes.windows(2) {
-        ensure!(
-            w[1] >= w[0] + o.samples,
-            "--sizes must increase by at least --samples ({}) from one size to the next: \
-             the measured creates at {} stay in the table",
-            o.samples,
-            w[0]
-        );
-    }
-    let agent = Agent::start(&o.mesh_bin)?;
-    let result = measure(&agent, o);
-    // An error while the agent has died is about the agent: say why it died.
-    result.map_err(|e| agent.explain(e))
-}
-
-fn measure(agent: &Agent, o: &Options) -> Result<ApiResults> {
-    let mut rows = Vec::new();
-    // Services created so far; they are named svc-000000 … in order.
-    let mut held = 0;
+    ensure!(
+        o.sizes.windows(2).all(|w| w[0] < w[1]),
+        "--sizes must increase, smallest first: the ratio is the last over the first"
+    );
+    // Dropped on any return: each agent is stopped and its dir removed.
+    let mut agents = Vec::with_capacity(o.sizes.len());
     for &size in &o.sizes {
-        let started = Instant::now();
-        let warm = WARMUP.min(size - held);
-        fill(&agent.socket, held..size - warm, o.fill_connections)?;
-        agent.expect_services(size - warm)?;
-        // A fresh connection, opened and used before timing starts.
-        let mut conn = Conn::new(&agent.socket);
-        conn.call("GET", "/healthz", "")?;
-        for i in size - warm..size {
-            let (status, answer) = conn.call("POST", "/v1/services", &create_body(i))?;
-            expect_created(status, &answer, i, &agent.socket)?;
-        }
-        held = size;
-        eprintln!(
-            "  api: {size} services held (fill {:.1} s); timing {} creates",
-            started.elapsed().as_secs_f64(),
-            o.samples
-        );
-        let mut ms = Vec::with_capacity(o.samples);
-        for i in held..held + o.samples {
-            let body = create_body(i);
-            let t = Instant::now();
-            let (status, answer) = conn.call("POST", "/v1/services", &body)?;
-            let took = t.elapsed();
-            expect_created(status, &answer, i, &agent.socket)?;
-            ms.push(took.as_secs_f64() * 1000.0);
-        }
-        held += o.samples;
-        // Every timed create landed: the next size starts from an exact count.
-        agent.expect_services(held)?;
+        agents.push(start_and_fill(&o.mesh_bin, size, o.fill_connections)?);
+    }
+    // What the fills wrote goes to disk now, not under the timed creates' fsyncs.
+    for agent in &agents {
+        agent.sync_disk()?;
+    }
+    let mut conns = warm_up(&mut agents)?;
+    let ms = time_in_turn(&mut agents, &mut conns, o.samples)?;
+    let mut rows = Vec::with_capacity(agents.len());
+    for (agent, ms) in agents.iter_mut().zip(ms) {
+        // Every timed create landed.
+        let held = agent.size + o.samples;
+        agent.check(|a| a.expect_services(held))?;
         let create = Latency::of(&ms).context("no create was timed")?;
         eprintln!(
-            "  api: at {size}: p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms",
-            create.p50_ms, create.p99_ms, create.mean_ms
+            "  api: at {}: p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms",
+            agent.size, create.p50_ms, create.p99_ms, create.mean_ms
         );
         rows.push(Row {
-            services: size,
+            services: agent.size,
             create,
             create_ms: ms,
         });
@@ -210,6 +189,82 @@ fn measure(agent: &Agent, o: &Options) -> Result<ApiResults> {
     })
 }
 
+/// An agent filled to `size` less the [`WARMUP`] creates.
+fn start_and_fill(mesh_bin: &Path, size: usize, connections: usize) -> Result<Agent> {
+    let mut agent = Agent::start(mesh_bin, size)?;
+    let started = Instant::now();
+    let warm_from = size - WARMUP.min(size);
+    agent.check(|a| {
+        fill(&a.socket, 0..warm_from, connections)?;
+        a.expect_services(warm_from)
+    })?;
+    eprintln!(
+        "  api: {} filled in {:.1} s",
+        agent.process.name,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(agent)
+}
+
+/// Opens the connection each agent's creates are timed on and makes the last
+/// [`WARMUP`] creates of each fill on it, in turn like the timed ones. The agent
+/// closes a keep-alive connection that stays idle for some seconds (10 s in its
+/// header timeout); in turn, none waits longer than a round.
+fn warm_up(agents: &mut [Agent]) -> Result<Vec<Conn>> {
+    let mut conns = Vec::with_capacity(agents.len());
+    for agent in agents.iter_mut() {
+        let mut conn = Conn::new(&agent.socket);
+        agent.check(|_| conn.call("GET", "/healthz", ""))?;
+        conns.push(conn);
+    }
+    for round in 0..WARMUP {
+        for (agent, conn) in agents.iter_mut().zip(&mut conns) {
+            let warm = WARMUP.min(agent.size);
+            if round >= warm {
+                continue;
+            }
+            let i = agent.size - warm + round;
+            agent.check(|a| {
+                let (status, answer) = conn.call("POST", "/v1/services", &create_body(i))?;
+                expect_created(status, &answer, i, &a.socket)
+            })?;
+        }
+    }
+    for agent in agents.iter_mut() {
+        let size = agent.size;
+        agent.check(|a| a.expect_services(size))?;
+    }
+    Ok(conns)
+}
+
+/// `samples` rounds of one timed create on every agent: each agent's latencies in ms.
+fn time_in_turn(agents: &mut [Agent], conns: &mut [Conn], samples: usize) -> Result<Vec<Vec<f64>>> {
+    eprintln!(
+        "  api: timing {samples} creates on each of {} agents, in turn",
+        agents.len()
+    );
+    let mut ms = vec![Vec::with_capacity(samples); agents.len()];
+    for round in 0..samples {
+        for k in 0..agents.len() {
+            // Each round starts with the next agent, so that none always follows the
+            // same one.
+            let a = (round + k) % agents.len();
+            let (agent, conn) = (&mut agents[a], &mut conns[a]);
+            let i = agent.size + round;
+            let body = create_body(i);
+            let took = agent.check(|ag| {
+                let t = Instant::now();
+                let (status, answer) = conn.call("POST", "/v1/services", &body)?;
+                let took = t.elapsed();
+                expect_created(status, &answer, i, &ag.socket)?;
+                Ok(took)
+            })?;
+            ms[a].push(took.as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(ms)
+}
+
 fn expect_created(status: u16, answer: &str, i: usize, socket: &Path) -> Result<()> {
     if status != 201 {
         bail!(
@@ -223,7 +278,7 @@ fn expect_created(status: u16, answer: &str, i: usize, socket: &Path) -> Result<
 }
 
 /// Creates services `range` (by index) over `connections` connections at once. The
-/// fill is not measured: it only has to get to the next size quickly, and the agent
+/// fill is not measured: it only has to get to the size quickly, and the agent
 /// serves each connection on its own task, so concurrent requests keep it busy
 /// while the client parses answers.
 fn fill(socket: &Path, range: std::ops::Range<usize>, connections: usize) -> Result<()> {
@@ -271,17 +326,19 @@ fn fill(socket: &Path, range: std::ops::Range<usize>, connections: usize) -> Res
     })
 }
 
-/// The agent under test, in its own temp dir. Fields drop in order: the process is
+/// One agent under test, in its own temp dir. Fields drop in order: the process is
 /// stopped (SIGTERM, then SIGKILL after 5 s) before its directory is removed.
 struct Agent {
     process: Running,
+    /// The services it is filled to before timing.
+    size: usize,
     log: PathBuf,
     socket: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Agent {
-    fn start(mesh_bin: &Path) -> Result<Agent> {
+    fn start(mesh_bin: &Path, size: usize) -> Result<Agent> {
         ensure!(
             mesh_bin.exists(),
             "{} not found; build it (cargo build --release -p mesh-agent) or pass --mesh",
@@ -305,17 +362,22 @@ impl Agent {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             // No VIPs on an interface and an ephemeral gossip port: no root needed, and
-            // nothing clashes with an agent already running on this host.
+            // nothing clashes with the other agents or one already running here. No
+            // --join: each agent is a cluster of one.
             .args(["--no-vips", "--bind", "127.0.0.1:0", "--node-name", "bench"])
             // Logging at info would time the agent's log writes as well.
             .env("RUST_LOG", "warn");
-        let name = format!("mesh agent ({})", mesh_bin.display());
+        let name = format!(
+            "the mesh agent for {size} services ({})",
+            mesh_bin.display()
+        );
         let process = Running::spawn(&name, cmd, &log)?;
         let mut agent = Agent {
             process,
+            size,
             log,
             socket,
-            _dir: dir,
+            dir,
         };
         agent.wait_healthy()?;
         Ok(agent)
@@ -337,14 +399,19 @@ impl Agent {
                 ),
                 Err(e) => {
                     return Err(self.with_log(e.context(format!(
-                        "{} did not answer GET /healthz on unix:{} within {} s",
-                        self.process.name,
+                        "no answer to GET /healthz on unix:{} within {} s",
                         self.socket.display(),
                         TIMEOUT.as_secs()
                     ))));
                 }
             }
         }
+    }
+
+    /// Runs `f` on this agent; its error names the agent and says why the agent
+    /// died, if it did, or else ends with the agent's log.
+    fn check<T>(&mut self, f: impl FnOnce(&Agent) -> Result<T>) -> Result<T> {
+        f(self).map_err(|e| self.explain(e))
     }
 
     /// Waits until GET /v1/status counts `n` services: every create so far was
@@ -370,13 +437,22 @@ impl Agent {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "the agent on unix:{} holds {held} services after the fill, expected {n}",
-                    self.socket.display()
-                );
+                bail!("{} holds {held} services, expected {n}", self.process.name);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `syncfs` on the filesystem of the agent's data dir.
+    fn sync_disk(&self) -> Result<()> {
+        let dir = File::open(self.dir.path())
+            .with_context(|| format!("open {}", self.dir.path().display()))?;
+        // SAFETY: syncfs on a descriptor that stays open for the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("syncfs {}", self.dir.path().display()));
+        }
+        Ok(())
     }
 
     /// The temp dir, and the log in it, is removed when the run ends: the error
@@ -385,20 +461,26 @@ impl Agent {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(8).collect();
         if tail.is_empty() {
-            return anyhow!("{e:#}\n(the agent logged nothing at RUST_LOG=warn)");
+            return anyhow!(
+                "{}: {e:#}\n(the agent logged nothing at RUST_LOG=warn)",
+                self.process.name
+            );
         }
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        anyhow!("{e:#}\nthe end of the agent's log:\n{}", tail.join("\n"))
+        anyhow!(
+            "{}: {e:#}\nthe end of its log:\n{}",
+            self.process.name,
+            tail.join("\n")
+        )
     }
 
     /// Adds why the agent stopped, if it did (with its log's tail), or else the tail.
-    fn explain(mut self, e: anyhow::Error) -> anyhow::Error {
-        let log = self.log.clone();
+    fn explain(&mut self, e: anyhow::Error) -> anyhow::Error {
         // A dying agent closes its sockets a moment before it can be reaped: give it
         // a second to show up as exited.
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
-            match self.process.check_alive(&log) {
+            match self.process.check_alive(&self.log) {
                 Err(died) => return anyhow!("{e:#}\n{died:#}"),
                 Ok(()) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
@@ -552,7 +634,7 @@ fn read_chunked(stream: &mut BufReader<UnixStream>, out: &mut Vec<u8>) -> Result
 /// The table printed to stdout.
 pub fn print(r: &ApiResults) {
     println!(
-        "POST /v1/services, {} sequential creates per size on one keep-alive connection (ms)",
+        "POST /v1/services: {} timed creates per size, one agent per size, in turn (ms)",
         r.samples
     );
     println!(

@@ -314,12 +314,12 @@ fn api(out: &mut String, a: &ApiResults) {
     run_line(out, "Measured", &a.run);
     let _ = writeln!(
         out,
-        "One `mesh agent` with its API on a unix socket (`--no-vips`, data dir in the temp \
-         directory). Before each size the table is filled through the API ({} connections, then \
-         the last {WARMUP} one at a time; not timed). Then {} services are created \
-         (`POST /v1/services`, one unpublished port) one at a time on one keep-alive connection, \
-         each timed from the request's first byte to the end of the 201. The timed creates stay \
-         in the table.\n",
+        "One `mesh agent` per size, each with its API on a unix socket (`--no-vips`, data dir \
+         in a temp directory), filled through the API ({} connections, then the last {WARMUP} \
+         one at a time; not timed). Then the agents take turns: each of {} rounds times one \
+         create (`POST /v1/services`, one unpublished port) on every agent, on its keep-alive \
+         connection, from the request's first byte to the end of the 201. The timed creates \
+         stay in the tables.\n",
         a.fill_connections, a.samples
     );
     let _ = writeln!(out, "| services held | p50 | p90 | p99 | mean | max |");

@@ -29,9 +29,13 @@ fn built(name: &str) -> PathBuf {
     bin
 }
 
-/// The `mesh` binary.
+/// The `mesh` binary: this build's, or `$MESH_BIN` (to run the tests against another
+/// build, e.g. to see a regression test fail on the code before the fix).
 pub fn mesh_bin() -> PathBuf {
-    built("mesh")
+    match std::env::var_os("MESH_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => built("mesh"),
+    }
 }
 
 /// The test backend binary.
@@ -335,6 +339,44 @@ impl Drop for Agent {
             eprintln!("--- agent log ---\n{}", self.log());
         }
     }
+}
+
+/// A child process that is killed when the guard drops, so a failing test leaves
+/// nothing running.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `mesh agent ARGS`, which is expected to refuse to start: returns its stderr.
+/// An agent that starts instead fails the test (and is killed) after a generous
+/// deadline, rather than hanging it.
+pub fn agent_refuses(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let err_path = dir.path().join("stderr");
+    let mut child = ChildGuard(
+        Command::new(mesh_bin())
+            .arg("agent")
+            .args(args)
+            .env_remove("MESH_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
+            .expect("spawn mesh agent"),
+    );
+    let status = eventually(&format!("mesh agent {args:?} exits"), || {
+        child.0.try_wait().ok().flatten()
+    });
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert!(!status.success(), "mesh agent {args:?} started: {err}");
+    err
 }
 
 /// One HTTP/1.1 request with `Connection: close`, returning (status, body).

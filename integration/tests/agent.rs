@@ -481,22 +481,24 @@ fn demo_cycles_through_three_tasks_and_stops_cleanly() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("demo.sock");
-    let mut demo = Command::new(mesh_bin())
-        .args([
-            "demo",
-            "--port",
-            &port.to_string(),
-            "--dns-port",
-            &free_udp_port().to_string(),
-            "--api",
-            &format!("unix:{}", socket.display()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let mut demo = ChildGuard(
+        Command::new(mesh_bin())
+            .args([
+                "demo",
+                "--port",
+                &port.to_string(),
+                "--dns-port",
+                &free_udp_port().to_string(),
+                "--api",
+                &format!("unix:{}", socket.display()),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = std::io::BufReader::new(demo.0.stdout.take().unwrap());
     // The demo prints its instructions once all three tasks are healthy.
     let mut text = String::new();
     eventually("demo prints what to try", || {
@@ -516,8 +518,8 @@ fn demo_cycles_through_three_tasks_and_stops_cleanly() {
     let expected: Vec<&str> = (0..6).map(|i| order[(start + i) % 3]).collect();
     assert_eq!(answers, expected);
     // SAFETY: kill(2) with a pid we own.
-    unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
-    let status = eventually("demo exits", || demo.try_wait().ok().flatten());
+    unsafe { libc::kill(demo.0.id() as i32, libc::SIGINT) };
+    let status = eventually("demo exits", || demo.0.try_wait().ok().flatten());
     assert!(status.success());
     assert!(!socket.exists());
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
