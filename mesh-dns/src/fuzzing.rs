@@ -149,105 +149,108 @@ pub fn sample_snapshot() -> Snapshot {
     s.snapshot()
 }
 
-#[cfg(test)]
-mod tests {
+/// Queries to start the fuzzer and the mutation test from: every record type for
+/// every kind of name, with and without EDNS, DO, a newer EDNS version, and the CH and
+/// HS classes.
+pub fn seeds() -> Vec<Vec<u8>> {
     use hickory_proto::op::{Edns, MessageType, OpCode, Query};
     use hickory_proto::rr::Name;
 
+    let names = [
+        "web.mesh.",
+        "tasks.web.mesh.",
+        "_tcp80._tcp.web.mesh.",
+        "rr.",
+        "3.0.0.10.in-addr.arpa.",
+        "mesh.",
+        "x.mesh.",
+        "version.bind.",
+    ];
+    let types = [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::PTR,
+        RecordType::ANY,
+        RecordType::SOA,
+        RecordType::NS,
+        RecordType::TXT,
+        RecordType::AXFR,
+        RecordType::IXFR,
+    ];
+    let mut seeds = Vec::new();
+    let query = |name: &str, t, class| {
+        let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+        let mut q = Query::query(Name::from_ascii(name).expect("name"), t);
+        q.set_query_class(class);
+        m.add_query(q);
+        m
+    };
+    for name in names {
+        for t in types {
+            let mut m = query(name, t, DNSClass::IN);
+            m.set_edns(Edns::new());
+            seeds.push(m.to_vec().expect("encode"));
+        }
+    }
+    // Without EDNS (512 bytes: the big answers truncate), with DO, with an EDNS
+    // version we do not speak, and in the CH and HS classes.
+    for name in ["tasks.web.mesh.", "_tcp5432._tcp.rr.mesh.", "mesh."] {
+        let mut m = query(name, RecordType::ANY, DNSClass::IN);
+        m.metadata.recursion_desired = true;
+        seeds.push(m.to_vec().expect("encode"));
+    }
+    for version in [0, 1] {
+        let mut m = query("web.mesh.", RecordType::A, DNSClass::IN);
+        let mut edns = Edns::new();
+        edns.set_dnssec_ok(true).set_version(version);
+        m.set_edns(edns);
+        seeds.push(m.to_vec().expect("encode"));
+    }
+    for name in ["version.bind.", "id.server.", "web.mesh.", "example.test."] {
+        for class in [DNSClass::CH, DNSClass::HS] {
+            seeds.push(
+                query(name, RecordType::TXT, class)
+                    .to_vec()
+                    .expect("encode"),
+            );
+        }
+    }
+    seeds
+}
+
+#[cfg(test)]
+mod tests {
     use super::*;
+
+    /// Writes the seeds where `scripts/fuzz.sh` starts the fuzzer from
+    /// (`MESH_FUZZ_SEEDS`); does nothing without it.
+    #[test]
+    #[ignore = "run by scripts/fuzz.sh"]
+    fn write_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("MESH_FUZZ_SEEDS") else {
+            return;
+        };
+        let target = std::path::PathBuf::from(dir).join("dns_request");
+        std::fs::create_dir_all(&target).unwrap();
+        for (i, seed) in seeds().iter().enumerate() {
+            std::fs::write(target.join(format!("seed-{i}")), seed).unwrap();
+        }
+    }
 
     /// A deterministic stand-in for the fuzzer that runs in every CI: valid queries,
     /// mutated by bit flips, truncation and splices, through the whole request path.
     #[test]
     fn mutated_queries_never_panic() {
         let zone = Zone::build(&sample_snapshot(), "mesh", 5);
-        let names = [
-            "web.mesh.",
-            "tasks.web.mesh.",
-            "_tcp80._tcp.web.mesh.",
-            "rr.",
-            "3.0.0.10.in-addr.arpa.",
-            "mesh.",
-            "x.mesh.",
-            "version.bind.",
-        ];
-        let types = [
-            RecordType::A,
-            RecordType::AAAA,
-            RecordType::SRV,
-            RecordType::PTR,
-            RecordType::ANY,
-            RecordType::SOA,
-            RecordType::NS,
-            RecordType::TXT,
-            RecordType::AXFR,
-            RecordType::IXFR,
-        ];
-        let mut seeds = Vec::new();
-        let query = |name: &str, t, class| {
-            let mut m = Message::new(7, MessageType::Query, OpCode::Query);
-            let mut q = Query::query(Name::from_ascii(name).expect("name"), t);
-            q.set_query_class(class);
-            m.add_query(q);
-            m
-        };
-        for name in names {
-            for t in types {
-                let mut m = query(name, t, DNSClass::IN);
-                m.set_edns(Edns::new());
-                seeds.push(m.to_vec().expect("encode"));
-            }
-        }
-        // Without EDNS (512 bytes: the big answers truncate), with DO, with an EDNS
-        // version we do not speak, and in the CH and HS classes.
-        for name in ["tasks.web.mesh.", "_tcp5432._tcp.rr.mesh.", "mesh."] {
-            let mut m = query(name, RecordType::ANY, DNSClass::IN);
-            m.metadata.recursion_desired = true;
-            seeds.push(m.to_vec().expect("encode"));
-        }
-        for version in [0, 1] {
-            let mut m = query("web.mesh.", RecordType::A, DNSClass::IN);
-            let mut edns = Edns::new();
-            edns.set_dnssec_ok(true).set_version(version);
-            m.set_edns(edns);
-            seeds.push(m.to_vec().expect("encode"));
-        }
-        for name in ["version.bind.", "id.server.", "web.mesh.", "example.test."] {
-            for class in [DNSClass::CH, DNSClass::HS] {
-                seeds.push(
-                    query(name, RecordType::TXT, class)
-                        .to_vec()
-                        .expect("encode"),
-                );
-            }
-        }
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let seeds = seeds();
+        let mut mutator = mesh_core::mutate::Mutator::new(0x9e37_79b9_7f4a_7c15);
         for round in 0..200_000u64 {
-            let mut p = seeds[(next() as usize) % seeds.len()].clone();
-            match round % 4 {
-                0 => {
-                    let i = next() as usize % p.len();
-                    p[i] ^= 1 << (next() % 8);
-                }
-                1 => p.truncate(next() as usize % (p.len() + 1)),
-                2 => {
-                    let i = next() as usize % p.len();
-                    p[i] = next() as u8;
-                    let j = next() as usize % p.len();
-                    p[j] = 0xc0 | (next() as u8 & 0x3f);
-                }
-                _ => {
-                    let other = &seeds[(next() as usize) % seeds.len()];
-                    let cut = next() as usize % p.len();
-                    p.truncate(cut);
-                    p.extend_from_slice(&other[(next() as usize % other.len())..]);
-                }
+            let mut p = mutator.mutate(&seeds);
+            // DNS's own trap: a compression pointer where a label was.
+            if round % 5 == 0 && !p.is_empty() {
+                let i = mutator.next_u64() as usize % p.len();
+                p[i] = 0xc0 | (mutator.next_u64() as u8 & 0x3f);
             }
             exercise(&zone, &p);
         }

@@ -11,6 +11,7 @@ pub mod anti_entropy;
 pub mod broadcast;
 pub mod crypto;
 pub mod events;
+pub mod fuzzing;
 pub mod identity;
 pub mod log_limit;
 pub mod node;

@@ -263,6 +263,25 @@ impl GossipNode {
         });
     }
 
+    /// Announces to one member declared down (`pick` chooses which), as Serf's
+    /// reconnect does: a host that came back, or the far side of a healed partition,
+    /// is found again even when no other message would reach it.
+    pub fn reconnect(&mut self, pick: usize) {
+        let down: Vec<SocketAddr> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == foca::State::Down && !m.id().name.is_empty())
+            .map(|m| m.id().addr)
+            .collect();
+        if down.is_empty() {
+            return;
+        }
+        let addr = down[pick % down.len()];
+        self.run(|foca, io| {
+            let _ = foca.announce(NodeIdentity::seed(addr), &mut *io);
+        });
+    }
+
     /// Tells the cluster we are leaving (`leave` is the table's `Delta::Leave`): our
     /// tasks are withdrawn everywhere at once.
     pub fn leave(&mut self, leave: Delta) {

@@ -258,6 +258,14 @@ impl Sim {
                 }
                 let deltas = self.with_replica(node, |r, now| r.tick(now));
                 self.publish(node, &deltas);
+                // As the transport does every 10 s: announce to a member declared down.
+                if self.now_ms % 10_000 < 1_000 {
+                    let pick = self.rng.random_range(0..usize::MAX);
+                    if let Some(g) = self.nodes[node].gossip.as_mut() {
+                        g.reconnect(pick);
+                    }
+                    self.flush(node);
+                }
                 self.schedule(1_000, Event::Tick { node, incarnation });
             }
             Event::AntiEntropy { node, incarnation } => {

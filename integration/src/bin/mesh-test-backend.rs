@@ -5,6 +5,10 @@
 //! `mesh-test-backend --udp NAME PORT [IP]` answers each datagram with `NAME:<payload>`;
 //! `mesh-test-backend --udp-ask ADDR COUNT` sends COUNT datagrams from as many sockets
 //! (flows), each retried until answered, and prints the answers.
+//! `mesh-test-backend --load ADDR RATE [udp|dns NAME]` sends RATE requests a second
+//! (HTTP GETs, datagrams or DNS queries answered within 1 s) until killed, each from its own connection or
+//! socket, and prints one line per request: `<unix ms> ok <answer> <latency ms>` or
+//! `<unix ms> fail <why> <latency ms>`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -74,6 +78,128 @@ fn udp_ask(addr: &str, count: usize) -> ! {
     std::process::exit(if answered == count { 0 } else { 1 })
 }
 
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+fn one_http(addr: &str) -> Result<String, String> {
+    use std::io::Read;
+    let timeout = std::time::Duration::from_secs(10);
+    let target: std::net::SocketAddr = addr.parse().map_err(|e| format!("{e}"))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&target, timeout).map_err(|e| e.kind().to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.kind().to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| e.kind().to_string())?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        _ => Err("bad-answer".into()),
+    }
+}
+
+fn one_datagram(addr: &str, n: u64) -> Result<String, String> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket.connect(addr).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    socket
+        .send(format!("q{n}").as_bytes())
+        .map_err(|e| e.kind().to_string())?;
+    let mut buf = [0u8; 2048];
+    let got = socket.recv(&mut buf).map_err(|e| e.kind().to_string())?;
+    Ok(String::from_utf8_lossy(&buf[..got])
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+/// A DNS query for `name` (A, recursion desired), and whether `answer` answers it
+/// with NOERROR and at least one record.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+fn one_dns(addr: &str, n: u64, name: &str) -> Result<String, String> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket.connect(addr).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    let id = n as u16;
+    socket
+        .send(&dns_query(id, name))
+        .map_err(|e| e.kind().to_string())?;
+    let mut buf = [0u8; 2048];
+    let got = socket.recv(&mut buf).map_err(|e| e.kind().to_string())?;
+    let a = &buf[..got];
+    if got < 12 || a[..2] != id.to_be_bytes() {
+        return Err("bad-answer".into());
+    }
+    let rcode = a[3] & 0x0f;
+    let answers = u16::from_be_bytes([a[6], a[7]]);
+    if rcode != 0 || answers == 0 {
+        return Err(format!("rcode{rcode}-answers{answers}"));
+    }
+    Ok("dns".into())
+}
+
+enum Kind {
+    Http,
+    Udp,
+    Dns(String),
+}
+
+/// A steady stream of requests, one thread each so a slow one never delays the next.
+fn load(addr: &str, rate: u64, kind: Kind) -> ! {
+    let kind = std::sync::Arc::new(kind);
+    let period = std::time::Duration::from_micros(1_000_000 / rate.max(1));
+    let out = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let mut next = std::time::Instant::now();
+    for n in 0.. {
+        next += period;
+        let addr = addr.to_string();
+        let out = out.clone();
+        let kind = kind.clone();
+        std::thread::spawn(move || {
+            let sent = unix_ms();
+            let started = std::time::Instant::now();
+            let result = match kind.as_ref() {
+                Kind::Http => one_http(&addr),
+                Kind::Udp => one_datagram(&addr, n),
+                Kind::Dns(name) => one_dns(&addr, n, name),
+            };
+            let ms = started.elapsed().as_millis();
+            let line = match result {
+                Ok(answer) => format!("{sent} ok {answer} {ms}\n"),
+                Err(why) => format!("{sent} fail {} {ms}\n", why.replace(' ', "_")),
+            };
+            let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        });
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+    }
+    unreachable!()
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let name = args
@@ -87,6 +213,16 @@ fn main() {
         let port: u16 = args.next().map(|p| p.parse().expect("PORT")).unwrap_or(0);
         let ip = args.next().unwrap_or_else(|| "127.0.0.1".into());
         udp_echo(&name, &ip, port);
+    }
+    if name == "--load" {
+        let addr = args.next().expect("--load ADDR RATE [udp]");
+        let rate: u64 = args.next().map(|r| r.parse().expect("RATE")).unwrap_or(20);
+        let kind = match args.next().as_deref() {
+            Some("udp") => Kind::Udp,
+            Some("dns") => Kind::Dns(args.next().unwrap_or_else(|| "chaos.test".into())),
+            _ => Kind::Http,
+        };
+        load(&addr, rate, kind);
     }
     if name == "--udp-ask" {
         let addr = args.next().expect("--udp-ask ADDR COUNT");

@@ -3,7 +3,7 @@
 //! answers are the typed views of `mesh-api`.
 
 mod auth;
-mod error;
+pub(crate) mod error;
 mod services;
 mod status;
 mod tasks;

@@ -172,6 +172,15 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
         .as_ref()
         .map(|g| g.members.clone())
         .unwrap_or_else(|| tokio::sync::watch::channel(Vec::new()).1);
+    if let Some(g) = &gossip {
+        gossip::remember_peers(
+            &settings,
+            members.clone(),
+            g.local_addr,
+            stop.clone(),
+            &mut tasks,
+        );
+    }
     let state = Arc::new(ApiState {
         table: table.clone(),
         planes: planes.client.clone(),

@@ -11,7 +11,7 @@
 //! gossip. It never waits for gossip: when gossip is behind, deltas are dropped and
 //! counted, and anti-entropy delivers them.
 
-mod write;
+pub(crate) mod write;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -25,6 +25,9 @@ use crate::identity::NodeIdentity;
 use crate::log_limit::LogLimit;
 use crate::node::GossipNode;
 
+/// How often (in 1 s ticks) a member declared down is announced to.
+const RECONNECT_EVERY_TICKS: u64 = 10;
+
 pub(super) struct GossipLoop {
     pub config: TransportConfig,
     pub udp: Arc<UdpSocket>,
@@ -58,6 +61,7 @@ impl GossipLoop {
         let ae = self.config.anti_entropy.max(Duration::from_millis(100));
         let mut next_sync = tokio::time::Instant::now() + ae;
         let mut unanswered = 0u32;
+        let mut ticks = 0u64;
         loop {
             let next_timer = self
                 .timers
@@ -128,6 +132,10 @@ impl GossipLoop {
                         }
                     } else {
                         unanswered = 0;
+                    }
+                    ticks += 1;
+                    if ticks.is_multiple_of(RECONNECT_EVERY_TICKS) {
+                        self.node.reconnect(rand::rng().random_range(0..usize::MAX));
                     }
                     self.refresh_members();
                 }

@@ -1,0 +1,109 @@
+//! A client that runs at a steady rate for the length of a scenario, in a namespace,
+//! and the counts of what it saw. Every request is stamped with wall-clock time, so a
+//! test can count failures before and after an event it timed.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::netns::Netns;
+use crate::{ChildGuard, backend_bin};
+
+pub fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at_ms: u128,
+    pub ok: bool,
+    /// The answer (the task's name), or why the request failed.
+    pub what: String,
+    pub latency_ms: u64,
+}
+
+pub struct Load {
+    _child: ChildGuard,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What a client saw in a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: usize,
+    pub failed: usize,
+    /// Succeeded, but took a second or more (a connect retried after a timeout).
+    pub slow: usize,
+}
+
+impl Load {
+    /// Starts `mesh-test-backend --load ADDR RATE KIND...` in `ns` (`kind`: empty for
+    /// HTTP, `["udp"]` or `["dns", NAME]`).
+    pub fn start(ns: &Netns, addr: &str, rate: u64, kind: &[&str]) -> Load {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("load.out");
+        let child = ns
+            .command(backend_bin())
+            .args(["--load", addr, &rate.to_string()])
+            .args(kind)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the load");
+        Load {
+            _child: ChildGuard(child),
+            out,
+            _dir: dir,
+        }
+    }
+
+    /// What was seen so far (requests still in flight are not in it).
+    pub fn samples(&self) -> Vec<Sample> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some(Sample {
+                    at_ms: f.next()?.parse().ok()?,
+                    ok: f.next()? == "ok",
+                    what: f.next()?.to_string(),
+                    latency_ms: f.next()?.parse().ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Requests sent in `[from, to)` (wall-clock ms).
+pub fn count(samples: &[Sample], from: u128, to: u128) -> Counts {
+    let window = samples.iter().filter(|s| s.at_ms >= from && s.at_ms < to);
+    let mut c = Counts::default();
+    for s in window {
+        c.requests += 1;
+        if !s.ok {
+            c.failed += 1;
+        } else if s.latency_ms >= 1000 {
+            c.slow += 1;
+        }
+    }
+    c
+}
+
+/// Runs `program args` in `ns` in the background, killed when the guard drops.
+pub fn spawn_in(ns: &Netns, program: &str, args: &[&str]) -> ChildGuard {
+    ChildGuard(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program}: {e}")),
+    )
+}

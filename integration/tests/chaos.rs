@@ -1,0 +1,366 @@
+//! Chaos under load: three real agents in network namespaces, a client running at a
+//! steady rate throughout, and one failure after another. Every failed request is
+//! counted; each phase prints a `CHAOS |` row (`scripts/chaos.sh --long` collects them
+//! into a table). CI runs the short form; `MESH_CHAOS_LONG=1` runs the long one
+//! (5 minutes of packet loss). Rows report times and counts; the assertions are the
+//! promises: no failed request during a rolling replacement or packet loss, none after
+//! a dead or cut-off host is withdrawn, and no false withdrawal at 5% loss.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use integration::cluster::Cluster;
+use integration::load::{Counts, Load, count, spawn_in, unix_ms};
+use integration::*;
+
+fn long() -> bool {
+    std::env::var_os("MESH_CHAOS_LONG").is_some()
+}
+
+fn keygen() -> String {
+    let out = Command::new(mesh_bin()).arg("keygen").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn config(c: &Cluster, i: usize, key: &str) -> String {
+    let me = &c.hosts[i].ip;
+    let join = if i == 0 {
+        String::new()
+    } else {
+        format!("join = [\"{}:7946\"]\n", c.hosts[0].ip)
+    };
+    // Tasks declared in the config: a restart brings them back by itself.
+    format!(
+        "[cluster]\nbind = \"{me}:7946\"\n{join}keys = [\"{key}\"]\nanti_entropy = \"2s\"\n\
+         [[service]]\nname = \"web\"\nports = [{{ published = 8080, target = 8000 }}]\n\
+         health = {{ check = \"tcp\", interval = \"500ms\" }}\ndrain_timeout = \"2s\"\n\
+         [[service]]\nname = \"dns\"\nports = [{{ published = 5353, target = 5300, protocol = \"udp\" }}]\n\
+         health = {{ check = \"none\" }}\ndrain_timeout = \"2s\"\n\
+         [[task]]\nservice = \"web\"\nid = \"web.{n}\"\nip = \"{me}\"\n\
+         [[task]]\nservice = \"dns\"\nid = \"dns.{n}\"\nip = \"{me}\"\n",
+        n = i + 1
+    )
+}
+
+fn row(phase: &str, c: Counts, notes: &str) {
+    println!(
+        "CHAOS | {phase} | {} | {} | {} | {notes}",
+        c.requests, c.failed, c.slow
+    );
+}
+
+/// Task ids of `service` that `agent` routes to.
+fn routed(agent: &Agent, service: &str) -> BTreeSet<String> {
+    let (status, tasks) = agent.http("GET", &format!("/v1/services/{service}/tasks"), None);
+    if status != 200 {
+        return BTreeSet::new();
+    }
+    tasks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["health"] == "healthy" && t["state"] == "active")
+        .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn ids(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn ok(out: std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A web backend (HTTP, answers its name) and a DNS server (dnsmasq, answering
+/// `chaos.test`) on a host's address.
+struct Tasks {
+    _web: Backend,
+    _dns: ChildGuard,
+}
+
+fn backends(c: &Cluster, i: usize, name: &str, web_port: u16, dns_port: u16) -> Option<Tasks> {
+    let host = &c.hosts[i];
+    let web = Backend::start_in_at(&host.ns, name, &host.ip, web_port);
+    let dns = spawn_in(
+        &host.ns,
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={}", host.ip),
+            &format!("--port={dns_port}"),
+            "--address=/chaos.test/10.9.9.9",
+            "--pid-file=",
+            "--user=root",
+        ],
+    );
+    Some(Tasks {
+        _web: web,
+        _dns: dns,
+    })
+}
+
+/// Waits until every agent in `agents` routes exactly `want` for `service`.
+fn wait_routed(agents: &[&Agent], service: &str, want: &BTreeSet<String>, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let last: Vec<(String, BTreeSet<String>)> = agents
+            .iter()
+            .map(|a| (a.name.clone(), routed(a, service)))
+            .collect();
+        if last.iter().all(|(_, r)| r == want) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let tasks: Vec<String> = agents
+                .iter()
+                .map(|a| {
+                    a.http("GET", &format!("/v1/services/{service}/tasks"), None)
+                        .1
+                        .to_string()
+                })
+                .collect();
+            panic!(
+                "timed out waiting for: {what}; want {want:?}, routed {last:?}; tasks {tasks:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_mesh_keeps_serving_through_chaos() {
+    if skip_unless_root("the_mesh_keeps_serving_through_chaos") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let key = keygen();
+    let mut backs: Vec<Option<Tasks>> = (0..3)
+        .map(|i| backends(&c, i, &format!("web.{}", i + 1), 8000, 5300))
+        .collect();
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            Agent::start_named_in(
+                &c.hosts[i].ns,
+                &format!("host{}", i + 1),
+                Some(&config(&c, i, &key)),
+                &[],
+            )
+        })
+        .collect();
+    let all_web = ids(&["web.1", "web.2", "web.3"]);
+    let all_dns = ids(&["dns.1", "dns.2", "dns.3"]);
+    wait_routed(
+        &agents.iter().collect::<Vec<_>>(),
+        "web",
+        &all_web,
+        "web routed everywhere",
+    );
+    wait_routed(
+        &agents.iter().collect::<Vec<_>>(),
+        "dns",
+        &all_dns,
+        "dns routed everywhere",
+    );
+    // Everything goes through host3's published ports.
+    let target = format!("{}:8080", c.hosts[2].ip);
+    let dns_target = format!("{}:5353", c.hosts[2].ip);
+    let web_load = Load::start(&c.client.ns, &target, 40, &[]);
+    let dns_load = Load::start(&c.client.ns, &dns_target, 20, &["dns", "chaos.test"]);
+    eventually("the load gets answers", || {
+        (web_load.samples().iter().filter(|s| s.ok).count() >= 20
+            && dns_load.samples().iter().filter(|s| s.ok).count() >= 10)
+            .then_some(())
+    });
+
+    // 1. Rolling replacement of every task: the new one is added and routed, the old
+    //    one drained, then removed once its drain_timeout has passed.
+    let started = unix_ms();
+    for i in 0..3 {
+        let n = i + 1;
+        let new = backends(&c, i, &format!("web.{n}b"), 8001, 5301);
+        for (service, id, port) in [
+            ("web", format!("web.{n}b"), 8001),
+            ("dns", format!("dns.{n}b"), 5301),
+        ] {
+            ok(agents[i].cli(&[
+                "task",
+                "add",
+                service,
+                &format!("{}:{port}", c.hosts[i].ip),
+                "--id",
+                &id,
+            ]));
+        }
+        eventually("the new tasks are routed by the target", || {
+            (routed(&agents[2], "web").contains(&format!("web.{n}b"))
+                && routed(&agents[2], "dns").contains(&format!("dns.{n}b")))
+            .then_some(())
+        });
+        for (service, id) in [("web", format!("web.{n}")), ("dns", format!("dns.{n}"))] {
+            ok(agents[i].cli(&["task", "drain", service, &id]));
+        }
+        eventually("the old tasks are no longer routed by the target", || {
+            (!routed(&agents[2], "web").contains(&format!("web.{n}"))
+                && !routed(&agents[2], "dns").contains(&format!("dns.{n}")))
+            .then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        for (service, id) in [("web", format!("web.{n}")), ("dns", format!("dns.{n}"))] {
+            ok(agents[i].cli(&["task", "rm", service, &id]));
+        }
+        backs[i] = new;
+    }
+    let ended = unix_ms();
+    std::thread::sleep(Duration::from_secs(2));
+    let web = count(&web_load.samples(), started, ended);
+    let dns = count(&dns_load.samples(), started, ended);
+    row("rolling replacement of every task (HTTP)", web, "");
+    row(
+        "rolling replacement of every task (DNS over UDP, dnsmasq)",
+        dns,
+        "",
+    );
+    assert_eq!(web.failed, 0, "a rolling replacement failed HTTP requests");
+    assert_eq!(dns.failed, 0, "a rolling replacement failed DNS queries");
+    let all_web = ids(&["web.1b", "web.2b", "web.3b"]);
+
+    // 2. 5% packet loss on every host's link (eth0, not loopback), both ways: requests
+    //    succeed and no host withdraws another's tasks.
+    let secs = if long() { 300 } else { 20 };
+    for h in &c.hosts {
+        h.ns.run(
+            "nft",
+            &[
+                "add table inet chaos; add chain inet chaos in { type filter hook input priority 0; }; add chain inet chaos out { type filter hook output priority 0; }; add rule inet chaos in iifname eth0 numgen random mod 100 < 5 drop; add rule inet chaos out oifname eth0 numgen random mod 100 < 5 drop",
+            ],
+        );
+        assert!(
+            h.ns.run("nft", &["list", "table", "inet", "chaos"])
+                .contains("numgen")
+        );
+    }
+    let started = unix_ms();
+    let mut withdrawals = 0;
+    while unix_ms() < started + secs * 1000 {
+        for a in &agents {
+            if routed(a, "web") != all_web {
+                withdrawals += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let ended = unix_ms();
+    for h in &c.hosts {
+        h.ns.run("nft", &["delete", "table", "inet", "chaos"]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let web = count(&web_load.samples(), started, ended);
+    row(
+        &format!("5% packet loss on every link for {secs} s"),
+        web,
+        &format!("false withdrawals seen: {withdrawals}"),
+    );
+    assert_eq!(
+        withdrawals, 0,
+        "a live host's task was withdrawn under 5% loss"
+    );
+    assert_eq!(web.failed, 0, "requests failed under 5% loss");
+
+    // 3. Partition host2 (its link down), then heal.
+    let cut = unix_ms();
+    c.link(1, false);
+    let others = [&agents[0], &agents[2]];
+    wait_routed(
+        &others,
+        "web",
+        &ids(&["web.1b", "web.3b"]),
+        "host2's task withdrawn",
+    );
+    let withdrawn = unix_ms();
+    std::thread::sleep(Duration::from_secs(3));
+    c.link(1, true);
+    wait_routed(&others, "web", &all_web, "host2's task back after the heal");
+    let healed = unix_ms();
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = web_load.samples();
+    let before = count(&samples, cut, withdrawn);
+    let after = count(&samples, withdrawn, healed);
+    row(
+        "partition of host2, until withdrawn",
+        before,
+        &format!("withdrawn after {} ms", withdrawn - cut),
+    );
+    row("partition of host2, withdrawn until healed", after, "");
+    assert_eq!(after.failed, 0, "requests failed after the withdrawal");
+
+    // 4. Restart an agent under load (SIGTERM, start again): host1's, whose tasks the
+    //    target routes to, and then the target's own.
+    let stopped = unix_ms();
+    assert!(agents[0].stop().success());
+    agents[0].spawn(Some(&config(&c, 0, &key)), &[]);
+    // Its API task comes back from its data dir; the config's web.1 comes back too, but
+    // its backend was replaced in phase 1, so it stays unhealthy and unrouted.
+    wait_routed(&[&agents[2]], "web", &all_web, "host1's tasks back");
+    let back = unix_ms();
+    row(
+        "SIGTERM and restart of host1 (serves web.1)",
+        count(&web_load.samples(), stopped, back),
+        "its tasks are withdrawn at once (graceful leave) and come back from its data dir",
+    );
+    let stopped = unix_ms();
+    assert!(agents[2].stop().success());
+    agents[2].spawn(Some(&config(&c, 2, &key)), &[]);
+    agents[2].wait_applied();
+    let back = unix_ms();
+    row(
+        "SIGTERM and restart of host3 (the clients' entry)",
+        count(&web_load.samples(), stopped, back),
+        "new connections to a stopped agent's port are refused until it is back",
+    );
+
+    // 5. kill -9 of host2, its task dying with it (the host is gone: link down too).
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = unix_ms();
+    agents[1].kill9();
+    backs[1] = None;
+    c.link(1, false);
+    let now_web = routed(&agents[2], "web");
+    let without: BTreeSet<String> = now_web
+        .iter()
+        .filter(|t| !t.starts_with("web.2"))
+        .cloned()
+        .collect();
+    wait_routed(
+        &[&agents[0], &agents[2]],
+        "web",
+        &without,
+        "host2 withdrawn after kill -9",
+    );
+    let withdrawn = unix_ms();
+    std::thread::sleep(Duration::from_secs(5));
+    let end = unix_ms();
+    let samples = web_load.samples();
+    let before = count(&samples, killed, withdrawn);
+    let after = count(&samples, withdrawn, end);
+    row(
+        "kill -9 of host2, until withdrawn",
+        before,
+        &format!("withdrawn after {} ms", withdrawn - killed),
+    );
+    row("kill -9 of host2, after withdrawal", after, "");
+    assert_eq!(
+        after.failed, 0,
+        "requests failed after the dead host was withdrawn"
+    );
+    drop(web_load);
+    drop(dns_load);
+}
