@@ -54,11 +54,11 @@ pub struct GossipResults {
     pub full_sync: FullSync,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn add_task(sim: &mut Sim, host: usize, id: &str) -> u64 {
+pub fn add_task(sim: &mut Sim, host: usize, id: &str) -> u64 {
     let id = id.to_string();
     let deltas = sim.with_replica(host, move |r, now| {
         let spec = TaskSpec {
@@ -82,7 +82,7 @@ fn add_task(sim: &mut Sim, host: usize, id: &str) -> u64 {
     w.map(|(_, w)| w).unwrap_or(0)
 }
 
-fn routes(sim: &Sim, viewer: usize, owner: &str) -> bool {
+pub fn routes(sim: &Sim, viewer: usize, owner: &str) -> bool {
     let snap = sim.replica(viewer).snapshot();
     snap.services
         .get("web")

@@ -14,6 +14,7 @@ mod report;
 mod stats;
 mod targets;
 mod topology;
+mod withdrawal;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -82,6 +83,21 @@ enum Command {
         /// NODES:CHANGES pairs: cluster sizes and task changes measured per loss level.
         #[arg(long, value_delimiter = ',', default_value = "100:30,1000:10", value_parser = size_pair)]
         sizes: Vec<(usize, usize)>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Withdrawal of crashed hosts and false withdrawals under loss, from the simulator:
+    /// writes OUT/withdrawal.json.
+    Withdrawal {
+        /// NODES:CRASHES pairs.
+        #[arg(long, value_delimiter = ',', default_value = "3:40,100:40,1000:20", value_parser = size_pair)]
+        sizes: Vec<(usize, usize)>,
+        /// Packet loss levels, as fractions.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.05])]
+        losses: Vec<f64>,
+        /// Virtual seconds of loss without crashes, counting false withdrawals.
+        #[arg(long, default_value_t = 300)]
+        quiet_secs: u64,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -248,6 +264,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Gossip { sizes, out } => {
             let results = gossip::run(&sizes)?;
             write_json(&out, "gossip.json", &results)
+        }
+        Command::Withdrawal {
+            sizes,
+            losses,
+            quiet_secs,
+            out,
+        } => {
+            let results = withdrawal::run(&sizes, &losses, quiet_secs)?;
+            write_json(&out, "withdrawal.json", &results)
         }
         Command::Api {
             sizes,

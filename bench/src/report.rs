@@ -12,12 +12,14 @@ use crate::dns::DnsResults;
 use crate::gossip::GossipResults;
 use crate::stats::RunInfo;
 use crate::targets::Target;
+use crate::withdrawal::WithdrawalResults;
 
 pub struct Inputs {
     pub dataplane: Option<DataplaneResults>,
     pub dns: Option<DnsResults>,
     pub gossip: Option<GossipResults>,
     pub api: Option<ApiResults>,
+    pub withdrawal: Option<WithdrawalResults>,
 }
 
 fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
@@ -37,6 +39,7 @@ impl Inputs {
             dns: read(&dir.join("dns.json"))?,
             gossip: read(&dir.join("gossip.json"))?,
             api: read(&dir.join("api.json"))?,
+            withdrawal: read(&dir.join("withdrawal.json"))?,
         })
     }
 }
@@ -347,6 +350,39 @@ fn api(out: &mut String, a: &ApiResults) {
     }
 }
 
+fn withdrawal(out: &mut String, w: &WithdrawalResults) {
+    let _ = writeln!(out, "## Withdrawal of a crashed host (simulator)\n");
+    run_line(out, "Measured", &w.run);
+    let _ = writeln!(
+        out,
+        "Real foca and replicas per host, virtual time. A host with a routed task crashes; \
+         the time is until no live host routes new connections to its tasks (a host held \
+         suspect for 500 ms, or declared down). Then it restarts and the next one crashes. \
+         Before the crashes, a quiet period with the same loss counts false withdrawals: a \
+         live host's tasks withdrawn by a suspicion that outlived the grace, or a false down.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| hosts | loss | crashes | p50 | p99 | max | false withdrawals (quiet period) |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
+    for r in &w.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0}% | {} | {:.2} s | {:.2} s | {:.2} s | {} in {} s |",
+            r.nodes,
+            r.loss * 100.0,
+            r.crashes,
+            r.p50_ms as f64 / 1000.0,
+            r.p99_ms as f64 / 1000.0,
+            r.max_ms as f64 / 1000.0,
+            r.false_withdrawals,
+            r.quiet_secs
+        );
+    }
+    let _ = writeln!(out);
+}
+
 pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     let mut out = String::new();
     let _ = writeln!(out, "# mesh benchmark results\n");
@@ -372,6 +408,9 @@ pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     }
     if let Some(a) = &inputs.api {
         api(&mut out, a);
+    }
+    if let Some(w) = &inputs.withdrawal {
+        withdrawal(&mut out, w);
     }
     let results = bench_dir.join("RESULTS.md");
     std::fs::write(&results, out).with_context(|| format!("write {}", results.display()))?;

@@ -11,6 +11,9 @@ pub enum GossipEvent {
     Delta(Box<Delta>),
     /// Membership saw this host alive: route its tasks.
     MemberUp(String),
+    /// Membership has held this host suspect for the grace period: new connections
+    /// avoid its tasks until it is refuted (then `MemberUp`) or declared down.
+    MemberSuspect(String),
     /// Membership declared this host down: suspend its tasks.
     MemberDown(String),
 }
@@ -24,6 +27,7 @@ impl GossipEvent {
                 replica.apply_delta(*d, now_ms);
             }
             GossipEvent::MemberUp(name) => replica.member_up(&name),
+            GossipEvent::MemberSuspect(name) => replica.member_suspect(&name, now_ms),
             GossipEvent::MemberDown(name) => replica.member_down(&name, now_ms),
         }
         replica.version() != before

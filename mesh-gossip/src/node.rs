@@ -34,6 +34,11 @@ pub struct GossipConfig {
     pub gossip_fanout: usize,
     /// Largest datagram foca builds; leave room for the encryption envelope.
     pub max_packet_size: usize,
+    /// How long a member must stay suspect before its tasks stop taking new
+    /// connections, in a cluster of up to 10 hosts: a suspicion raised by lost packets
+    /// is usually refuted sooner. It grows with log10 of the cluster's size, as the time
+    /// a refutation takes to spread does.
+    pub suspect_grace: Duration,
 }
 
 impl Default for GossipConfig {
@@ -47,6 +52,7 @@ impl Default for GossipConfig {
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: 3,
             max_packet_size: 1_300,
+            suspect_grace: Duration::from_millis(500),
         }
     }
 }
@@ -158,6 +164,8 @@ pub struct GossipNode {
     inbox: Arc<Mutex<Inbox>>,
     outbox: Outbox,
     health: LocalHealth,
+    /// Members seen suspect, since when (ms), and whether the table was told.
+    suspects: std::collections::HashMap<String, (u64, bool)>,
 }
 
 impl GossipNode {
@@ -180,6 +188,7 @@ impl GossipNode {
             inbox,
             outbox: Outbox::default(),
             health: LocalHealth::default(),
+            suspects: std::collections::HashMap::new(),
         }
     }
 
@@ -261,6 +270,46 @@ impl GossipNode {
             }
             let _ = foca.gossip(&mut *io);
         });
+    }
+
+    /// Looks at which members foca holds suspect, at `now_ms`: one suspect for
+    /// `suspect_grace` becomes a `MemberSuspect` event; one the table was told of that
+    /// is alive again becomes a `MemberUp`. Foca raises no event for either, so the
+    /// driver calls this every few hundred milliseconds. O(members).
+    pub fn poll_suspects(&mut self, now_ms: u64) {
+        let members = self.foca.iter_membership_state().len() as f64 + 1.0;
+        let grace =
+            (self.config.suspect_grace.as_millis() as f64 * members.log10().max(1.0)) as u64;
+        let mut seen = std::collections::HashSet::new();
+        for m in self.foca.iter_membership_state() {
+            let name = &m.id().name;
+            if name.is_empty() {
+                continue;
+            }
+            match m.state() {
+                foca::State::Suspect => {
+                    seen.insert(name.clone());
+                    let entry = self.suspects.entry(name.clone()).or_insert((now_ms, false));
+                    if !entry.1 && now_ms.saturating_sub(entry.0) >= grace {
+                        entry.1 = true;
+                        self.outbox
+                            .events
+                            .push(GossipEvent::MemberSuspect(name.clone()));
+                    }
+                }
+                foca::State::Alive => {
+                    if let Some((_, told)) = self.suspects.remove(name)
+                        && told
+                    {
+                        self.outbox.events.push(GossipEvent::MemberUp(name.clone()));
+                    }
+                }
+                foca::State::Down => {
+                    self.suspects.remove(name);
+                }
+            }
+        }
+        self.suspects.retain(|n, _| seen.contains(n));
     }
 
     /// Announces to one member declared down (`pick` chooses which), as Serf's

@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::anti_entropy::{self, Back, Hello, Reply};
+use crate::events::GossipEvent;
 use crate::identity::NodeIdentity;
 use crate::node::{GossipConfig, GossipNode};
 
@@ -68,6 +69,11 @@ enum Event {
         node: usize,
         incarnation: u64,
     },
+    /// The transport's look at foca's suspects.
+    Suspects {
+        node: usize,
+        incarnation: u64,
+    },
 }
 
 struct SimNode {
@@ -92,7 +98,12 @@ pub struct Sim {
     by_addr: HashMap<SocketAddr, usize>,
     /// One-way cuts: (from, to).
     blocked: HashSet<(usize, usize)>,
+    /// Suspicions and down declarations a replica took about a node that was up.
+    false_withdrawals: u64,
 }
+
+/// As the transport: foca's suspects are looked at every 100 ms.
+const SUSPECT_POLL_MS: u64 = 100;
 
 fn addr_of(i: usize) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::from(0x0a00_0000u32 + i as u32 + 1), 7946))
@@ -111,6 +122,7 @@ impl Sim {
             nodes: Vec::new(),
             by_addr: HashMap::new(),
             blocked: HashSet::new(),
+            false_withdrawals: 0,
             config,
         };
         for i in 0..sim.config.nodes {
@@ -166,6 +178,13 @@ impl Sim {
                 incarnation: inc,
             },
         );
+        self.schedule(
+            SUSPECT_POLL_MS,
+            Event::Suspects {
+                node: i,
+                incarnation: inc,
+            },
+        );
         self.flush(i);
     }
 
@@ -183,6 +202,15 @@ impl Sim {
             return;
         };
         let out = g.take_outbox();
+        for event in &out.events {
+            if let GossipEvent::MemberSuspect(name) | GossipEvent::MemberDown(name) = event
+                && self
+                    .by_name(name)
+                    .is_some_and(|j| self.nodes[j].gossip.is_some())
+            {
+                self.false_withdrawals += 1;
+            }
+        }
         if let Some(r) = self.nodes[i].replica.as_mut() {
             for event in out.events {
                 event.apply(r, self.now_ms);
@@ -267,6 +295,17 @@ impl Sim {
                     self.flush(node);
                 }
                 self.schedule(1_000, Event::Tick { node, incarnation });
+            }
+            Event::Suspects { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation {
+                    return;
+                }
+                let now = self.now_ms;
+                if let Some(g) = self.nodes[node].gossip.as_mut() {
+                    g.poll_suspects(now);
+                }
+                self.flush(node);
+                self.schedule(SUSPECT_POLL_MS, Event::Suspects { node, incarnation });
             }
             Event::AntiEntropy { node, incarnation } => {
                 if self.nodes[node].incarnation != incarnation || self.nodes[node].gossip.is_none()
@@ -415,6 +454,17 @@ impl Sim {
 
     pub fn up_nodes(&self) -> Vec<usize> {
         (0..self.nodes.len()).filter(|i| self.is_up(*i)).collect()
+    }
+
+    fn by_name(&self, name: &str) -> Option<usize> {
+        name.strip_prefix('n')?.parse().ok()
+    }
+
+    /// How many times a node took a live node for suspect or down (a false
+    /// withdrawal of its tasks). Partitions make such verdicts right from one side:
+    /// read it over a period without cuts.
+    pub fn false_withdrawals(&self) -> u64 {
+        self.false_withdrawals
     }
 
     pub fn name(&self, i: usize) -> &str {

@@ -13,6 +13,11 @@ pub enum Liveness {
     /// Membership has not reported this host yet.
     Unknown,
     Alive,
+    /// Membership has held it suspect for a while: new connections avoid its tasks,
+    /// the records stay, and a refutation restores it at once.
+    Suspect {
+        since_ms: u64,
+    },
     Down {
         since_ms: u64,
     },

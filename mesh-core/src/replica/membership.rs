@@ -17,6 +17,24 @@ impl Replica {
         self.bump(changed);
     }
 
+    /// The membership layer has held `origin` suspect: stop routing new connections
+    /// to its tasks, keep the records; `member_up` restores it.
+    pub fn member_suspect(&mut self, origin: &str, now_ms: u64) {
+        if origin == self.node {
+            return;
+        }
+        let entry = self
+            .liveness
+            .entry(origin.to_string())
+            .or_insert(Liveness::Alive);
+        let changed = *entry == Liveness::Alive;
+        if changed {
+            *entry = Liveness::Suspect { since_ms: now_ms };
+            self.touch_origin(origin);
+        }
+        self.bump(changed);
+    }
+
     /// The membership layer declared `origin` down: stop routing to its tasks, keep
     /// the records.
     pub fn member_down(&mut self, origin: &str, now_ms: u64) {
@@ -27,7 +45,7 @@ impl Replica {
             .liveness
             .entry(origin.to_string())
             .or_insert(Liveness::Alive);
-        let changed = *entry == Liveness::Alive;
+        let changed = matches!(*entry, Liveness::Alive | Liveness::Suspect { .. });
         if changed {
             *entry = Liveness::Down { since_ms: now_ms };
             self.touch_origin(origin);

@@ -38,7 +38,7 @@ impl Replica {
                 Liveness::Down { since_ms } | Liveness::Left { since_ms } => {
                     now_ms.saturating_sub(*since_ms) >= self.config.purge_after_ms
                 }
-                Liveness::Alive | Liveness::Unknown => false,
+                Liveness::Alive | Liveness::Unknown | Liveness::Suspect { .. } => false,
             })
             .map(|(n, _)| n.clone())
             .collect();

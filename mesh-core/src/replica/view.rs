@@ -291,7 +291,9 @@ impl View {
         })
     }
 
-    /// A view built from nothing: what the incremental one must always equal.
+    /// A view built from nothing: what the incremental one must always equal (checked
+    /// in debug builds).
+    #[cfg(debug_assertions)]
     pub fn rebuilt(src: &Sources<'_>) -> View {
         let mut view = View::default();
         for (name, r) in &src.services.records {

@@ -25,6 +25,10 @@ use crate::identity::NodeIdentity;
 use crate::log_limit::LogLimit;
 use crate::node::GossipNode;
 
+/// How often foca's suspects are looked at: adds at most this to the time a dead
+/// host's tasks keep taking new connections.
+const SUSPECT_POLL: Duration = Duration::from_millis(100);
+
 /// How often (in 1 s ticks) a member declared down is announced to.
 const RECONNECT_EVERY_TICKS: u64 = 10;
 
@@ -58,6 +62,7 @@ impl GossipLoop {
         self.flush().await;
         let mut buf = vec![0u8; 65_536];
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut suspects = tokio::time::interval(SUSPECT_POLL);
         let ae = self.config.anti_entropy.max(Duration::from_millis(100));
         let mut next_sync = tokio::time::Instant::now() + ae;
         let mut unanswered = 0u32;
@@ -113,6 +118,7 @@ impl GossipLoop {
                     }
                 }
                 Some(d) = inputs.deltas.recv() => self.node.publish(&d),
+                _ = suspects.tick() => self.node.poll_suspects(super::wall_ms()),
                 Some(m) = inputs.membership.recv() => self.node.apply_membership(m),
                 _ = tokio::time::sleep_until(next_sync) => {
                     let jitter = rand::rng().random_range(0.5..1.5);
