@@ -335,6 +335,16 @@ pub async fn status(client: &Client, format: Format) -> Result<()> {
         println!("DNS:         {}", s.dns.join(", "));
     }
     println!("VIPs:        {}", s.vips);
+    for p in &s.planes {
+        let state = if p.active { "active" } else { "off" };
+        println!(
+            "Plane:       {} ({state}, {} frontends): {}",
+            p.name, p.frontends, p.detail
+        );
+    }
+    for f in &s.fallbacks {
+        println!("Fallback:    {f}");
+    }
     for (service, errors) in &s.errors {
         for e in errors {
             println!("Error:       service {service}: {e}");

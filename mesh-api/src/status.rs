@@ -41,6 +41,10 @@ pub struct StatusView {
     pub vips: String,
     #[serde(default)]
     pub planes: Vec<PlaneView>,
+    /// Frontends served by another plane than the host's chosen one, and why, e.g.
+    /// "web 8080/tcp on userspace: proxy_protocol served by the userspace plane only".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<String>,
     /// Problems of the data planes, by service.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, Vec<String>>,

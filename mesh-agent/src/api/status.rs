@@ -71,6 +71,15 @@ pub async fn status(State(s): State<AppState>) -> Json<StatusView> {
                 }
             })
             .collect(),
+        fallbacks: planes
+            .plan
+            .frontends
+            .iter()
+            .filter_map(|(key, f)| {
+                let why = f.fallback.as_ref()?;
+                Some(format!("{} {key} on {}: {why}", f.service, f.plane))
+            })
+            .collect(),
         errors,
     })
 }
