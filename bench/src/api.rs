@@ -328,17 +328,22 @@ fn fill(socket: &Path, range: std::ops::Range<usize>, connections: usize) -> Res
 
 /// One agent under test, in its own temp dir. Fields drop in order: the process is
 /// stopped (SIGTERM, then SIGKILL after 5 s) before its directory is removed.
-struct Agent {
-    process: Running,
+pub(crate) struct Agent {
+    pub(crate) process: Running,
     /// The services it is filled to before timing.
     size: usize,
     log: PathBuf,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     dir: tempfile::TempDir,
 }
 
 impl Agent {
     fn start(mesh_bin: &Path, size: usize) -> Result<Agent> {
+        Self::start_with(mesh_bin, size, None)
+    }
+
+    /// An agent with `config` (TOML) as its config file, when given.
+    pub(crate) fn start_with(mesh_bin: &Path, size: usize, config: Option<&str>) -> Result<Agent> {
         ensure!(
             mesh_bin.exists(),
             "{} not found; build it (cargo build --release -p mesh-agent) or pass --mesh",
@@ -367,6 +372,11 @@ impl Agent {
             .args(["--no-vips", "--bind", "127.0.0.1:0", "--node-name", "bench"])
             // Logging at info would time the agent's log writes as well.
             .env("RUST_LOG", "warn");
+        if let Some(text) = config {
+            let path = dir.path().join("mesh.toml");
+            std::fs::write(&path, text).context("write the agent's config")?;
+            cmd.arg("--config").arg(path);
+        }
         let name = format!(
             "the mesh agent for {size} services ({})",
             mesh_bin.display()
@@ -493,13 +503,13 @@ impl Agent {
 
 /// One keep-alive HTTP/1.1 connection to the agent's unix socket, opened on first
 /// use and again after the agent closes it.
-struct Conn {
+pub(crate) struct Conn {
     socket: PathBuf,
     stream: Option<BufReader<UnixStream>>,
 }
 
 impl Conn {
-    fn new(socket: &Path) -> Conn {
+    pub(crate) fn new(socket: &Path) -> Conn {
         Conn {
             socket: socket.to_path_buf(),
             stream: None,
@@ -508,7 +518,7 @@ impl Conn {
 
     /// `method path` with a JSON `body`: (status, answer body). Every read and write
     /// gives up after [`TIMEOUT`].
-    fn call(&mut self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    pub(crate) fn call(&mut self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
         let socket = self.socket.display().to_string();
         let result = self.exchange(method, path, body);
         if result.is_err() {
@@ -581,7 +591,9 @@ impl Conn {
             }
         }
         let mut answer = Vec::new();
-        if chunked {
+        if status == 204 || status == 304 || (100..200).contains(&status) {
+            // No body, whatever the headers say (RFC 9112 §6.3).
+        } else if chunked {
             read_chunked(stream, &mut answer)?;
         } else if let Some(n) = length {
             answer.resize(n, 0);

@@ -11,6 +11,7 @@ mod load;
 mod plot;
 mod process;
 mod report;
+mod soak;
 mod stats;
 mod targets;
 mod topology;
@@ -98,6 +99,31 @@ enum Command {
         /// Virtual seconds of loss without crashes, counting false withdrawals.
         #[arg(long, default_value_t = 300)]
         quiet_secs: u64,
+        /// SWIM probe period in ms (default: the agent's).
+        #[arg(long)]
+        probe_period_ms: Option<u64>,
+        /// Direct probe timeout in ms (default: the agent's).
+        #[arg(long)]
+        probe_rtt_ms: Option<u64>,
+        /// Suspicion held before withdrawal, at up to 10 hosts, in ms (default: the agent's).
+        #[arg(long)]
+        suspect_grace_ms: Option<u64>,
+        /// Retransmissions per update are ⌈mult·log10(n+1)⌉ (default: the agent's).
+        #[arg(long)]
+        retransmit_mult: Option<f64>,
+        /// Indirect probes after a direct probe went unanswered (default: the agent's).
+        #[arg(long)]
+        indirect_probes: Option<usize>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Soak: one agent under churn for MINUTES, memory and descriptors sampled every
+    /// minute: writes OUT/soak.json.
+    Soak {
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        #[arg(long)]
+        mesh: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -265,13 +291,34 @@ fn run(cli: Cli) -> Result<()> {
             let results = gossip::run(&sizes)?;
             write_json(&out, "gossip.json", &results)
         }
+        Command::Soak { minutes, mesh, out } => {
+            let results = soak::run(&mesh_or_sibling(mesh)?, minutes)?;
+            write_json(&out, "soak.json", &results)
+        }
         Command::Withdrawal {
             sizes,
             losses,
             quiet_secs,
+            probe_period_ms,
+            probe_rtt_ms,
+            suspect_grace_ms,
+            retransmit_mult,
+            indirect_probes,
             out,
         } => {
-            let results = withdrawal::run(&sizes, &losses, quiet_secs)?;
+            let mut timers = withdrawal::Timers::default();
+            timers.probe_period_ms = probe_period_ms.unwrap_or(timers.probe_period_ms);
+            timers.probe_rtt_ms = probe_rtt_ms.unwrap_or(timers.probe_rtt_ms);
+            timers.suspect_grace_ms = suspect_grace_ms.unwrap_or(timers.suspect_grace_ms);
+            timers.retransmit_mult = retransmit_mult.unwrap_or(timers.retransmit_mult);
+            timers.indirect_probes = indirect_probes.unwrap_or(timers.indirect_probes);
+            anyhow::ensure!(
+                timers.probe_rtt_ms < timers.probe_period_ms,
+                "--probe-rtt-ms ({}) must be shorter than --probe-period-ms ({})",
+                timers.probe_rtt_ms,
+                timers.probe_period_ms
+            );
+            let results = withdrawal::run(&sizes, &losses, quiet_secs, timers)?;
             write_json(&out, "withdrawal.json", &results)
         }
         Command::Api {

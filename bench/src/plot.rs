@@ -11,6 +11,7 @@ use crate::dataplane::{DataplaneResults, Workload};
 use crate::dns::DnsResults;
 use crate::gossip::{GossipResults, LOSSES};
 use crate::report::Inputs;
+use crate::soak::SoakResults;
 use crate::stats::Spread;
 use crate::targets::Target;
 
@@ -53,7 +54,71 @@ pub fn all(dir: &Path, inputs: &Inputs) -> Result<()> {
     if let Some(g) = &inputs.gossip {
         gossip(&dir.join("gossip.png"), g)?;
     }
+    if let Some(s) = &inputs.soak {
+        soak(&dir.join("soak.png"), s)?;
+    }
     Ok(())
+}
+
+/// The agent's memory (MiB, left axis) and descriptors (right axis) per minute.
+fn soak(path: &Path, s: &SoakResults) -> Result<()> {
+    let minutes = s.samples.last().map_or(1, |x| x.minute.max(1)) as f64;
+    let rss_top = s.samples.iter().map(|x| x.rss_kib).max().unwrap_or(1) as f64 / 1024.0 * 1.3;
+    let fd_top = s.samples.iter().map(|x| x.fds).max().unwrap_or(1) as f64 * 1.3;
+    let root = BitMapBackend::new(path, (800, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Soak: agent memory and descriptors under churn",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .right_y_label_area_size(55)
+        .build_cartesian_2d(0f64..minutes, 0f64..rss_top.max(1.0))
+        .map_err(err)?
+        .set_secondary_coord(0f64..minutes, 0f64..fd_top.max(1.0));
+    chart
+        .configure_mesh()
+        .x_desc("minutes")
+        .y_desc("RSS (MiB)")
+        .draw()
+        .map_err(err)?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("open descriptors")
+        .draw()
+        .map_err(err)?;
+    let rss: Vec<(f64, f64)> = s
+        .samples
+        .iter()
+        .map(|x| (x.minute as f64, x.rss_kib as f64 / 1024.0))
+        .collect();
+    let fds: Vec<(f64, f64)> = s
+        .samples
+        .iter()
+        .map(|x| (x.minute as f64, x.fds as f64))
+        .collect();
+    let (c1, c2) = (COLORS[2], COLORS[3]);
+    chart
+        .draw_series(LineSeries::new(rss, c1.stroke_width(2)))
+        .map_err(err)?
+        .label("RSS")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c1.stroke_width(2)));
+    chart
+        .draw_secondary_series(LineSeries::new(fds, c2.stroke_width(2)))
+        .map_err(err)?
+        .label("descriptors")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c2.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
 }
 
 fn short(w: Workload) -> &'static str {

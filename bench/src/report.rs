@@ -10,6 +10,7 @@ use crate::api::{ApiResults, RATIO_LIMIT, WARMUP};
 use crate::dataplane::{DataplaneResults, Summary, Workload};
 use crate::dns::DnsResults;
 use crate::gossip::GossipResults;
+use crate::soak::SoakResults;
 use crate::stats::RunInfo;
 use crate::targets::Target;
 use crate::withdrawal::WithdrawalResults;
@@ -20,6 +21,7 @@ pub struct Inputs {
     pub gossip: Option<GossipResults>,
     pub api: Option<ApiResults>,
     pub withdrawal: Option<WithdrawalResults>,
+    pub soak: Option<SoakResults>,
 }
 
 fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
@@ -40,6 +42,7 @@ impl Inputs {
             gossip: read(&dir.join("gossip.json"))?,
             api: read(&dir.join("api.json"))?,
             withdrawal: read(&dir.join("withdrawal.json"))?,
+            soak: read(&dir.join("soak.json"))?,
         })
     }
 }
@@ -383,6 +386,49 @@ fn withdrawal(out: &mut String, w: &WithdrawalResults) {
     let _ = writeln!(out);
 }
 
+fn soak(out: &mut String, s: &SoakResults) {
+    let _ = writeln!(out, "## Soak: an hour of churn\n");
+    run_line(out, "Measured", &s.run);
+    let _ = writeln!(
+        out,
+        "One release agent for {} minutes: every second a task is added and the oldest of \
+         four removed, every 30 s a backend goes down for 5 s (its task turns unhealthy and \
+         back), two clients make HTTP requests through the published port without pause, \
+         and a one-datagram UDP flow starts every 10 ms. Memory (VmRSS) and open \
+         descriptors are read from /proc every minute.\n",
+        s.minutes
+    );
+    let (Some(first), Some(last)) = (s.samples.first(), s.samples.last()) else {
+        return;
+    };
+    let max_rss = s.samples.iter().map(|x| x.rss_kib).max().unwrap_or(0);
+    let max_fds = s.samples.iter().map(|x| x.fds).max().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "| | minute {} | minute {} | highest |",
+        first.minute, last.minute
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- |");
+    let _ = writeln!(
+        out,
+        "| RSS | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+        first.rss_kib as f64 / 1024.0,
+        last.rss_kib as f64 / 1024.0,
+        max_rss as f64 / 1024.0
+    );
+    let _ = writeln!(
+        out,
+        "| descriptors | {} | {} | {} |",
+        first.fds, last.fds, max_fds
+    );
+    let _ = writeln!(
+        out,
+        "\n{} task changes and {} HTTP requests ({} failed).\n",
+        last.task_changes, last.requests, last.failed_requests
+    );
+    let _ = writeln!(out, "![soak](plots/soak.png)\n");
+}
+
 pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     let mut out = String::new();
     let _ = writeln!(out, "# mesh benchmark results\n");
@@ -411,6 +457,9 @@ pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     }
     if let Some(w) = &inputs.withdrawal {
         withdrawal(&mut out, w);
+    }
+    if let Some(s) = &inputs.soak {
+        soak(&mut out, s);
     }
     let results = bench_dir.join("RESULTS.md");
     std::fs::write(&results, out).with_context(|| format!("write {}", results.display()))?;

@@ -4,8 +4,11 @@
 //! loss, how often a live host's tasks were withdrawn (a false suspicion that lasted
 //! the grace, or a false down).
 
+use std::time::Duration;
+
 use anyhow::Result;
 use mesh_core::{PortSpec, ServiceSpec};
+use mesh_gossip::GossipConfig;
 use mesh_gossip::sim::{Sim, SimConfig};
 use serde::{Deserialize, Serialize};
 
@@ -29,13 +32,56 @@ pub struct Row {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WithdrawalResults {
     pub run: RunInfo,
+    /// The membership timers every row ran with.
+    #[serde(default)]
+    pub timers: Timers,
     pub rows: Vec<Row>,
 }
 
-fn cluster(nodes: usize, loss: f64) -> Sim {
+/// The membership timers that decide withdrawal time, in milliseconds; the agent's
+/// defaults unless a flag overrides one, so other values can be tried in virtual time.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Timers {
+    pub probe_period_ms: u64,
+    pub probe_rtt_ms: u64,
+    pub suspect_grace_ms: u64,
+    #[serde(default)]
+    pub retransmit_mult: f64,
+    #[serde(default)]
+    pub indirect_probes: usize,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        let g = GossipConfig::default();
+        Self {
+            probe_period_ms: g.probe_period.as_millis() as u64,
+            probe_rtt_ms: g.probe_rtt.as_millis() as u64,
+            suspect_grace_ms: g.suspect_grace.as_millis() as u64,
+            retransmit_mult: g.retransmit_mult,
+            indirect_probes: g.indirect_probes,
+        }
+    }
+}
+
+impl Timers {
+    fn gossip(&self) -> GossipConfig {
+        GossipConfig {
+            probe_period: Duration::from_millis(self.probe_period_ms),
+            probe_rtt: Duration::from_millis(self.probe_rtt_ms),
+            suspect_grace: Duration::from_millis(self.suspect_grace_ms),
+            retransmit_mult: self.retransmit_mult,
+            indirect_probes: self.indirect_probes,
+            ..GossipConfig::default()
+        }
+    }
+}
+
+fn cluster(nodes: usize, loss: f64, timers: &Timers) -> Sim {
     let mut sim = Sim::new(SimConfig {
         nodes,
         seed: 7,
+        gossip: timers.gossip(),
         ..SimConfig::default()
     });
     sim.until(500, 900_000, |s| {
@@ -59,8 +105,8 @@ fn cluster(nodes: usize, loss: f64) -> Sim {
     sim
 }
 
-pub fn measure(nodes: usize, loss: f64, crashes: usize, quiet_secs: u64) -> Row {
-    let mut sim = cluster(nodes, loss);
+pub fn measure(nodes: usize, loss: f64, crashes: usize, quiet_secs: u64, timers: &Timers) -> Row {
+    let mut sim = cluster(nodes, loss, timers);
     // Quiet first: no crash, no cut, only loss. Every withdrawal is a false one.
     let before = sim.false_withdrawals();
     sim.run_for(quiet_secs * 1000);
@@ -97,11 +143,16 @@ pub fn measure(nodes: usize, loss: f64, crashes: usize, quiet_secs: u64) -> Row 
     }
 }
 
-pub fn run(sizes: &[(usize, usize)], losses: &[f64], quiet_secs: u64) -> Result<WithdrawalResults> {
+pub fn run(
+    sizes: &[(usize, usize)],
+    losses: &[f64],
+    quiet_secs: u64,
+    timers: Timers,
+) -> Result<WithdrawalResults> {
     let mut rows = Vec::new();
     for &(nodes, crashes) in sizes {
         for &loss in losses {
-            let row = measure(nodes, loss, crashes, quiet_secs);
+            let row = measure(nodes, loss, crashes, quiet_secs, &timers);
             eprintln!(
                 "  withdrawal {nodes} hosts {:.0}% loss: p50 {} ms, p99 {} ms, max {} ms over {} crashes; {} false withdrawals in {} s",
                 loss * 100.0,
@@ -117,6 +168,7 @@ pub fn run(sizes: &[(usize, usize)], losses: &[f64], quiet_secs: u64) -> Result<
     }
     Ok(WithdrawalResults {
         run: RunInfo::collect(),
+        timers,
         rows,
     })
 }

@@ -94,6 +94,16 @@ pub fn count(samples: &[Sample], from: u128, to: u128) -> Counts {
     c
 }
 
+/// Why the requests sent in `[from, to)` failed, with when they were sent: for
+/// assertion messages.
+pub fn failures(samples: &[Sample], from: u128, to: u128) -> Vec<String> {
+    samples
+        .iter()
+        .filter(|s| s.at_ms >= from && s.at_ms < to && !s.ok)
+        .map(|s| format!("{} at {} after {} ms", s.what, s.at_ms, s.latency_ms))
+        .collect()
+}
+
 /// Runs `program args` in `ns` in the background, killed when the guard drops.
 pub fn spawn_in(ns: &Netns, program: &str, args: &[&str]) -> ChildGuard {
     ChildGuard(

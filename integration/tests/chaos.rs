@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use integration::cluster::Cluster;
-use integration::load::{Counts, Load, count, spawn_in, unix_ms};
+use integration::load::{Counts, Load, count, failures, spawn_in, unix_ms};
 use integration::*;
 
 fn long() -> bool {
@@ -221,28 +221,45 @@ fn the_mesh_keeps_serving_through_chaos() {
     }
     let ended = unix_ms();
     std::thread::sleep(Duration::from_secs(2));
-    let web = count(&web_load.samples(), started, ended);
-    let dns = count(&dns_load.samples(), started, ended);
+    let (web_samples, dns_samples) = (web_load.samples(), dns_load.samples());
+    let web = count(&web_samples, started, ended);
+    let dns = count(&dns_samples, started, ended);
     row("rolling replacement of every task (HTTP)", web, "");
     row(
         "rolling replacement of every task (DNS over UDP, dnsmasq)",
         dns,
         "",
     );
-    assert_eq!(web.failed, 0, "a rolling replacement failed HTTP requests");
-    assert_eq!(dns.failed, 0, "a rolling replacement failed DNS queries");
+    assert_eq!(
+        web.failed,
+        0,
+        "a rolling replacement failed HTTP requests: {:?}",
+        failures(&web_samples, started, ended)
+    );
+    assert_eq!(
+        dns.failed,
+        0,
+        "a rolling replacement failed DNS queries: {:?}",
+        failures(&dns_samples, started, ended)
+    );
     let all_web = ids(&["web.1b", "web.2b", "web.3b"]);
 
-    // 2. 5% packet loss on every host's link (eth0, not loopback), both ways: requests
-    //    succeed and no host withdraws another's tasks.
+    // 2. 5% packet loss between the hosts (on eth0, both ways): gossip, health checks
+    //    and proxied connections cross it; requests succeed and no host withdraws
+    //    another's tasks. The client's own link stays clean: a client whose SYN is lost
+    //    four times in a row fails whatever the mesh does (about 1 in 10,000 requests
+    //    at 5%), and that is not what this phase measures.
     let secs = if long() { 300 } else { 20 };
+    let client = &c.client.ip;
+    let rules = format!(
+        "add table inet chaos; \
+         add chain inet chaos in {{ type filter hook input priority 0; }}; \
+         add chain inet chaos out {{ type filter hook output priority 0; }}; \
+         add rule inet chaos in iifname eth0 ip saddr != {client} numgen random mod 100 < 5 drop; \
+         add rule inet chaos out oifname eth0 ip daddr != {client} numgen random mod 100 < 5 drop"
+    );
     for h in &c.hosts {
-        h.ns.run(
-            "nft",
-            &[
-                "add table inet chaos; add chain inet chaos in { type filter hook input priority 0; }; add chain inet chaos out { type filter hook output priority 0; }; add rule inet chaos in iifname eth0 numgen random mod 100 < 5 drop; add rule inet chaos out oifname eth0 numgen random mod 100 < 5 drop",
-            ],
-        );
+        h.ns.run("nft", &[&rules]);
         assert!(
             h.ns.run("nft", &["list", "table", "inet", "chaos"])
                 .contains("numgen")
@@ -263,9 +280,10 @@ fn the_mesh_keeps_serving_through_chaos() {
         h.ns.run("nft", &["delete", "table", "inet", "chaos"]);
     }
     std::thread::sleep(Duration::from_secs(2));
-    let web = count(&web_load.samples(), started, ended);
+    let samples = web_load.samples();
+    let web = count(&samples, started, ended);
     row(
-        &format!("5% packet loss on every link for {secs} s"),
+        &format!("5% packet loss between the hosts for {secs} s"),
         web,
         &format!("false withdrawals seen: {withdrawals}"),
     );
@@ -273,7 +291,12 @@ fn the_mesh_keeps_serving_through_chaos() {
         withdrawals, 0,
         "a live host's task was withdrawn under 5% loss"
     );
-    assert_eq!(web.failed, 0, "requests failed under 5% loss");
+    assert_eq!(
+        web.failed,
+        0,
+        "requests failed under 5% loss: {:?}",
+        failures(&samples, started, ended)
+    );
 
     // 3. Partition host2 (its link down), then heal.
     let cut = unix_ms();
@@ -300,7 +323,12 @@ fn the_mesh_keeps_serving_through_chaos() {
         &format!("withdrawn after {} ms", withdrawn - cut),
     );
     row("partition of host2, withdrawn until healed", after, "");
-    assert_eq!(after.failed, 0, "requests failed after the withdrawal");
+    assert_eq!(
+        after.failed,
+        0,
+        "requests failed after the withdrawal: {:?}",
+        failures(&samples, withdrawn, healed)
+    );
 
     // 4. Restart an agent under load (SIGTERM, start again): host1's, whose tasks the
     //    target routes to, and then the target's own.
@@ -358,8 +386,10 @@ fn the_mesh_keeps_serving_through_chaos() {
     );
     row("kill -9 of host2, after withdrawal", after, "");
     assert_eq!(
-        after.failed, 0,
-        "requests failed after the dead host was withdrawn"
+        after.failed,
+        0,
+        "requests failed after the dead host was withdrawn: {:?}",
+        failures(&samples, withdrawn, end)
     );
     drop(web_load);
     drop(dns_load);

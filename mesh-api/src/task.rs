@@ -17,7 +17,7 @@ pub struct TaskView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewTask {
-    /// Chosen by the agent when absent: `<service>.<n>`.
+    /// Chosen by the agent when absent: `<service>.<host>.<n>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub ip: IpAddr,

@@ -4,7 +4,7 @@
 //! the table. The node owns no replica: whoever owns the table applies the events.
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ pub struct GossipConfig {
     pub cluster_size: u32,
     pub probe_period: Duration,
     pub probe_rtt: Duration,
+    /// Members asked to probe on our behalf when a direct probe went unanswered. Each
+    /// is an independent path; at 5% loss each path fails about one time in five.
+    pub indirect_probes: usize,
     /// Extra time a suspect gets to refute before it is declared down. Default:
     /// foca's LAN value, 4·max(1, log10 n)·probe_period.
     pub suspect_to_down_after: Option<Duration>,
@@ -34,6 +37,10 @@ pub struct GossipConfig {
     pub gossip_fanout: usize,
     /// Largest datagram foca builds; leave room for the encryption envelope.
     pub max_packet_size: usize,
+    /// Each node passes an update on ⌈mult·log10(n+1)⌉ times (memberlist's
+    /// RetransmitMult). A host that hears of a suspicion only when the suspect is
+    /// declared down routes to a dead host for seconds longer than the rest.
+    pub retransmit_mult: f64,
     /// How long a member must stay suspect before its tasks stop taking new
     /// connections, in a cluster of up to 10 hosts: a suspicion raised by lost packets
     /// is usually refuted sooner. It grows with log10 of the cluster's size, as the time
@@ -46,12 +53,18 @@ impl Default for GossipConfig {
     fn default() -> Self {
         Self {
             cluster_size: 16,
-            probe_period: Duration::from_secs(1),
-            probe_rtt: Duration::from_millis(500),
+            // Tuned with `mesh-bench withdrawal` (bench/RESULTS.md): a dead host is
+            // probed sooner, and five indirect paths keep a lossy link from looking
+            // like a dead host. Twice foca's LAN probing rate; still a few hundred
+            // bytes a second per host.
+            probe_period: Duration::from_millis(500),
+            probe_rtt: Duration::from_millis(300),
+            indirect_probes: 5,
             suspect_to_down_after: None,
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: 3,
             max_packet_size: 1_300,
+            retransmit_mult: 6.0,
             suspect_grace: Duration::from_millis(500),
         }
     }
@@ -61,11 +74,17 @@ impl GossipConfig {
     fn foca(&self) -> foca::Config {
         let mut c =
             foca::Config::new_lan(NonZeroU32::new(self.cluster_size.max(1)).expect("nonzero"));
+        let log_n = f64::from(self.cluster_size.saturating_add(1)).log10();
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
-        if let Some(d) = self.suspect_to_down_after {
-            c.suspect_to_down_after = d;
-        }
+        c.num_indirect_probes = NonZeroUsize::new(self.indirect_probes.max(1)).expect("nonzero");
+        // foca's LAN value assumes a 1 s probe period; this scales with ours.
+        c.suspect_to_down_after = self
+            .suspect_to_down_after
+            .unwrap_or_else(|| self.probe_period.mul_f64(4.0 * log_n.max(1.0)));
+        c.max_transmissions =
+            NonZeroU8::new((self.retransmit_mult * log_n).ceil().clamp(1.0, 255.0) as u8)
+                .expect("clamped to 1..=255");
         c.periodic_gossip = Some(foca::PeriodicParams {
             frequency: self.gossip_interval,
             num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).expect("nonzero"),
