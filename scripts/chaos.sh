@@ -3,11 +3,14 @@
 # one failure after another (rolling replacement, 5% packet loss, partition, restarts,
 # kill -9). Prints a table of what the client saw. Needs root.
 #   scripts/chaos.sh          the short form CI runs (20 s of packet loss)
-#   scripts/chaos.sh --long   5 minutes of packet loss
+#   scripts/chaos.sh --long   5 minutes of packet loss; the table also goes to
+#                             bench/results/chaos.md, which bench/RESULTS.md includes
 set -euo pipefail
 cd "$(dirname "$0")/.."
+long=
 if [ "${1:-}" = --long ]; then
     export MESH_CHAOS_LONG=1
+    long=1
 fi
 cargo build -q --bins
 out=$(mktemp)
@@ -16,9 +19,25 @@ set +e
 cargo test -q -p integration --test chaos -- --nocapture --test-threads 1 >"$out" 2>&1
 status=$?
 set -e
-echo "| phase | requests | failed | slow (>= 1 s) | notes |"
-echo "| --- | --- | --- | --- | --- |"
-grep '^CHAOS |' "$out" | sed -e 's/^CHAOS /|/' -e 's/$/ |/'
+table() {
+    echo "| phase | requests | failed | slow (>= 1 s) | slowest (ms) | notes |"
+    echo "| --- | --- | --- | --- | --- | --- |"
+    grep '^CHAOS |' "$out" | sed -e 's/^CHAOS /|/' -e 's/$/ |/'
+}
+table
+if [ -n "$long" ] && [ "$status" -eq 0 ]; then
+    {
+        echo "_$(date -u +%Y-%m-%d) · $(nproc) CPUs, $(uname -r) · commit \`$(git rev-parse --short HEAD)\`_"
+        echo
+        echo "Three agents in network namespaces; a client sends 40 HTTP requests and 20 DNS"
+        echo "queries (UDP, through the mesh to dnsmasq) a second to one host's published ports"
+        echo "throughout. \"Slow\" requests succeeded after a second or more (a lost SYN"
+        echo "retransmitted). Loss is 5% each way on every link between the hosts."
+        echo
+        table
+    } > bench/results/chaos.md
+    echo "wrote bench/results/chaos.md" >&2
+fi
 if [ "$status" -ne 0 ]; then
     grep -E 'panicked|timed out' "$out" | head -5 >&2
     echo "the chaos suite failed" >&2

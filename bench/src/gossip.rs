@@ -89,15 +89,11 @@ pub fn routes(sim: &Sim, viewer: usize, owner: &str) -> bool {
         .is_some_and(|w| w.tasks.iter().any(|t| t.node == owner))
 }
 
-/// Forms an `nodes`-host cluster, then for each loss level measures `changes` task
-/// changes and one crash.
-pub fn cluster(nodes: usize, changes: usize) -> (Option<u64>, Vec<Row>) {
-    let mut sim = Sim::new(SimConfig {
-        nodes,
-        seed: 42,
-        ..SimConfig::default()
-    });
-    let formed = sim.until(500, 600_000, |s| {
+/// Waits (up to `patience_ms` of virtual time) until 99% of the hosts know 99% of
+/// the others, then creates `web` and waits until every host has it. Returns how long
+/// the cluster took to form.
+pub fn form_with_web(sim: &mut Sim, nodes: usize, patience_ms: u64) -> Option<u64> {
+    let formed = sim.until(500, patience_ms, |s| {
         let want = nodes - 1 - nodes / 100;
         let up = s.up_nodes();
         up.iter().filter(|i| s.known_members(**i) >= want).count() * 100 >= up.len() * 99
@@ -114,6 +110,18 @@ pub fn cluster(nodes: usize, changes: usize) -> (Option<u64>, Vec<Row>) {
             .iter()
             .all(|i| s.replica(*i).service("web").is_some())
     });
+    formed
+}
+
+/// Forms an `nodes`-host cluster, then for each loss level measures `changes` task
+/// changes and one crash.
+pub fn cluster(nodes: usize, changes: usize) -> (Option<u64>, Vec<Row>) {
+    let mut sim = Sim::new(SimConfig {
+        nodes,
+        seed: 42,
+        ..SimConfig::default()
+    });
+    let formed = form_with_web(&mut sim, nodes, 600_000);
     let mut rows = Vec::new();
     let mut next_host = 1;
     for (level, loss) in LOSSES.into_iter().enumerate() {

@@ -458,6 +458,13 @@ pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     if let Some(w) = &inputs.withdrawal {
         withdrawal(&mut out, w);
     }
+    // The chaos table is written by scripts/chaos.sh --long, already in Markdown: it
+    // comes from the integration tests, not from a bench run.
+    if let Ok(text) = std::fs::read_to_string(dir.join("chaos.md")) {
+        let _ = writeln!(out, "## Chaos suite (`scripts/chaos.sh --long`)\n");
+        out.push_str(&text);
+        out.push('\n');
+    }
     if let Some(s) = &inputs.soak {
         soak(&mut out, s);
     }

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use mesh_core::{PortSpec, ServiceSpec};
 use mesh_gossip::GossipConfig;
 use mesh_gossip::sim::{Sim, SimConfig};
 use serde::{Deserialize, Serialize};
@@ -84,23 +83,7 @@ fn cluster(nodes: usize, loss: f64, timers: &Timers) -> Sim {
         gossip: timers.gossip(),
         ..SimConfig::default()
     });
-    sim.until(500, 900_000, |s| {
-        let want = nodes - 1 - nodes / 100;
-        let up = s.up_nodes();
-        up.iter().filter(|i| s.known_members(**i) >= want).count() * 100 >= up.len() * 99
-    });
-    sim.write(0, |r, now| {
-        r.create_service(
-            ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]),
-            now,
-        )
-        .unwrap_or_default()
-    });
-    sim.until(50, 300_000, |s| {
-        s.up_nodes()
-            .iter()
-            .all(|i| s.replica(*i).service("web").is_some())
-    });
+    crate::gossip::form_with_web(&mut sim, nodes, 900_000);
     sim.set_loss(loss);
     sim
 }

@@ -290,6 +290,22 @@ impl Agent {
         http_exchange(&mut s, method, path, body, None)
     }
 
+    /// Task ids of `service` this agent routes new connections to: healthy, active,
+    /// and on a live host. Empty when the API does not answer.
+    pub fn routed(&self, service: &str) -> std::collections::BTreeSet<String> {
+        let (status, tasks) = self.http("GET", &format!("/v1/services/{service}/tasks"), None);
+        if status != 200 {
+            return Default::default();
+        }
+        tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["health"] == "healthy" && t["state"] == "active")
+            .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
     /// An API call over the unix socket: (status, body).
     pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let (status, text) = self.try_http(method, path, body).expect("API reachable");
@@ -504,4 +520,18 @@ impl Drop for Backend {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A set of task ids, to compare with [`Agent::routed`].
+pub fn ids(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Asserts that a CLI command succeeded, showing its stderr if not.
+pub fn assert_ok(out: std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

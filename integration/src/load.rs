@@ -37,6 +37,8 @@ pub struct Counts {
     pub failed: usize,
     /// Succeeded, but took a second or more (a connect retried after a timeout).
     pub slow: usize,
+    /// The slowest request that succeeded, in ms.
+    pub slowest_ms: u64,
 }
 
 impl Load {
@@ -87,8 +89,11 @@ pub fn count(samples: &[Sample], from: u128, to: u128) -> Counts {
         c.requests += 1;
         if !s.ok {
             c.failed += 1;
-        } else if s.latency_ms >= 1000 {
-            c.slow += 1;
+        } else {
+            if s.latency_ms >= 1000 {
+                c.slow += 1;
+            }
+            c.slowest_ms = c.slowest_ms.max(s.latency_ms);
         }
     }
     c
@@ -102,6 +107,47 @@ pub fn failures(samples: &[Sample], from: u128, to: u128) -> Vec<String> {
         .filter(|s| s.at_ms >= from && s.at_ms < to && !s.ok)
         .map(|s| format!("{} at {} after {} ms", s.what, s.at_ms, s.latency_ms))
         .collect()
+}
+
+/// An established connection through `addr`, held across an event: started by
+/// [`Held::open`] (returns once the connection is up and its request begun), it sends
+/// the rest of its request `secs` later. [`Held::outcome`] is `Ok(answer)` or
+/// `Err(why)`.
+pub struct Held {
+    child: ChildGuard,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    pub fn open(ns: &Netns, addr: &str, secs: u64) -> Held {
+        use std::io::BufRead;
+        let mut child = ns
+            .command(backend_bin())
+            .args(["--held", addr, &secs.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a held connection");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let child = ChildGuard(child);
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        assert_eq!(line.trim(), "connected", "the held connection did not open");
+        Held { child, stdout }
+    }
+
+    pub fn outcome(mut self) -> Result<String, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = self.stdout.read_line(&mut line);
+        let _ = self.child.0.wait();
+        match line.trim().split_once(' ') {
+            Some(("ok", answer)) => Ok(answer.to_string()),
+            Some((_, why)) => Err(why.to_string()),
+            None => Err("no-outcome".into()),
+        }
+    }
 }
 
 /// Runs `program args` in `ns` in the background, killed when the guard drops.

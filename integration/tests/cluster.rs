@@ -37,33 +37,6 @@ fn start(c: &Cluster, i: usize, key: &str) -> Agent {
     )
 }
 
-/// Tasks of `web` this host routes to: healthy, active, and on a live host.
-fn routed(agent: &Agent) -> BTreeSet<String> {
-    let (status, tasks) = agent.http("GET", "/v1/services/web/tasks", None);
-    if status != 200 {
-        return BTreeSet::new();
-    }
-    tasks
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|t| t["health"] == "healthy" && t["state"] == "active")
-        .map(|t| t["id"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
-fn set(ids: &[&str]) -> BTreeSet<String> {
-    ids.iter().map(|s| s.to_string()).collect()
-}
-
-fn ok(out: std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn alive(agent: &Agent) -> usize {
     let (_, nodes) = agent.http("GET", "/v1/nodes", None);
     nodes
@@ -88,7 +61,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
         hosts.iter().all(|h| alive(h) == 3).then_some(())
     });
 
-    ok(hosts[0].cli(&[
+    assert_ok(hosts[0].cli(&[
         "service",
         "create",
         "web",
@@ -107,7 +80,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     });
     let b1 = Backend::start_in_at(&c.hosts[0].ns, "web.1", &c.hosts[0].ip, 0);
     let b2 = Backend::start_in_at(&c.hosts[1].ns, "web.2", &c.hosts[1].ip, 0);
-    ok(hosts[0].cli(&[
+    assert_ok(hosts[0].cli(&[
         "task",
         "add",
         "web",
@@ -116,7 +89,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
         "web.1",
     ]));
     let added = Instant::now();
-    ok(hosts[1].cli(&[
+    assert_ok(hosts[1].cli(&[
         "task",
         "add",
         "web",
@@ -125,14 +98,15 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
         "web.2",
     ]));
     eventually("web.2 routed on host1 and host3", || {
-        (routed(&hosts[0]).contains("web.2") && routed(&hosts[2]).contains("web.2")).then_some(())
+        (hosts[0].routed("web").contains("web.2") && hosts[2].routed("web").contains("web.2"))
+            .then_some(())
     });
     eprintln!(
         "FIGURE new task on host2 routed by host1 and host3 after {:?} (includes its first health probe)",
         added.elapsed()
     );
     eventually("both tasks on host3", || {
-        (routed(&hosts[2]) == set(&["web.1", "web.2"])).then_some(())
+        (hosts[2].routed("web") == ids(&["web.1", "web.2"])).then_some(())
     });
     hosts[2].wait_applied();
 
@@ -145,7 +119,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
         .collect();
     assert_eq!(
         answers.iter().cloned().collect::<BTreeSet<_>>(),
-        set(&["web.1", "web.2"]),
+        ids(&["web.1", "web.2"]),
         "{answers:?}"
     );
     assert_ne!(answers[0], answers[1], "round robin: {answers:?}");
@@ -198,7 +172,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     let via_vip: BTreeSet<String> = (0..4).filter_map(|_| c.get(&format!("{vip}:80"))).collect();
     assert_eq!(
         via_vip,
-        set(&["web.1", "web.2"]),
+        ids(&["web.1", "web.2"]),
         "VIP:80 through host2 balances over host1 and host2"
     );
 
@@ -208,7 +182,8 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     hosts[1].kill9();
     drop(b2);
     eventually("web.2 withdrawn on host1 and host3", || {
-        (!routed(&hosts[0]).contains("web.2") && !routed(&hosts[2]).contains("web.2")).then_some(())
+        (!hosts[0].routed("web").contains("web.2") && !hosts[2].routed("web").contains("web.2"))
+            .then_some(())
     });
     eprintln!(
         "FIGURE kill -9 of host2: its task withdrawn everywhere after {:?}",
@@ -234,7 +209,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     let cfg = config(&c, 1, &key);
     hosts[1].spawn(Some(&cfg), &[]);
     eventually("web.2 routed again on host3", || {
-        routed(&hosts[2]).contains("web.2").then_some(())
+        hosts[2].routed("web").contains("web.2").then_some(())
     });
     eprintln!(
         "FIGURE host2 restarted: its task routed again on host3 after {:?}",
@@ -244,7 +219,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     // Partition host2 away, change the table on the other side, heal.
     c.link(1, false);
     let b3 = Backend::start_in_at(&c.hosts[0].ns, "web.3", &c.hosts[0].ip, 0);
-    ok(hosts[0].cli(&[
+    assert_ok(hosts[0].cli(&[
         "task",
         "add",
         "web",
@@ -253,14 +228,18 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
         "web.3",
     ]));
     eventually("web.3 routed on host3", || {
-        routed(&hosts[2]).contains("web.3").then_some(())
+        hosts[2].routed("web").contains("web.3").then_some(())
     });
-    assert!(!routed(&hosts[1]).contains("web.3"), "host2 is cut off");
+    assert!(
+        !hosts[1].routed("web").contains("web.3"),
+        "host2 is cut off"
+    );
     let healed = Instant::now();
     c.link(1, true);
     eventually("host2 reconverged", || {
-        (routed(&hosts[1]) == routed(&hosts[0]) && routed(&hosts[1]).contains("web.3"))
-            .then_some(())
+        (hosts[1].routed("web") == hosts[0].routed("web")
+            && hosts[1].routed("web").contains("web.3"))
+        .then_some(())
     });
     eprintln!(
         "FIGURE partition healed: host2 reconverged after {:?}",
@@ -271,7 +250,8 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     let left = Instant::now();
     assert!(hosts[1].stop().success());
     eventually("web.2 withdrawn after leave", || {
-        (!routed(&hosts[0]).contains("web.2") && !routed(&hosts[2]).contains("web.2")).then_some(())
+        (!hosts[0].routed("web").contains("web.2") && !hosts[2].routed("web").contains("web.2"))
+            .then_some(())
     });
     eprintln!(
         "FIGURE host2 left gracefully: withdrawn everywhere after {:?}",
@@ -287,7 +267,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     });
 
     // A deleted service is gone everywhere, DNS included.
-    ok(hosts[2].cli(&["service", "rm", "web"]));
+    assert_ok(hosts[2].cli(&["service", "rm", "web"]));
     eventually("web gone on host1", || {
         (hosts[0].http("GET", "/v1/services/web", None).0 == 404).then_some(())
     });
@@ -320,12 +300,12 @@ fn concurrent_creation_on_two_hosts_agrees_on_one_vip_each() {
     let (h1, h3) = (&hosts[0], &hosts[2]);
     std::thread::scope(|s| {
         s.spawn(|| {
-            ok(h1.cli(&[
+            assert_ok(h1.cli(&[
                 "service", "create", "api", "-p", "9000:80", "--health", "none",
             ]))
         });
         s.spawn(|| {
-            ok(h3.cli(&[
+            assert_ok(h3.cli(&[
                 "service", "create", "db", "-p", "9001:80", "--health", "none",
             ]))
         });

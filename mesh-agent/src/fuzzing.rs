@@ -85,20 +85,8 @@ mod tests {
     #[test]
     #[ignore = "run by scripts/fuzz.sh"]
     fn write_fuzz_seeds() {
-        let Some(dir) = std::env::var_os("MESH_FUZZ_SEEDS") else {
-            return;
-        };
-        let dir = std::path::PathBuf::from(dir);
-        let target = dir.join("config_toml");
-        std::fs::create_dir_all(&target).unwrap();
-        for (i, seed) in config_seeds().iter().enumerate() {
-            std::fs::write(target.join(format!("seed-{i}")), seed).unwrap();
-        }
-        let target = dir.join("api_body");
-        std::fs::create_dir_all(&target).unwrap();
-        for (i, seed) in api_seeds().iter().enumerate() {
-            std::fs::write(target.join(format!("seed-{i}")), seed).unwrap();
-        }
+        mesh_core::mutate::write_seeds("config_toml", &config_seeds()).unwrap();
+        mesh_core::mutate::write_seeds("api_body", &api_seeds()).unwrap();
     }
 
     #[test]

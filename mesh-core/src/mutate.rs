@@ -56,6 +56,21 @@ impl Mutator {
     }
 }
 
+/// Writes `seeds` to `$MESH_FUZZ_SEEDS/<target>/seed-N`, where `scripts/fuzz.sh`
+/// starts the fuzzer of `target` from; does nothing without the variable. The seeds
+/// are the ones the crate's mutation test starts from, so both begin alike.
+pub fn write_seeds(target: &str, seeds: &[Vec<u8>]) -> std::io::Result<()> {
+    let Some(dir) = std::env::var_os("MESH_FUZZ_SEEDS") else {
+        return Ok(());
+    };
+    let dir = std::path::PathBuf::from(dir).join(target);
+    std::fs::create_dir_all(&dir)?;
+    for (i, seed) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i}")), seed)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

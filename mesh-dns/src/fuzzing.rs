@@ -228,14 +228,7 @@ mod tests {
     #[test]
     #[ignore = "run by scripts/fuzz.sh"]
     fn write_fuzz_seeds() {
-        let Some(dir) = std::env::var_os("MESH_FUZZ_SEEDS") else {
-            return;
-        };
-        let target = std::path::PathBuf::from(dir).join("dns_request");
-        std::fs::create_dir_all(&target).unwrap();
-        for (i, seed) in seeds().iter().enumerate() {
-            std::fs::write(target.join(format!("seed-{i}")), seed).unwrap();
-        }
+        mesh_core::mutate::write_seeds("dns_request", &seeds()).unwrap();
     }
 
     /// A deterministic stand-in for the fuzzer that runs in every CI: valid queries,

@@ -158,20 +158,8 @@ mod tests {
     #[test]
     #[ignore = "run by scripts/fuzz.sh"]
     fn write_fuzz_seeds() {
-        let Some(dir) = std::env::var_os("MESH_FUZZ_SEEDS") else {
-            return;
-        };
-        let dir = std::path::PathBuf::from(dir);
-        let target = dir.join("gossip_datagram");
-        std::fs::create_dir_all(&target).unwrap();
-        for (i, seed) in Datagrams::seeds().iter().enumerate() {
-            std::fs::write(target.join(format!("seed-{i}")), seed).unwrap();
-        }
-        let target = dir.join("sync_frame");
-        std::fs::create_dir_all(&target).unwrap();
-        for (i, seed) in sync_seeds().iter().enumerate() {
-            std::fs::write(target.join(format!("seed-{i}")), seed).unwrap();
-        }
+        mesh_core::mutate::write_seeds("gossip_datagram", &Datagrams::seeds()).unwrap();
+        mesh_core::mutate::write_seeds("sync_frame", &sync_seeds()).unwrap();
     }
 
     /// The fuzz targets' deterministic stand-in, run in every CI.

@@ -5,6 +5,9 @@
 //! `mesh-test-backend --udp NAME PORT [IP]` answers each datagram with `NAME:<payload>`;
 //! `mesh-test-backend --udp-ask ADDR COUNT` sends COUNT datagrams from as many sockets
 //! (flows), each retried until answered, and prints the answers.
+//! `mesh-test-backend --held ADDR SECS` opens a connection, sends the first line of a
+//! request, prints `connected`, waits SECS and sends the rest: an established
+//! connection held across an event. It then prints `ok <answer>` or `fail <why>`.
 //! `mesh-test-backend --load ADDR RATE [udp|dns NAME]` sends RATE requests a second
 //! (HTTP GETs, datagrams or DNS queries answered within 1 s) until killed, each from its own connection or
 //! socket, and prints one line per request: `<unix ms> ok <answer> <latency ms>` or
@@ -39,6 +42,31 @@ fn get(addr: &str) -> ! {
             std::process::exit(1)
         }
     }
+}
+
+fn held(addr: &str, secs: u64) -> ! {
+    use std::io::Read;
+    let result = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        write!(s, "GET / HTTP/1.1\r\n")?;
+        println!("connected");
+        std::io::stdout().flush()?;
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        write!(s, "Host: held\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+            _ => Ok(String::new()),
+        }
+    })();
+    match result {
+        Ok(body) if !body.is_empty() => println!("ok {body}"),
+        Ok(_) => println!("fail no-answer"),
+        Err(e) => println!("fail {}", e.kind().to_string().replace(' ', "_")),
+    }
+    std::process::exit(0)
 }
 
 fn udp_echo(name: &str, ip: &str, port: u16) -> ! {
@@ -86,7 +114,11 @@ fn unix_ms() -> u128 {
 
 fn one_http(addr: &str) -> Result<String, String> {
     use std::io::Read;
-    let timeout = std::time::Duration::from_secs(10);
+    // As patient as a browser or curl: under packet loss TCP doubles its
+    // retransmission timeout with each loss of one segment (and starts at 1 s for a
+    // SYN), so a healthy request can take over 10 s. Slow requests are counted apart;
+    // a failure is a refusal, a reset, a wrong answer or a minute without one.
+    let timeout = std::time::Duration::from_secs(60);
     let target: std::net::SocketAddr = addr.parse().map_err(|e| format!("{e}"))?;
     let mut s =
         std::net::TcpStream::connect_timeout(&target, timeout).map_err(|e| e.kind().to_string())?;
@@ -207,6 +239,11 @@ fn main() {
         .expect("usage: mesh-test-backend NAME [PORT] | --get ADDR");
     if name == "--get" {
         get(&args.next().expect("--get ADDR"));
+    }
+    if name == "--held" {
+        let addr = args.next().expect("--held ADDR SECS");
+        let secs: u64 = args.next().map(|s| s.parse().expect("SECS")).unwrap_or(3);
+        held(&addr, secs);
     }
     if name == "--udp" {
         let name = args.next().expect("--udp NAME PORT [IP]");
