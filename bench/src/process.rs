@@ -25,6 +25,23 @@ impl Running {
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Running> {
         let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
+        // Dies with mesh-bench even when mesh-bench is killed and its drops never run.
+        // Only from the main thread: the signal follows the thread that forked, and a
+        // worker thread's end must not stop a process that outlives it.
+        // SAFETY: getpid/gettid are async-signal-safe and touch no memory.
+        let main_thread = unsafe { libc::getpid() == libc::gettid() };
+        if main_thread {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)

@@ -131,6 +131,14 @@ fn a_killed_task_costs_no_connection_turns_unhealthy_and_comes_back() {
         agent.log().contains("task is unhealthy"),
         "transition is logged"
     );
+
+    // A removed task leaves no series behind: tasks come and go all day, and series
+    // kept for every task that ever ran grow without bound.
+    assert_ok(agent.cli(&["task", "rm", "web", "web.2"]));
+    eventually("web.2's series are gone from /metrics", || {
+        let (_, metrics) = agent.try_http("GET", "/metrics", None).ok()?;
+        (!metrics.contains(r#"task="web.2""#)).then_some(())
+    });
 }
 
 #[test]

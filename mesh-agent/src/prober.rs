@@ -51,6 +51,17 @@ impl HealthMetrics {
             healthy,
         })
     }
+
+    /// Drops a gone task's series: with tasks coming and going all day (containers,
+    /// rolling updates), series kept for every task that ever ran are a leak.
+    fn forget(&self, service: &str, task: &str) {
+        let _ = self.healthy.remove_label_values(&[service, task]);
+        for to in [Health::Unknown, Health::Healthy, Health::Unhealthy] {
+            let _ = self
+                .transitions
+                .remove_label_values(&[service, task, &to.to_string()]);
+        }
+    }
 }
 
 /// Why a probe failed.
@@ -143,7 +154,7 @@ impl Probes {
             }
             self.running.remove(&key);
             if !wanted.contains_key(&key.1) {
-                let _ = self.metrics.healthy.remove_label_values(&[service, &key.1]);
+                self.metrics.forget(service, &key.1);
             }
         }
         for (id, key) in wanted {
