@@ -318,6 +318,15 @@ fn run(cli: Cli) -> Result<()> {
                 timers.probe_rtt_ms,
                 timers.probe_period_ms
             );
+            anyhow::ensure!(
+                timers.retransmit_mult.is_finite() && timers.retransmit_mult > 0.0,
+                "--retransmit-mult must be a positive number, not {}",
+                timers.retransmit_mult
+            );
+            anyhow::ensure!(
+                timers.probe_period_ms > 0 && timers.indirect_probes > 0,
+                "--probe-period-ms and --indirect-probes must be at least 1"
+            );
             let results = withdrawal::run(&sizes, &losses, quiet_secs, timers)?;
             write_json(&out, "withdrawal.json", &results)
         }

@@ -32,11 +32,18 @@ impl Running {
         let main_thread = unsafe { libc::getpid() == libc::gettid() };
         if main_thread {
             use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+            // SAFETY: as above.
+            let parent = unsafe { libc::getpid() };
+            // SAFETY: prctl, getppid and _exit are async-signal-safe; the closure
+            // allocates nothing.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    // mesh-bench died before the signal was armed: nobody would send it.
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
                     }
                     Ok(())
                 });

@@ -252,8 +252,8 @@ fn gossip(out: &mut String, g: &GossipResults) {
     run_line(out, "Computed", &g.run);
     let _ = writeln!(
         out,
-        "Real foca and real replicas per host, virtual time, seeded; default LAN timers (probe 1 s, \
-         suspicion 4·max(1, log10 n) s, anti-entropy 5 s). A change is one task registered on one host; \
+        "Real foca and real replicas per host, virtual time, seeded; the agent's default timers at \
+         the commit above (anti-entropy 5 s). A change is one task registered on one host; \
          its time is until every live host has it. Withdrawal is a crash of a host with a routed task \
          until no live host routes to it. Loss is applied to every packet, UDP and sync alike.\n"
     );
@@ -360,9 +360,16 @@ fn withdrawal(out: &mut String, w: &WithdrawalResults) {
         out,
         "Real foca and replicas per host, virtual time. A host with a routed task crashes; \
          the time is until no live host routes new connections to its tasks (a host held \
-         suspect for 500 ms, or declared down). Then it restarts and the next one crashes. \
+         suspect for the grace, or declared down). Then it restarts and the next one crashes. \
          Before the crashes, a quiet period with the same loss counts false withdrawals: a \
          live host's tasks withdrawn by a suspicion that outlived the grace, or a false down.\n"
+    );
+    let t = &w.timers;
+    let _ = writeln!(
+        out,
+        "Timers: probe every {} ms, {} ms for the ack, {} indirect probes, a grace of {} ms × \
+         max(1, log10 n), each update passed on ⌈{}·log10(n+1)⌉ times.\n",
+        t.probe_period_ms, t.probe_rtt_ms, t.indirect_probes, t.suspect_grace_ms, t.retransmit_mult
     );
     let _ = writeln!(
         out,
@@ -387,19 +394,24 @@ fn withdrawal(out: &mut String, w: &WithdrawalResults) {
 }
 
 fn soak(out: &mut String, s: &SoakResults) {
-    let _ = writeln!(out, "## Soak: an hour of churn\n");
+    let _ = writeln!(out, "## Soak: {} minutes of churn\n", s.minutes);
     run_line(out, "Measured", &s.run);
+    let rate = s
+        .samples
+        .last()
+        .map_or(0.0, |l| l.task_changes as f64 / s.minutes.max(1) as f64);
     let _ = writeln!(
         out,
-        "One release agent for {} minutes: every second a task is added and the oldest of \
-         four removed, every 30 s a backend goes down for 5 s (its task turns unhealthy and \
-         back), two clients make HTTP requests through the published port without pause, \
-         and a one-datagram UDP flow starts every 10 ms. Memory (VmRSS) and open \
-         descriptors are read from /proc every minute.\n",
-        s.minutes
+        "One agent (the build `mesh-bench soak --mesh` was given) under rolling updates \
+         without pause: a task is added, and once it is healthy (3 s at most) the task it \
+         replaces is removed, then a second's pause, {rate:.0} task changes a minute on \
+         average. One backend of four is down for 5 of every 30 steps, so its task flaps \
+         unhealthy and back. Two clients make HTTP requests through the published port \
+         without pause, and a one-datagram UDP flow starts every 10 ms. Memory (VmRSS) and \
+         open descriptors are read from /proc every minute.\n"
     );
-    // Minute 0 is the idle agent before the churn starts; the comparison starts once
-    // it runs.
+    // Minute 0 is read as the clients start, before any churn; the comparison starts
+    // once it runs.
     let warm: Vec<&crate::soak::Sample> = s.samples.iter().filter(|x| x.minute >= 1).collect();
     let (Some(first), Some(last)) = (warm.first(), warm.last()) else {
         return;

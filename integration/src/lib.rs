@@ -375,12 +375,18 @@ impl Drop for ChildGuard {
 /// An agent that starts instead fails the test (and is killed) after a generous
 /// deadline, rather than hanging it.
 pub fn agent_refuses(args: &[&str]) -> String {
+    agent_refuses_with_env(args, &[])
+}
+
+/// [`agent_refuses`] with extra environment variables.
+pub fn agent_refuses_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let err_path = dir.path().join("stderr");
     let mut child = ChildGuard(
         Command::new(mesh_bin())
             .arg("agent")
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("MESH_API")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -527,11 +533,18 @@ pub fn ids(names: &[&str]) -> std::collections::BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
-/// Asserts that a CLI command succeeded, showing its stderr if not.
-pub fn assert_ok(out: std::process::Output) {
+/// Asserts that a CLI command succeeded, showing its stderr if not; returns its stdout.
+pub fn assert_ok(out: std::process::Output) -> String {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A new cluster key from `mesh keygen`.
+pub fn keygen() -> String {
+    let out = Command::new(mesh_bin()).arg("keygen").output().unwrap();
+    assert_ok(out).trim().to_string()
 }

@@ -63,21 +63,75 @@ impl Load {
         }
     }
 
+    fn lines(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
     /// What was seen so far (requests still in flight are not in it).
     pub fn samples(&self) -> Vec<Sample> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
+        self.lines()
             .lines()
             .filter_map(|l| {
                 let mut f = l.split(' ');
+                let at_ms = f.next()?.parse().ok()?;
+                let ok = match f.next()? {
+                    "ok" => true,
+                    "fail" => false,
+                    _ => return None,
+                };
                 Some(Sample {
-                    at_ms: f.next()?.parse().ok()?,
-                    ok: f.next()? == "ok",
+                    at_ms,
+                    ok,
                     what: f.next()?.to_string(),
                     latency_ms: f.next()?.parse().ok()?,
                 })
             })
             .collect()
+    }
+
+    /// Requests sent in `[from, to)` that have not ended yet.
+    pub fn unfinished(&self, from: u128, to: u128) -> Vec<u64> {
+        let text = self.lines();
+        let mut sent = std::collections::BTreeSet::new();
+        let mut ended = std::collections::BTreeSet::new();
+        for l in text.lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            match f.as_slice() {
+                [at, "sent", n] => {
+                    if let (Ok(at), Ok(n)) = (at.parse::<u128>(), n.parse::<u64>())
+                        && at >= from
+                        && at < to
+                    {
+                        sent.insert(n);
+                    }
+                }
+                [_, _, _, _, n] => {
+                    if let Ok(n) = n.parse::<u64>() {
+                        ended.insert(n);
+                    }
+                }
+                _ => {}
+            }
+        }
+        sent.difference(&ended).copied().collect()
+    }
+
+    /// Waits until every request sent in `[from, to)` has ended (the client gives
+    /// up on one after a minute), so a count of the window misses none. Panics,
+    /// naming them, if some never end.
+    pub fn settle(&self, from: u128, to: u128) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let open = self.unfinished(from, to);
+            if open.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests {open:?} sent in the window never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
 }
 

@@ -7,7 +7,6 @@
 //! a dead or cut-off host is withdrawn, and no false withdrawal at 5% loss.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
 use integration::cluster::Cluster;
@@ -16,11 +15,6 @@ use integration::*;
 
 fn long() -> bool {
     std::env::var_os("MESH_CHAOS_LONG").is_some()
-}
-
-fn keygen() -> String {
-    let out = Command::new(mesh_bin()).arg("keygen").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn config(c: &Cluster, i: usize, key: &str) -> String {
@@ -194,6 +188,8 @@ fn the_mesh_keeps_serving_through_chaos() {
     }
     let ended = unix_ms();
     std::thread::sleep(Duration::from_secs(2));
+    web_load.settle(started, ended);
+    dns_load.settle(started, ended);
     let (web_samples, dns_samples) = (web_load.samples(), dns_load.samples());
     let web = count(&web_samples, started, ended);
     let dns = count(&dns_samples, started, ended);
@@ -252,7 +248,7 @@ fn the_mesh_keeps_serving_through_chaos() {
     for h in &c.hosts {
         h.ns.run("nft", &["delete", "table", "inet", "chaos"]);
     }
-    std::thread::sleep(Duration::from_secs(2));
+    web_load.settle(started, ended);
     let samples = web_load.samples();
     let web = count(&samples, started, ended);
     row(
@@ -286,7 +282,7 @@ fn the_mesh_keeps_serving_through_chaos() {
     c.link(1, true);
     wait_routed(&others, "web", &all_web, "host2's task back after the heal");
     let healed = unix_ms();
-    std::thread::sleep(Duration::from_secs(1));
+    web_load.settle(cut, healed);
     let samples = web_load.samples();
     let before = count(&samples, cut, withdrawn);
     let after = count(&samples, withdrawn, healed);
@@ -318,6 +314,7 @@ fn the_mesh_keeps_serving_through_chaos() {
     wait_routed(&[&agents[2]], "web", &all_web, "host1's tasks back");
     let back = unix_ms();
     let established = held.outcome();
+    web_load.settle(stopped, back);
     row(
         "SIGTERM and restart of host1 (serves web.1)",
         count(&web_load.samples(), stopped, back),
@@ -342,6 +339,7 @@ fn the_mesh_keeps_serving_through_chaos() {
     agents[2].wait_applied();
     let back = unix_ms();
     let established = held.outcome();
+    web_load.settle(stopped, back);
     row(
         "SIGTERM and restart of host3 (the clients' entry)",
         count(&web_load.samples(), stopped, back),
@@ -351,27 +349,29 @@ fn the_mesh_keeps_serving_through_chaos() {
         ),
     );
 
+    // Every host routes to every task again before the next failure.
+    wait_routed(
+        &agents.iter().collect::<Vec<_>>(),
+        "web",
+        &all_web,
+        "all tasks routed everywhere after the restarts",
+    );
+
     // 5. kill -9 of host2, its task dying with it (the host is gone: link down too).
-    std::thread::sleep(Duration::from_secs(2));
     let killed = unix_ms();
     agents[1].kill9();
     backs[1] = None;
     c.link(1, false);
-    let now_web = agents[2].routed("web");
-    let without: BTreeSet<String> = now_web
-        .iter()
-        .filter(|t| !t.starts_with("web.2"))
-        .cloned()
-        .collect();
     wait_routed(
         &[&agents[0], &agents[2]],
         "web",
-        &without,
+        &ids(&["web.1b", "web.3b"]),
         "host2 withdrawn after kill -9",
     );
     let withdrawn = unix_ms();
     std::thread::sleep(Duration::from_secs(5));
     let end = unix_ms();
+    web_load.settle(killed, end);
     let samples = web_load.samples();
     let before = count(&samples, killed, withdrawn);
     let after = count(&samples, withdrawn, end);

@@ -9,12 +9,6 @@ use std::time::Instant;
 use integration::cluster::Cluster;
 use integration::*;
 
-fn keygen() -> String {
-    let out = Command::new(mesh_bin()).arg("keygen").output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn config(c: &Cluster, i: usize, key: &str) -> String {
     let me = &c.hosts[i].ip;
     let join = if i == 0 {

@@ -3,24 +3,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use integration::*;
-
-fn keygen() -> String {
-    let out = Command::new(mesh_bin()).arg("keygen").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 /// Defect 1: removing a UDP service after UDP traffic (published port and VIP) closes
 /// its sockets, and SIGTERM then stops the agent, every time.
@@ -44,8 +29,8 @@ fn removing_a_udp_service_closes_its_sockets_and_shutdown_completes() {
     );
     for round in 0..5 {
         let mut agent = Agent::start_in(&ns, None, &["--bind", "127.0.0.1:0"]);
-        ok(agent.cli(&["service", "create", "u", "-p", "24163:24164/udp"]));
-        ok(agent.cli(&["task", "add", "u", "127.0.0.1", "--id", "u.1"]));
+        assert_ok(agent.cli(&["service", "create", "u", "-p", "24163:24164/udp"]));
+        assert_ok(agent.cli(&["task", "add", "u", "127.0.0.1", "--id", "u.1"]));
         agent.wait_routable("u", 1);
         let vip = agent.http("GET", "/v1/services/u", None).1["vips"]["v4"]
             .as_str()
@@ -61,7 +46,7 @@ fn removing_a_udp_service_closes_its_sockets_and_shutdown_completes() {
             &["--udp-ask", &format!("{vip}:24164"), "20"],
         );
         assert_eq!(asked.lines().count(), 20, "round {round}: {asked}");
-        ok(agent.cli(&["service", "rm", "u"]));
+        assert_ok(agent.cli(&["service", "rm", "u"]));
         eventually("the service's UDP sockets are closed", || {
             let sockets = ns.run("ss", &["-Hulpn"]);
             (!sockets.contains(":24163 ") && !sockets.contains(&format!("{vip}:24164")))
@@ -87,7 +72,7 @@ fn a_second_agent_gets_neither_the_data_dir_nor_a_held_port() {
         &[],
     );
     let backend = Backend::start("web.1");
-    ok(first.cli(&[
+    assert_ok(first.cli(&[
         "task",
         "add",
         "web",
@@ -158,7 +143,7 @@ fn a_keyless_agent_accepts_no_peer() {
     let root = Agent::start(None, &[]);
     let (_, status) = root.http("GET", "/v1/nodes", None);
     let gossip = status[0]["address"].as_str().unwrap().to_string();
-    ok(root.cli(&["service", "create", "mine", "-p", "80"]));
+    assert_ok(root.cli(&["service", "create", "mine", "-p", "80"]));
 
     // Without --insecure, a keyless agent will not even try to join.
     let dir = tempfile::tempdir().unwrap();
@@ -177,7 +162,7 @@ fn a_keyless_agent_accepts_no_peer() {
 
     // With --insecure it talks, but the keyless agent it talks to does not listen.
     let intruder = Agent::start(None, &["--insecure", "--join", &gossip]);
-    ok(intruder.cli(&["service", "create", "evil", "-p", "81"]));
+    assert_ok(intruder.cli(&["service", "create", "evil", "-p", "81"]));
     eventually("the root agent refuses the intruder's packets", || {
         (root.metric("mesh_gossip_refused_peers_total", &[]) >= 3.0).then_some(())
     });
@@ -206,7 +191,7 @@ fn api_connections_are_capped_and_idle_ones_closed() {
         &[],
     );
     let backend = Backend::start("web.1");
-    ok(agent.cli(&[
+    assert_ok(agent.cli(&[
         "task",
         "add",
         "web",
@@ -516,10 +501,10 @@ fn ids_chosen_by_two_hosts_differ() {
     let a = Agent::start_named("host-a", None, &[]);
     let b = Agent::start_named("host-b", None, &[]);
     for agent in [&a, &b] {
-        ok(agent.cli(&["service", "create", "web", "-p", "80"]));
+        assert_ok(agent.cli(&["service", "create", "web", "-p", "80"]));
     }
-    let ida = ok(a.cli(&["task", "add", "web", "10.0.0.1"]));
-    let idb = ok(b.cli(&["task", "add", "web", "10.0.0.2"]));
+    let ida = assert_ok(a.cli(&["task", "add", "web", "10.0.0.1"]));
+    let idb = assert_ok(b.cli(&["task", "add", "web", "10.0.0.2"]));
     assert_ne!(ida.trim(), idb.trim());
     assert!(
         ida.contains("host-a") && idb.contains("host-b"),
@@ -567,7 +552,7 @@ fn a_restart_without_vips_removes_what_a_crash_left() {
     }
     let ns = Netns::new();
     let mut agent = Agent::start_in(&ns, None, &["--bind", "127.0.0.1:0"]);
-    ok(agent.cli(&["service", "create", "web", "-p", "80"]));
+    assert_ok(agent.cli(&["service", "create", "web", "-p", "80"]));
     let vip = eventually("the VIP is on lo", || {
         let v = agent.http("GET", "/v1/services/web", None).1["vips"]["v4"]
             .as_str()?

@@ -88,6 +88,12 @@ pub struct AgentArgs {
     /// Do not put VIPs on an interface or listen on them (DNS still answers VIPs).
     #[arg(long)]
     pub no_vips: bool,
+    /// The data plane: userspace, nftables or auto. Overrides [proxy] dataplane.
+    #[arg(long, value_parser = clap::value_parser!(mesh_core::plan::DataplaneChoice))]
+    pub dataplane: Option<mesh_core::plan::DataplaneChoice>,
+    /// Leave the kernel plane's rules in place at shutdown (for an upgrade).
+    #[arg(long)]
+    pub keep_dataplane: bool,
     /// Gossip (UDP) and sync (TCP) address. Default: 0.0.0.0:7946.
     #[arg(long)]
     pub bind: Option<SocketAddr>,

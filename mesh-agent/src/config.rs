@@ -197,7 +197,8 @@ pub struct ClusterConfig {
     pub probe_period: Duration,
     #[serde(with = "mesh_core::duration")]
     pub probe_timeout: Duration,
-    /// Default: 4·max(1, log10 n)·probe_period, as memberlist's LAN profile.
+    /// Default: 4·max(1, log10(n+1))·probe_period, n being the cluster size but at
+    /// least 16 (memberlist's LAN formula, at our probe period).
     #[serde(with = "mesh_core::duration::optional")]
     pub suspect_timeout: Option<Duration>,
     /// How long a down host's records are kept, suspended, before they are purged.

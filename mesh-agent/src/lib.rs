@@ -154,7 +154,14 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         tcp_api,
         token,
         metrics: args.metrics.or(config.metrics.listen),
-        proxy: config.proxy,
+        proxy: {
+            let mut proxy = config.proxy;
+            if let Some(d) = args.dataplane {
+                proxy.dataplane = d;
+            }
+            proxy.keep_dataplane |= args.keep_dataplane;
+            proxy
+        },
         dns: {
             let mut dns = config.dns;
             dns.listen.extend(args.dns.iter().copied());

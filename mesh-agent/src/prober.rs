@@ -152,10 +152,8 @@ impl Probes {
                 wanted.remove(&key.1);
                 continue;
             }
+            // Its probe loop forgets the task's series as it is dropped.
             self.running.remove(&key);
-            if !wanted.contains_key(&key.1) {
-                self.metrics.forget(service, &key.1);
-            }
         }
         for (id, key) in wanted {
             let task = tokio::spawn(probe_loop(
@@ -199,6 +197,19 @@ pub async fn run(table: TableHandle, metrics: HealthMetrics) {
     }
 }
 
+/// A probe loop's series in /metrics, dropped with the loop.
+struct Series {
+    metrics: HealthMetrics,
+    service: String,
+    task: String,
+}
+
+impl Drop for Series {
+    fn drop(&mut self) {
+        self.metrics.forget(&self.service, &self.task);
+    }
+}
+
 async fn probe_loop(
     table: TableHandle,
     metrics: HealthMetrics,
@@ -207,6 +218,13 @@ async fn probe_loop(
     addr: SocketAddr,
     check: HealthCheck,
 ) {
+    // Removes the task's series when the loop ends, from inside it: a removal from
+    // outside could race a transition this loop is recording on another thread.
+    let _series = Series {
+        metrics: metrics.clone(),
+        service: service.clone(),
+        task: task.clone(),
+    };
     let mut tracker = HealthTracker::new(check.rise, check.fall);
     let mut log = LogLimit::default();
     let mut ticker = tokio::time::interval(check.interval);

@@ -75,6 +75,42 @@ impl fmt::Display for PlaneKind {
     }
 }
 
+/// Which plane an agent asks for (`--dataplane`, `[proxy] dataplane`). `Auto` takes
+/// the best plane that works on the host, falling back with a logged reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneChoice {
+    #[default]
+    Userspace,
+    Nftables,
+    Auto,
+}
+
+impl fmt::Display for DataplaneChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataplaneChoice::Userspace => "userspace",
+            DataplaneChoice::Nftables => "nftables",
+            DataplaneChoice::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for DataplaneChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "userspace" => Ok(DataplaneChoice::Userspace),
+            "nftables" => Ok(DataplaneChoice::Nftables),
+            "auto" => Ok(DataplaneChoice::Auto),
+            other => Err(format!(
+                "unknown data plane {other:?}; expected userspace, nftables or auto"
+            )),
+        }
+    }
+}
+
 /// Service options only some planes implement. Connect retry is not among them: no
 /// service asks for it, the userspace plane always does it, and kernel planes rely on
 /// health checks instead.
@@ -83,6 +119,8 @@ pub struct Features {
     pub proxy_protocol: bool,
     pub max_connections: bool,
     pub idle_timeout: bool,
+    /// `balance = "least-conn"`: a kernel NAT plane picks by counter, not by load.
+    pub least_conn: bool,
 }
 
 impl Features {
@@ -90,6 +128,15 @@ impl Features {
         proxy_protocol: true,
         max_connections: true,
         idle_timeout: true,
+        least_conn: true,
+    };
+
+    /// What a plane that only balances round robin implements.
+    pub const NONE: Features = Features {
+        proxy_protocol: false,
+        max_connections: false,
+        idle_timeout: false,
+        least_conn: false,
     };
 
     /// The options of `self` that `plane` lacks, by their config names.
@@ -103,6 +150,9 @@ impl Features {
         }
         if self.idle_timeout && !plane.idle_timeout {
             out.push("idle_timeout");
+        }
+        if self.least_conn && !plane.least_conn {
+            out.push("balance = least-conn");
         }
         out
     }
@@ -124,6 +174,7 @@ impl Policy {
             proxy_protocol: self.proxy_protocol != ProxyProtocol::Off,
             max_connections: self.max_connections.is_some(),
             idle_timeout: self.idle_timeout.is_some(),
+            least_conn: self.balance == Balance::LeastConn,
         }
     }
 }
@@ -519,9 +570,12 @@ mod tests {
             0,
         )
         .unwrap();
+        let mut lc = ServiceSpec::new("lc", vec![PortSpec::tcp(Some(83), 80)]);
+        lc.balance = Balance::LeastConn;
+        r.create_service(lc, 0).unwrap();
         let host = Host {
             plane: PlaneKind::Nftables,
-            features: Features::default(),
+            features: Features::NONE,
             serve_vips: false,
         };
         let plan = Plan::from_snapshot(&r.snapshot(), &host);
@@ -537,9 +591,14 @@ mod tests {
             by_service["pp"].fallback.as_deref(),
             Some("proxy_protocol, max_connections served by the userspace plane only")
         );
+        assert_eq!(by_service["lc"].plane, PlaneKind::Userspace);
+        assert_eq!(
+            by_service["lc"].fallback.as_deref(),
+            Some("balance = least-conn served by the userspace plane only")
+        );
         assert_eq!(plan.frontends_of(PlaneKind::Nftables).count(), 1);
         assert_eq!(plan.served_by(PlaneKind::Nftables), 1);
-        assert_eq!(plan.served_by(PlaneKind::Userspace), 1);
+        assert_eq!(plan.served_by(PlaneKind::Userspace), 2);
     }
 
     #[test]

@@ -241,6 +241,13 @@ impl PortSpec {
         }
     }
 
+    pub fn udp(published: Option<u16>, target: u16) -> Self {
+        Self {
+            protocol: Protocol::Udp,
+            ..Self::tcp(published, target)
+        }
+    }
+
     fn normalize(&mut self) -> Result<(), ModelError> {
         if self.target == 0 {
             return Err(ModelError::new("target", "must be between 1 and 65535"));

@@ -24,6 +24,7 @@ fn identity(name: &str, port: u16) -> NodeIdentity {
 fn config() -> GossipConfig {
     GossipConfig {
         probe_period: Duration::from_millis(200),
+        probe_rtt: Duration::from_millis(100),
         ..GossipConfig::default()
     }
 }

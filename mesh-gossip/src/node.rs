@@ -31,15 +31,18 @@ pub struct GossipConfig {
     /// is an independent path; at 5% loss each path fails about one time in five.
     pub indirect_probes: usize,
     /// Extra time a suspect gets to refute before it is declared down. Default:
-    /// foca's LAN value, 4·max(1, log10 n)·probe_period.
+    /// 4·max(1, log10(n+1))·probe_period, n being the cluster's size but at least
+    /// `cluster_size`: 2.46 s with the defaults (foca's LAN value is the same formula
+    /// with a fixed 1 s period).
     pub suspect_to_down_after: Option<Duration>,
     pub gossip_interval: Duration,
     pub gossip_fanout: usize,
     /// Largest datagram foca builds; leave room for the encryption envelope.
     pub max_packet_size: usize,
-    /// Each node passes an update on ⌈mult·log10(n+1)⌉ times (memberlist's
-    /// RetransmitMult). A host that hears of a suspicion only when the suspect is
-    /// declared down routes to a dead host for seconds longer than the rest.
+    /// Each node passes an update on ⌈mult·log10(n+1)⌉ times (n as above; 8 with the
+    /// defaults). memberlist's RetransmitMult is the same idea, as mult·⌈log10(n+1)⌉.
+    /// A host that hears of a suspicion only when the suspect is declared down routes
+    /// to a dead host for seconds longer than the rest.
     pub retransmit_mult: f64,
     /// How long a member must stay suspect before its tasks stop taking new
     /// connections, in a cluster of up to 10 hosts: a suspicion raised by lost packets
@@ -49,14 +52,16 @@ pub struct GossipConfig {
 }
 
 impl Default for GossipConfig {
-    // memberlist's LAN defaults, as foca's `new_lan`.
+    // foca's `new_lan` values, but for the probe timers and retransmissions.
     fn default() -> Self {
         Self {
             cluster_size: 16,
             // Tuned with `mesh-bench withdrawal` (bench/RESULTS.md): a dead host is
             // probed sooner, and five indirect paths keep a lossy link from looking
             // like a dead host. Twice foca's LAN probing rate; still a few hundred
-            // bytes a second per host.
+            // bytes a second per host. The ack gets 300 ms, more than foca's advice of
+            // under half the period: on a busy host a 250 ms ack was the likelier
+            // false suspicion, and the indirect probes still get 200 ms.
             probe_period: Duration::from_millis(500),
             probe_rtt: Duration::from_millis(300),
             indirect_probes: 5,
@@ -82,9 +87,14 @@ impl GossipConfig {
         c.suspect_to_down_after = self
             .suspect_to_down_after
             .unwrap_or_else(|| self.probe_period.mul_f64(4.0 * log_n.max(1.0)));
-        c.max_transmissions =
-            NonZeroU8::new((self.retransmit_mult * log_n).ceil().clamp(1.0, 255.0) as u8)
-                .expect("clamped to 1..=255");
+        let tx = (self.retransmit_mult * log_n).ceil();
+        // NaN (a nonsense multiplier) counts as once; infinity clamps to 255.
+        let tx = if tx.is_nan() {
+            1
+        } else {
+            tx.clamp(1.0, 255.0) as u8
+        };
+        c.max_transmissions = NonZeroU8::new(tx.max(1)).expect("at least 1");
         c.periodic_gossip = Some(foca::PeriodicParams {
             frequency: self.gossip_interval,
             num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).expect("nonzero"),

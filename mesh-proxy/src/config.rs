@@ -30,6 +30,12 @@ pub struct ProxyConfig {
     /// port. 0: one per CPU the process may run on, so `taskset` or a cgroup cpuset
     /// limits them too.
     pub workers: usize,
+    /// The plane that serves frontends: `userspace` (this proxy), `nftables` (DNAT in
+    /// the kernel; services needing a userspace-only option stay here) or `auto`.
+    pub dataplane: mesh_core::plan::DataplaneChoice,
+    /// Leave the kernel plane's rules in place at shutdown, so connections keep
+    /// flowing while the agent is upgraded.
+    pub keep_dataplane: bool,
 }
 
 impl ProxyConfig {
@@ -68,6 +74,8 @@ impl Default for ProxyConfig {
             udp_max_flows: 4096,
             shutdown_grace: Duration::from_secs(10),
             workers: 0,
+            dataplane: mesh_core::plan::DataplaneChoice::Userspace,
+            keep_dataplane: false,
         }
     }
 }

@@ -10,8 +10,8 @@
 //! connection held across an event. It then prints `ok <answer>` or `fail <why>`.
 //! `mesh-test-backend --load ADDR RATE [udp|dns NAME]` sends RATE requests a second
 //! (HTTP GETs, datagrams or DNS queries answered within 1 s) until killed, each from its own connection or
-//! socket, and prints one line per request: `<unix ms> ok <answer> <latency ms>` or
-//! `<unix ms> fail <why> <latency ms>`.
+//! socket, and prints `<unix ms> sent <n>` as request n goes and, when it ends,
+//! `<unix ms sent> ok <answer> <latency ms> <n>` or `<unix ms sent> fail <why> <latency ms> <n>`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -47,7 +47,11 @@ fn get(addr: &str) -> ! {
 fn held(addr: &str, secs: u64) -> ! {
     use std::io::Read;
     let result = (|| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
+        let target: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut s =
+            std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(30))?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
         write!(s, "GET / HTTP/1.1\r\n")?;
         println!("connected");
@@ -210,8 +214,14 @@ fn load(addr: &str, rate: u64, kind: Kind) -> ! {
         let addr = addr.to_string();
         let out = out.clone();
         let kind = kind.clone();
+        let sent = unix_ms();
+        {
+            // Logged before the request goes, so a request that never ends is seen.
+            let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(out, "{sent} sent {n}");
+            let _ = out.flush();
+        }
         std::thread::spawn(move || {
-            let sent = unix_ms();
             let started = std::time::Instant::now();
             let result = match kind.as_ref() {
                 Kind::Http => one_http(&addr),
@@ -220,8 +230,8 @@ fn load(addr: &str, rate: u64, kind: Kind) -> ! {
             };
             let ms = started.elapsed().as_millis();
             let line = match result {
-                Ok(answer) => format!("{sent} ok {answer} {ms}\n"),
-                Err(why) => format!("{sent} fail {} {ms}\n", why.replace(' ', "_")),
+                Ok(answer) => format!("{sent} ok {answer} {ms} {n}\n"),
+                Err(why) => format!("{sent} fail {} {ms} {n}\n", why.replace(' ', "_")),
             };
             let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
             let _ = out.write_all(line.as_bytes());

@@ -11,6 +11,12 @@ use crate::table::WriteError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("--dataplane {plane} cannot run here (use --dataplane auto to fall back to userspace)")]
+    Dataplane {
+        plane: &'static str,
+        #[source]
+        source: mesh_nft::NftError,
+    },
     #[error(
         "the TCP API on {addr} needs a bearer token: set api.token or api.token_file in the config, or MESH_API_TOKEN"
     )]

@@ -6,14 +6,16 @@
 use std::sync::Arc;
 
 use mesh_core::Snapshot;
-use mesh_core::plan::Host;
+use mesh_core::plan::{DataplaneChoice, Host, PlaneKind};
 use mesh_dataplane::{AddressPlane, Dataplane, Driver, DriverHandle, has_net_admin};
+use mesh_nft::{Nft, NftPlane};
 use mesh_proxy::{ProxyMetrics, ProxyPlane};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Settings;
+use super::errors::AgentError;
 
 /// VIPs a previous run recorded and could not remove (it was killed) go now, even
 /// though this run does not manage VIPs: nothing else would ever remove them.
@@ -34,14 +36,47 @@ async fn clear_stale(settings: &Settings, record: &std::path::Path) {
     }
 }
 
+/// The kernel plane the settings ask for, if it works here. `nftables` that does not
+/// work stops the agent (the operator asked for it by name); `auto` falls back to
+/// userspace with one line saying why.
+async fn kernel_plane(settings: &Settings) -> Result<Option<Box<dyn Dataplane>>, AgentError> {
+    let keep = settings.proxy.keep_dataplane;
+    let choice = settings.proxy.dataplane;
+    if choice == DataplaneChoice::Userspace {
+        return Ok(None);
+    }
+    match NftPlane::open(Nft::default(), keep).await {
+        Ok(plane) => {
+            info!(
+                dataplane = "nftables",
+                "frontends are served by nftables (table inet mesh); services needing a userspace-only option stay in userspace"
+            );
+            Ok(Some(Box::new(plane)))
+        }
+        Err(e) if choice == DataplaneChoice::Auto => {
+            warn!(error = %crate::error_chain(&e), "dataplane auto: nftables does not work here; frontends are served by the userspace plane");
+            Ok(None)
+        }
+        Err(e) => Err(AgentError::Dataplane {
+            plane: "nftables",
+            source: e,
+        }),
+    }
+}
+
 pub async fn spawn(
     settings: &Settings,
     metrics: ProxyMetrics,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stop: CancellationToken,
-) -> DriverHandle {
+) -> Result<DriverHandle, AgentError> {
     let proxy = ProxyPlane::new(settings.proxy.clone(), metrics);
     let mut host = Host::default();
+    let kernel = kernel_plane(settings).await?;
+    if let Some(plane) = &kernel {
+        host.plane = plane.capabilities().serves.unwrap_or(PlaneKind::Userspace);
+        host.features = plane.capabilities().features;
+    }
     let record = settings.data_dir.join("vips-installed.json");
     let addresses = if !settings.vip.manage {
         clear_stale(settings, &record).await;
@@ -62,10 +97,13 @@ pub async fn spawn(
             })
     };
     host.serve_vips = addresses.is_ok();
-    let driver = Driver::new(host).plane(Box::new(proxy));
+    let mut driver = Driver::new(host).plane(Box::new(proxy));
+    if let Some(plane) = kernel {
+        driver = driver.plane(plane);
+    }
     let driver = match addresses {
         Ok(plane) => driver.plane(Box::new(plane)),
         Err(why) => driver.off("addresses", why),
     };
-    driver.spawn(snapshots, stop, settings.proxy.shutdown_grace)
+    Ok(driver.spawn(snapshots, stop, settings.proxy.shutdown_grace))
 }

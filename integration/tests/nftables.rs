@@ -1,0 +1,214 @@
+//! The nftables plane end to end: a real agent with `--dataplane nftables` in a network
+//! namespace, real backends on two hosts, a client in a third namespace. Published
+//! ports and VIPs are balanced by the kernel's DNAT (exact round robin per host), a
+//! task that turns unhealthy leaves the table, a service that needs a userspace-only
+//! option is served by the userspace plane (and status says so), the rules survive a
+//! `kill -9` of the agent, a restarted agent adopts them, and SIGTERM removes them.
+
+use std::collections::BTreeMap;
+
+use integration::cluster::Cluster;
+use integration::*;
+
+fn tally(c: &Cluster, addr: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let name = c
+            .get(addr)
+            .unwrap_or_else(|| panic!("GET {addr} through nftables failed"));
+        *seen.entry(name).or_default() += 1;
+    }
+    seen
+}
+
+fn has_table(ns: &integration::netns::Netns) -> bool {
+    ns.command("nft")
+        .args(["list", "table", "inet", "mesh"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn nftables_balances_in_the_kernel_survives_the_agent_and_cleans_up() {
+    if skip_unless_root("nftables_balances_in_the_kernel_survives_the_agent_and_cleans_up") {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    // host1 forwards the connections it DNATs to host2's task.
+    h1.ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
+    let _b2 = Backend::start_in_at(&h1.ns, "web.2", &h1.ip, 8002);
+    let b3 = Backend::start_in_at(&h2.ns, "web.3", &h2.ip, 8003);
+    let config = "[[service]]\nname = \"web\"\nports = [{ published = 8080, target = 8000 }]\n\
+                  health = { check = \"tcp\", interval = \"200ms\" }\n\
+                  [[service]]\nname = \"pp\"\nports = [{ published = 8081, target = 8000 }]\n\
+                  proxy_protocol = \"v2\"\nhealth = { check = \"none\" }\n";
+    let mut agent = Agent::start_named_in(
+        &h1.ns,
+        "host1",
+        Some(config),
+        &[
+            "--dataplane",
+            "nftables",
+            "--bind",
+            &format!("{}:7946", h1.ip),
+        ],
+    );
+    for (id, addr) in [
+        ("web.1", format!("{}:8001", h1.ip)),
+        ("web.2", format!("{}:8002", h1.ip)),
+        ("web.3", format!("{}:8003", h2.ip)),
+    ] {
+        assert_ok(agent.cli(&["task", "add", "web", &addr, "--id", id]));
+    }
+    agent.wait_routable("web", 3);
+
+    // The table is there and readable.
+    let listed = h1.ns.run("nft", &["list", "table", "inet", "mesh"]);
+    assert!(listed.contains("numgen inc mod 3"), "{listed}");
+    assert!(
+        listed.contains(&format!("dnat ip to {}:8003", h2.ip)),
+        "{listed}"
+    );
+
+    // Exact round robin through the published port, across both hosts.
+    let target = format!("{}:8080", h1.ip);
+    let seen = tally(&c, &target, 30);
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            ("web.1".to_string(), 10),
+            ("web.2".to_string(), 10),
+            ("web.3".to_string(), 10)
+        ]),
+        "nftables round robin"
+    );
+
+    // The VIP, from host1 itself (the output hook), reaches the tasks too.
+    let (_, web) = agent.http("GET", "/v1/services/web", None);
+    let vip = web["vips"]["v4"]
+        .as_str()
+        .expect("web has an IPv4 VIP")
+        .to_string();
+    let out = h1
+        .ns
+        .command(backend_bin())
+        .args(["--get", &format!("{vip}:8000")])
+        .output()
+        .unwrap();
+    let via_vip = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        via_vip.starts_with("web."),
+        "through the VIP: {via_vip:?} {out:?}"
+    );
+
+    // A service that needs PROXY headers is served by the userspace plane, and status
+    // says so.
+    let (_, status) = agent.http("GET", "/v1/status", None);
+    let fallbacks = status["fallbacks"].to_string();
+    assert!(
+        fallbacks.contains("pp") && fallbacks.contains("proxy_protocol"),
+        "{status}"
+    );
+    let planes = status["planes"].as_array().expect("planes");
+    assert!(
+        planes.iter().any(|p| p["name"] == "nftables"
+            && p["active"] == true
+            && p["frontends"].as_u64() >= Some(1)),
+        "{status}"
+    );
+
+    // A task that turns unhealthy leaves the kernel's table; the rest share exactly.
+    drop(b3);
+    eventually("web.3 unhealthy", || {
+        (agent.task_health("web", "web.3") == "unhealthy").then_some(())
+    });
+    agent.wait_applied();
+    eventually("web.3 left the nftables table", || {
+        let listed = h1.ns.run("nft", &["list", "table", "inet", "mesh"]);
+        (!listed.contains(&format!("{}:8003", h2.ip))).then_some(())
+    });
+    let seen = tally(&c, &target, 20);
+    assert_eq!(
+        seen,
+        BTreeMap::from([("web.1".to_string(), 10), ("web.2".to_string(), 10)]),
+        "after web.3 turned unhealthy"
+    );
+
+    // The rules live in the kernel: a kill -9 of the agent costs no request.
+    agent.kill9();
+    assert!(has_table(&h1.ns), "the table outlives the agent");
+    let seen = tally(&c, &target, 10);
+    assert_eq!(seen.values().sum::<usize>(), 10, "{seen:?}");
+
+    // A restarted agent adopts the table and reconciles it.
+    agent.spawn(Some(config), &[]);
+    agent.wait_routable("web", 2);
+    assert!(
+        agent.log().contains("adopting the table"),
+        "{}",
+        agent.log()
+    );
+    let seen = tally(&c, &target, 10);
+    assert_eq!(seen.values().sum::<usize>(), 10, "{seen:?}");
+
+    // SIGTERM removes the table.
+    assert!(agent.stop().success());
+    assert!(!has_table(&h1.ns), "SIGTERM removes table inet mesh");
+}
+
+#[test]
+fn an_explicit_nftables_that_cannot_run_refuses_to_start_and_auto_falls_back() {
+    // Without nft on PATH, `--dataplane nftables` names the problem and stops; `auto`
+    // serves from userspace and says why. No root needed: the plane fails before it
+    // touches the kernel.
+    let empty = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let path = empty.path().to_str().unwrap();
+    let data_dir = data.path().join("data");
+    let socket = data.path().join("mesh.sock");
+    let common = [
+        "--bind",
+        "127.0.0.1:0",
+        "--no-vips",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--api",
+    ];
+    let api = format!("unix:{}", socket.display());
+    let mut args: Vec<&str> = common.to_vec();
+    args.push(&api);
+    let mut explicit = args.clone();
+    explicit.extend(["--dataplane", "nftables"]);
+    let err = agent_refuses_with_env(&explicit, &[("PATH", path)]);
+    assert!(
+        err.contains("--dataplane nftables cannot run here") && err.contains("nft"),
+        "{err}"
+    );
+
+    let log = data.path().join("auto.log");
+    let mut auto = args.clone();
+    auto.extend(["--dataplane", "auto"]);
+    let mut child = ChildGuard(
+        std::process::Command::new(mesh_bin())
+            .arg("agent")
+            .args(&auto)
+            .env("PATH", path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("auto falls back to userspace and starts", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains("dataplane auto: nftables does not work here")
+            && text.contains("mesh agent started"))
+        .then_some(())
+    });
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the agent keeps running on the userspace plane"
+    );
+}

@@ -1,0 +1,19 @@
+//! The nftables data plane: published ports and VIPs balanced in the kernel, in the
+//! style of kube-proxy's nftables mode. One table of our own (`inet mesh`) holds a
+//! verdict map per kind of frontend, a chain per frontend that picks a task with
+//! `numgen inc` (exact round robin per host), and a chain per task that DNATs to it.
+//! Connections that leave for another host are masqueraded so the answer comes back
+//! through this host.
+//!
+//! [`Ruleset`] is the pure part: a [`mesh_core::Plan`] in, the table's text out.
+//! [`NftPlane`] is the reconciler: it installs a new table in one `nft` transaction
+//! when the text changes, and removes it on shutdown.
+
+pub mod names;
+pub mod nft;
+pub mod plane;
+pub mod ruleset;
+
+pub use nft::{Nft, NftError};
+pub use plane::NftPlane;
+pub use ruleset::Ruleset;
