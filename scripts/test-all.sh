@@ -4,10 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use: dig for the DNS tests, nft for the chaos suite's packet
-# loss, dnsmasq as a real DNS server behind the mesh. The nftables and
-# eBPF tests will add theirs here.
-packages=(bind9-dnsutils nftables dnsmasq-base)
+# System packages the tests use: dig for the DNS tests; nft for the nftables plane and
+# the chaos suite's packet loss; conntrack for the nftables plane's flow cleanup;
+# dnsmasq as a real DNS server behind the mesh. The eBPF tests will add theirs here.
+packages=(bind9-dnsutils nftables conntrack dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -212,3 +212,94 @@ fn an_explicit_nftables_that_cannot_run_refuses_to_start_and_auto_falls_back() {
         "the agent keeps running on the userspace plane"
     );
 }
+
+/// One UDP flow, driven line by line.
+struct Flow {
+    _child: ChildGuard,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Flow {
+    fn open(ns: &integration::netns::Netns, addr: &str) -> Flow {
+        let mut child = ns
+            .command(backend_bin())
+            .args(["--udp-flow", addr])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Flow {
+            _child: ChildGuard(child),
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Which task answers the flow's next datagram.
+    fn ask(&mut self) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "q").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+}
+
+#[test]
+fn a_udp_flow_moves_when_its_task_is_removed() {
+    if skip_unless_root("a_udp_flow_moves_when_its_task_is_removed") {
+        return;
+    }
+    let c = Cluster::new(1);
+    let h1 = &c.hosts[0];
+    let bin = backend_bin().to_string_lossy().to_string();
+    let _u1 = integration::load::spawn_in(&h1.ns, &bin, &["--udp", "u.1", "5301", &h1.ip]);
+    let _u2 = integration::load::spawn_in(&h1.ns, &bin, &["--udp", "u.2", "5302", &h1.ip]);
+    let config = "[[service]]\nname = \"dns\"\nports = [{ published = 5353, target = 5300, protocol = \"udp\" }]\n\
+                  health = { check = \"none\" }\n";
+    let agent = Agent::start_named_in(
+        &h1.ns,
+        "host1",
+        Some(config),
+        &[
+            "--dataplane",
+            "nftables",
+            "--bind",
+            &format!("{}:7946", h1.ip),
+        ],
+    );
+    for (id, port) in [("u.1", 5301), ("u.2", 5302)] {
+        assert_ok(agent.cli(&[
+            "task",
+            "add",
+            "dns",
+            &format!("{}:{port}", h1.ip),
+            "--id",
+            id,
+        ]));
+    }
+    agent.wait_routable("dns", 2);
+
+    let mut flow = Flow::open(&c.client.ns, &format!("{}:5353", h1.ip));
+    let first = flow.ask();
+    assert!(first == "u.1" || first == "u.2", "{first}");
+    assert_eq!(flow.ask(), first, "a flow sticks to its task (conntrack)");
+
+    // Its task is removed while its backend still answers: the flow must move, not
+    // stay pinned by a stale conntrack entry.
+    assert_ok(agent.cli(&["task", "rm", "dns", &first]));
+    agent.wait_applied();
+    let other = if first == "u.1" { "u.2" } else { "u.1" };
+    assert_eq!(flow.ask(), other, "the flow moved off the removed task");
+    assert!(
+        agent
+            .log()
+            .contains("flows to a task that left the table forgotten"),
+        "{}",
+        agent.log()
+    );
+}

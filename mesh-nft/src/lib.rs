@@ -9,11 +9,15 @@
 //! [`NftPlane`] is the reconciler: it installs a new table in one `nft` transaction
 //! when the text changes, and removes it on shutdown.
 
+pub mod command;
+pub mod conntrack;
 pub mod names;
 pub mod nft;
 pub mod plane;
 pub mod ruleset;
 
-pub use nft::{Nft, NftError};
+pub use command::CommandError;
+pub use conntrack::Conntrack;
+pub use nft::Nft;
 pub use plane::NftPlane;
 pub use ruleset::Ruleset;

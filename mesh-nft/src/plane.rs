@@ -3,22 +3,39 @@
 //! applying the same plan twice changes nothing. At start it adopts a table a previous
 //! run left (kept for an upgrade, or left by a `kill -9`): the first apply replaces it
 //! atomically, with no moment without rules.
+//!
+//! A task that leaves the table keeps its established flows in conntrack; what
+//! happens to them follows the userspace plane: a UDP flow moves to another task on
+//! its next datagram (its entry is deleted at once), a drained or removed task's TCP
+//! connections go on until `drain_timeout` (then their entries are deleted, and the
+//! next packet is refused), an unhealthy task's TCP connections go on.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mesh_core::plan::{Features, PlaneKind};
-use mesh_core::{FrontendKey, Plan, PlanChange};
+use mesh_core::task::TaskState;
+use mesh_core::{FrontendKey, Plan, PlanChange, Protocol};
 use mesh_dataplane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target};
 use tracing::{info, warn};
 
-use crate::nft::{Nft, NftError};
-use crate::ruleset::{Ruleset, TABLE};
+use crate::command::CommandError;
+use crate::conntrack::Conntrack;
+use crate::nft::Nft;
+use crate::ruleset::{BackendKey, BackendOwner, Ruleset, TABLE};
 
 pub struct NftPlane {
     nft: Nft,
+    /// `None` when the tool is missing: flows of a gone task then keep their NAT
+    /// until conntrack times them out, and status says so.
+    conntrack: Option<Conntrack>,
     /// The text last installed; `None` before the first apply.
     installed: Option<String>,
+    /// The backends of the installed table.
+    backends: BTreeMap<BackendKey, BackendOwner>,
+    /// Backends that left the table whose flows are forgotten at a deadline.
+    forget_at: BTreeMap<BackendKey, Instant>,
     frontends: usize,
     /// Leave the table in the kernel at shutdown (`--keep-dataplane`): connections
     /// keep flowing while the agent is upgraded.
@@ -30,7 +47,11 @@ pub struct NftPlane {
 impl NftPlane {
     /// Checks that `nft` runs and the kernel takes a table from us, so `auto` can
     /// fall back with the reason.
-    pub async fn open(nft: Nft, keep: bool) -> Result<NftPlane, NftError> {
+    pub async fn open(
+        nft: Nft,
+        conntrack: Conntrack,
+        keep: bool,
+    ) -> Result<NftPlane, CommandError> {
         let adopted = nft.has_table(TABLE).await?;
         // The check (-c) runs the whole transaction in the kernel without keeping it:
         // it fails where nf_tables, NAT or numgen is missing.
@@ -39,13 +60,74 @@ impl NftPlane {
         if adopted {
             info!(table = %format!("inet {TABLE}"), "adopting the table a previous run left; the first apply replaces it");
         }
+        let conntrack = match conntrack.works().await {
+            Ok(()) => Some(conntrack),
+            Err(e) => {
+                warn!(error = %e, "without the conntrack tool, flows to a removed task keep their NAT until they idle out; install conntrack");
+                None
+            }
+        };
         Ok(NftPlane {
             nft,
+            conntrack,
             installed: None,
+            backends: BTreeMap::new(),
+            forget_at: BTreeMap::new(),
             frontends: 0,
             keep,
             failed: None,
         })
+    }
+
+    /// Decides, for each backend that left the table, when its flows are forgotten;
+    /// returns those to forget now. A backend back in the table keeps its flows.
+    fn schedule(
+        &mut self,
+        plan: &Plan,
+        next: &BTreeMap<BackendKey, BackendOwner>,
+        now: Instant,
+    ) -> Vec<BackendKey> {
+        self.forget_at.retain(|k, _| !next.contains_key(k));
+        let mut now_list = Vec::new();
+        for (key, owner) in &self.backends {
+            if next.contains_key(key) {
+                continue;
+            }
+            let tasks = plan.services.get(&owner.service);
+            let state = tasks.and_then(|t| t.tasks.get(&owner.task)).copied();
+            let drain = owner.drain_timeout;
+            match (key.1, state) {
+                // Drained: its flows go on for drain_timeout, whatever the protocol.
+                (_, Some(TaskState::Draining)) => {
+                    self.forget_at.insert(*key, now + drain);
+                }
+                // Unhealthy or withdrawn, or removed: a UDP flow moves at once.
+                (Protocol::Udp, _) => now_list.push(*key),
+                // A removed task's connections drain.
+                (Protocol::Tcp, None) => {
+                    self.forget_at.insert(*key, now + drain);
+                }
+                // An unhealthy task's connections go on, as in userspace.
+                (Protocol::Tcp, Some(TaskState::Active)) => {}
+            }
+        }
+        now_list
+    }
+
+    async fn forget(&self, backends: Vec<BackendKey>) {
+        let Some(conntrack) = &self.conntrack else {
+            return;
+        };
+        for (addr, protocol) in backends {
+            match conntrack.forget(addr, protocol).await {
+                Ok(n) => {
+                    info!(task = %addr, %protocol, flows = n, "flows to a task that left the table forgotten")
+                }
+                Err(e) => {
+                    warn!(task = %addr, %protocol, error = %e, "cannot forget the flows to a task that left the table")
+                }
+            }
+        }
     }
 
     fn report(&self) -> ApplyReport {
@@ -91,7 +173,7 @@ impl Dataplane for NftPlane {
         Vec::new()
     }
 
-    async fn apply(&mut self, plan: &Plan, _changes: &[PlanChange], _now: Instant) -> ApplyReport {
+    async fn apply(&mut self, plan: &Plan, _changes: &[PlanChange], now: Instant) -> ApplyReport {
         let rules = Ruleset::from_plan(plan);
         let text = rules.render();
         if self.installed.as_deref() == Some(text.as_str()) && self.failed.is_none() {
@@ -105,9 +187,13 @@ impl Dataplane for NftPlane {
                     took_ms = started.elapsed().as_millis() as u64,
                     "nftables table replaced"
                 );
+                let backends = rules.backends();
+                let gone = self.schedule(plan, &backends, now);
                 self.installed = Some(text);
+                self.backends = backends;
                 self.frontends = rules.frontends();
                 self.failed = None;
+                self.forget(gone).await;
             }
             Err(e) => {
                 warn!(error = %e, "nftables apply failed; the previous table stays");
@@ -127,12 +213,21 @@ impl Dataplane for NftPlane {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        // A failed apply is retried at the next plan change; drains need no timer
-        // (conntrack keeps established flows).
-        None
+        // A failed apply is retried at the next plan change.
+        self.forget_at.values().min().copied()
     }
 
-    async fn on_deadline(&mut self, _now: Instant) -> ApplyReport {
+    async fn on_deadline(&mut self, now: Instant) -> ApplyReport {
+        let due: Vec<BackendKey> = self
+            .forget_at
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &due {
+            self.forget_at.remove(k);
+        }
+        self.forget(due).await;
         self.report()
     }
 
@@ -227,12 +322,83 @@ mod tests {
         Plan::from_snapshot(&r.snapshot(), &host)
     }
 
+    /// What happens to the flows of each kind of backend that leaves the table.
+    #[test]
+    fn flows_of_a_gone_task_move_drain_or_stay_as_in_userspace() {
+        use std::sync::Arc;
+
+        use mesh_core::plan::ServiceTasks;
+
+        let owner = |task: &str| BackendOwner {
+            service: "s".into(),
+            task: task.into(),
+            drain_timeout: Duration::from_secs(30),
+        };
+        let addr = |p: u16| -> std::net::SocketAddr { format!("10.0.0.1:{p}").parse().unwrap() };
+        let mut plane = NftPlane {
+            nft: Nft::default(),
+            conntrack: None,
+            installed: None,
+            backends: BTreeMap::from([
+                ((addr(1), Protocol::Udp), owner("removed-udp")),
+                ((addr(2), Protocol::Udp), owner("unhealthy-udp")),
+                ((addr(3), Protocol::Tcp), owner("removed-tcp")),
+                ((addr(4), Protocol::Tcp), owner("unhealthy-tcp")),
+                ((addr(5), Protocol::Tcp), owner("drained-tcp")),
+                ((addr(6), Protocol::Tcp), owner("still-here")),
+            ]),
+            forget_at: BTreeMap::new(),
+            frontends: 0,
+            keep: false,
+            failed: None,
+        };
+        let mut plan = Plan::default();
+        plan.services.insert(
+            "s".into(),
+            Arc::new(ServiceTasks {
+                drain_timeout: Duration::from_secs(30),
+                tasks: BTreeMap::from([
+                    ("unhealthy-udp".to_string(), TaskState::Active),
+                    ("unhealthy-tcp".to_string(), TaskState::Active),
+                    ("drained-tcp".to_string(), TaskState::Draining),
+                    ("still-here".to_string(), TaskState::Active),
+                ]),
+            }),
+        );
+        let next = BTreeMap::from([((addr(6), Protocol::Tcp), owner("still-here"))]);
+        let now = Instant::now();
+        let at_once = plane.schedule(&plan, &next, now);
+        assert_eq!(
+            at_once,
+            vec![(addr(1), Protocol::Udp), (addr(2), Protocol::Udp)],
+            "UDP flows move at once"
+        );
+        let later = now + Duration::from_secs(30);
+        assert_eq!(
+            plane.forget_at,
+            BTreeMap::from([
+                ((addr(3), Protocol::Tcp), later),
+                ((addr(5), Protocol::Tcp), later),
+            ]),
+            "removed and drained TCP connections go on for drain_timeout; unhealthy ones stay"
+        );
+        assert_eq!(plane.next_deadline(), Some(later));
+        // The drained task comes back before its deadline: its flows stay.
+        plane.backends = next.clone();
+        let mut back = next.clone();
+        back.insert((addr(5), Protocol::Tcp), owner("drained-tcp"));
+        plane.schedule(&plan, &back, now);
+        assert!(!plane.forget_at.contains_key(&(addr(5), Protocol::Tcp)));
+    }
+
     #[tokio::test]
     async fn the_kernel_takes_the_table_an_unchanged_plan_changes_nothing_and_shutdown_removes_it()
     {
         let Some(ns) = Ns::new() else { return };
         let nft = Nft::in_netns(&ns.0);
-        let mut plane = NftPlane::open(nft.clone(), false).await.expect("open");
+        let mut plane = NftPlane::open(nft.clone(), Conntrack::in_netns(&ns.0), false)
+            .await
+            .expect("open");
         let all = plan(&["web.1", "web.2", "web.3"]);
         let report = plane.apply(&all, &[], Instant::now()).await;
         assert!(report.errors.is_empty(), "{report:?}");
@@ -269,7 +435,9 @@ mod tests {
         assert!(listed.contains("numgen inc mod 1"), "{listed}");
 
         // A restarted agent adopts the table and replaces it.
-        let mut again = NftPlane::open(nft.clone(), false).await.expect("reopen");
+        let mut again = NftPlane::open(nft.clone(), Conntrack::in_netns(&ns.0), false)
+            .await
+            .expect("reopen");
         let report = again.apply(&all, &[], Instant::now()).await;
         assert!(report.errors.is_empty(), "{report:?}");
         assert!(

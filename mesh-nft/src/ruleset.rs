@@ -23,9 +23,26 @@ pub const MASQUERADE_MARK: u32 = 0x0010_0000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Dispatch {
     chain: String,
+    service: String,
     protocol: Protocol,
     v4: Vec<SocketAddr>,
     v6: Vec<SocketAddr>,
+    /// The task at each address.
+    tasks: BTreeMap<SocketAddr, String>,
+    drain_timeout: std::time::Duration,
+}
+
+/// Where a DNAT chain sends: a task's address and protocol.
+pub type BackendKey = (SocketAddr, Protocol);
+
+/// Whose task a backend is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendOwner {
+    pub service: String,
+    pub task: String,
+    /// The service's, when the task was installed: a deleted service's connections
+    /// drain for it too.
+    pub drain_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,9 +78,16 @@ impl Ruleset {
                 *key,
                 Dispatch {
                     chain: frontend_chain(&f.service, key),
+                    service: f.service.clone(),
                     protocol: key.protocol,
                     v4,
                     v6,
+                    tasks: f
+                        .backends
+                        .iter()
+                        .map(|b| (b.addr, b.task.clone()))
+                        .collect(),
+                    drain_timeout: f.policy.drain_timeout,
                 },
             );
         }
@@ -72,6 +96,25 @@ impl Ruleset {
 
     pub fn frontends(&self) -> usize {
         self.frontends.len()
+    }
+
+    /// Every address the table DNATs to, and whose task it is.
+    pub fn backends(&self) -> BTreeMap<BackendKey, BackendOwner> {
+        let mut out = BTreeMap::new();
+        for d in self.frontends.values() {
+            for addr in d.v4.iter().chain(&d.v6) {
+                let task = d.tasks.get(addr).cloned().unwrap_or_default();
+                out.insert(
+                    (*addr, d.protocol),
+                    BackendOwner {
+                        service: d.service.clone(),
+                        task,
+                        drain_timeout: d.drain_timeout,
+                    },
+                );
+            }
+        }
+        out
     }
 
     /// One `nft -f` transaction that replaces the table atomically: packets see

@@ -8,6 +8,9 @@
 //! `mesh-test-backend --held ADDR SECS` opens a connection, sends the first line of a
 //! request, prints `connected`, waits SECS and sends the rest: an established
 //! connection held across an event. It then prints `ok <answer>` or `fail <why>`.
+//! `mesh-test-backend --udp-flow ADDR` is one UDP flow (one socket, one source port)
+//! driven from stdin: for each line it sends a datagram, retried until answered, and
+//! prints which task answered (`none` after 5 tries).
 //! `mesh-test-backend --load ADDR RATE [udp|dns NAME]` sends RATE requests a second
 //! (HTTP GETs, datagrams or DNS queries answered within 1 s) until killed, each from its own connection or
 //! socket, and prints `<unix ms> sent <n>` as request n goes and, when it ends,
@@ -69,6 +72,32 @@ fn held(addr: &str, secs: u64) -> ! {
         Ok(body) if !body.is_empty() => println!("ok {body}"),
         Ok(_) => println!("fail no-answer"),
         Err(e) => println!("fail {}", e.kind().to_string().replace(' ', "_")),
+    }
+    std::process::exit(0)
+}
+
+fn udp_flow(addr: &str) -> ! {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket.connect(addr).expect("connect");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 2048];
+    for (n, line) in std::io::stdin().lines().enumerate() {
+        if line.is_err() {
+            break;
+        }
+        let mut answer = "none".to_string();
+        for _ in 0..5 {
+            let _ = socket.send(format!("f{n}").as_bytes());
+            if let Ok(got) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..got]);
+                answer = text.split(':').next().unwrap_or("").to_string();
+                break;
+            }
+        }
+        println!("{answer}");
+        std::io::stdout().flush().expect("stdout");
     }
     std::process::exit(0)
 }
@@ -254,6 +283,9 @@ fn main() {
         let addr = args.next().expect("--held ADDR SECS");
         let secs: u64 = args.next().map(|s| s.parse().expect("SECS")).unwrap_or(3);
         held(&addr, secs);
+    }
+    if name == "--udp-flow" {
+        udp_flow(&args.next().expect("--udp-flow ADDR"));
     }
     if name == "--udp" {
         let name = args.next().expect("--udp NAME PORT [IP]");

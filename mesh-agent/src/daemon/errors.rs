@@ -15,7 +15,7 @@ pub enum AgentError {
     Dataplane {
         plane: &'static str,
         #[source]
-        source: mesh_nft::NftError,
+        source: mesh_nft::CommandError,
     },
     #[error(
         "the TCP API on {addr} needs a bearer token: set api.token or api.token_file in the config, or MESH_API_TOKEN"

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mesh_core::Snapshot;
 use mesh_core::plan::{DataplaneChoice, Host, PlaneKind};
 use mesh_dataplane::{AddressPlane, Dataplane, Driver, DriverHandle, has_net_admin};
-use mesh_nft::{Nft, NftPlane};
+use mesh_nft::{Conntrack, Nft, NftPlane};
 use mesh_proxy::{ProxyMetrics, ProxyPlane};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,7 @@ async fn kernel_plane(settings: &Settings) -> Result<Option<Box<dyn Dataplane>>,
     if choice == DataplaneChoice::Userspace {
         return Ok(None);
     }
-    match NftPlane::open(Nft::default(), keep).await {
+    match NftPlane::open(Nft::default(), Conntrack::default(), keep).await {
         Ok(plane) => {
             info!(
                 dataplane = "nftables",
