@@ -40,6 +40,9 @@ pub struct NftPlane {
     /// Leave the table in the kernel at shutdown (`--keep-dataplane`): connections
     /// keep flowing while the agent is upgraded.
     keep: bool,
+    /// Whether the kernel forwards IPv4: without it, connections arriving from
+    /// outside cannot be sent to tasks on other hosts.
+    forwarding: bool,
     /// The error of the last failed apply, reported until an apply succeeds.
     failed: Option<(Vec<FrontendKey>, String)>,
 }
@@ -67,9 +70,17 @@ impl NftPlane {
                 None
             }
         };
+        let forwarding =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1");
+        if !forwarding {
+            warn!(
+                "net.ipv4.ip_forward is 0: connections from other machines cannot reach tasks on other hosts through nftables; set it to 1 (sysctl -w net.ipv4.ip_forward=1)"
+            );
+        }
         Ok(NftPlane {
             nft,
             conntrack,
+            forwarding,
             installed: None,
             backends: BTreeMap::new(),
             forget_at: BTreeMap::new(),
@@ -350,6 +361,7 @@ mod tests {
             forget_at: BTreeMap::new(),
             frontends: 0,
             keep: false,
+            forwarding: true,
             failed: None,
         };
         let mut plan = Plan::default();
