@@ -173,10 +173,17 @@ impl Dataplane for NftPlane {
     }
 
     fn detail(&self) -> String {
-        format!(
+        let mut d = format!(
             "table inet {TABLE}, {} frontends with tasks",
             self.frontends
-        )
+        );
+        if self.conntrack.is_none() {
+            d.push_str("; conntrack tool missing: flows of removed tasks are not moved");
+        }
+        if !self.forwarding {
+            d.push_str("; net.ipv4.ip_forward is 0: outside clients reach local tasks only");
+        }
+        d
     }
 
     fn preflight(&self, _frontends: &[FrontendKey]) -> Vec<PlaneError> {
