@@ -8,6 +8,7 @@ mod dataplane;
 mod dns;
 mod gossip;
 mod load;
+mod nft_scale;
 mod plot;
 mod process;
 mod report;
@@ -114,6 +115,16 @@ enum Command {
         /// Indirect probes after a direct probe went unanswered (default: the agent's).
         #[arg(long)]
         indirect_probes: Option<usize>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// The nftables plane's apply time for SERVICES x TASKS from empty, then one task
+    /// changed on top: writes OUT/nft_scale.json. Needs root.
+    NftScale {
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        tasks: usize,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -290,6 +301,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Gossip { sizes, out } => {
             let results = gossip::run(&sizes)?;
             write_json(&out, "gossip.json", &results)
+        }
+        Command::NftScale {
+            services,
+            tasks,
+            out,
+        } => {
+            require_root()?;
+            let results = nft_scale::run(services, tasks)?;
+            write_json(&out, "nft_scale.json", &results)
         }
         Command::Soak { minutes, mesh, out } => {
             let results = soak::run(&mesh_or_sibling(mesh)?, minutes)?;

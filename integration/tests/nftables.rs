@@ -127,7 +127,7 @@ fn nftables_balances_in_the_kernel_survives_the_agent_and_cleans_up() {
     agent.wait_applied();
     eventually("web.3 left the nftables table", || {
         let listed = h1.ns.run("nft", &["list", "table", "inet", "mesh"]);
-        (!listed.contains(&format!("{}:8003", h2.ip))).then_some(())
+        (!listed.contains(&format!("{} . 8003", h2.ip))).then_some(())
     });
     let seen = tally(&c, &target, 20);
     assert_eq!(

@@ -70,7 +70,13 @@ impl Program {
 
     /// Runs the program with `args` and `input` on stdin; returns stdout.
     pub async fn run(&self, args: &[&str], input: &str) -> Result<String, CommandError> {
-        let joined = args.join(" ");
+        let joined = self
+            .leading
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut child = Command::new(&self.program)
             .args(&self.leading)
             .args(args)

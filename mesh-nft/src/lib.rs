@@ -1,7 +1,7 @@
 //! The nftables data plane: published ports and VIPs balanced in the kernel, in the
 //! style of kube-proxy's nftables mode. One table of our own (`inet mesh`) holds a
 //! verdict map per kind of frontend, a chain per frontend that picks a task with
-//! `numgen inc` (exact round robin per host), and a chain per task that DNATs to it.
+//! `numgen inc` (exact round robin per host) and DNATs to it from the rule's own map.
 //! Connections that leave for another host are masqueraded so the answer comes back
 //! through this host.
 //!

@@ -1,7 +1,9 @@
-//! [`NftPlane`]: the reconciler. Each apply renders the table the plan wants and, when
-//! the text differs from what it installed, replaces the table in one transaction, so
-//! applying the same plan twice changes nothing. At start it adopts a table a previous
-//! run left (kept for an upgrade, or left by a `kill -9`): the first apply replaces it
+//! [`NftPlane`]: the reconciler. The first apply replaces the whole table in one
+//! transaction; after that each apply sends one transaction with the commands for the
+//! frontends the plan diff names, so it costs what changed, and applying the same plan
+//! twice sends nothing. A failed apply leaves the previous table in place and the next
+//! one replaces the whole table again. At start it adopts a table a previous run left
+//! (kept for an upgrade, or left by a `kill -9`): the first apply replaces it
 //! atomically, with no moment without rules.
 //!
 //! A task that leaves the table keeps its established flows in conntrack; what
@@ -30,10 +32,11 @@ pub struct NftPlane {
     /// `None` when the tool is missing: flows of a gone task then keep their NAT
     /// until conntrack times them out, and status says so.
     conntrack: Option<Conntrack>,
-    /// The text last installed; `None` before the first apply.
-    installed: Option<String>,
-    /// The backends of the installed table.
-    backends: BTreeMap<BackendKey, BackendOwner>,
+    /// What the kernel holds; `None` before the first apply.
+    installed: Option<Ruleset>,
+    /// The last apply failed: the kernel may differ from `installed`, so the next
+    /// apply replaces the whole table.
+    stale: bool,
     /// Backends that left the table whose flows are forgotten at a deadline.
     forget_at: BTreeMap<BackendKey, Instant>,
     frontends: usize,
@@ -82,7 +85,7 @@ impl NftPlane {
             conntrack,
             forwarding,
             installed: None,
-            backends: BTreeMap::new(),
+            stale: false,
             forget_at: BTreeMap::new(),
             frontends: 0,
             keep,
@@ -91,38 +94,100 @@ impl NftPlane {
     }
 
     /// Decides, for each backend that left the table, when its flows are forgotten;
-    /// returns those to forget now. A backend back in the table keeps its flows.
+    /// returns those to forget now.
     fn schedule(
         &mut self,
         plan: &Plan,
-        next: &BTreeMap<BackendKey, BackendOwner>,
+        gone: Vec<(BackendKey, BackendOwner)>,
         now: Instant,
     ) -> Vec<BackendKey> {
-        self.forget_at.retain(|k, _| !next.contains_key(k));
         let mut now_list = Vec::new();
-        for (key, owner) in &self.backends {
-            if next.contains_key(key) {
-                continue;
-            }
+        for (key, owner) in gone {
             let tasks = plan.services.get(&owner.service);
             let state = tasks.and_then(|t| t.tasks.get(&owner.task)).copied();
-            let drain = owner.drain_timeout;
+            let at = now + owner.drain_timeout;
             match (key.1, state) {
                 // Drained: its flows go on for drain_timeout, whatever the protocol.
                 (_, Some(TaskState::Draining)) => {
-                    self.forget_at.insert(*key, now + drain);
+                    self.forget_at.insert(key, at);
                 }
                 // Unhealthy or withdrawn, or removed: a UDP flow moves at once.
-                (Protocol::Udp, _) => now_list.push(*key),
+                (Protocol::Udp, _) => now_list.push(key),
                 // A removed task's connections drain.
                 (Protocol::Tcp, None) => {
-                    self.forget_at.insert(*key, now + drain);
+                    self.forget_at.insert(key, at);
                 }
                 // An unhealthy task's connections go on, as in userspace.
                 (Protocol::Tcp, Some(TaskState::Active)) => {}
             }
         }
         now_list
+    }
+
+    /// Sends the whole table; returns the backends that left it.
+    async fn replace(&mut self, plan: &Plan) -> Result<Vec<(BackendKey, BackendOwner)>, String> {
+        let rules = Ruleset::from_plan(plan);
+        let started = Instant::now();
+        self.nft
+            .apply(&rules.render())
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(
+            frontends = rules.frontends(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "nftables table replaced"
+        );
+        let next = rules.backends();
+        let gone = self
+            .installed
+            .as_ref()
+            .map(|old| {
+                old.backends()
+                    .into_iter()
+                    .filter(|(k, _)| !next.contains_key(k))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.forget_at.retain(|k, _| !next.contains_key(k));
+        self.installed = Some(rules);
+        Ok(gone)
+    }
+
+    /// Sends the commands for the frontends in `changes`; returns the backends that
+    /// left the table. `None`: there is no table to change yet.
+    async fn change(
+        &mut self,
+        plan: &Plan,
+        changes: &[PlanChange],
+    ) -> Option<Result<Vec<(BackendKey, BackendOwner)>, String>> {
+        if self.stale {
+            return None;
+        }
+        let rules = self.installed.as_mut()?;
+        let keys: Vec<FrontendKey> = changes
+            .iter()
+            .filter_map(|c| match c {
+                PlanChange::Frontend(k, _) => Some(*k),
+                _ => None,
+            })
+            .collect();
+        let update = rules.update(plan, &keys);
+        if update.script.is_empty() {
+            return Some(Ok(Vec::new()));
+        }
+        let started = Instant::now();
+        if let Err(e) = self.nft.apply(&update.script).await {
+            return Some(Err(e.to_string()));
+        }
+        info!(
+            frontends = keys.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "nftables table updated"
+        );
+        for b in &update.added {
+            self.forget_at.remove(b);
+        }
+        Some(Ok(update.gone))
     }
 
     async fn forget(&self, backends: Vec<BackendKey>) {
@@ -191,35 +256,27 @@ impl Dataplane for NftPlane {
         Vec::new()
     }
 
-    async fn apply(&mut self, plan: &Plan, _changes: &[PlanChange], now: Instant) -> ApplyReport {
-        let rules = Ruleset::from_plan(plan);
-        let text = rules.render();
-        if self.installed.as_deref() == Some(text.as_str()) && self.failed.is_none() {
-            return self.report();
-        }
-        let started = Instant::now();
-        match self.nft.apply(&text).await {
-            Ok(()) => {
-                info!(
-                    frontends = rules.frontends(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "nftables table replaced"
-                );
-                let backends = rules.backends();
-                let gone = self.schedule(plan, &backends, now);
-                self.installed = Some(text);
-                self.backends = backends;
-                self.frontends = rules.frontends();
+    async fn apply(&mut self, plan: &Plan, changes: &[PlanChange], now: Instant) -> ApplyReport {
+        let result = match self.change(plan, changes).await {
+            Some(r) => r,
+            None => self.replace(plan).await,
+        };
+        match result {
+            Ok(gone) => {
+                self.stale = false;
                 self.failed = None;
-                self.forget(gone).await;
+                self.frontends = self.installed.as_ref().map_or(0, Ruleset::frontends);
+                let now_list = self.schedule(plan, gone, now);
+                self.forget(now_list).await;
             }
             Err(e) => {
-                warn!(error = %e, "nftables apply failed; the previous table stays");
+                warn!(error = %e, "nftables apply failed; the previous table stays, the next apply replaces it whole");
+                self.stale = true;
                 let keys = plan
                     .frontends_of(PlaneKind::Nftables)
                     .map(|(k, _)| *k)
                     .collect();
-                self.failed = Some((keys, e.to_string()));
+                self.failed = Some((keys, e));
             }
         }
         self.report()
@@ -276,12 +333,16 @@ mod tests {
 
     impl Ns {
         fn new() -> Option<Ns> {
+            Self::new_named("unit")
+        }
+
+        fn new_named(what: &str) -> Option<Ns> {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 eprintln!("SKIPPED (needs root): the nftables plane against a real kernel");
                 return None;
             }
-            let name = format!("mesh-nft-unit-{}", std::process::id());
+            let name = format!("mesh-nft-{what}-{}", std::process::id());
             // A namespace a crashed run left behind goes first.
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", &name])
@@ -357,14 +418,7 @@ mod tests {
             nft: Nft::default(),
             conntrack: None,
             installed: None,
-            backends: BTreeMap::from([
-                ((addr(1), Protocol::Udp), owner("removed-udp")),
-                ((addr(2), Protocol::Udp), owner("unhealthy-udp")),
-                ((addr(3), Protocol::Tcp), owner("removed-tcp")),
-                ((addr(4), Protocol::Tcp), owner("unhealthy-tcp")),
-                ((addr(5), Protocol::Tcp), owner("drained-tcp")),
-                ((addr(6), Protocol::Tcp), owner("still-here")),
-            ]),
+            stale: false,
             forget_at: BTreeMap::new(),
             frontends: 0,
             keep: false,
@@ -380,13 +434,18 @@ mod tests {
                     ("unhealthy-udp".to_string(), TaskState::Active),
                     ("unhealthy-tcp".to_string(), TaskState::Active),
                     ("drained-tcp".to_string(), TaskState::Draining),
-                    ("still-here".to_string(), TaskState::Active),
                 ]),
             }),
         );
-        let next = BTreeMap::from([((addr(6), Protocol::Tcp), owner("still-here"))]);
+        let gone = vec![
+            ((addr(1), Protocol::Udp), owner("removed-udp")),
+            ((addr(2), Protocol::Udp), owner("unhealthy-udp")),
+            ((addr(3), Protocol::Tcp), owner("removed-tcp")),
+            ((addr(4), Protocol::Tcp), owner("unhealthy-tcp")),
+            ((addr(5), Protocol::Tcp), owner("drained-tcp")),
+        ];
         let now = Instant::now();
-        let at_once = plane.schedule(&plan, &next, now);
+        let at_once = plane.schedule(&plan, gone, now);
         assert_eq!(
             at_once,
             vec![(addr(1), Protocol::Udp), (addr(2), Protocol::Udp)],
@@ -402,12 +461,6 @@ mod tests {
             "removed and drained TCP connections go on for drain_timeout; unhealthy ones stay"
         );
         assert_eq!(plane.next_deadline(), Some(later));
-        // The drained task comes back before its deadline: its flows stay.
-        plane.backends = next.clone();
-        let mut back = next.clone();
-        back.insert((addr(5), Protocol::Tcp), owner("drained-tcp"));
-        plane.schedule(&plan, &back, now);
-        assert!(!plane.forget_at.contains_key(&(addr(5), Protocol::Tcp)));
     }
 
     #[tokio::test]
@@ -425,8 +478,11 @@ mod tests {
             .run(&["list", "table", "inet", TABLE], "")
             .await
             .unwrap();
-        assert!(listed.contains("dnat ip to 10.0.0.1:80"), "{listed}");
-        assert!(listed.contains("dnat ip6 to [fd00::3]:80"), "{listed}");
+        assert!(listed.contains("10.0.0.1 . 80"), "{listed}");
+        assert!(
+            listed.contains("dnat ip6 to numgen inc mod 1 map { 0 : fd00::3 . 80 }"),
+            "{listed}"
+        );
         assert!(listed.contains("numgen inc mod 2"), "{listed}");
 
         // The same plan again: no transaction at all (the table's handle stays).
@@ -444,7 +500,9 @@ mod tests {
 
         // A task turns unhealthy: it leaves the kernel's table.
         let fewer = plan(&["web.1", "web.3"]);
-        let report = plane.apply(&fewer, &[], Instant::now()).await;
+        let report = plane
+            .apply(&fewer, &Plan::diff(&all, &fewer), Instant::now())
+            .await;
         assert!(report.errors.is_empty(), "{report:?}");
         let listed = nft
             .run(&["list", "table", "inet", TABLE], "")
@@ -471,5 +529,147 @@ mod tests {
             !nft.has_table(TABLE).await.unwrap(),
             "shutdown removes the table"
         );
+    }
+
+    /// The kernel's view of a table, for comparing two: every chain's rules and every
+    /// map's elements, without handles, elements sorted.
+    async fn kernel_view(nft: &Nft) -> String {
+        let json = nft
+            .run(&["-j", "list", "table", "inet", TABLE], "")
+            .await
+            .expect("list the table");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j");
+        fn strip(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.remove("handle");
+                    for x in m.values_mut() {
+                        strip(x);
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+                _ => {}
+            }
+        }
+        let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut maps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let mut item = item.clone();
+            strip(&mut item);
+            if let Some(c) = item.get("chain") {
+                chains
+                    .entry(c["name"].as_str().unwrap().to_string())
+                    .or_default();
+            } else if let Some(r) = item.get("rule") {
+                chains
+                    .entry(r["chain"].as_str().unwrap().to_string())
+                    .or_default()
+                    .push(r["expr"].to_string());
+            } else if let Some(m) = item.get("map") {
+                let mut elems: Vec<String> = m["elem"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e.to_string())
+                    .collect();
+                elems.sort();
+                maps.insert(m["name"].as_str().unwrap().to_string(), elems);
+            }
+        }
+        format!("{chains:#?}\n{maps:#?}")
+    }
+
+    /// Changes applied one by one end where a whole table written from the final
+    /// plan ends, in the real kernel, over a random run of service and task changes.
+    #[tokio::test]
+    async fn incremental_changes_end_where_a_full_replace_does() {
+        let (Some(a), Some(b)) = (Ns::new_named("inc"), Ns::new_named("full")) else {
+            return;
+        };
+        let (nft_a, nft_b) = (Nft::in_netns(&a.0), Nft::in_netns(&b.0));
+        let mut plane = NftPlane::open(nft_a.clone(), Conntrack::in_netns(&a.0), false)
+            .await
+            .expect("open");
+        let host = Host {
+            plane: PlaneKind::Nftables,
+            features: Features::NONE,
+            serve_vips: true,
+        };
+        let mut r = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
+        let mut rng = mesh_core::mutate::Mutator::new(0x6d65_7368);
+        let mut prev = Plan::default();
+        let mut snap_prev = r.snapshot();
+        for step in 0..60u64 {
+            let pick = rng.next_u64();
+            let svc = format!("s{}", pick % 4);
+            let task = format!("{svc}.{}", (pick >> 8) % 4);
+            let ip = if (pick >> 16).is_multiple_of(3) {
+                format!("fd00::{}", (pick >> 20) % 6 + 1)
+            } else {
+                format!("10.0.0.{}", (pick >> 20) % 6 + 1)
+            };
+            match (pick >> 32) % 7 {
+                0 | 1 => {
+                    let mut spec = ServiceSpec::new(
+                        &svc,
+                        vec![
+                            PortSpec::tcp(Some(8000 + (pick % 4) as u16), 80),
+                            PortSpec::udp(Some(9000 + (pick % 4) as u16), 53),
+                        ],
+                    );
+                    if (pick >> 40).is_multiple_of(5) {
+                        // Needs userspace: its frontends leave this plane.
+                        spec.proxy_protocol = mesh_core::ProxyProtocol::V2;
+                    }
+                    let _ = r.put_service(spec, step);
+                }
+                2 => {
+                    let _ = r.remove_service(&svc, step);
+                }
+                3 | 4 => {
+                    if r.add_task(
+                        TaskSpec::new(&svc, &task, ip.parse().unwrap()),
+                        TaskSource::Api,
+                        step,
+                    )
+                    .is_ok()
+                    {
+                        r.set_health(&svc, &task, Health::Healthy, step);
+                    }
+                }
+                5 => {
+                    let _ = r.remove_task(&svc, &task, step);
+                }
+                _ => {
+                    let h = if (pick >> 44).is_multiple_of(2) {
+                        Health::Healthy
+                    } else {
+                        Health::Unhealthy
+                    };
+                    r.set_health(&svc, &task, h, step);
+                    if (pick >> 45).is_multiple_of(4) {
+                        let _ = r.set_task_state(&svc, &task, TaskState::Draining, step);
+                    }
+                }
+            }
+            let snap = r.snapshot();
+            let next = prev.update(&snap_prev, &snap, &host);
+            let report = plane
+                .apply(&next, &Plan::diff(&prev, &next), Instant::now())
+                .await;
+            assert!(report.errors.is_empty(), "step {step}: {report:?}");
+            nft_b
+                .apply(&Ruleset::from_plan(&next).render())
+                .await
+                .expect("full replace");
+            assert_eq!(
+                kernel_view(&nft_a).await,
+                kernel_view(&nft_b).await,
+                "step {step}: the changed table differs from a fresh one"
+            );
+            prev = next;
+            snap_prev = snap;
+        }
+        assert!(plane.frontends > 0, "the run exercised some frontends");
     }
 }

@@ -1,6 +1,8 @@
-//! The table this plane wants, as a pure function of the plan: what the kernel will
-//! hold is exactly [`Ruleset::render`]'s text, so the same plan always gives the same
-//! bytes and an unchanged plan costs no transaction.
+//! The table this plane wants, derived from the plan without IO. [`Ruleset::render`]
+//! gives the whole table as one transaction (the first apply, or a repair);
+//! [`Ruleset::update`] moves the ruleset to a new plan one changed frontend at a time
+//! and returns just the commands for what changed, so an apply costs what changed, as
+//! in kube-proxy's nftables mode.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use mesh_core::plan::PlaneKind;
 use mesh_core::{FrontendKey, Listen, Plan, Protocol};
 
-use crate::names::{backend_chain, frontend_chain};
+use crate::names::frontend_chain;
 
 /// The table's name, in family `inet` (IPv4 and IPv6 in one table).
 pub const TABLE: &str = "mesh";
@@ -48,6 +50,71 @@ pub struct BackendOwner {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     frontends: BTreeMap<FrontendKey, Dispatch>,
+    /// Each DNAT chain, with how many frontend chains jump to it.
+    refs: BTreeMap<BackendKey, (usize, BackendOwner)>,
+}
+
+/// What one [`Ruleset::update`] changed.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// The nft commands, one transaction; empty when nothing changed.
+    pub script: String,
+    /// Backends no frontend sends to any more, with whose task they were.
+    pub gone: Vec<(BackendKey, BackendOwner)>,
+    /// Backends that came back (or came new): flows to them must not be forgotten.
+    pub added: Vec<BackendKey>,
+}
+
+/// The map a frontend's element lives in, and the element's key.
+fn element(key: &FrontendKey) -> (&'static str, String) {
+    match key.listen {
+        Listen::Published => ("published", format!("{} . {}", key.protocol, key.port)),
+        Listen::Vip(ip @ IpAddr::V4(_)) => {
+            ("vip4", format!("{ip} . {} . {}", key.protocol, key.port))
+        }
+        Listen::Vip(ip @ IpAddr::V6(_)) => {
+            ("vip6", format!("{ip} . {} . {}", key.protocol, key.port))
+        }
+    }
+}
+
+impl Dispatch {
+    /// The frontend chain's one rule per family with tasks: mark for masquerade, then
+    /// DNAT to the task the counter picks. The tasks sit in the rule's own map, not in
+    /// a chain each: a table of 10,000 services has no 100,000 task chains to load.
+    fn rules(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (family, nat, addrs) in [("ipv4", "ip", &self.v4), ("ipv6", "ip6", &self.v6)] {
+            if addrs.is_empty() {
+                continue;
+            }
+            let arms: Vec<String> = addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("{i} : {} . {}", a.ip(), a.port()))
+                .collect();
+            out.push(format!(
+                "meta nfproto {family} meta l4proto {} meta mark set meta mark | {MASQUERADE_MARK:#010x} \
+                 dnat {nat} to numgen inc mod {} map {{ {} }}",
+                self.protocol,
+                addrs.len(),
+                arms.join(", ")
+            ));
+        }
+        out
+    }
+
+    fn backends(&self) -> impl Iterator<Item = BackendKey> + '_ {
+        self.v4.iter().chain(&self.v6).map(|a| (*a, self.protocol))
+    }
+
+    fn owner(&self, addr: &SocketAddr) -> BackendOwner {
+        BackendOwner {
+            service: self.service.clone(),
+            task: self.tasks.get(addr).cloned().unwrap_or_default(),
+            drain_timeout: self.drain_timeout,
+        }
+    }
 }
 
 impl Ruleset {
@@ -55,43 +122,127 @@ impl Ruleset {
     /// gets no rule: its packets reach the host's own (closed) port and are refused
     /// at once, as the userspace plane refuses them.
     pub fn from_plan(plan: &Plan) -> Ruleset {
-        let mut frontends = BTreeMap::new();
-        for (key, f) in plan.frontends_of(PlaneKind::Nftables) {
-            let family = |v4: bool| -> Vec<SocketAddr> {
-                f.backends
-                    .iter()
-                    .map(|b| b.addr)
-                    .filter(|a| a.is_ipv4() == v4)
-                    .collect()
-            };
-            let (mut v4, mut v6) = (family(true), family(false));
-            // A VIP is of one family; only tasks of that family can take its packets.
-            match key.listen {
-                Listen::Vip(IpAddr::V4(_)) => v6.clear(),
-                Listen::Vip(IpAddr::V6(_)) => v4.clear(),
-                Listen::Published => {}
+        let mut r = Ruleset::default();
+        for (key, _) in plan.frontends_of(PlaneKind::Nftables) {
+            if let Some(d) = dispatch_for(plan, key) {
+                r.reference(&d, 1);
+                r.frontends.insert(*key, d);
             }
-            if v4.is_empty() && v6.is_empty() {
+        }
+        r
+    }
+
+    /// Counts (`+1`) or uncounts (`-1`) a frontend's jumps to its backends; returns
+    /// the backends that appeared or disappeared.
+    fn reference(&mut self, d: &Dispatch, delta: isize) -> Vec<(BackendKey, BackendOwner)> {
+        let mut flipped = Vec::new();
+        for (b, addr) in d.backends().zip(d.v4.iter().chain(&d.v6)) {
+            if delta > 0 {
+                let entry = self.refs.entry(b).or_insert_with(|| (0, d.owner(addr)));
+                entry.0 += 1;
+                entry.1 = d.owner(addr);
+                if entry.0 == 1 {
+                    flipped.push((b, entry.1.clone()));
+                }
+            } else if let Some(entry) = self.refs.get_mut(&b) {
+                entry.0 = entry.0.saturating_sub(1);
+                if entry.0 == 0 {
+                    let (_, owner) = self.refs.remove(&b).expect("present");
+                    flipped.push((b, owner));
+                }
+            }
+        }
+        flipped
+    }
+
+    /// Moves this ruleset to `plan` at the frontends in `keys` (those the plan diff
+    /// names), returning the commands that make the kernel's table follow. Each
+    /// command touches one frontend or one task, so the cost is what changed.
+    pub fn update(&mut self, plan: &Plan, keys: &[FrontendKey]) -> Update {
+        let mut chains_refill = String::new();
+        let mut elements_out = String::new();
+        let mut elements_in = String::new();
+        let mut chains_gone = String::new();
+        let mut up = Update::default();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut came = Vec::new();
+        let mut went = Vec::new();
+        for key in keys {
+            if !seen.insert(*key) {
                 continue;
             }
-            frontends.insert(
-                *key,
-                Dispatch {
-                    chain: frontend_chain(&f.service, key),
-                    service: f.service.clone(),
-                    protocol: key.protocol,
-                    v4,
-                    v6,
-                    tasks: f
-                        .backends
-                        .iter()
-                        .map(|b| (b.addr, b.task.clone()))
-                        .collect(),
-                    drain_timeout: f.policy.drain_timeout,
-                },
-            );
+            let old = self.frontends.get(key).cloned();
+            let new = dispatch_for(plan, key);
+            if old == new {
+                continue;
+            }
+            let (map, elem) = element(key);
+            if let Some(n) = &new {
+                came.extend(self.reference(n, 1));
+            }
+            if let Some(o) = &old {
+                went.extend(self.reference(o, -1));
+            }
+            match (&old, &new) {
+                (Some(o), Some(n)) if o.chain == n.chain => {
+                    let _ = writeln!(chains_refill, "flush chain inet {TABLE} {}", n.chain);
+                    for rule in n.rules() {
+                        let _ = writeln!(chains_refill, "add rule inet {TABLE} {} {rule}", n.chain);
+                    }
+                }
+                _ => {
+                    if let Some(o) = &old {
+                        let _ = writeln!(
+                            elements_out,
+                            "delete element inet {TABLE} {map} {{ {elem} }}"
+                        );
+                        let _ = writeln!(chains_gone, "flush chain inet {TABLE} {}", o.chain);
+                        let _ = writeln!(chains_gone, "delete chain inet {TABLE} {}", o.chain);
+                    }
+                    if let Some(n) = &new {
+                        let _ = writeln!(chains_refill, "add chain inet {TABLE} {}", n.chain);
+                        for rule in n.rules() {
+                            let _ =
+                                writeln!(chains_refill, "add rule inet {TABLE} {} {rule}", n.chain);
+                        }
+                        let _ = writeln!(
+                            elements_in,
+                            "add element inet {TABLE} {map} {{ {elem} : goto {} }}",
+                            n.chain
+                        );
+                    }
+                }
+            }
+            match new {
+                Some(n) => {
+                    self.frontends.insert(*key, n);
+                }
+                None => {
+                    self.frontends.remove(key);
+                }
+            }
         }
-        Ruleset { frontends }
+        // A backend that went and came back in one update (a task moved between
+        // frontends) neither came nor went.
+        let came_keys: std::collections::BTreeSet<BackendKey> =
+            came.iter().map(|(k, _)| *k).collect();
+        let went_keys: std::collections::BTreeSet<BackendKey> =
+            went.iter().map(|(k, _)| *k).collect();
+        for (b, _) in &came {
+            if !went_keys.contains(b) && self.refs.contains_key(b) {
+                up.added.push(*b);
+            }
+        }
+        for (b, owner) in went {
+            if !came_keys.contains(&b) && !self.refs.contains_key(&b) {
+                up.gone.push((b, owner));
+            }
+        }
+        // Order matters inside the transaction: a chain exists before an element
+        // jumps to it, an element leaves before another takes its key, and a chain is
+        // deleted only once nothing jumps to it.
+        up.script = [chains_refill, elements_out, elements_in, chains_gone].concat();
+        up
     }
 
     pub fn frontends(&self) -> usize {
@@ -100,21 +251,10 @@ impl Ruleset {
 
     /// Every address the table DNATs to, and whose task it is.
     pub fn backends(&self) -> BTreeMap<BackendKey, BackendOwner> {
-        let mut out = BTreeMap::new();
-        for d in self.frontends.values() {
-            for addr in d.v4.iter().chain(&d.v6) {
-                let task = d.tasks.get(addr).cloned().unwrap_or_default();
-                out.insert(
-                    (*addr, d.protocol),
-                    BackendOwner {
-                        service: d.service.clone(),
-                        task,
-                        drain_timeout: d.drain_timeout,
-                    },
-                );
-            }
-        }
-        out
+        self.refs
+            .iter()
+            .map(|(k, (_, o))| (*k, o.clone()))
+            .collect()
     }
 
     /// One `nft -f` transaction that replaces the table atomically: packets see
@@ -128,39 +268,11 @@ impl Ruleset {
         let _ = writeln!(out, "table inet {TABLE} {{");
         self.maps(&mut out);
         self.base_chains(&mut out);
-        let mut backends: BTreeMap<String, (SocketAddr, Protocol)> = BTreeMap::new();
         for d in self.frontends.values() {
             let _ = writeln!(out, "\tchain {} {{", d.chain);
-            for (family, addrs) in [("ipv4", &d.v4), ("ipv6", &d.v6)] {
-                if addrs.is_empty() {
-                    continue;
-                }
-                let arms: Vec<String> = addrs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| {
-                        let chain = backend_chain(a, d.protocol);
-                        backends.insert(chain.clone(), (*a, d.protocol));
-                        format!("{i} : goto {chain}")
-                    })
-                    .collect();
-                let _ = writeln!(
-                    out,
-                    "\t\tmeta nfproto {family} numgen inc mod {} vmap {{ {} }}",
-                    addrs.len(),
-                    arms.join(", ")
-                );
+            for rule in d.rules() {
+                let _ = writeln!(out, "\t\t{rule}");
             }
-            let _ = writeln!(out, "\t}}");
-        }
-        for (chain, (addr, protocol)) in &backends {
-            let _ = writeln!(out, "\tchain {chain} {{");
-            let _ = writeln!(out, "\t\tmeta mark set meta mark | {MASQUERADE_MARK:#010x}");
-            let (family, target) = match addr {
-                SocketAddr::V4(a) => ("ip", a.to_string()),
-                SocketAddr::V6(a) => ("ip6", format!("[{}]:{}", a.ip(), a.port())),
-            };
-            let _ = writeln!(out, "\t\tmeta l4proto {protocol} dnat {family} to {target}");
             let _ = writeln!(out, "\t}}");
         }
         let _ = writeln!(out, "}}");
@@ -172,12 +284,13 @@ impl Ruleset {
         let mut vip4 = Vec::new();
         let mut vip6 = Vec::new();
         for (key, d) in &self.frontends {
-            let element = format!("{} . {} : goto {}", key.protocol, key.port, d.chain);
-            match key.listen {
-                Listen::Published => published.push(element),
-                Listen::Vip(ip @ IpAddr::V4(_)) => vip4.push(format!("{ip} . {element}")),
-                Listen::Vip(ip @ IpAddr::V6(_)) => vip6.push(format!("{ip} . {element}")),
-            }
+            let (map, elem) = element(key);
+            let list = match map {
+                "published" => &mut published,
+                "vip4" => &mut vip4,
+                _ => &mut vip6,
+            };
+            list.push(format!("{elem} : goto {}", d.chain));
         }
         for (name, key_type, elements) in [
             ("published", "inet_proto . inet_service", published),
@@ -221,6 +334,45 @@ impl Ruleset {
         );
         out.push_str("\t}\n");
     }
+}
+
+/// The frontend at `key` as this plane installs it: `None` when the plan gives it to
+/// another plane, or it has no task of a family it can reach.
+fn dispatch_for(plan: &Plan, key: &FrontendKey) -> Option<Dispatch> {
+    let f = plan.frontends.get(key)?;
+    if f.plane != PlaneKind::Nftables {
+        return None;
+    }
+    let family = |v4: bool| -> Vec<SocketAddr> {
+        f.backends
+            .iter()
+            .map(|b| b.addr)
+            .filter(|a| a.is_ipv4() == v4)
+            .collect()
+    };
+    let (mut v4, mut v6) = (family(true), family(false));
+    // A VIP is of one family; only tasks of that family can take its packets.
+    match key.listen {
+        Listen::Vip(IpAddr::V4(_)) => v6.clear(),
+        Listen::Vip(IpAddr::V6(_)) => v4.clear(),
+        Listen::Published => {}
+    }
+    if v4.is_empty() && v6.is_empty() {
+        return None;
+    }
+    Some(Dispatch {
+        chain: frontend_chain(&f.service, key),
+        service: f.service.clone(),
+        protocol: key.protocol,
+        v4,
+        v6,
+        tasks: f
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.task.clone()))
+            .collect(),
+        drain_timeout: f.policy.drain_timeout,
+    })
 }
 
 #[cfg(test)]
@@ -283,26 +435,13 @@ mod tests {
             text.contains("udp . 5353 : goto svc_web_udp_5353"),
             "{text}"
         );
-        assert!(
-            text.contains("meta nfproto ipv4 numgen inc mod 2 vmap { 0 : goto to_10_0_0_1_80_tcp_"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meta nfproto ipv6 numgen inc mod 1 vmap { 0 : goto to_fd00__3_80_tcp_"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meta l4proto tcp dnat ip to 10.0.0.1:80"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meta l4proto udp dnat ip to 10.0.0.2:53"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meta l4proto tcp dnat ip6 to [fd00::3]:80"),
-            "{text}"
-        );
+        for rule in [
+            "meta nfproto ipv4 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2 map { 0 : 10.0.0.1 . 80, 1 : 10.0.0.2 . 80 }",
+            "meta nfproto ipv4 meta l4proto udp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2 map { 0 : 10.0.0.1 . 53, 1 : 10.0.0.2 . 53 }",
+            "meta nfproto ipv6 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1 map { 0 : fd00::3 . 80 }",
+        ] {
+            assert!(text.contains(rule), "{rule} missing from\n{text}");
+        }
         // A VIP of one family goes only to tasks of that family.
         assert!(
             text.contains(&format!("{v4} . tcp . 80 : goto svc_web_vip_tcp_80_")),
