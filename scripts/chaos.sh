@@ -39,7 +39,7 @@ if [ -n "$long" ] && [ "$status" -eq 0 ]; then
     echo "wrote bench/results/chaos.md" >&2
 fi
 if [ "$status" -ne 0 ]; then
-    grep -E 'panicked|timed out|SKIPPED' "$out" | head -5 >&2 || true
+    grep -E -A3 'panicked|timed out|SKIPPED' "$out" | head -20 >&2 || true
     echo "the chaos suite failed" >&2
 fi
 exit "$status"

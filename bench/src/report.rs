@@ -442,13 +442,14 @@ fn soak(out: &mut String, s: &SoakResults) {
     );
     let _ = writeln!(
         out,
-        "\n{} task changes and {} HTTP requests ({} failed). About 200 of the descriptors \
+        "\n{} task changes, {} API calls of the churn that failed or timed out, and {} HTTP \
+         requests ({} failed). About 200 of the descriptors \
          are the UDP flows alive at any time (one socket each, until their idle timeout). \
          A failed request is one that reached a backend's accept queue just before the \
          backend closed its listener: the kernel had completed the handshake, so the \
          proxy's connect succeeded and the reset came after the request was forwarded, \
          when no L4 proxy can retry it.\n",
-        last.task_changes, last.requests, last.failed_requests
+        last.task_changes, last.api_errors, last.requests, last.failed_requests
     );
     let _ = writeln!(out, "![soak](plots/soak.png)\n");
 }

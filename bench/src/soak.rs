@@ -25,6 +25,9 @@ pub struct Sample {
     pub requests: u64,
     pub failed_requests: u64,
     pub task_changes: u64,
+    /// API calls of the churn that failed or timed out (the agent's limit is 30 s).
+    #[serde(default)]
+    pub api_errors: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,6 +186,7 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut changes = 0u64;
+    let mut api_errors = 0u64;
     let mut next_sample = started;
     let mut tick = 0u64;
     while started.elapsed() < Duration::from_secs(minutes * 60) {
@@ -195,11 +199,18 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
                 requests: requests.load(Ordering::Relaxed),
                 failed_requests: failed.load(Ordering::Relaxed),
                 task_changes: changes,
+                api_errors,
             });
             let s = samples.last().expect("pushed");
             eprintln!(
-                "  soak minute {}: rss {} KiB, {} fds, {} requests ({} failed), {} task changes",
-                s.minute, s.rss_kib, s.fds, s.requests, s.failed_requests, s.task_changes
+                "  soak minute {}: rss {} KiB, {} fds, {} requests ({} failed), {} task changes, {} API errors",
+                s.minute,
+                s.rss_kib,
+                s.fds,
+                s.requests,
+                s.failed_requests,
+                s.task_changes,
+                s.api_errors
             );
             next_sample += Duration::from_secs(60);
         }
@@ -208,13 +219,31 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
         // the one flapping) the old one is removed.
         let slot = (tick % 4) as usize;
         let id = format!("web-{tick}");
-        add_task(&mut api, &id, ports[slot])?;
-        wait_healthy(&mut api, &id, Duration::from_secs(3))?;
-        if let Some(old) = previous[slot].replace(id) {
-            api.call("DELETE", &format!("/v1/services/web/tasks/{old}"), "")
-                .context("remove a task")?;
+        // An API call that fails is counted and the churn goes on: the soak is about
+        // what grows, and a slow write under a busy disk is a figure, not the end.
+        let step = (|| -> Result<()> {
+            add_task(&mut api, &id, ports[slot])?;
+            wait_healthy(&mut api, &id, Duration::from_secs(3))?;
+            if let Some(old) = previous[slot].replace(id.clone()) {
+                let (status, reply) = api
+                    .call("DELETE", &format!("/v1/services/web/tasks/{old}"), "")
+                    .context("remove a task")?;
+                anyhow::ensure!(
+                    (200..300).contains(&status) || status == 404,
+                    "removing task {old} answered {status}: {reply}"
+                );
+            }
+            Ok(())
+        })();
+        match step {
+            Ok(()) => changes += 2,
+            Err(e) => {
+                api_errors += 1;
+                eprintln!("  soak: {e:#}");
+                // A fresh connection: the old one may be mid-answer.
+                api = Conn::new(&agent.socket);
+            }
         }
-        changes += 2;
         // Every 30 s one backend goes down for 5 s: its task flaps unhealthy and back.
         let flap = ((tick / 30) % 4) as usize;
         ups[flap].store(tick % 30 >= 5, Ordering::Relaxed);

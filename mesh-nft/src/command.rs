@@ -8,9 +8,11 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-/// How long one run may take before it is killed: a 10,000-service table loads in
-/// well under this.
+/// How long one run may take before it is killed, plus [`PER_MB`] for each MB of
+/// input: a table of 10,000 services is 8 MB, and nft parses it on one CPU that may
+/// be busy.
 const TIMEOUT: Duration = Duration::from_secs(60);
+const PER_MB: Duration = Duration::from_secs(20);
 
 /// The most of a tool's stderr kept in an error.
 const MAX_ERROR: usize = 4096;
@@ -70,6 +72,7 @@ impl Program {
 
     /// Runs the program with `args` and `input` on stdin; returns stdout.
     pub async fn run(&self, args: &[&str], input: &str) -> Result<String, CommandError> {
+        let limit = TIMEOUT + PER_MB.mul_f64(input.len() as f64 / 1e6);
         let joined = self
             .leading
             .iter()
@@ -107,12 +110,12 @@ impl Program {
             Ok::<_, CommandError>(out)
         };
         let out =
-            tokio::time::timeout(TIMEOUT, work)
+            tokio::time::timeout(limit, work)
                 .await
                 .map_err(|_| CommandError::Timeout {
                     program: self.program.clone(),
                     args: joined.clone(),
-                    secs: TIMEOUT.as_secs(),
+                    secs: limit.as_secs(),
                 })??;
         if !out.status.success() {
             let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
