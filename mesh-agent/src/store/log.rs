@@ -40,7 +40,11 @@ pub struct Log {
     len: u64,
     /// A failed append could not be undone: appending more would corrupt it.
     poisoned: bool,
+    slow_log: mesh_core::log_limit::LogLimit,
 }
+
+/// A write to disk slower than this is logged.
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Log {
     pub fn new(path: PathBuf) -> Self {
@@ -51,6 +55,7 @@ impl Log {
             entries: 0,
             len: 0,
             poisoned: false,
+            slow_log: mesh_core::log_limit::LogLimit::default(),
         }
     }
 
@@ -147,10 +152,24 @@ impl Log {
             buf.push(b'\n');
         }
         let len = self.len;
+        let started = std::time::Instant::now();
         let result = self.file().and_then(|f| {
             f.write_all(&buf)?;
             f.sync_data()
         });
+        let took = started.elapsed();
+        // A write waits for the disk before it is answered; when the disk is that slow
+        // (another process's writeback), say so, or a slow API has no visible cause.
+        if took >= SLOW_SYNC
+            && let Some(suppressed) = self.slow_log.allow("sync", std::time::Instant::now())
+        {
+            tracing::warn!(
+                path = %self.path.display(),
+                took_ms = took.as_millis() as u64,
+                suppressed,
+                "writing the state log to disk was slow; API writes wait for it"
+            );
+        }
         if let Err(source) = result {
             // Undo the partial append, so the log never holds a torn line in the
             // middle.
