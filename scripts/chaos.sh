@@ -22,10 +22,10 @@ set -e
 table() {
     echo "| phase | requests | failed | slow (>= 1 s) | slowest (ms) | notes |"
     echo "| --- | --- | --- | --- | --- | --- |"
-    grep '^CHAOS |' "$out" | sed -e 's/^CHAOS /|/' -e 's/$/ |/' || true
+    grep '^CHAOS |' "$out" | sed -e 's/^CHAOS //' -e 's/$/ |/' || true
 }
 table
-if [ -n "$long" ] && [ "$status" -eq 0 ]; then
+if [ -n "$long" ]; then
     {
         echo "_$(date -u +%Y-%m-%d) · $(nproc) CPUs, $(uname -r) · commit \`$(git rev-parse --short HEAD)\`_"
         echo
@@ -35,6 +35,12 @@ if [ -n "$long" ] && [ "$status" -eq 0 ]; then
         echo "retransmitted). Loss is 5% each way on every link between the hosts."
         echo
         table
+        if [ "$status" -ne 0 ]; then
+            echo
+            echo "The run stopped at a failed assertion:"
+            echo
+            grep -E -A2 'panicked' "$out" | sed 's/^/    /' | head -6 || true
+        fi
     } > bench/results/chaos.md
     echo "wrote bench/results/chaos.md" >&2
 fi

@@ -366,33 +366,7 @@ mod tests {
     }
 
     fn plan(healthy: &[&str]) -> Plan {
-        let mut r = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
-        r.create_service(
-            ServiceSpec::new(
-                "web",
-                vec![PortSpec::tcp(Some(8080), 80), PortSpec::udp(Some(5353), 53)],
-            ),
-            0,
-        )
-        .unwrap();
-        for (id, ip) in [
-            ("web.1", "10.0.0.1"),
-            ("web.2", "10.0.0.2"),
-            ("web.3", "fd00::3"),
-        ] {
-            r.add_task(
-                TaskSpec::new("web", id, ip.parse().unwrap()),
-                TaskSource::Api,
-                0,
-            )
-            .unwrap();
-            let h = if healthy.contains(&id) {
-                Health::Healthy
-            } else {
-                Health::Unhealthy
-            };
-            r.set_health("web", id, h, 0);
-        }
+        let r = crate::ruleset::tests::replica_with(healthy);
         let host = Host {
             plane: PlaneKind::Nftables,
             features: Features::NONE,

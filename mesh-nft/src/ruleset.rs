@@ -376,7 +376,7 @@ fn dispatch_for(plan: &Plan, key: &FrontendKey) -> Option<Dispatch> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use mesh_core::plan::{Features, Host};
     use mesh_core::replica::{Replica, ReplicaConfig};
@@ -394,6 +394,12 @@ mod tests {
     }
 
     fn replica() -> Replica {
+        replica_with(&["web.1", "web.2", "web.3"])
+    }
+
+    /// `web` (8080/tcp and 5353/udp published) with web.1, web.2 (IPv4) and web.3
+    /// (IPv6); those in `healthy` are healthy, the others not.
+    pub(crate) fn replica_with(healthy: &[&str]) -> Replica {
         let mut r = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
         r.create_service(
             ServiceSpec::new(
@@ -414,7 +420,12 @@ mod tests {
                 0,
             )
             .unwrap();
-            r.set_health("web", id, Health::Healthy, 0);
+            let h = if healthy.contains(&id) {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            };
+            r.set_health("web", id, h, 0);
         }
         r
     }
