@@ -10,6 +10,7 @@ use crate::api::{ApiResults, RATIO_LIMIT, WARMUP};
 use crate::dataplane::{DataplaneResults, Summary, Workload};
 use crate::dns::DnsResults;
 use crate::gossip::GossipResults;
+use crate::nft_scale::NftScaleResults;
 use crate::soak::SoakResults;
 use crate::stats::RunInfo;
 use crate::targets::Target;
@@ -22,6 +23,7 @@ pub struct Inputs {
     pub api: Option<ApiResults>,
     pub withdrawal: Option<WithdrawalResults>,
     pub soak: Option<SoakResults>,
+    pub nft_scale: Option<NftScaleResults>,
 }
 
 fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
@@ -43,6 +45,7 @@ impl Inputs {
             api: read(&dir.join("api.json"))?,
             withdrawal: read(&dir.join("withdrawal.json"))?,
             soak: read(&dir.join("soak.json"))?,
+            nft_scale: read(&dir.join("nft_scale.json"))?,
         })
     }
 }
@@ -393,6 +396,29 @@ fn withdrawal(out: &mut String, w: &WithdrawalResults) {
     let _ = writeln!(out);
 }
 
+fn nft_scale(out: &mut String, n: &NftScaleResults) {
+    let _ = writeln!(out, "## nftables plane: apply time at scale\n");
+    run_line(out, "Measured", &n.run);
+    let _ = writeln!(
+        out,
+        "`mesh-bench nft-scale`: the real plane (`NftPlane::apply`) in a namespace of its own, \
+         {} services with {} tasks each, a published port and a VIP per service ({} \
+         frontends, {:.1} MB of rules). Goals: under 1 s from empty, under 10 ms for a \
+         one-task change.\n",
+        n.services,
+        n.tasks_per_service,
+        n.frontends,
+        n.ruleset_bytes as f64 / 1e6
+    );
+    let _ = writeln!(out, "| from empty | one task changed | nothing changed |");
+    let _ = writeln!(out, "| --- | --- | --- |");
+    let _ = writeln!(
+        out,
+        "| {:.0} ms | {:.1} ms | {:.3} ms |\n",
+        n.from_empty_ms, n.one_change_ms, n.unchanged_ms
+    );
+}
+
 fn soak(out: &mut String, s: &SoakResults) {
     let _ = writeln!(out, "## Soak: {} minutes of churn\n", s.minutes);
     run_line(out, "Measured", &s.run);
@@ -492,6 +518,9 @@ pub fn write(dir: &Path, bench_dir: &Path, inputs: &Inputs) -> Result<()> {
     }
     if let Some(s) = &inputs.soak {
         soak(&mut out, s);
+    }
+    if let Some(n) = &inputs.nft_scale {
+        nft_scale(&mut out, n);
     }
     let results = bench_dir.join("RESULTS.md");
     std::fs::write(&results, out).with_context(|| format!("write {}", results.display()))?;
