@@ -174,6 +174,40 @@ async fn half_close_propagates_both_ways() {
     assert_eq!(read_until_closed(&mut s).await, b"ping");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_from_the_task_reaches_the_client_as_a_reset() {
+    // The task sends part of an answer and resets the connection: the client must
+    // see the reset, not a clean end that makes the cut-off answer look whole.
+    let server = Backend::spawn(|s| async move {
+        let mut buf = [0u8; 64];
+        let mut s = s;
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.0 200 OK\r\n\r\npart").await.unwrap();
+        s.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    })
+    .await;
+    let port = free_port(Protocol::Tcp);
+    let mut d = Desired::new();
+    d.service(tcp_service("cut", port))
+        .task("cut", "c.1", server.addr);
+    let (mut plane, _, _) = plane();
+    plane.apply(&d.snapshot()).await;
+
+    let mut s = TcpStream::connect(local(port)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got))
+        .await
+        .expect("the connection ends");
+    let err = end.expect_err("a reset, not a clean end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
