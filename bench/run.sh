@@ -40,7 +40,10 @@ for part in $ONLY; do
         dns) echo "== DNS"; $BENCH dns --reps "${REPS:-5}" --secs "${DNS_SECS:-5}" --out "$OUT" ;;
         gossip) echo "== gossip (simulator)"; $BENCH gossip --sizes "${GOSSIP_SIZES:-100:30,1000:10}" --out "$OUT" ;;
         api) echo "== API write cost"; $BENCH api --out "$OUT" ;;
-        *) echo "unknown part $part (dataplane, dns, gossip, api)" >&2; exit 2 ;;
+        withdrawal) echo "== withdrawal (simulator, ~40 min)"; $BENCH withdrawal --sizes "${WITHDRAWAL_SIZES:-3:1000,100:40,1000:20}" --out "$OUT" ;;
+        soak) echo "== soak (${SOAK_MINUTES:-60} min)"; $BENCH soak --minutes "${SOAK_MINUTES:-60}" --out "$OUT" ;;
+        nft-scale) echo "== nftables apply at scale"; $BENCH nft-scale --services "${NFT_SERVICES:-10000}" --tasks 10 --out "$OUT" ;;
+        *) echo "unknown part $part (dataplane, dns, gossip, api, withdrawal, soak, nft-scale)" >&2; exit 2 ;;
     esac
 done
 $BENCH report --results "$OUT" --bench-dir bench
