@@ -25,5 +25,5 @@ for t in "${targets[@]}"; do
     echo "== $t: ${secs}s"
     RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" --fuzz-dir fuzz "fuzz/corpus/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 |
-        grep -E '^(#[0-9]+ +DONE|stat::|Done|==[0-9]+== ERROR|SUMMARY)' || true
+        grep -E '^(#[0-9]+[[:space:]]+DONE|stat::|Done|==[0-9]+== ERROR|SUMMARY)' || true
 done
