@@ -109,6 +109,8 @@ fn free_port() -> u16 {
 }
 
 pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
+    // The tree as it is when the run starts: an hour later it may have moved on.
+    let run_info = RunInfo::collect();
     let stop = Arc::new(AtomicBool::new(false));
     let ups: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(true))).collect();
     let names = ["soak-a", "soak-b", "soak-c", "soak-d"];
@@ -255,7 +257,7 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
         let _ = c.join();
     }
     Ok(SoakResults {
-        run: RunInfo::collect(),
+        run: run_info,
         minutes,
         samples,
     })

@@ -132,6 +132,8 @@ pub fn run(
     quiet_secs: u64,
     timers: Timers,
 ) -> Result<WithdrawalResults> {
+    // The tree as it is when the run starts: the run takes the better part of an hour.
+    let run_info = RunInfo::collect();
     let mut rows = Vec::new();
     for &(nodes, crashes) in sizes {
         for &loss in losses {
@@ -150,7 +152,7 @@ pub fn run(
         }
     }
     Ok(WithdrawalResults {
-        run: RunInfo::collect(),
+        run: run_info,
         timers,
         rows,
     })
