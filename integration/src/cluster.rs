@@ -90,6 +90,20 @@ impl Cluster {
         ]);
     }
 
+    /// The `[cluster]` section of host `i`'s config: gossip on its address, joining
+    /// through host 0, sealed with `key`.
+    pub fn cluster_config(&self, i: usize, key: &str) -> String {
+        let me = &self.hosts[i].ip;
+        let join = if i == 0 {
+            String::new()
+        } else {
+            format!("join = [\"{}:7946\"]\n", self.hosts[0].ip)
+        };
+        format!(
+            "[cluster]\nbind = \"{me}:7946\"\n{join}keys = [\"{key}\"]\nanti_entropy = \"2s\"\n"
+        )
+    }
+
     /// GET / from the client namespace; the body, or None on failure.
     pub fn get(&self, addr: &str) -> Option<String> {
         let out = self

@@ -19,20 +19,15 @@ fn long() -> bool {
 
 fn config(c: &Cluster, i: usize, key: &str) -> String {
     let me = &c.hosts[i].ip;
-    let join = if i == 0 {
-        String::new()
-    } else {
-        format!("join = [\"{}:7946\"]\n", c.hosts[0].ip)
-    };
     // Tasks declared in the config: a restart brings them back by itself.
     format!(
-        "[cluster]\nbind = \"{me}:7946\"\n{join}keys = [\"{key}\"]\nanti_entropy = \"2s\"\n\
-         [[service]]\nname = \"web\"\nports = [{{ published = 8080, target = 8000 }}]\n\
+        "{}[[service]]\nname = \"web\"\nports = [{{ published = 8080, target = 8000 }}]\n\
          health = {{ check = \"tcp\", interval = \"500ms\" }}\ndrain_timeout = \"2s\"\n\
          [[service]]\nname = \"dns\"\nports = [{{ published = 5353, target = 5300, protocol = \"udp\" }}]\n\
          health = {{ check = \"none\" }}\ndrain_timeout = \"2s\"\n\
          [[task]]\nservice = \"web\"\nid = \"web.{n}\"\nip = \"{me}\"\n\
          [[task]]\nservice = \"dns\"\nid = \"dns.{n}\"\nip = \"{me}\"\n",
+        c.cluster_config(i, key),
         n = i + 1
     )
 }

@@ -11,14 +11,9 @@ use integration::*;
 
 fn config(c: &Cluster, i: usize, key: &str) -> String {
     let me = &c.hosts[i].ip;
-    let join = if i == 0 {
-        String::new()
-    } else {
-        format!("join = [\"{}:7946\"]\n", c.hosts[0].ip)
-    };
     format!(
-        "[cluster]\nbind = \"{me}:7946\"\n{join}keys = [\"{key}\"]\nanti_entropy = \"2s\"\n\
-         [dns]\nlisten = [\"{me}:53\"]\nupstreams = []\nallow = [\"10.77.0.0/24\", \"127.0.0.0/8\"]\n"
+        "{}[dns]\nlisten = [\"{me}:53\"]\nupstreams = []\nallow = [\"10.77.0.0/24\", \"127.0.0.0/8\"]\n",
+        c.cluster_config(i, key)
     )
 }
 

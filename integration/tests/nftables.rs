@@ -21,6 +21,21 @@ fn tally(c: &Cluster, addr: &str, n: usize) -> BTreeMap<String, usize> {
     seen
 }
 
+/// An agent on `host` with the nftables plane.
+fn nft_agent(host: &integration::cluster::Host, config: &str) -> Agent {
+    Agent::start_named_in(
+        &host.ns,
+        "host1",
+        Some(config),
+        &[
+            "--dataplane",
+            "nftables",
+            "--bind",
+            &format!("{}:7946", host.ip),
+        ],
+    )
+}
+
 fn has_table(ns: &integration::netns::Netns) -> bool {
     ns.command("nft")
         .args(["list", "table", "inet", "mesh"])
@@ -44,17 +59,7 @@ fn nftables_balances_in_the_kernel_survives_the_agent_and_cleans_up() {
                   health = { check = \"tcp\", interval = \"200ms\" }\n\
                   [[service]]\nname = \"pp\"\nports = [{ published = 8081, target = 8000 }]\n\
                   proxy_protocol = \"v2\"\nhealth = { check = \"none\" }\n";
-    let mut agent = Agent::start_named_in(
-        &h1.ns,
-        "host1",
-        Some(config),
-        &[
-            "--dataplane",
-            "nftables",
-            "--bind",
-            &format!("{}:7946", h1.ip),
-        ],
-    );
+    let mut agent = nft_agent(h1, config);
     for (id, addr) in [
         ("web.1", format!("{}:8001", h1.ip)),
         ("web.2", format!("{}:8002", h1.ip)),
@@ -258,17 +263,7 @@ fn a_udp_flow_moves_when_its_task_is_removed() {
     let _u2 = integration::load::spawn_in(&h1.ns, &bin, &["--udp", "u.2", "5302", &h1.ip]);
     let config = "[[service]]\nname = \"dns\"\nports = [{ published = 5353, target = 5300, protocol = \"udp\" }]\n\
                   health = { check = \"none\" }\n";
-    let agent = Agent::start_named_in(
-        &h1.ns,
-        "host1",
-        Some(config),
-        &[
-            "--dataplane",
-            "nftables",
-            "--bind",
-            &format!("{}:7946", h1.ip),
-        ],
-    );
+    let agent = nft_agent(h1, config);
     for (id, port) in [("u.1", 5301), ("u.2", 5302)] {
         assert_ok(agent.cli(&[
             "task",

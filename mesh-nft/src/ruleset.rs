@@ -104,10 +104,6 @@ impl Dispatch {
         out
     }
 
-    fn backends(&self) -> impl Iterator<Item = BackendKey> + '_ {
-        self.v4.iter().chain(&self.v6).map(|a| (*a, self.protocol))
-    }
-
     fn owner(&self, addr: &SocketAddr) -> BackendOwner {
         BackendOwner {
             service: self.service.clone(),
@@ -125,22 +121,24 @@ impl Ruleset {
         let mut r = Ruleset::default();
         for (key, _) in plan.frontends_of(PlaneKind::Nftables) {
             if let Some(d) = dispatch_for(plan, key) {
-                r.reference(&d, 1);
+                r.reference(&d, true);
                 r.frontends.insert(*key, d);
             }
         }
         r
     }
 
-    /// Counts (`+1`) or uncounts (`-1`) a frontend's jumps to its backends; returns
+    /// Counts (`add`) or uncounts a frontend's jumps to its backends; returns
     /// the backends that appeared or disappeared.
-    fn reference(&mut self, d: &Dispatch, delta: isize) -> Vec<(BackendKey, BackendOwner)> {
+    fn reference(&mut self, d: &Dispatch, add: bool) -> Vec<(BackendKey, BackendOwner)> {
         let mut flipped = Vec::new();
-        for (b, addr) in d.backends().zip(d.v4.iter().chain(&d.v6)) {
-            if delta > 0 {
-                let entry = self.refs.entry(b).or_insert_with(|| (0, d.owner(addr)));
+        for addr in d.v4.iter().chain(&d.v6) {
+            let b = (*addr, d.protocol);
+            if add {
+                let owner = d.owner(addr);
+                let entry = self.refs.entry(b).or_insert((0, owner.clone()));
                 entry.0 += 1;
-                entry.1 = d.owner(addr);
+                entry.1 = owner;
                 if entry.0 == 1 {
                     flipped.push((b, entry.1.clone()));
                 }
@@ -178,10 +176,10 @@ impl Ruleset {
             }
             let (map, elem) = element(key);
             if let Some(n) = &new {
-                came.extend(self.reference(n, 1));
+                came.extend(self.reference(n, true));
             }
             if let Some(o) = &old {
-                went.extend(self.reference(o, -1));
+                went.extend(self.reference(o, false));
             }
             match (&old, &new) {
                 (Some(o), Some(n)) if o.chain == n.chain => {

@@ -19,6 +19,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 
+use integration::load::unix_ms;
+
 fn get(addr: &str) -> ! {
     use std::io::Read;
     let result = (|| -> std::io::Result<String> {
@@ -137,12 +139,6 @@ fn udp_ask(addr: &str, count: usize) -> ! {
         }
     }
     std::process::exit(if answered == count { 0 } else { 1 })
-}
-
-fn unix_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }
 
 fn one_http(addr: &str) -> Result<String, String> {
