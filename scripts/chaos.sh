@@ -32,7 +32,8 @@ if [ -n "$long" ]; then
         echo "Three agents in network namespaces; a client sends 40 HTTP requests and 20 DNS"
         echo "queries (UDP, through the mesh to dnsmasq) a second to one host's published ports"
         echo "throughout. \"Slow\" requests succeeded after a second or more (a lost SYN"
-        echo "retransmitted). Loss is 5% each way on every link between the hosts."
+        echo "retransmitted). Loss is 5% of the packets between hosts, dropped by the switch they"
+        echo "share (a lossy wire); the client's own link is clean."
         echo
         table
         if [ "$status" -ne 0 ]; then

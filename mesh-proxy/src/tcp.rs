@@ -126,7 +126,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<ListenerShared>
             debug!(service = %route.service, client = %peer, "idle_timeout passed; connection closed")
         }
         End::Error(e) => {
-            debug!(service = %route.service, client = %peer, error = %e, "connection ended with an error");
+            debug!(service = %route.service, task = %backend.slot.id, client = %peer, error = %e, "connection ended with an error");
             // A reset on one leg becomes a reset on the other: closed with a FIN, a
             // cut-off answer would look complete to the client.
             refuse(client);

@@ -313,7 +313,9 @@ fn main() {
         let Ok(mut stream) = stream else { continue };
         let name = name.clone();
         std::thread::spawn(move || {
-            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+            // As patient as nginx's client_header_timeout (60 s) and as the load
+            // client: under packet loss a request can take over 10 s to arrive.
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
             // Read the request head if one comes; health checks and clients both send one.
             let mut reader = BufReader::new(stream.try_clone().expect("clone"));
             let mut line = String::new();
