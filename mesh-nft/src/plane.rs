@@ -453,8 +453,10 @@ mod tests {
             .await
             .unwrap();
         assert!(listed.contains("10.0.0.1 . 80"), "{listed}");
+        assert!(listed.contains("fd00::3 . 80"), "{listed}");
         assert!(
-            listed.contains("dnat ip6 to numgen inc mod 1 map { 0 : fd00::3 . 80 }"),
+            listed.contains("meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1 ")
+                && listed.contains("map @tasks_tcp6_0"),
             "{listed}"
         );
         assert!(listed.contains("numgen inc mod 2"), "{listed}");
@@ -525,21 +527,71 @@ mod tests {
                 _ => {}
             }
         }
+        // Which slot of which task map a frontend uses depends on the order frontends
+        // came in, so each counter's lookup is compared by the tasks it reaches.
+        let items: Vec<serde_json::Value> = v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                let mut i = i.clone();
+                strip(&mut i);
+                i
+            })
+            .collect();
+        let mut task_maps: BTreeMap<String, BTreeMap<u64, String>> = BTreeMap::new();
+        for m in items.iter().filter_map(|i| i.get("map")) {
+            let name = m["name"].as_str().unwrap();
+            if name.starts_with("tasks_") {
+                let elems = task_maps.entry(format!("@{name}")).or_default();
+                for e in m["elem"].as_array().into_iter().flatten() {
+                    elems.insert(e[0].as_u64().expect("a counter key"), e[1].to_string());
+                }
+            }
+        }
+        fn resolve(v: &mut serde_json::Value, maps: &BTreeMap<String, BTreeMap<u64, String>>) {
+            if let Some(m) = v.get("map")
+                && let (Some(n), Some(name)) = (m["key"].get("numgen"), m["data"].as_str())
+            {
+                let (modulus, offset) = (
+                    n["mod"].as_u64().unwrap(),
+                    n["offset"].as_u64().unwrap_or(0),
+                );
+                let tasks: Vec<String> = (offset..offset + modulus)
+                    .map(|k| {
+                        maps.get(name)
+                            .and_then(|e| e.get(&k))
+                            .cloned()
+                            .unwrap_or_else(|| "MISSING".into())
+                    })
+                    .collect();
+                *v = serde_json::json!({ "round_robin": tasks });
+                return;
+            }
+            match v {
+                serde_json::Value::Object(m) => m.values_mut().for_each(|x| resolve(x, maps)),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(|x| resolve(x, maps)),
+                _ => {}
+            }
+        }
         let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut maps: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for item in v["nftables"].as_array().into_iter().flatten() {
-            let mut item = item.clone();
-            strip(&mut item);
+        for mut item in items {
             if let Some(c) = item.get("chain") {
                 chains
                     .entry(c["name"].as_str().unwrap().to_string())
                     .or_default();
-            } else if let Some(r) = item.get("rule") {
+            } else if let Some(r) = item.get_mut("rule") {
+                resolve(&mut r["expr"], &task_maps);
                 chains
                     .entry(r["chain"].as_str().unwrap().to_string())
                     .or_default()
                     .push(r["expr"].to_string());
             } else if let Some(m) = item.get("map") {
+                let name = m["name"].as_str().unwrap();
+                if name.starts_with("tasks_") {
+                    continue;
+                }
                 let mut elems: Vec<String> = m["elem"]
                     .as_array()
                     .into_iter()
@@ -547,7 +599,7 @@ mod tests {
                     .map(|e| e.to_string())
                     .collect();
                 elems.sort();
-                maps.insert(m["name"].as_str().unwrap().to_string(), elems);
+                maps.insert(name.to_string(), elems);
             }
         }
         format!("{chains:#?}\n{maps:#?}")

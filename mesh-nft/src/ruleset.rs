@@ -3,6 +3,16 @@
 //! [`Ruleset::update`] moves the ruleset to a new plan one changed frontend at a time
 //! and returns just the commands for what changed, so an apply costs what changed, as
 //! in kube-proxy's nftables mode.
+//!
+//! Where the tasks live decides what a large table costs to load. The kernel finds a
+//! set by walking the table's list of sets, once for each set created, each rule that
+//! looks one up and each batch of elements; and every element added to a map is
+//! checked against every rule bound to it. So one set per frontend costs the square of
+//! the frontends (10,000 anonymous maps took 134 s; as many named ones, 6.9 s), and
+//! one map for all of them costs elements × rules (17 s). Frontends therefore share a
+//! task map in groups of [`GROUP`]: each frontend owns a slot in its group's map, and
+//! its counter counts from the slot's base (`numgen inc mod N offset BASE`), so its
+//! round robin stays its own.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,6 +26,14 @@ use crate::names::frontend_chain;
 /// The table's name, in family `inet` (IPv4 and IPv6 in one table).
 pub const TABLE: &str = "mesh";
 
+/// Frontends per task map: few enough that an element is checked against few rules,
+/// many enough that the table holds few sets.
+pub const GROUP: u32 = 16;
+
+/// Each frontend's share of its group's key space: the counter of slot `s` runs from
+/// `(s % GROUP) << SLOT_BITS`, so a frontend can hold up to 2^20 tasks per family.
+const SLOT_BITS: u32 = 20;
+
 /// The packet-mark bit that asks for masquerade on the way out. kube-proxy uses
 /// 0x4000; ours is another bit so both can run on one host.
 pub const MASQUERADE_MARK: u32 = 0x0010_0000;
@@ -25,6 +43,8 @@ pub const MASQUERADE_MARK: u32 = 0x0010_0000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Dispatch {
     chain: String,
+    /// Where its tasks sit in the task maps; kept while the frontend lives.
+    slot: u32,
     service: String,
     protocol: Protocol,
     v4: Vec<SocketAddr>,
@@ -50,6 +70,10 @@ pub struct BackendOwner {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     frontends: BTreeMap<FrontendKey, Dispatch>,
+    /// Slots freed by frontends that went, lowest first, so groups stay dense.
+    free: std::collections::BTreeSet<u32>,
+    /// One past the highest slot ever given.
+    next_slot: u32,
     /// Each DNAT chain, with how many frontend chains jump to it.
     refs: BTreeMap<BackendKey, (usize, BackendOwner)>,
 }
@@ -78,30 +102,90 @@ fn element(key: &FrontendKey) -> (&'static str, String) {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    fn nfproto(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The task map of the group that holds `slot`, for one protocol.
+    fn map(self, protocol: Protocol, slot: u32) -> String {
+        let v = match self {
+            Family::V4 => 4,
+            Family::V6 => 6,
+        };
+        format!("tasks_{protocol}{v}_{}", slot / GROUP)
+    }
+
+    fn declaration(self, protocol: Protocol) -> String {
+        // `typeof` because the counter's type has no fixed-size name to declare. The
+        // port is the protocol's own (`tcp dport`), not `th dport`: nft 1.0.6 reads a
+        // `th` type back from the kernel and then refuses a rule that matched tcp.
+        let addr = match self {
+            Family::V4 => "ip daddr",
+            Family::V6 => "ip6 daddr",
+        };
+        format!("typeof numgen inc mod 2 : {addr} . {protocol} dport")
+    }
+}
+
+fn element_text(key: u32, addr: &SocketAddr) -> String {
+    format!("{key} : {} . {}", addr.ip(), addr.port())
+}
+
 impl Dispatch {
     /// The frontend chain's one rule per family with tasks: mark for masquerade, then
-    /// DNAT to the task the counter picks. The tasks sit in the rule's own map, not in
-    /// a chain each: a table of 10,000 services has no 100,000 task chains to load.
+    /// DNAT to the task the counter picks. The tasks sit in the group's map, not in a
+    /// chain each: a table of 10,000 services has no 100,000 task chains to load.
     fn rules(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (family, nat, addrs) in [("ipv4", "ip", &self.v4), ("ipv6", "ip6", &self.v6)] {
+        for (family, nat, addrs) in [(Family::V4, "ip", &self.v4), (Family::V6, "ip6", &self.v6)] {
             if addrs.is_empty() {
                 continue;
             }
-            let arms: Vec<String> = addrs
-                .iter()
-                .enumerate()
-                .map(|(i, a)| format!("{i} : {} . {}", a.ip(), a.port()))
-                .collect();
+            // Written as `nft list` prints it, which leaves out a zero offset.
+            let offset = match self.base() {
+                0 => String::new(),
+                b => format!(" offset {b}"),
+            };
             out.push(format!(
-                "meta nfproto {family} meta l4proto {} meta mark set meta mark | {MASQUERADE_MARK:#010x} \
-                 dnat {nat} to numgen inc mod {} map {{ {} }}",
+                "meta nfproto {} meta l4proto {} meta mark set meta mark | {MASQUERADE_MARK:#010x} \
+                 dnat {nat} to numgen inc mod {}{offset} map @{}",
+                family.nfproto(),
                 self.protocol,
                 addrs.len(),
-                arms.join(", ")
+                family.map(self.protocol, self.slot)
             ));
         }
         out
+    }
+
+    /// The first key of this frontend's slot in its group's map.
+    fn base(&self) -> u32 {
+        (self.slot % GROUP) << SLOT_BITS
+    }
+
+    /// The map elements of one family: the counter's value, then the task.
+    fn elements(&self, family: Family) -> Vec<(u32, SocketAddr)> {
+        let addrs = match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        };
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (self.base() + i as u32, *a))
+            .collect()
     }
 
     fn owner(&self, addr: &SocketAddr) -> BackendOwner {
@@ -120,12 +204,21 @@ impl Ruleset {
     pub fn from_plan(plan: &Plan) -> Ruleset {
         let mut r = Ruleset::default();
         for (key, _) in plan.frontends_of(PlaneKind::Nftables) {
-            if let Some(d) = dispatch_for(plan, key) {
+            if let Some(mut d) = dispatch_for(plan, key) {
+                d.slot = r.take_slot();
                 r.reference(&d, true);
                 r.frontends.insert(*key, d);
             }
         }
         r
+    }
+
+    fn take_slot(&mut self) -> u32 {
+        if let Some(slot) = self.free.pop_first() {
+            return slot;
+        }
+        self.next_slot += 1;
+        self.next_slot - 1
     }
 
     /// Counts (`add`) or uncounts a frontend's jumps to its backends; returns
@@ -157,6 +250,7 @@ impl Ruleset {
     /// names), returning the commands that make the kernel's table follow. Each
     /// command touches one frontend or one task, so the cost is what changed.
     pub fn update(&mut self, plan: &Plan, keys: &[FrontendKey]) -> Update {
+        let mut maps = std::collections::BTreeSet::new();
         let mut chains_refill = String::new();
         let mut elements_out = String::new();
         let mut elements_in = String::new();
@@ -170,7 +264,13 @@ impl Ruleset {
                 continue;
             }
             let old = self.frontends.get(key).cloned();
-            let new = dispatch_for(plan, key);
+            let mut new = dispatch_for(plan, key);
+            if let Some(n) = &mut new {
+                n.slot = match &old {
+                    Some(o) => o.slot,
+                    None => self.take_slot(),
+                };
+            }
             if old == new {
                 continue;
             }
@@ -181,11 +281,50 @@ impl Ruleset {
             if let Some(o) = &old {
                 went.extend(self.reference(o, false));
             }
+            // The task map's elements: only those whose task changed leave or come.
+            for family in Family::BOTH {
+                let before = old.as_ref().map(|o| o.elements(family)).unwrap_or_default();
+                let after = new.as_ref().map(|n| n.elements(family)).unwrap_or_default();
+                let (protocol, slot) = new
+                    .as_ref()
+                    .or(old.as_ref())
+                    .map_or((key.protocol, 0), |d| (d.protocol, d.slot));
+                let gone: Vec<String> = before
+                    .iter()
+                    .filter(|e| !after.contains(e))
+                    .map(|(k, _)| k.to_string())
+                    .collect();
+                let added: Vec<String> = after
+                    .iter()
+                    .filter(|e| !before.contains(e))
+                    .map(|(k, a)| element_text(*k, a))
+                    .collect();
+                if !gone.is_empty() {
+                    let _ = writeln!(
+                        elements_out,
+                        "delete element inet {TABLE} {} {{ {} }}",
+                        family.map(protocol, slot),
+                        gone.join(", ")
+                    );
+                }
+                if !added.is_empty() {
+                    maps.insert((family.map(protocol, slot), family.declaration(protocol)));
+                    let _ = writeln!(
+                        elements_in,
+                        "add element inet {TABLE} {} {{ {} }}",
+                        family.map(protocol, slot),
+                        added.join(", ")
+                    );
+                }
+            }
             match (&old, &new) {
                 (Some(o), Some(n)) if o.chain == n.chain => {
-                    let _ = writeln!(chains_refill, "flush chain inet {TABLE} {}", n.chain);
-                    for rule in n.rules() {
-                        let _ = writeln!(chains_refill, "add rule inet {TABLE} {} {rule}", n.chain);
+                    if o.rules() != n.rules() {
+                        let _ = writeln!(chains_refill, "flush chain inet {TABLE} {}", n.chain);
+                        for rule in n.rules() {
+                            let _ =
+                                writeln!(chains_refill, "add rule inet {TABLE} {} {rule}", n.chain);
+                        }
                     }
                 }
                 _ => {
@@ -216,6 +355,9 @@ impl Ruleset {
                     self.frontends.insert(*key, n);
                 }
                 None => {
+                    if let Some(o) = &old {
+                        self.free.insert(o.slot);
+                    }
                     self.frontends.remove(key);
                 }
             }
@@ -236,10 +378,24 @@ impl Ruleset {
                 up.gone.push((b, owner));
             }
         }
-        // Order matters inside the transaction: a chain exists before an element
-        // jumps to it, an element leaves before another takes its key, and a chain is
+        // Order matters inside the transaction: a map or chain exists before anything
+        // names it, an element leaves before another takes its key, and a chain is
         // deleted only once nothing jumps to it.
-        up.script = [chains_refill, elements_out, elements_in, chains_gone].concat();
+        // A task map exists before a rule names it (`add map` of an existing map is a
+        // no-op); its elements change with the rules that count over them, in the same
+        // transaction, so no packet sees a counter and a map that disagree.
+        let mut maps_add = String::new();
+        for (name, declaration) in maps {
+            let _ = writeln!(maps_add, "add map inet {TABLE} {name} {{ {declaration}; }}");
+        }
+        up.script = [
+            maps_add,
+            elements_out,
+            chains_refill,
+            elements_in,
+            chains_gone,
+        ]
+        .concat();
         up
     }
 
@@ -289,6 +445,24 @@ impl Ruleset {
                 _ => &mut vip6,
             };
             list.push(format!("{elem} : goto {}", d.chain));
+        }
+        let mut tasks: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+        for d in self.frontends.values() {
+            for family in Family::BOTH {
+                for (k, a) in d.elements(family) {
+                    tasks
+                        .entry(family.map(d.protocol, d.slot))
+                        .or_insert_with(|| (family.declaration(d.protocol), Vec::new()))
+                        .1
+                        .push(element_text(k, &a));
+                }
+            }
+        }
+        for (name, (declaration, elements)) in tasks {
+            let _ = writeln!(out, "\tmap {name} {{");
+            let _ = writeln!(out, "\t\t{declaration}");
+            let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
+            let _ = writeln!(out, "\t}}");
         }
         for (name, key_type, elements) in [
             ("published", "inet_proto . inet_service", published),
@@ -360,6 +534,8 @@ fn dispatch_for(plan: &Plan, key: &FrontendKey) -> Option<Dispatch> {
     }
     Some(Dispatch {
         chain: frontend_chain(&f.service, key),
+        // Given by the ruleset that takes it in.
+        slot: 0,
         service: f.service.clone(),
         protocol: key.protocol,
         v4,
@@ -444,12 +620,52 @@ pub(crate) mod tests {
             text.contains("udp . 5353 : goto svc_web_udp_5353"),
             "{text}"
         );
+        // Each frontend counts over its own slot of its group's task map.
+        let rules = Ruleset::from_plan(&Plan::from_snapshot(&snap, &host()));
+        let published = |protocol| FrontendKey {
+            listen: Listen::Published,
+            port: if protocol == Protocol::Tcp {
+                8080
+            } else {
+                5353
+            },
+            protocol,
+        };
+        let base = |key: &FrontendKey| rules.frontends[key].base();
+        let (tcp, udp) = (
+            base(&published(Protocol::Tcp)),
+            base(&published(Protocol::Udp)),
+        );
+        assert_ne!(tcp, udp, "two frontends, two slots");
+        let offset = |b: u32| {
+            if b == 0 {
+                String::new()
+            } else {
+                format!(" offset {b}")
+            }
+        };
         for rule in [
-            "meta nfproto ipv4 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2 map { 0 : 10.0.0.1 . 80, 1 : 10.0.0.2 . 80 }",
-            "meta nfproto ipv4 meta l4proto udp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2 map { 0 : 10.0.0.1 . 53, 1 : 10.0.0.2 . 53 }",
-            "meta nfproto ipv6 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1 map { 0 : fd00::3 . 80 }",
+            format!(
+                "meta nfproto ipv4 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2{} map @tasks_tcp4_0",
+                offset(tcp)
+            ),
+            format!(
+                "meta nfproto ipv4 meta l4proto udp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2{} map @tasks_udp4_0",
+                offset(udp)
+            ),
+            format!(
+                "meta nfproto ipv6 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1{} map @tasks_tcp6_0",
+                offset(tcp)
+            ),
         ] {
-            assert!(text.contains(rule), "{rule} missing from\n{text}");
+            assert!(text.contains(&rule), "{rule} missing from\n{text}");
+        }
+        for element in [
+            format!("{tcp} : 10.0.0.1 . 80, {} : 10.0.0.2 . 80", tcp + 1),
+            format!("{udp} : 10.0.0.1 . 53, {} : 10.0.0.2 . 53", udp + 1),
+            format!("{tcp} : fd00::3 . 80"),
+        ] {
+            assert!(text.contains(&element), "{element} missing from\n{text}");
         }
         // A VIP of one family goes only to tasks of that family.
         assert!(
