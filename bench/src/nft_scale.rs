@@ -39,6 +39,7 @@ pub struct NftScaleResults {
 
 fn plan(replica: &Replica) -> Plan {
     let host = Host {
+        node: "h1".into(),
         plane: PlaneKind::Nftables,
         features: Features::NONE,
         serve_vips: true,

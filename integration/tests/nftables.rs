@@ -295,3 +295,96 @@ fn a_udp_flow_moves_when_its_task_is_removed() {
         agent.log()
     );
 }
+
+/// `--who` from the client namespace: the task that answered and the address it saw.
+fn who(c: &Cluster, addr: &str) -> (String, String) {
+    let out = c
+        .client
+        .ns
+        .command(backend_bin())
+        .args(["--who", addr])
+        .output()
+        .expect("run the client");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (task, client) = line
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("GET {addr}: {line:?} {out:?}"));
+    (task.to_string(), client.to_string())
+}
+
+#[test]
+fn client_ip_keep_goes_to_this_hosts_tasks_and_they_see_the_client() {
+    if skip_unless_root("client_ip_keep_goes_to_this_hosts_tasks_and_they_see_the_client") {
+        return;
+    }
+    let c = Cluster::new(2);
+    let key = keygen();
+    c.hosts[0]
+        .ns
+        .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let _backends: Vec<Backend> = (0..2)
+        .flat_map(|i| {
+            let h = &c.hosts[i];
+            [
+                Backend::start_in_at(&h.ns, &format!("kept.{}", i + 1), &h.ip, 8001),
+                Backend::start_in_at(&h.ns, &format!("any.{}", i + 1), &h.ip, 8002),
+            ]
+        })
+        .collect();
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let (h, n) = (&c.hosts[i], i + 1);
+            let config = format!(
+                "{}[[service]]\nname = \"kept\"\nports = [{{ published = 8090, target = 8001 }}]\n\
+                 client_ip = \"keep\"\nhealth = {{ check = \"tcp\", interval = \"200ms\" }}\n\
+                 [[service]]\nname = \"any\"\nports = [{{ published = 8091, target = 8002 }}]\n\
+                 health = {{ check = \"tcp\", interval = \"200ms\" }}\n\
+                 [[task]]\nservice = \"kept\"\nid = \"kept.{n}\"\nip = \"{ip}\"\n\
+                 [[task]]\nservice = \"any\"\nid = \"any.{n}\"\nip = \"{ip}\"\n",
+                c.cluster_config(i, &key),
+                ip = h.ip
+            );
+            Agent::start_named_in(
+                &h.ns,
+                &format!("host{n}"),
+                Some(&config),
+                &["--dataplane", "nftables"],
+            )
+        })
+        .collect();
+    for a in &agents {
+        a.wait_routable("kept", 2);
+        a.wait_routable("any", 2);
+        a.wait_applied();
+    }
+    let client = &c.client.ip;
+    // keep: each host's own task only, and the task sees the client's address.
+    for (i, h) in c.hosts.iter().enumerate() {
+        for _ in 0..6 {
+            let (task, seen) = who(&c, &format!("{}:8090", h.ip));
+            assert_eq!(task, format!("kept.{}", i + 1), "through host{}", i + 1);
+            assert_eq!(&seen, client, "kept.{} saw {seen}", i + 1);
+        }
+    }
+    // The default: tasks on both hosts; the hop to host2 is masqueraded, so that task
+    // sees host1's address. That is the trade-off keep makes the other way.
+    let mut seen = BTreeMap::new();
+    for _ in 0..6 {
+        let (task, addr) = who(&c, &format!("{}:8091", c.hosts[0].ip));
+        *seen.entry((task, addr)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            (("any.1".to_string(), client.clone()), 3),
+            (("any.2".to_string(), c.hosts[0].ip.clone()), 3),
+        ]),
+        "round robin over both hosts' tasks"
+    );
+    let listed = c.hosts[0].ns.run("nft", &["list", "table", "inet", "mesh"]);
+    let kept_rule = listed
+        .lines()
+        .find(|l| l.contains("dnat") && l.contains("mod 1"))
+        .unwrap_or_else(|| panic!("no rule for kept: {listed}"));
+    assert!(!kept_rule.contains("mark set"), "{kept_rule}");
+}

@@ -125,7 +125,7 @@ pub struct DemoArgs {
 #[derive(Subcommand)]
 pub enum ServiceCommand {
     /// Create a service.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List services.
     Ls,
     /// Show a service in full (JSON).
@@ -154,6 +154,10 @@ pub struct CreateArgs {
     pub health_interval: Option<String>,
     #[arg(long, value_parser = ["off", "v1", "v2"], default_value = "off")]
     pub proxy_protocol: String,
+    /// keep: only this host's tasks take its connections, and they see the client's
+    /// address (needs the nftables plane). any: tasks on every host.
+    #[arg(long, value_parser = ["any", "keep"], default_value = "any")]
+    pub client_ip: String,
     /// e.g. 30s.
     #[arg(long)]
     pub drain_timeout: Option<String>,

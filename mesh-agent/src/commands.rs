@@ -6,7 +6,8 @@ use anyhow::{Result, bail};
 use hyper::Method;
 use mesh_api::{NewTask, NodeView, ServiceView, StatusView, TaskView};
 use mesh_core::{
-    Balance, HealthCheck, HealthKind, Mode, PortSpec, Protocol, ProxyProtocol, ServiceSpec,
+    Balance, ClientIp, HealthCheck, HealthKind, Mode, PortSpec, Protocol, ProxyProtocol,
+    ServiceSpec,
 };
 use serde_json::{Value, json};
 
@@ -81,6 +82,10 @@ pub fn service_body(args: &CreateArgs) -> Result<ServiceSpec> {
         "v1" => ProxyProtocol::V1,
         "v2" => ProxyProtocol::V2,
         _ => ProxyProtocol::Off,
+    };
+    spec.client_ip = match args.client_ip.as_str() {
+        "keep" => ClientIp::Keep,
+        _ => ClientIp::Any,
     };
     spec.health = health(args, udp_only)?;
     if let Some(d) = &args.drain_timeout {

@@ -33,7 +33,7 @@ pub use member::MemberStatus;
 pub use plan::{Frontend, FrontendKey, Listen, Plan, PlanChange};
 pub use protocol::Protocol;
 pub use replica::{Delta, Digest, Replica, ReplicaConfig, SyncItem};
-pub use service::{HealthCheck, HealthKind, Mode, PortSpec, ProxyProtocol, ServiceSpec};
+pub use service::{ClientIp, HealthCheck, HealthKind, Mode, PortSpec, ProxyProtocol, ServiceSpec};
 pub use snapshot::{ServiceEntry, Snapshot, TaskEntry};
 pub use task::{TaskSource, TaskSpec, TaskState};
 pub use vip::{VipPool, Vips};

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::balance::Balance;
 use crate::protocol::Protocol;
+use crate::service::ClientIp;
 use crate::service::{Mode, ProxyProtocol};
 use crate::snapshot::{ServiceEntry, Snapshot};
 use crate::task::TaskState;
@@ -163,6 +164,9 @@ impl Features {
 pub struct Policy {
     pub balance: Balance,
     pub proxy_protocol: ProxyProtocol,
+    /// `Keep` on a kernel plane: the backends are this host's tasks only, and the
+    /// plane leaves the source address alone.
+    pub client_ip: ClientIp,
     pub idle_timeout: Option<Duration>,
     pub max_connections: Option<u32>,
     pub drain_timeout: Duration,
@@ -217,6 +221,8 @@ pub struct Address {
 /// What the planner needs to know about this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
+    /// This host's node name: its tasks are the ones `client_ip = "keep"` reaches.
+    pub node: String,
     /// The plane that serves frontends by default.
     pub plane: PlaneKind,
     /// What that plane implements; frontends needing more go to userspace.
@@ -228,6 +234,7 @@ pub struct Host {
 impl Default for Host {
     fn default() -> Self {
         Self {
+            node: String::new(),
             plane: PlaneKind::Userspace,
             features: Features::ALL,
             serve_vips: false,
@@ -272,15 +279,16 @@ struct Contribution {
 
 fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
     let spec = &entry.spec;
-    let policy = Policy {
+    let mut policy = Policy {
         balance: spec.balance,
         proxy_protocol: spec.proxy_protocol,
+        client_ip: spec.client_ip,
         idle_timeout: spec.idle_timeout,
         max_connections: spec.max_connections,
         drain_timeout: spec.drain_timeout,
     };
     let missing = policy.needs().missing_from(&host.features);
-    let (plane, fallback) = if missing.is_empty() {
+    let (plane, mut fallback) = if missing.is_empty() {
         (host.plane, None)
     } else {
         (
@@ -291,6 +299,17 @@ fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
             )),
         )
     };
+    if spec.client_ip == ClientIp::Keep && plane == PlaneKind::Userspace {
+        // A proxy opens its own connection: it cannot hand over the client's address.
+        // Serving anyway keeps the service up; status says what the tasks see.
+        let why = "client_ip = keep needs the nftables plane; from userspace the tasks see this host's address (PROXY headers can carry the client's)";
+        fallback = Some(match fallback {
+            Some(f) => format!("{f}; {why}"),
+            None => why.to_string(),
+        });
+        policy.client_ip = ClientIp::Any;
+    }
+    let local_only = policy.client_ip == ClientIp::Keep;
     let mut frontends = Vec::new();
     let vips: Vec<IpAddr> = if host.serve_vips && spec.mode == Mode::Vip {
         entry.vips.iter().collect()
@@ -302,6 +321,7 @@ fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
             .backends(port)
             .backends
             .into_iter()
+            .filter(|b| !local_only || entry.node_of(&b.task) == Some(host.node.as_str()))
             .map(|b| PlanBackend {
                 task: b.task,
                 addr: b.addr,
@@ -559,6 +579,90 @@ mod tests {
     }
 
     #[test]
+    fn client_ip_keep_reaches_only_this_hosts_tasks_on_a_kernel_plane() {
+        // h1 and h2 both run a task of `keep` and of `any`; h1 learns h2's by delta.
+        let mut h1 = replica();
+        let mut h2 = Replica::new("h2", 1, VipPool::default(), ReplicaConfig::default());
+        h1.member_up("h2");
+        let mut keep = ServiceSpec::new("keep", vec![PortSpec::tcp(Some(81), 80)]);
+        keep.client_ip = ClientIp::Keep;
+        let any = ServiceSpec::new("any", vec![PortSpec::tcp(Some(82), 80)]);
+        for spec in [keep, any] {
+            for d in h1.create_service(spec, 0).unwrap() {
+                h2.apply_delta(d, 0);
+            }
+        }
+        for (service, n) in [("keep", 1), ("any", 1)] {
+            task(&mut h1, service, &format!("{service}.{n}"), "10.0.0.1");
+            let (_, deltas) = h2
+                .add_task(
+                    TaskSpec::new(
+                        service,
+                        &format!("{service}.2"),
+                        "10.0.0.2".parse().unwrap(),
+                    ),
+                    TaskSource::Api,
+                    0,
+                )
+                .unwrap();
+            let health = h2.set_health(service, &format!("{service}.2"), Health::Healthy, 0);
+            for d in deltas.into_iter().chain(health) {
+                h1.apply_delta(d, 0);
+            }
+        }
+        let backends = |plan: &Plan, port: u16| -> Vec<String> {
+            let key = FrontendKey {
+                listen: Listen::Published,
+                port,
+                protocol: Protocol::Tcp,
+            };
+            plan.frontends[&key]
+                .backends
+                .iter()
+                .map(|b| b.task.clone())
+                .collect()
+        };
+        let nft = Host {
+            node: "h1".into(),
+            plane: PlaneKind::Nftables,
+            features: Features::NONE,
+            serve_vips: false,
+        };
+        let plan = Plan::from_snapshot(&h1.snapshot(), &nft);
+        assert_eq!(
+            backends(&plan, 81),
+            ["keep.1"],
+            "keep: this host's task only"
+        );
+        assert_eq!(backends(&plan, 82), ["any.1", "any.2"]);
+        let keep = &plan
+            .frontends
+            .values()
+            .find(|f| f.service == "keep")
+            .unwrap();
+        assert_eq!(keep.policy.client_ip, ClientIp::Keep);
+        assert_eq!(keep.plane, PlaneKind::Nftables);
+        assert_eq!(keep.fallback, None);
+
+        // The userspace plane cannot keep the address: it serves every task, and says so.
+        let plan = Plan::from_snapshot(&h1.snapshot(), &host(false));
+        assert_eq!(backends(&plan, 81), ["keep.1", "keep.2"]);
+        let keep = &plan
+            .frontends
+            .values()
+            .find(|f| f.service == "keep")
+            .unwrap();
+        assert_eq!(keep.policy.client_ip, ClientIp::Any);
+        assert!(
+            keep.fallback
+                .as_deref()
+                .is_some_and(|f| f.contains("client_ip = keep needs the nftables plane")),
+            "{:?}",
+            keep.fallback
+        );
+    }
+
+    #[test]
     fn a_kernel_plane_sends_services_it_cannot_serve_to_userspace() {
         let mut r = replica();
         let mut pp = ServiceSpec::new("pp", vec![PortSpec::tcp(Some(81), 80)]);
@@ -574,6 +678,7 @@ mod tests {
         lc.balance = Balance::LeastConn;
         r.create_service(lc, 0).unwrap();
         let host = Host {
+            node: "h1".into(),
             plane: PlaneKind::Nftables,
             features: Features::NONE,
             serve_vips: false,

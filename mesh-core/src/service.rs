@@ -27,6 +27,31 @@ pub enum ProxyProtocol {
     V2,
 }
 
+/// What source address a task sees on a connection through a published port or VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIp {
+    /// Connections may go to tasks on any host; a kernel plane masquerades a hop to
+    /// another host, and the userspace plane connects from this host. The task sees a
+    /// mesh host's address unless PROXY headers carry the client's.
+    #[default]
+    Any,
+    /// Only this host's tasks, with no source rewrite: the task sees the client's own
+    /// address (Kubernetes' `externalTrafficPolicy: Local`). A host with no healthy
+    /// task of the service refuses the connection, so clients or an outside balancer
+    /// must spread over the hosts that run tasks. Needs the nftables plane.
+    Keep,
+}
+
+impl std::fmt::Display for ClientIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientIp::Any => "any",
+            ClientIp::Keep => "keep",
+        })
+    }
+}
+
 pub use crate::balance::Balance;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +146,9 @@ pub struct ServiceSpec {
     pub health: HealthCheck,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// `keep`: only this host's tasks, and they see the client's address.
+    #[serde(default)]
+    pub client_ip: ClientIp,
     /// Close a proxied connection after this long without a byte either way. The
     /// default is no idle limit: TCP keepalive on both legs finds dead peers instead of
     /// a silent timer (Swarm's IPVS kills idle flows after 900 s).
@@ -149,6 +177,7 @@ impl ServiceSpec {
             balance: Balance::default(),
             health: HealthCheck::default(),
             proxy_protocol: ProxyProtocol::default(),
+            client_ip: ClientIp::default(),
             idle_timeout: None,
             drain_timeout: default_drain(),
             max_connections: None,

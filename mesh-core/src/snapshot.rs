@@ -66,6 +66,14 @@ impl TaskEntry {
 
 impl ServiceEntry {
     /// The routable backends of one of this service's ports.
+    /// The host that runs task `id`.
+    pub fn node_of(&self, id: &str) -> Option<&str> {
+        self.tasks
+            .binary_search_by(|t| t.id.as_str().cmp(id))
+            .ok()
+            .map(|i| self.tasks[i].node.as_str())
+    }
+
     pub fn backends(&self, port: &PortSpec) -> BackendSet {
         BackendSet {
             backends: self

@@ -368,6 +368,7 @@ mod tests {
     fn plan(healthy: &[&str]) -> Plan {
         let r = crate::ruleset::tests::replica_with(healthy);
         let host = Host {
+            node: "h1".into(),
             plane: PlaneKind::Nftables,
             features: Features::NONE,
             serve_vips: true,
@@ -617,6 +618,7 @@ mod tests {
             .await
             .expect("open");
         let host = Host {
+            node: "h1".into(),
             plane: PlaneKind::Nftables,
             features: Features::NONE,
             serve_vips: true,

@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use mesh_core::plan::PlaneKind;
-use mesh_core::{FrontendKey, Listen, Plan, Protocol};
+use mesh_core::{ClientIp, FrontendKey, Listen, Plan, Protocol};
 
 use crate::names::frontend_chain;
 
@@ -52,6 +52,7 @@ struct Dispatch {
     /// The task at each address.
     tasks: BTreeMap<SocketAddr, String>,
     drain_timeout: std::time::Duration,
+    client_ip: ClientIp,
 }
 
 /// Where a DNAT chain sends: a task's address and protocol.
@@ -158,9 +159,14 @@ impl Dispatch {
                 0 => String::new(),
                 b => format!(" offset {b}"),
             };
+            // `client_ip = keep` goes to this host's tasks only, so no hop needs the
+            // source rewritten: the task sees the client.
+            let mark = match self.client_ip {
+                ClientIp::Keep => String::new(),
+                ClientIp::Any => format!("meta mark set meta mark | {MASQUERADE_MARK:#010x} "),
+            };
             out.push(format!(
-                "meta nfproto {} meta l4proto {} meta mark set meta mark | {MASQUERADE_MARK:#010x} \
-                 dnat {nat} to numgen inc mod {}{offset} map @{}",
+                "meta nfproto {} meta l4proto {} {mark}dnat {nat} to numgen inc mod {}{offset} map @{}",
                 family.nfproto(),
                 self.protocol,
                 addrs.len(),
@@ -546,6 +552,7 @@ fn dispatch_for(plan: &Plan, key: &FrontendKey) -> Option<Dispatch> {
             .map(|b| (b.addr, b.task.clone()))
             .collect(),
         drain_timeout: f.policy.drain_timeout,
+        client_ip: f.policy.client_ip,
     })
 }
 
@@ -561,6 +568,7 @@ pub(crate) mod tests {
 
     fn host() -> Host {
         Host {
+            node: "h1".into(),
             plane: PlaneKind::Nftables,
             features: Features::NONE,
             serve_vips: true,
@@ -687,6 +695,24 @@ pub(crate) mod tests {
             assert_eq!(body.len(), 1, "one family per VIP chain: {body:?}");
         }
         assert_eq!(vip_chains, 4, "two VIPs by two ports: {text}");
+    }
+
+    #[test]
+    fn client_ip_keep_rewrites_no_source() {
+        let mut r = replica();
+        let mut spec = r.snapshot().services["web"].spec.clone();
+        spec.client_ip = ClientIp::Keep;
+        r.put_service(spec, 1).unwrap();
+        let text = Ruleset::from_plan(&Plan::from_snapshot(&r.snapshot(), &host())).render();
+        assert!(text.contains("dnat ip to numgen inc mod 2"), "{text}");
+        let frontend_rules: Vec<&str> = text.lines().filter(|l| l.contains("dnat")).collect();
+        assert!(!frontend_rules.is_empty());
+        for rule in frontend_rules {
+            assert!(
+                !rule.contains("meta mark set"),
+                "keep marks nothing for masquerade: {rule}"
+            );
+        }
     }
 
     #[test]

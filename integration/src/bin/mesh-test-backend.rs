@@ -1,7 +1,8 @@
 //! A backend process for tests: answers every HTTP request (or bare TCP connection)
 //! with its name. `mesh-test-backend NAME [PORT]` prints the bound port on stdout.
 //! `mesh-test-backend --get ADDR` is the matching client: it prints the answer's body,
-//! so tests can run it inside a network namespace.
+//! so tests can run it inside a network namespace. Each answer carries an `X-Client`
+//! header with the address the backend saw; `--who ADDR` prints the body and that.
 //! `mesh-test-backend --udp NAME PORT [IP]` answers each datagram with `NAME:<payload>`;
 //! `mesh-test-backend --udp-ask ADDR COUNT` sends COUNT datagrams from as many sockets
 //! (flows), each retried until answered, and prints the answers.
@@ -20,6 +21,37 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 
 use integration::load::unix_ms;
+
+/// `--who ADDR`: prints the answer's body and the client address the task saw.
+fn who(addr: &str) -> ! {
+    use std::io::Read;
+    let result = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let client = head
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Client: "))
+            .unwrap_or("?");
+        Ok(format!("{} {client}", body.trim()))
+    })();
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("{addr}: {e}");
+            std::process::exit(1)
+        }
+    }
+}
 
 fn get(addr: &str) -> ! {
     use std::io::Read;
@@ -275,6 +307,9 @@ fn main() {
     if name == "--get" {
         get(&args.next().expect("--get ADDR"));
     }
+    if name == "--who" {
+        who(&args.next().expect("--who ADDR"));
+    }
     if name == "--held" {
         let addr = args.next().expect("--held ADDR SECS");
         let secs: u64 = args.next().map(|s| s.parse().expect("SECS")).unwrap_or(3);
@@ -326,9 +361,14 @@ fn main() {
                 line.clear();
             }
             let body = format!("{name}\n");
+            // The address the connection came from, as the task sees it.
+            let client = stream
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
             let _ = write!(
                 stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Client: {client}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
         });

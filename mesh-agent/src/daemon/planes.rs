@@ -71,7 +71,10 @@ pub async fn spawn(
     stop: CancellationToken,
 ) -> Result<DriverHandle, AgentError> {
     let proxy = ProxyPlane::new(settings.proxy.clone(), metrics);
-    let mut host = Host::default();
+    let mut host = Host {
+        node: settings.node_name.clone(),
+        ..Host::default()
+    };
     let kernel = kernel_plane(settings).await?;
     if let Some(plane) = &kernel {
         host.plane = plane.capabilities().serves.unwrap_or(PlaneKind::Userspace);
