@@ -13,7 +13,7 @@ use crate::load::{Kind, Latency, LoadResult};
 use crate::process::{Running, pinned};
 use crate::stats::{RunInfo, Spread};
 use crate::targets::{IPERF_PORT, Target};
-use crate::topology::{BACKEND_IP, LOAD_CPU, Topology};
+use crate::topology::{BACKEND_IP, LB_CPU, LOAD_CPU, Topology, cpu_busy_seconds};
 
 /// Pause between trials; see `run`.
 const SETTLE: Duration = Duration::from_millis(1500);
@@ -69,10 +69,16 @@ pub struct Trial {
     /// conn/s, req/s, Gbit/s, or p99 µs for latency.
     pub value: f64,
     pub errors: u64,
-    /// LB CPU seconds over the whole trial, warm-up included; none for direct.
+    /// The LB process's CPU seconds over the whole trial, warm-up included; none for
+    /// direct.
     pub lb_cpu_s: Option<f64>,
-    /// LB CPU ms per 1,000 connections (CRR, and latency at its fixed rate) or s per
-    /// GB (STREAM).
+    /// The LB CPU's busy seconds from /proc/stat over the same span: the process and
+    /// the LB namespace's packet processing (softirq), for every target. A kernel
+    /// plane's work shows only here.
+    #[serde(default)]
+    pub lb_cpu_stat_s: Option<f64>,
+    /// LB CPU (from /proc/stat) ms per 1,000 connections (CRR, and latency at its
+    /// fixed rate) or s per GB (STREAM).
     pub lb_cost: Option<f64>,
     pub latency: Option<Latency>,
 }
@@ -152,13 +158,14 @@ pub fn run(o: &Options) -> Result<DataplaneResults> {
                 // worker after `ip netns del` returns: let it finish before the next trial.
                 std::thread::sleep(SETTLE);
                 eprintln!(
-                    "  {:<8} {:<8} rep {}: {:>12.1}  errors {}  lb cpu {}",
+                    "  {:<8} {:<8} rep {}: {:>12.1}  errors {}  lb process cpu {}  lb cpu (/proc/stat) {}",
                     format!("{w:?}").to_lowercase(),
                     target.to_string(),
                     rep + 1,
                     t.value,
                     t.errors,
                     t.lb_cpu_s.map_or("-".into(), |c| format!("{c:.2} s")),
+                    t.lb_cpu_stat_s.map_or("-".into(), |c| format!("{c:.2} s")),
                 );
                 trials.push(t);
             }
@@ -243,6 +250,7 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
         wait_for_iperf(dir.path())?;
     }
     let cpu_before = lb.as_ref().map(Running::cpu_seconds);
+    let stat_before = cpu_busy_seconds(LB_CPU)?;
     let secs = o.secs + o.warmup;
     let (value, errors, units, latency) = if streaming {
         let flows = if w == Workload::Stream1 { 1 } else { 4 };
@@ -267,10 +275,11 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
         (Some(lb), Some(before)) => Some(lb.cpu_seconds() - before),
         _ => None,
     };
+    let lb_cpu_stat_s = Some(cpu_busy_seconds(LB_CPU)? - stat_before);
     if let Some(lb) = lb.as_mut() {
         lb.check_alive(&dir.path().join(format!("{target}.log")))?;
     }
-    let lb_cost = match (lb_cpu_s, w) {
+    let lb_cost = match (lb_cpu_stat_s, w) {
         (Some(cpu), Workload::Crr32 | Workload::Crr128 | Workload::Latency) if units > 0.0 => {
             Some(cpu * 1000.0 / units)
         }
@@ -285,6 +294,7 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
         value,
         errors,
         lb_cpu_s,
+        lb_cpu_stat_s,
         lb_cost,
         latency,
     })

@@ -79,8 +79,11 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     run_line(out, "Measured", &d.run);
     let _ = writeln!(
         out,
-        "{} repetitions, interleaved (direct, mesh, haproxy, nginx, direct, …), {} s measured \
-         after 1 s warm-up, each trial in fresh namespaces. LB on CPU 1; client and backend on CPU 0. \
+        "{} repetitions, interleaved (direct, mesh, mesh-nft, haproxy, nginx, direct, …), {} s measured \
+         after 1 s warm-up, each trial in fresh namespaces. LB on CPU 1, with the LB namespace's \
+         receive processing steered there too (RPS); client and backend on CPU 0. mesh-nft is mesh \
+         with `--dataplane nftables`: the LB namespace's kernel DNATs and no process touches a byte. \
+         LB cost is CPU 1's busy time from /proc/stat (process and softirq alike). \
          Latency ran open-loop at {} connections/s (half of direct's median CRR at 32).\n",
         d.reps,
         d.secs,
@@ -92,21 +95,23 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     );
     let _ = writeln!(
         out,
-        "| workload | mesh | ÷ direct | ÷ HAProxy | HAProxy ÷ direct |"
+        "| workload | mesh | ÷ direct | ÷ HAProxy | mesh-nft ÷ direct | HAProxy ÷ direct |"
     );
-    let _ = writeln!(out, "| --- | --- | --- | --- | --- |");
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
     for w in Workload::ALL {
         let Some(m) = find(&d.summary, w, Target::Mesh) else {
             continue;
         };
         let h = find(&d.summary, w, Target::Haproxy);
+        let n = find(&d.summary, w, Target::MeshNft);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             w.title(),
             fmt_value(w, m.value.median),
             ratio(m.vs_direct),
             ratio(m.vs_haproxy),
+            ratio(n.and_then(|n| n.vs_direct)),
             ratio(h.and_then(|h| h.vs_direct)),
         );
     }

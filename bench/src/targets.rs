@@ -1,5 +1,5 @@
-//! What the load goes through: nothing (direct), mesh's userspace plane, HAProxy and
-//! nginx stream, each configured as fairly as we know how: one CPU, one worker, the
+//! What the load goes through: nothing (direct), mesh's userspace plane, mesh's
+//! nftables plane (DNAT in the LB namespace's kernel), HAProxy and nginx stream, each configured as fairly as we know how: one CPU, one worker, the
 //! same backlog (4096, mesh's), generous timeouts, the same connection limit (7,000:
 //! HAProxy wants about two descriptors per connection and this machine's hard limit is
 //! 20,000), splice where offered.
@@ -31,6 +31,10 @@ pub enum Target {
     #[serde(rename = "mesh-before")]
     MeshBefore,
     Mesh,
+    /// mesh with `--dataplane nftables`: the kernel DNATs, no process touches a byte.
+    #[value(name = "mesh-nft")]
+    #[serde(rename = "mesh-nft")]
+    MeshNft,
     Haproxy,
     /// HAProxy with `option splice-auto` instead of forced splice: its own heuristic,
     /// which splices only when buffers fill. Not a default target; for checking that
@@ -47,6 +51,7 @@ impl fmt::Display for Target {
             Target::Direct => "direct",
             Target::MeshBefore => "mesh-before",
             Target::Mesh => "mesh",
+            Target::MeshNft => "mesh-nft",
             Target::Haproxy => "haproxy",
             Target::HaproxySpliceAuto => "haproxy-splice-auto",
             Target::Nginx => "nginx",
@@ -62,12 +67,19 @@ pub struct Addrs {
 
 impl Target {
     /// The default targets.
-    pub const ALL: [Target; 4] = [Target::Direct, Target::Mesh, Target::Haproxy, Target::Nginx];
+    pub const ALL: [Target; 5] = [
+        Target::Direct,
+        Target::Mesh,
+        Target::MeshNft,
+        Target::Haproxy,
+        Target::Nginx,
+    ];
     /// Every target, in report order.
-    pub const ORDER: [Target; 6] = [
+    pub const ORDER: [Target; 7] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
+        Target::MeshNft,
         Target::Haproxy,
         Target::HaproxySpliceAuto,
         Target::Nginx,
@@ -99,15 +111,16 @@ impl Target {
         let log = dir.join(format!("{self}.log"));
         let cmd = match self {
             Target::Direct => return Ok(None),
-            Target::Mesh | Target::MeshBefore => {
-                let cfg = write(dir, "mesh.toml", &mesh_config(dir))?;
+            Target::Mesh | Target::MeshBefore | Target::MeshNft => {
+                let nft = self == Target::MeshNft;
+                let cfg = write(dir, "mesh.toml", &mesh_config(dir, nft))?;
                 let bin = mesh_bin.to_string_lossy().to_string();
-                pinned(
-                    &topo.lb,
-                    LB_CPU,
-                    &bin,
-                    &["agent", "--config", &cfg, "--no-vips"],
-                )
+                let mut args = vec!["agent", "--config", &cfg, "--no-vips"];
+                // Only when asked: a `mesh-before` binary may predate the flag.
+                if nft {
+                    args.extend(["--dataplane", "nftables"]);
+                }
+                pinned(&topo.lb, LB_CPU, &bin, &args)
             }
             Target::Haproxy | Target::HaproxySpliceAuto => {
                 let splice = if self == Target::Haproxy {
@@ -139,7 +152,10 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<String> {
     Ok(path.to_string_lossy().to_string())
 }
 
-fn mesh_config(dir: &Path) -> String {
+/// `nft`: the nftables plane's config. It leaves out `max_connections`, which only the
+/// userspace plane implements (a service that asks for it stays in userspace).
+fn mesh_config(dir: &Path, nft: bool) -> String {
+    let max_connections = if nft { "" } else { "max_connections = 7000" };
     format!(
         r#"node_name = "lb"
 data_dir = "{dir}/mesh-data"
@@ -161,7 +177,7 @@ ports = [
   {{ published = {LB_ECHO_PORT}, target = {ECHO_PORT}, protocol = "tcp" }},
   {{ published = {LB_ECHO_PORT}, target = {ECHO_PORT}, protocol = "udp" }},
 ]
-max_connections = 7000
+{max_connections}
 
 [[service]]
 name = "http"

@@ -101,8 +101,53 @@ impl Topology {
                 );
             }
         }
+        // Packets a veth receives are processed in softirq on the CPU that sent them,
+        // so the LB namespace's kernel work (forwarding, conntrack, NAT) would land on
+        // the load CPU and be invisible. RPS hands the LB's receive processing to the
+        // LB's CPU, as a real LB host's NIC interrupts would: every target's kernel
+        // cost is then counted on the LB's CPU (see `cpu_busy_seconds`).
+        let mask = format!("{:x}", 1u32 << LB_CPU.parse::<u32>().context("LB_CPU")?);
+        for dev in ["to-client", "to-backend"] {
+            let path = format!("/sys/class/net/{dev}/queues/rx-0/rps_cpus");
+            let out =
+                t.lb.command("sh")
+                    .args(["-c", &format!("echo {mask} > {path}")])
+                    .output()
+                    .context("run sh")?;
+            if !out.status.success() {
+                bail!(
+                    "steer {dev}'s receive processing to CPU {LB_CPU} ({path}): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
         Ok(t)
     }
+}
+
+/// Time CPU `cpu` spent busy (user, nice, system, irq, softirq; not idle or iowait),
+/// from /proc/stat, in seconds. It counts whatever ran there: the pinned LB process
+/// and the LB namespace's packet processing alike.
+pub fn cpu_busy_seconds(cpu: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let label = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(label.as_str()))
+        .with_context(|| format!("/proc/stat has no {label} line"))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| ticks.get(i).copied().unwrap_or(0))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(busy as f64 / hz.max(1) as f64)
 }
 
 pub fn lb_addr(port: u16) -> std::net::SocketAddr {
