@@ -16,10 +16,13 @@ use crate::stats::Spread;
 use crate::targets::Target;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const COLORS: [RGBColor; 6] = [
+/// One per target of `Target::ORDER`, in that order (the array's length is checked by
+/// the compiler against it).
+const COLORS: [RGBColor; Target::ORDER.len()] = [
     RGBColor(90, 90, 90),
     RGBColor(158, 202, 225),
     RGBColor(31, 119, 180),
+    RGBColor(148, 103, 189),
     RGBColor(214, 39, 40),
     RGBColor(255, 152, 150),
     RGBColor(44, 160, 44),

@@ -18,11 +18,22 @@ fn config(c: &Cluster, i: usize, key: &str) -> String {
 }
 
 fn start(c: &Cluster, i: usize, key: &str) -> Agent {
+    start_on(c, i, key, "userspace")
+}
+
+/// Host `i` with data plane `plane`. A kernel plane forwards what it DNATs to another
+/// host, so the host forwards.
+fn start_on(c: &Cluster, i: usize, key: &str, plane: &str) -> Agent {
+    if plane != "userspace" {
+        c.hosts[i]
+            .ns
+            .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    }
     Agent::start_named_in(
         &c.hosts[i].ns,
         &format!("host{}", i + 1),
         Some(&config(c, i, key)),
-        &[],
+        &["--dataplane", plane],
     )
 }
 
@@ -43,9 +54,26 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     ) {
         return;
     }
+    routing_mesh("userspace");
+}
+
+/// The same cluster, each host balancing in its kernel: the routing mesh, the VIP,
+/// DNS, crash, restart, partition and leave behave as with the userspace plane.
+#[test]
+fn with_the_nftables_plane_three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave()
+ {
+    if skip_unless_root(
+        "with_the_nftables_plane_three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave",
+    ) {
+        return;
+    }
+    routing_mesh("nftables");
+}
+
+fn routing_mesh(plane: &str) {
     let key = keygen();
     let c = Cluster::new(3);
-    let mut hosts: Vec<Agent> = (0..3).map(|i| start(&c, i, &key)).collect();
+    let mut hosts: Vec<Agent> = (0..3).map(|i| start_on(&c, i, &key, plane)).collect();
     eventually("three hosts alive everywhere", || {
         hosts.iter().all(|h| alive(h) == 3).then_some(())
     });
@@ -91,7 +119,7 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
             .then_some(())
     });
     eprintln!(
-        "FIGURE new task on host2 routed by host1 and host3 after {:?} (includes its first health probe)",
+        "FIGURE {plane}: new task on host2 routed by host1 and host3 after {:?} (includes its first health probe)",
         added.elapsed()
     );
     eventually("both tasks on host3", || {
@@ -175,9 +203,10 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
             .then_some(())
     });
     eprintln!(
-        "FIGURE kill -9 of host2: its task withdrawn everywhere after {:?}",
+        "FIGURE {plane}: kill -9 of host2: its task withdrawn everywhere after {:?}",
         killed.elapsed()
     );
+    hosts[2].wait_applied();
     if have_dig {
         let tasks = dig(&c.hosts[0].ip, &["tasks.web.mesh"]);
         assert!(
@@ -197,11 +226,18 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
     let restarted = Instant::now();
     let cfg = config(&c, 1, &key);
     hosts[1].spawn(Some(&cfg), &[]);
+    if plane == "nftables" {
+        assert!(
+            hosts[1].log().contains("adopting the table"),
+            "the restarted agent adopts the table its killed run left: {}",
+            hosts[1].log()
+        );
+    }
     eventually("web.2 routed again on host3", || {
         hosts[2].routed("web").contains("web.2").then_some(())
     });
     eprintln!(
-        "FIGURE host2 restarted: its task routed again on host3 after {:?}",
+        "FIGURE {plane}: host2 restarted: its task routed again on host3 after {:?}",
         restarted.elapsed()
     );
 
@@ -231,19 +267,31 @@ fn three_hosts_form_a_routing_mesh_and_survive_crash_restart_partition_and_leave
         .then_some(())
     });
     eprintln!(
-        "FIGURE partition healed: host2 reconverged after {:?}",
+        "FIGURE {plane}: partition healed: host2 reconverged after {:?}",
         healed.elapsed()
     );
 
     // Graceful leave: withdrawn at once, no failure detection needed.
     let left = Instant::now();
     assert!(hosts[1].stop().success());
+    if plane == "nftables" {
+        let listed = c.hosts[1]
+            .ns
+            .command("nft")
+            .args(["list", "table", "inet", "mesh"])
+            .output()
+            .expect("run nft");
+        assert!(
+            !listed.status.success(),
+            "SIGTERM removes host2's table inet mesh"
+        );
+    }
     eventually("web.2 withdrawn after leave", || {
         (!hosts[0].routed("web").contains("web.2") && !hosts[2].routed("web").contains("web.2"))
             .then_some(())
     });
     eprintln!(
-        "FIGURE host2 left gracefully: withdrawn everywhere after {:?}",
+        "FIGURE {plane}: host2 left gracefully: withdrawn everywhere after {:?}",
         left.elapsed()
     );
     eventually("host2 shown as left", || {

@@ -388,3 +388,72 @@ fn client_ip_keep_goes_to_this_hosts_tasks_and_they_see_the_client() {
         .unwrap_or_else(|| panic!("no rule for kept: {listed}"));
     assert!(!kept_rule.contains("mark set"), "{kept_rule}");
 }
+
+#[test]
+fn nftables_balances_ipv6_across_hosts() {
+    if skip_unless_root("nftables_balances_ipv6_across_hosts") {
+        return;
+    }
+    let c = Cluster::new(2);
+    let v6 = |i: usize| format!("fd77::{}", i + 1);
+    for (i, h) in c.hosts.iter().enumerate() {
+        h.ns.run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/64", v6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+    }
+    let client = "fd77::c8";
+    c.client.ns.run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{client}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    // host1 forwards what it DNATs to host2's task.
+    c.hosts[0]
+        .ns
+        .run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let _b1 = Backend::start_in_at(&c.hosts[0].ns, "web6.1", &v6(0), 8001);
+    let _b2 = Backend::start_in_at(&c.hosts[1].ns, "web6.2", &v6(1), 8002);
+    let config = "[[service]]\nname = \"web6\"\nports = [{ published = 8080, target = 8000 }]\n\
+                  health = { check = \"tcp\", interval = \"200ms\" }\n";
+    let agent = nft_agent(&c.hosts[0], config);
+    for (id, addr) in [
+        ("web6.1", format!("[{}]:8001", v6(0))),
+        ("web6.2", format!("[{}]:8002", v6(1))),
+    ] {
+        assert_ok(agent.cli(&["task", "add", "web6", &addr, "--id", id]));
+    }
+    agent.wait_routable("web6", 2);
+    agent.wait_applied();
+    let listed = c.hosts[0].ns.run("nft", &["list", "table", "inet", "mesh"]);
+    assert!(listed.contains("dnat ip6 to numgen inc mod 2"), "{listed}");
+
+    // Exact round robin over both hosts' IPv6 tasks, through host1's IPv6 address. The
+    // local task sees the client; the hop to host2 is masqueraded to host1's address.
+    let mut seen = BTreeMap::new();
+    for _ in 0..6 {
+        let (task, addr) = who(&c, &format!("[{}]:8080", v6(0)));
+        *seen.entry((task, addr)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            (("web6.1".to_string(), client.to_string()), 3),
+            (("web6.2".to_string(), v6(0)), 3),
+        ]),
+        "IPv6 round robin through the nftables plane"
+    );
+}
