@@ -174,11 +174,32 @@ pub struct Held {
 
 impl Held {
     pub fn open(ns: &Netns, addr: &str, secs: u64) -> Held {
+        Self::start(ns, addr, &secs.to_string(), Stdio::null())
+    }
+
+    /// As [`Held::open`], but the rest of the request waits for [`Held::go`].
+    pub fn open_until_go(ns: &Netns, addr: &str) -> Held {
+        Self::start(ns, addr, "stdin", Stdio::piped())
+    }
+
+    /// Sends the rest of the request of a connection opened with [`Held::open_until_go`].
+    pub fn go(&mut self) {
+        use std::io::Write;
+        let stdin = self
+            .child
+            .0
+            .stdin
+            .as_mut()
+            .expect("opened with open_until_go");
+        stdin.write_all(b"go\n").expect("cue the held connection");
+    }
+
+    fn start(ns: &Netns, addr: &str, cue: &str, stdin: Stdio) -> Held {
         use std::io::BufRead;
         let mut child = ns
             .command(backend_bin())
-            .args(["--held", addr, &secs.to_string()])
-            .stdin(Stdio::null())
+            .args(["--held", addr, cue])
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use integration::cluster::Cluster;
+use integration::load::Held;
 use integration::*;
 
 fn tally(c: &Cluster, addr: &str, n: usize) -> BTreeMap<String, usize> {
@@ -456,4 +457,62 @@ fn nftables_balances_ipv6_across_hosts() {
         ]),
         "IPv6 round robin through the nftables plane"
     );
+}
+
+#[test]
+fn a_drained_tasks_connections_go_on_until_drain_timeout_then_end() {
+    if skip_unless_root("a_drained_tasks_connections_go_on_until_drain_timeout_then_end") {
+        return;
+    }
+    let c = Cluster::new(1);
+    let h = &c.hosts[0];
+    let _d1 = Backend::start_in_at(&h.ns, "d.1", &h.ip, 8001);
+    let _d2 = Backend::start_in_at(&h.ns, "d.2", &h.ip, 8002);
+    // Long enough that the first held connection is surely done inside it.
+    let config = "[[service]]\nname = \"d\"\nports = [{ published = 8090, target = 8000 }]\n\
+                  health = { check = \"none\" }\ndrain_timeout = \"15s\"\n";
+    let agent = nft_agent(h, config);
+    assert_ok(agent.cli(&["task", "add", "d", &format!("{}:8001", h.ip), "--id", "d.1"]));
+    agent.wait_routable("d", 1);
+    agent.wait_applied();
+    let addr = format!("{}:8090", h.ip);
+    // Two established connections, both to d.1, the only task.
+    let mut during = Held::open_until_go(&c.client.ns, &addr);
+    let mut after = Held::open_until_go(&c.client.ns, &addr);
+
+    assert_ok(agent.cli(&["task", "add", "d", &format!("{}:8002", h.ip), "--id", "d.2"]));
+    assert_ok(agent.cli(&["task", "drain", "d", "d.1"]));
+    agent.wait_applied();
+    eventually("new connections go to d.2 only", || {
+        (0..3)
+            .all(|_| c.get(&addr).as_deref() == Some("d.2"))
+            .then_some(())
+    });
+    // Inside drain_timeout, an established connection to the drained task goes on.
+    during.go();
+    assert_eq!(during.outcome(), Ok("d.1".to_string()), "during the drain");
+
+    // Then the plane deletes the drained task's conntrack entries, and what was still
+    // open ends: its next segment is a new flow to a task that never saw it.
+    let port = "8001";
+    eventually("conntrack forgets d.1's flows after drain_timeout", || {
+        h.ns.run(
+            "conntrack",
+            &[
+                "-L",
+                "-p",
+                "tcp",
+                "--reply-src",
+                &h.ip,
+                "--reply-port-src",
+                port,
+            ],
+        )
+        .trim()
+        .is_empty()
+        .then_some(())
+    });
+    after.go();
+    let ended = after.outcome();
+    assert!(ended.is_err(), "after drain_timeout: {ended:?}");
 }

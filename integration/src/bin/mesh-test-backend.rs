@@ -6,9 +6,9 @@
 //! `mesh-test-backend --udp NAME PORT [IP]` answers each datagram with `NAME:<payload>`;
 //! `mesh-test-backend --udp-ask ADDR COUNT` sends COUNT datagrams from as many sockets
 //! (flows), each retried until answered, and prints the answers.
-//! `mesh-test-backend --held ADDR SECS` opens a connection, sends the first line of a
-//! request, prints `connected`, waits SECS and sends the rest: an established
-//! connection held across an event. It then prints `ok <answer>` or `fail <why>`.
+//! `mesh-test-backend --held ADDR SECS|stdin` opens a connection, sends the first line
+//! of a request, prints `connected`, waits SECS (or for a line on stdin) and sends the
+//! rest: an established connection held across an event. It then prints `ok <answer>` or `fail <why>`.
 //! `mesh-test-backend --udp-flow ADDR` is one UDP flow (one socket, one source port)
 //! driven from stdin: for each line it sends a datagram, retried until answered, and
 //! prints which task answered (`none` after 5 tries).
@@ -81,7 +81,14 @@ fn get(addr: &str) -> ! {
     }
 }
 
-fn held(addr: &str, secs: u64) -> ! {
+/// How long a held connection waits before the rest of its request.
+enum Cue {
+    After(u64),
+    /// Until a line arrives on stdin.
+    Stdin,
+}
+
+fn held(addr: &str, cue: Cue) -> ! {
     use std::io::Read;
     let result = (|| -> std::io::Result<String> {
         let target: std::net::SocketAddr = addr
@@ -93,7 +100,13 @@ fn held(addr: &str, secs: u64) -> ! {
         write!(s, "GET / HTTP/1.1\r\n")?;
         println!("connected");
         std::io::stdout().flush()?;
-        std::thread::sleep(std::time::Duration::from_secs(secs));
+        match cue {
+            Cue::After(secs) => std::thread::sleep(std::time::Duration::from_secs(secs)),
+            Cue::Stdin => {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+            }
+        }
         write!(s, "Host: held\r\nConnection: close\r\n\r\n")?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
@@ -311,9 +324,13 @@ fn main() {
         who(&args.next().expect("--who ADDR"));
     }
     if name == "--held" {
-        let addr = args.next().expect("--held ADDR SECS");
-        let secs: u64 = args.next().map(|s| s.parse().expect("SECS")).unwrap_or(3);
-        held(&addr, secs);
+        let addr = args.next().expect("--held ADDR SECS|stdin");
+        let cue = match args.next().as_deref() {
+            Some("stdin") => Cue::Stdin,
+            Some(secs) => Cue::After(secs.parse().expect("SECS")),
+            None => Cue::After(3),
+        };
+        held(&addr, cue);
     }
     if name == "--udp-flow" {
         udp_flow(&args.next().expect("--udp-flow ADDR"));
