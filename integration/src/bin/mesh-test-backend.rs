@@ -22,56 +22,35 @@ use std::net::TcpListener;
 
 use integration::load::unix_ms;
 
-/// `--who ADDR`: prints the answer's body and the client address the task saw.
-fn who(addr: &str) -> ! {
+/// One GET of `addr`: the answer's head and body.
+fn fetch(addr: &str) -> std::io::Result<(String, String)> {
     use std::io::Read;
-    let result = (|| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-        write!(
-            s,
-            "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let client = head
-            .lines()
-            .find_map(|l| l.strip_prefix("X-Client: "))
-            .unwrap_or("?");
-        Ok(format!("{} {client}", body.trim()))
-    })();
-    match result {
-        Ok(line) => {
-            println!("{line}");
-            std::process::exit(0)
-        }
-        Err(e) => {
-            eprintln!("{addr}: {e}");
-            std::process::exit(1)
-        }
-    }
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((head.to_string(), body.trim().to_string()))
 }
 
-fn get(addr: &str) -> ! {
-    use std::io::Read;
-    let result = (|| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-        write!(
-            s,
-            "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.trim().to_string())
-            .unwrap_or_default())
-    })();
-    match result {
-        Ok(body) => {
-            println!("{body}");
+/// `--get ADDR` prints the answer's body; `--who ADDR` also the client address the
+/// task saw.
+fn get(addr: &str, who: bool) -> ! {
+    match fetch(addr) {
+        Ok((head, body)) => {
+            if who {
+                let client = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("X-Client: "))
+                    .unwrap_or("?");
+                println!("{body} {client}");
+            } else {
+                println!("{body}");
+            }
             std::process::exit(0)
         }
         Err(e) => {
@@ -318,10 +297,10 @@ fn main() {
         .next()
         .expect("usage: mesh-test-backend NAME [PORT] | --get ADDR");
     if name == "--get" {
-        get(&args.next().expect("--get ADDR"));
+        get(&args.next().expect("--get ADDR"), false);
     }
     if name == "--who" {
-        who(&args.next().expect("--who ADDR"));
+        get(&args.next().expect("--who ADDR"), true);
     }
     if name == "--held" {
         let addr = args.next().expect("--held ADDR SECS|stdin");
