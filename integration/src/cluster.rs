@@ -106,11 +106,29 @@ impl Cluster {
 
     /// GET / from the client namespace; the body, or None on failure.
     pub fn get(&self, addr: &str) -> Option<String> {
+        self.client_run("--get", addr)
+    }
+
+    /// GET / from the client namespace: the task that answered and the client address
+    /// it saw. Panics on failure.
+    pub fn who(&self, addr: &str) -> (String, String) {
+        let line = self
+            .client_run("--who", addr)
+            .unwrap_or_else(|| panic!("GET {addr} from the client failed"));
+        let (task, client) = line
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("GET {addr}: {line:?}"));
+        (task.to_string(), client.to_string())
+    }
+
+    /// The test client `mesh-test-backend MODE ADDR` in the client namespace; its
+    /// output, or None on failure.
+    fn client_run(&self, mode: &str, addr: &str) -> Option<String> {
         let out = self
             .client
             .ns
             .command(crate::backend_bin())
-            .args(["--get", addr])
+            .args([mode, addr])
             .output()
             .ok()?;
         out.status

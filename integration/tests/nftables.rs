@@ -297,22 +297,6 @@ fn a_udp_flow_moves_when_its_task_is_removed() {
     );
 }
 
-/// `--who` from the client namespace: the task that answered and the address it saw.
-fn who(c: &Cluster, addr: &str) -> (String, String) {
-    let out = c
-        .client
-        .ns
-        .command(backend_bin())
-        .args(["--who", addr])
-        .output()
-        .expect("run the client");
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let (task, client) = line
-        .split_once(' ')
-        .unwrap_or_else(|| panic!("GET {addr}: {line:?} {out:?}"));
-    (task.to_string(), client.to_string())
-}
-
 #[test]
 fn client_ip_keep_goes_to_this_hosts_tasks_and_they_see_the_client() {
     if skip_unless_root("client_ip_keep_goes_to_this_hosts_tasks_and_they_see_the_client") {
@@ -362,7 +346,7 @@ fn client_ip_keep_goes_to_this_hosts_tasks_and_they_see_the_client() {
     // keep: each host's own task only, and the task sees the client's address.
     for (i, h) in c.hosts.iter().enumerate() {
         for _ in 0..6 {
-            let (task, seen) = who(&c, &format!("{}:8090", h.ip));
+            let (task, seen) = c.who(&format!("{}:8090", h.ip));
             assert_eq!(task, format!("kept.{}", i + 1), "through host{}", i + 1);
             assert_eq!(&seen, client, "kept.{} saw {seen}", i + 1);
         }
@@ -371,7 +355,7 @@ fn client_ip_keep_goes_to_this_hosts_tasks_and_they_see_the_client() {
     // sees host1's address. That is the trade-off keep makes the other way.
     let mut seen = BTreeMap::new();
     for _ in 0..6 {
-        let (task, addr) = who(&c, &format!("{}:8091", c.hosts[0].ip));
+        let (task, addr) = c.who(&format!("{}:8091", c.hosts[0].ip));
         *seen.entry((task, addr)).or_insert(0) += 1;
     }
     assert_eq!(
@@ -446,7 +430,7 @@ fn nftables_balances_ipv6_across_hosts() {
     // local task sees the client; the hop to host2 is masqueraded to host1's address.
     let mut seen = BTreeMap::new();
     for _ in 0..6 {
-        let (task, addr) = who(&c, &format!("[{}]:8080", v6(0)));
+        let (task, addr) = c.who(&format!("[{}]:8080", v6(0)));
         *seen.entry((task, addr)).or_insert(0) += 1;
     }
     assert_eq!(

@@ -309,7 +309,7 @@ fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
         });
         policy.client_ip = ClientIp::Any;
     }
-    let local_only = policy.client_ip == ClientIp::Keep;
+    let on = (policy.client_ip == ClientIp::Keep).then_some(host.node.as_str());
     let mut frontends = Vec::new();
     let vips: Vec<IpAddr> = if host.serve_vips && spec.mode == Mode::Vip {
         entry.vips.iter().collect()
@@ -318,10 +318,9 @@ fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
     };
     for port in &spec.ports {
         let backends = entry
-            .backends(port)
+            .backends(port, on)
             .backends
             .into_iter()
-            .filter(|b| !local_only || entry.node_of(&b.task) == Some(host.node.as_str()))
             .map(|b| PlanBackend {
                 task: b.task,
                 addr: b.addr,

@@ -65,21 +65,14 @@ impl TaskEntry {
 }
 
 impl ServiceEntry {
-    /// The routable backends of one of this service's ports.
-    /// The host that runs task `id`.
-    pub fn node_of(&self, id: &str) -> Option<&str> {
-        self.tasks
-            .binary_search_by(|t| t.id.as_str().cmp(id))
-            .ok()
-            .map(|i| self.tasks[i].node.as_str())
-    }
-
-    pub fn backends(&self, port: &PortSpec) -> BackendSet {
+    /// The routable backends of one of this service's ports; with `on`, only those of
+    /// the tasks that host runs (`client_ip = "keep"`).
+    pub fn backends(&self, port: &PortSpec, on: Option<&str>) -> BackendSet {
         BackendSet {
             backends: self
                 .tasks
                 .iter()
-                .filter(|t| t.routable())
+                .filter(|t| t.routable() && on.is_none_or(|node| t.node == node))
                 .map(|t| Backend {
                     task: t.id.clone(),
                     addr: t.addr(port),

@@ -119,6 +119,14 @@ impl Family {
         }
     }
 
+    /// The address family's word in `dnat ip to` and `ip daddr`.
+    fn nat(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
     /// The task map of the group that holds `slot`, for one protocol.
     fn map(self, protocol: Protocol, slot: u32) -> String {
         let v = match self {
@@ -132,11 +140,10 @@ impl Family {
         // `typeof` because the counter's type has no fixed-size name to declare. The
         // port is the protocol's own (`tcp dport`), not `th dport`: nft 1.0.6 reads a
         // `th` type back from the kernel and then refuses a rule that matched tcp.
-        let addr = match self {
-            Family::V4 => "ip daddr",
-            Family::V6 => "ip6 daddr",
-        };
-        format!("typeof numgen inc mod 2 : {addr} . {protocol} dport")
+        format!(
+            "typeof numgen inc mod 2 : {} daddr . {protocol} dport",
+            self.nat()
+        )
     }
 }
 
@@ -149,31 +156,38 @@ impl Dispatch {
     /// DNAT to the task the counter picks. The tasks sit in the group's map, not in a
     /// chain each: a table of 10,000 services has no 100,000 task chains to load.
     fn rules(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (family, nat, addrs) in [(Family::V4, "ip", &self.v4), (Family::V6, "ip6", &self.v6)] {
-            if addrs.is_empty() {
-                continue;
-            }
-            // Written as `nft list` prints it, which leaves out a zero offset.
-            let offset = match self.base() {
-                0 => String::new(),
-                b => format!(" offset {b}"),
-            };
-            // `client_ip = keep` goes to this host's tasks only, so no hop needs the
-            // source rewritten: the task sees the client.
-            let mark = match self.client_ip {
-                ClientIp::Keep => String::new(),
-                ClientIp::Any => format!("meta mark set meta mark | {MASQUERADE_MARK:#010x} "),
-            };
-            out.push(format!(
-                "meta nfproto {} meta l4proto {} {mark}dnat {nat} to numgen inc mod {}{offset} map @{}",
-                family.nfproto(),
-                self.protocol,
-                addrs.len(),
-                family.map(self.protocol, self.slot)
-            ));
+        // Written as `nft list` prints it, which leaves out a zero offset.
+        let offset = match self.base() {
+            0 => String::new(),
+            b => format!(" offset {b}"),
+        };
+        // `client_ip = keep` goes to this host's tasks only, so no hop needs the
+        // source rewritten: the task sees the client.
+        let mark = match self.client_ip {
+            ClientIp::Keep => String::new(),
+            ClientIp::Any => format!("meta mark set meta mark | {MASQUERADE_MARK:#010x} "),
+        };
+        Family::BOTH
+            .into_iter()
+            .filter(|f| !self.addrs(*f).is_empty())
+            .map(|family| {
+                format!(
+                    "meta nfproto {} meta l4proto {} {mark}dnat {} to numgen inc mod {}{offset} map @{}",
+                    family.nfproto(),
+                    self.protocol,
+                    family.nat(),
+                    self.addrs(family).len(),
+                    family.map(self.protocol, self.slot)
+                )
+            })
+            .collect()
+    }
+
+    fn addrs(&self, family: Family) -> &[SocketAddr] {
+        match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
         }
-        out
     }
 
     /// The first key of this frontend's slot in its group's map.
@@ -183,11 +197,7 @@ impl Dispatch {
 
     /// The map elements of one family: the counter's value, then the task.
     fn elements(&self, family: Family) -> Vec<(u32, SocketAddr)> {
-        let addrs = match family {
-            Family::V4 => &self.v4,
-            Family::V6 => &self.v6,
-        };
-        addrs
+        self.addrs(family)
             .iter()
             .enumerate()
             .map(|(i, a)| (self.base() + i as u32, *a))
@@ -288,46 +298,49 @@ impl Ruleset {
                 went.extend(self.reference(o, false));
             }
             // The task map's elements: only those whose task changed leave or come.
+            // Both lists run from the same base (a frontend keeps its slot), so an
+            // element is compared with the one at its own position.
+            let slot = new.as_ref().or(old.as_ref()).map_or(0, |d| d.slot);
             for family in Family::BOTH {
                 let before = old.as_ref().map(|o| o.elements(family)).unwrap_or_default();
                 let after = new.as_ref().map(|n| n.elements(family)).unwrap_or_default();
-                let (protocol, slot) = new
-                    .as_ref()
-                    .or(old.as_ref())
-                    .map_or((key.protocol, 0), |d| (d.protocol, d.slot));
-                let gone: Vec<String> = before
-                    .iter()
-                    .filter(|e| !after.contains(e))
-                    .map(|(k, _)| k.to_string())
-                    .collect();
-                let added: Vec<String> = after
-                    .iter()
-                    .filter(|e| !before.contains(e))
-                    .map(|(k, a)| element_text(*k, a))
-                    .collect();
+                let mut gone = Vec::new();
+                let mut added = Vec::new();
+                for i in 0..before.len().max(after.len()) {
+                    let (b, a) = (before.get(i), after.get(i));
+                    if b == a {
+                        continue;
+                    }
+                    if let Some((k, _)) = b {
+                        gone.push(k.to_string());
+                    }
+                    if let Some((k, addr)) = a {
+                        added.push(element_text(*k, addr));
+                    }
+                }
+                let map = family.map(key.protocol, slot);
                 if !gone.is_empty() {
                     let _ = writeln!(
                         elements_out,
-                        "delete element inet {TABLE} {} {{ {} }}",
-                        family.map(protocol, slot),
+                        "delete element inet {TABLE} {map} {{ {} }}",
                         gone.join(", ")
                     );
                 }
                 if !added.is_empty() {
-                    maps.insert((family.map(protocol, slot), family.declaration(protocol)));
                     let _ = writeln!(
                         elements_in,
-                        "add element inet {TABLE} {} {{ {} }}",
-                        family.map(protocol, slot),
+                        "add element inet {TABLE} {map} {{ {} }}",
                         added.join(", ")
                     );
+                    maps.insert((map, family.declaration(key.protocol)));
                 }
             }
             match (&old, &new) {
                 (Some(o), Some(n)) if o.chain == n.chain => {
-                    if o.rules() != n.rules() {
+                    let rules = n.rules();
+                    if o.rules() != rules {
                         let _ = writeln!(chains_refill, "flush chain inet {TABLE} {}", n.chain);
-                        for rule in n.rules() {
+                        for rule in rules {
                             let _ =
                                 writeln!(chains_refill, "add rule inet {TABLE} {} {rule}", n.chain);
                         }
