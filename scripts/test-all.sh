@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 # System packages the tests use: dig for the DNS tests; nft for the nftables plane and
 # the chaos suite's packet loss; conntrack for the nftables plane's flow cleanup;
-# dnsmasq as a real DNS server behind the mesh. The eBPF tests will add theirs here.
-packages=(bind9-dnsutils nftables conntrack dnsmasq-base)
+# dnsmasq as a real DNS server behind the mesh; docker.io for a private Docker engine
+# (dockerd, containerd, runc) and busybox-static for its image (scripts/busybox-image.sh);
+# docker-compose for the Compose example. The eBPF tests will add theirs here.
+packages=(bind9-dnsutils nftables conntrack dnsmasq-base docker.io busybox-static docker-compose)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -67,6 +67,7 @@ pub fn add_task(sim: &mut Sim, host: usize, id: &str) -> u64 {
             ip: "10.0.0.1".parse().expect("literal address"),
             port: None,
             state: TaskState::Active,
+            observed: None,
         };
         match r.add_task(spec, mesh_core::TaskSource::Api, now) {
             Ok((_, mut d)) => {
@@ -218,6 +219,7 @@ pub fn full_sync(services: usize, per_service: usize) -> Result<FullSync> {
                     ip: format!("10.{}.{}.{}", (s >> 8) & 255, s & 255, i + 1).parse()?,
                     port: None,
                     state: TaskState::Active,
+                    observed: None,
                 },
                 mesh_core::TaskSource::Api,
                 now,

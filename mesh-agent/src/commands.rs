@@ -6,8 +6,7 @@ use anyhow::{Result, bail};
 use hyper::Method;
 use mesh_api::{NewTask, NodeView, ServiceView, StatusView, TaskView};
 use mesh_core::{
-    Balance, ClientIp, HealthCheck, HealthKind, Mode, PortSpec, Protocol, ProxyProtocol,
-    ServiceSpec,
+    Balance, ClientIp, HealthCheck, Mode, PortSpec, Protocol, ProxyProtocol, ServiceSpec,
 };
 use serde_json::{Value, json};
 
@@ -16,26 +15,7 @@ use crate::client::Client;
 
 /// `[PUBLISHED:]TARGET[/udp|/tcp]` into a port.
 pub fn parse_port(text: &str) -> Result<PortSpec> {
-    let (ports, protocol) = match text.rsplit_once('/') {
-        Some((p, "tcp")) => (p, Protocol::Tcp),
-        Some((p, "udp")) => (p, Protocol::Udp),
-        Some((_, other)) => bail!("-p {text:?}: unknown protocol {other:?}; use tcp or udp"),
-        None => (text, Protocol::Tcp),
-    };
-    let num = |s: &str, what: &str| -> Result<u16> {
-        match s.parse::<u16>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => bail!("-p {text:?}: {what} port {s:?} must be a number from 1 to 65535"),
-        }
-    };
-    let (published, target) = match ports.split_once(':') {
-        Some((published, target)) => (Some(num(published, "published")?), num(target, "target")?),
-        None => (None, num(ports, "target")?),
-    };
-    Ok(PortSpec {
-        protocol,
-        ..PortSpec::tcp(published, target)
-    })
+    PortSpec::parse_short(text).map_err(|e| anyhow::anyhow!("-p {text:?}: {e}"))
 }
 
 fn duration(flag: &str, value: &str) -> Result<std::time::Duration> {
@@ -43,18 +23,12 @@ fn duration(flag: &str, value: &str) -> Result<std::time::Duration> {
 }
 
 fn health(args: &CreateArgs, udp_only: bool) -> Result<HealthCheck> {
-    let mut h = HealthCheck::default();
-    match args.health.as_deref() {
-        None if udp_only => h.check = HealthKind::None,
-        None | Some("tcp") => h.check = HealthKind::Tcp,
-        Some("none") => h.check = HealthKind::None,
-        Some("http") => h.check = HealthKind::Http,
-        Some(s) if s.starts_with("http:") => {
-            h.check = HealthKind::Http;
-            h.path = s[5..].to_string();
-        }
-        Some(other) => bail!("--health {other:?}: use tcp, http:/PATH or none"),
+    let mut h = match args.health.as_deref() {
+        None if udp_only => HealthCheck::parse_short("none"),
+        None => HealthCheck::parse_short("tcp"),
+        Some(s) => HealthCheck::parse_short(s),
     }
+    .map_err(|e| anyhow::anyhow!("--health {e}"))?;
     if let Some(i) = &args.health_interval {
         h.interval = duration("--health-interval", i)?;
     }
@@ -244,7 +218,15 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                         t.task.node.clone(),
                         t.task.health.to_string(),
                         t.task.state.to_string(),
-                        t.task.source.to_string(),
+                        // A container task shows its container, and a health that
+                        // is the engine's own check says so.
+                        match &t.task.observed {
+                            Some(o) if o.health.is_some() => {
+                                format!("{} {} (health by docker)", t.task.source, o.container)
+                            }
+                            Some(o) => format!("{} {}", t.task.source, o.container),
+                            None => t.task.source.to_string(),
+                        },
                         t.active_connections.to_string(),
                     ]
                 })
@@ -355,7 +337,37 @@ pub async fn status(client: &Client, format: Format) -> Result<()> {
             println!("Error:       service {service}: {e}");
         }
     }
+    if let Some(d) = &s.docker {
+        print_docker(d);
+    }
     Ok(())
+}
+
+fn print_docker(d: &mesh_api::DockerView) {
+    let e = &d.engine;
+    let state = if e.connected {
+        format!(
+            "connected (API {})",
+            e.api_version.as_deref().unwrap_or("?")
+        )
+    } else {
+        "disconnected, retrying".to_string()
+    };
+    println!(
+        "Docker:      {} {state}: {} containers, {} tasks, {} events, {} reconnects",
+        e.endpoint, e.containers, d.tasks, e.events, e.reconnects
+    );
+    if let Some(err) = &e.last_error {
+        println!("Docker:      last error: {err}");
+    }
+    for skip in &d.skipped {
+        println!("Skipped:     {skip}");
+    }
+    for (service, lines) in &d.differences {
+        for line in lines {
+            println!("Labels:      service {service}: {line}");
+        }
+    }
 }
 
 pub async fn nodes(client: &Client, format: Format) -> Result<()> {

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub cluster: ClusterConfig,
     #[serde(default)]
+    pub docker: mesh_docker::DockerConfig,
+    #[serde(default)]
     pub service: Vec<Spanned<ServiceSpec>>,
     #[serde(default)]
     pub task: Vec<Spanned<TaskSpec>>,

@@ -81,6 +81,7 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
             ip: "127.0.0.1".parse().expect("ip"),
             port: Some(backend_port),
             state: TaskState::Active,
+            observed: None,
         });
     }
     let mut web = ServiceSpec::new("web", vec![PortSpec::tcp(Some(port), 80)]);
@@ -114,6 +115,7 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
         },
         services: vec![web],
         tasks,
+        docker: None,
     };
     let agent = match daemon::start(settings).await {
         Ok(agent) => agent,

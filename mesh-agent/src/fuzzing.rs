@@ -41,6 +41,7 @@ pub fn api_body(data: &[u8]) {
                 ip: t.ip,
                 port: t.port,
                 state: t.state,
+                observed: None,
             },
             source: TaskSource::Api,
         }),

@@ -143,7 +143,8 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         .or(config.node_name.clone())
         .unwrap_or_else(paths::hostname);
     mesh_core::name::check_task_id("--node-name", &node_name)?;
-    let settings = daemon::Settings {
+    let docker = config.docker.clone();
+    let mut settings = daemon::Settings {
         node_name,
         data_dir: args
             .data_dir
@@ -189,7 +190,9 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         },
         services: config.service.into_iter().map(|s| s.into_inner()).collect(),
         tasks: config.task.into_iter().map(|t| t.into_inner()).collect(),
+        docker: None,
     };
+    settings.docker = docker_target(&docker, &settings.cluster);
     // Everything the agent would refuse at start is refused here too, flags included.
     daemon::check(&settings)?;
     if args.check_config {
@@ -211,4 +214,29 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
     daemon::termination().await;
     running.shutdown().await;
     Ok(())
+}
+
+/// The Docker source's target, when `[docker] enabled`: the engine from the config or
+/// `DOCKER_HOST`, and this host's address from the config or the cluster's.
+fn docker_target(
+    docker: &mesh_docker::DockerConfig,
+    cluster: &config::ClusterConfig,
+) -> Option<mesh_docker::Target> {
+    if !docker.enabled {
+        return None;
+    }
+    let cluster_ip = cluster
+        .advertise
+        .map(|a| a.ip())
+        .or(Some(cluster.bind.ip()))
+        .filter(|ip| !ip.is_unspecified());
+    Some(mesh_docker::Target {
+        host: docker.endpoint(std::env::var("DOCKER_HOST").ok().as_deref()),
+        settings: mesh_docker::Settings {
+            address: docker.address,
+            compose: docker.compose,
+            network: docker.network.clone(),
+            host_ip: docker.host_address.or(cluster_ip),
+        },
+    })
 }

@@ -110,7 +110,7 @@ struct Probes {
 
 impl Probes {
     /// What `entry` wants probed on this host: its local tasks, on its first TCP
-    /// port, unless the service checks nothing.
+    /// port, unless the service checks nothing or a container engine checks the task.
     fn wanted(&self, entry: Option<&ServiceEntry>) -> BTreeMap<String, ProbeKey> {
         let Some(entry) = entry else {
             return BTreeMap::new();
@@ -125,7 +125,7 @@ impl Probes {
         entry
             .tasks
             .iter()
-            .filter(|t| t.node == self.table.node())
+            .filter(|t| t.node == self.table.node() && t.probed())
             .map(|t| {
                 (
                     t.id.clone(),

@@ -2,12 +2,14 @@
 //! these types, the CLI sends and decodes them, and the dashboard will too, so one
 //! definition keeps all three in step.
 
+mod docker;
 mod error;
 mod node;
 mod service;
 mod status;
 mod task;
 
+pub use docker::{DockerView, EngineStatus};
 pub use error::ErrorBody;
 pub use node::NodeView;
 pub use service::ServiceView;

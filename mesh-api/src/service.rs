@@ -25,4 +25,8 @@ pub struct ServiceView {
     /// Conflicts this service lost to another (a published port, a task id).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<Conflict>,
+    /// Where this host's containers' labels ask for other settings than the
+    /// service has. The service is left as it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_differences: Vec<String>,
 }

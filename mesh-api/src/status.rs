@@ -45,6 +45,9 @@ pub struct StatusView {
     /// "web 8080/tcp on userspace: proxy_protocol served by the userspace plane only".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallbacks: Vec<String>,
+    /// The Docker source, when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<crate::DockerView>,
     /// Problems of the data planes, by service.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, Vec<String>>,

@@ -35,5 +35,5 @@ pub use protocol::Protocol;
 pub use replica::{Delta, Digest, Replica, ReplicaConfig, SyncItem};
 pub use service::{ClientIp, HealthCheck, HealthKind, Mode, PortSpec, ProxyProtocol, ServiceSpec};
 pub use snapshot::{ServiceEntry, Snapshot, TaskEntry};
-pub use task::{TaskSource, TaskSpec, TaskState};
+pub use task::{Observed, TaskSource, TaskSpec, TaskState};
 pub use vip::{VipPool, Vips};

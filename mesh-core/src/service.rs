@@ -277,6 +277,34 @@ impl PortSpec {
         }
     }
 
+    /// Docker's short form, `[PUBLISHED:]TARGET[/tcp|/udp]`, as `-p` and the
+    /// `mesh.publish` label write it. The error says what is wrong with which part;
+    /// the caller names where the text came from.
+    pub fn parse_short(text: &str) -> Result<PortSpec, String> {
+        let (ports, protocol) = match text.rsplit_once('/') {
+            Some((p, "tcp")) => (p, Protocol::Tcp),
+            Some((p, "udp")) => (p, Protocol::Udp),
+            Some((_, other)) => return Err(format!("unknown protocol {other:?}; use tcp or udp")),
+            None => (text, Protocol::Tcp),
+        };
+        let num = |s: &str, what: &str| match s.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "{what} port {s:?} must be a number from 1 to 65535"
+            )),
+        };
+        let (published, target) = match ports.split_once(':') {
+            Some((published, target)) => {
+                (Some(num(published, "published")?), num(target, "target")?)
+            }
+            None => (None, num(ports, "target")?),
+        };
+        Ok(PortSpec {
+            protocol,
+            ..PortSpec::tcp(published, target)
+        })
+    }
+
     fn normalize(&mut self) -> Result<(), ModelError> {
         if self.target == 0 {
             return Err(ModelError::new("target", "must be between 1 and 65535"));
@@ -292,6 +320,24 @@ impl PortSpec {
 }
 
 impl HealthCheck {
+    /// The kind of check in its short form, `tcp`, `http`, `http:/PATH` or `none`, as
+    /// `--health` and the `mesh.health` label write it; the rest keeps its defaults.
+    pub fn parse_short(text: &str) -> Result<HealthCheck, String> {
+        let mut h = HealthCheck::default();
+        match text {
+            "tcp" => h.check = HealthKind::Tcp,
+            "none" => h.check = HealthKind::None,
+            "http" => h.check = HealthKind::Http,
+            s if s.starts_with("http:") => {
+                h.check = HealthKind::Http;
+                h.path = s[5..].to_string();
+            }
+            other => return Err(format!("{other:?}: use tcp, http:/PATH or none")),
+        }
+        h.validate().map_err(|e| e.to_string())?;
+        Ok(h)
+    }
+
     fn validate(&self) -> Result<(), ModelError> {
         if self.interval < Duration::from_millis(100) {
             return Err(ModelError::new("interval", "must be at least 100ms"));

@@ -14,7 +14,7 @@ use crate::balance::{Backend, BackendSet};
 use crate::conflict::Conflict;
 use crate::health::Health;
 use crate::service::{PortSpec, ServiceSpec};
-use crate::task::{TaskSource, TaskState};
+use crate::task::{Observed, TaskSource, TaskState};
 use crate::vip::Vips;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -50,12 +50,21 @@ pub struct TaskEntry {
     /// Which source of its host registered it.
     #[serde(default)]
     pub source: TaskSource,
+    /// What a container engine reported about it: its container, and whether its
+    /// health is the engine's check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<Observed>,
 }
 
 impl TaskEntry {
     /// Whether new connections may go to this task.
     pub fn routable(&self) -> bool {
         self.state == TaskState::Active && self.health == Health::Healthy
+    }
+
+    /// Whether mesh probes this task's health: not when a container engine checks it.
+    pub fn probed(&self) -> bool {
+        self.observed.as_ref().is_none_or(|o| o.health.is_none())
     }
 
     /// Where this task serves `port`.

@@ -4,6 +4,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::Health;
+
 /// Whether a task takes new connections. A draining task keeps its existing
 /// connections until the service's `drain_timeout`, and gets no new ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -72,6 +74,24 @@ pub struct TaskSpec {
     pub port: Option<u16>,
     #[serde(default)]
     pub state: TaskState,
+    /// Set by an observing source (a container engine); never read from a file or
+    /// the API, and never saved, since the source reports it again after a restart.
+    #[serde(skip)]
+    pub observed: Option<Observed>,
+}
+
+/// What a container engine knows about one of its tasks beyond its address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// The container's name, as the engine shows it, so an operator can tell which
+    /// container a task is.
+    pub container: String,
+    /// The engine's own health check of the container (Docker's HEALTHCHECK), when it
+    /// has one. The task's health is then the engine's word, and mesh does not probe
+    /// it: two checks of one container would disagree. (Always written, even when
+    /// `None`: gossip's encoding is not self-describing, so a skipped field would
+    /// make the record unreadable to peers.)
+    pub health: Option<Health>,
 }
 
 impl TaskSpec {
@@ -83,6 +103,7 @@ impl TaskSpec {
             ip,
             port: None,
             state: TaskState::Active,
+            observed: None,
         }
     }
 }

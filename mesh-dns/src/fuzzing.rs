@@ -131,6 +131,7 @@ pub fn sample_snapshot() -> Snapshot {
                 ip: ip.parse().expect("ip"),
                 port: None,
                 state: TaskState::Active,
+                observed: None,
             };
             s.add_task(task, mesh_core::TaskSource::Api, 0)
                 .expect("valid");

@@ -444,6 +444,7 @@ mod tests {
             state: TaskState::Active,
             health: Health::Healthy,
             source: TaskSource::Docker,
+            observed: None,
         });
         web.tasks.push(TaskEntry {
             id: "web.5".into(),
@@ -453,6 +454,7 @@ mod tests {
             state: TaskState::Active,
             health: Health::Healthy,
             source: TaskSource::Docker,
+            observed: None,
         });
         last.services.insert("web".into(), Arc::new(web));
         last.version += 1;

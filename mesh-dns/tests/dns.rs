@@ -57,6 +57,7 @@ fn snapshot() -> Snapshot {
                 ip: ip.parse().unwrap(),
                 port: None,
                 state: TaskState::Active,
+                observed: None,
             },
             mesh_core::TaskSource::Api,
             0,
@@ -418,6 +419,7 @@ async fn answers_follow_snapshot_updates() {
             ip: ip.parse().unwrap(),
             port: None,
             state: TaskState::Active,
+            observed: None,
         };
         s.add_task(task, mesh_core::TaskSource::Api, 0).unwrap();
         s.set_health(svc, id, Health::Healthy, 0);

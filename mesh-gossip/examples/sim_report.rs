@@ -56,6 +56,7 @@ fn main() {
                         ip: "10.0.0.1".parse().unwrap(),
                         port: None,
                         state: TaskState::Active,
+                        observed: None,
                     };
                     let mut d = r.add_task(spec, mesh_core::TaskSource::Api, now).unwrap().1;
                     d.extend(r.set_health("web", &id, Health::Healthy, now));

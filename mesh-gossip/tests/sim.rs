@@ -23,6 +23,7 @@ fn add_task(sim: &mut Sim, i: usize, id: &str, ip: &str) {
             ip,
             port: None,
             state: TaskState::Active,
+            observed: None,
         };
         let mut d = r.add_task(spec, mesh_core::TaskSource::Api, now).unwrap().1;
         d.extend(r.set_health(&service, &id, Health::Healthy, now));

@@ -117,6 +117,7 @@ async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
             ip: "10.0.0.1".parse().unwrap(),
             port: None,
             state: TaskState::Active,
+            observed: None,
         };
         let mut d = r.add_task(spec, mesh_core::TaskSource::Api, 2).unwrap().1;
         d.extend(r.set_health("web", "web.1", Health::Healthy, 2));

@@ -32,6 +32,8 @@ pub struct ApiState {
     pub data_dir: String,
     pub dns: Vec<String>,
     pub members: watch::Receiver<Vec<MemberView>>,
+    /// The Docker source's view, when it is on.
+    pub docker: Option<watch::Receiver<mesh_api::DockerView>>,
 }
 
 pub type AppState = Arc<ApiState>;

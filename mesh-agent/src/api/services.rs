@@ -4,7 +4,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use mesh_api::ServiceView;
+use mesh_api::{DockerView, ServiceView};
 use mesh_core::plan::Listen;
 use mesh_core::{FrontendKey, ServiceSpec, Snapshot};
 use mesh_dataplane::PlaneStatus;
@@ -13,8 +13,14 @@ use super::error::parse;
 use super::{ApiError, AppState};
 use crate::table::Write;
 
-/// A service as the API shows it, with what this host's planes could not do for it.
-pub fn view(snapshot: &Snapshot, status: &PlaneStatus, name: &str) -> Option<ServiceView> {
+/// A service as the API shows it, with what this host's planes could not do for it
+/// and where this host's containers' labels disagree with it.
+pub fn view(
+    snapshot: &Snapshot,
+    status: &PlaneStatus,
+    docker: Option<&DockerView>,
+    name: &str,
+) -> Option<ServiceView> {
     let entry = snapshot.services.get(name)?;
     Some(ServiceView {
         spec: entry.spec.clone(),
@@ -31,21 +37,32 @@ pub fn view(snapshot: &Snapshot, status: &PlaneStatus, name: &str) -> Option<Ser
             .map(|e| e.to_string())
             .collect(),
         conflicts: entry.conflicts.clone(),
+        label_differences: docker
+            .and_then(|d| d.differences.get(name))
+            .cloned()
+            .unwrap_or_default(),
     })
 }
 
 fn current(s: &AppState, name: &str) -> Result<ServiceView, ApiError> {
-    view(&s.table.snapshot(), &s.planes.status.borrow(), name)
-        .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))
+    let docker = s.docker.as_ref().map(|d| d.borrow().clone());
+    view(
+        &s.table.snapshot(),
+        &s.planes.status.borrow(),
+        docker.as_ref(),
+        name,
+    )
+    .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))
 }
 
 pub async fn list(State(s): State<AppState>) -> Json<Vec<ServiceView>> {
     let snap = s.table.snapshot();
     let status = s.planes.status.borrow().clone();
+    let docker = s.docker.as_ref().map(|d| d.borrow().clone());
     Json(
         snap.services
             .keys()
-            .filter_map(|n| view(&snap, &status, n))
+            .filter_map(|n| view(&snap, &status, docker.as_ref(), n))
             .collect(),
     )
 }

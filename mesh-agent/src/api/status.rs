@@ -41,6 +41,7 @@ pub async fn status(State(s): State<AppState>) -> Json<StatusView> {
         })
         .unwrap_or_default();
     Json(StatusView {
+        docker: s.docker.as_ref().map(|d| d.borrow().clone()),
         node: s.table.node().to_string(),
         version: env!("CARGO_PKG_VERSION").into(),
         snapshot: snap.version,

@@ -72,6 +72,7 @@ pub async fn add(
         ip: t.ip,
         port: t.port,
         state: t.state,
+        observed: None,
     };
     let outcome = s
         .table

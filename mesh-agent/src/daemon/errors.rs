@@ -72,6 +72,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// An interface named in `dns.listen` that cannot be served on.
+    #[error("{0}")]
+    DnsListen(mesh_core::ModelError),
     #[error("cluster.key_file {}", .path.display())]
     KeyFile {
         path: PathBuf,

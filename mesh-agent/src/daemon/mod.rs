@@ -6,6 +6,7 @@
 
 mod api_server;
 mod dns;
+mod docker;
 mod errors;
 mod gossip;
 mod http;
@@ -47,6 +48,8 @@ pub struct Settings {
     /// Declared in the config file; applied over the saved state at every start.
     pub services: Vec<ServiceSpec>,
     pub tasks: Vec<TaskSpec>,
+    /// The Docker source, when `[docker] enabled`.
+    pub docker: Option<mesh_docker::Target>,
 }
 
 pub struct RunningAgent {
@@ -136,9 +139,11 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
     // incarnation with it.
     let generation = wall_ms();
     let replica = restore(&settings, &mut store, generation)?;
-    let listeners = api_server::bind(&settings).await?;
     let prom = prometheus::Registry::new();
+    // DNS first: it can fail on an interface or a busy port, and a failure after the
+    // API socket is bound would leave the socket file behind.
     let dns = dns::bind(&settings.dns, &prom).await?;
+    let listeners = api_server::bind(&settings).await?;
 
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -181,6 +186,15 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
             &mut tasks,
         );
     }
+    let docker = settings.docker.clone().map(|target| {
+        docker::spawn(
+            target,
+            table.clone(),
+            members.clone(),
+            stop.clone(),
+            &mut tasks,
+        )
+    });
     let state = Arc::new(ApiState {
         table: table.clone(),
         planes: planes.client.clone(),
@@ -191,6 +205,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
         data_dir: settings.data_dir.display().to_string(),
         dns: dns_addrs.iter().map(|a| a.to_string()).collect(),
         members,
+        docker,
     });
     listeners.serve(state, settings.token.clone(), stop.clone(), &mut tasks);
     for addr in &dns_addrs {

@@ -152,6 +152,7 @@ pub fn apply(
                     ip: value.ip,
                     port: value.port,
                     state: value.state,
+                    observed: None,
                 };
                 save(store, &with_service(replica, &service, Op::Task(spec)))?;
             }

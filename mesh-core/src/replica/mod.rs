@@ -219,6 +219,7 @@ impl Replica {
                 ip: v.ip,
                 port: v.port,
                 state: v.state,
+                observed: v.observed.clone(),
             })
             .collect()
     }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::health::Health;
-use crate::task::{TaskSource, TaskState};
+use crate::task::{Observed, TaskSource, TaskState};
 
 /// (service, task id)
 pub type TaskKey = (String, String);
@@ -23,6 +23,17 @@ pub struct TaskValue {
     /// Which of its host's sources registered the task.
     #[serde(default)]
     pub source: TaskSource,
+    /// What an observing source reported about it (its container, its engine's
+    /// health check).
+    #[serde(default)]
+    pub observed: Option<Observed>,
+}
+
+impl TaskValue {
+    /// Whether the task's health is its engine's word rather than mesh's probe.
+    pub fn health_reported(&self) -> bool {
+        self.observed.as_ref().is_some_and(|o| o.health.is_some())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +185,7 @@ mod tests {
             state: TaskState::Active,
             health: Health::Healthy,
             source: TaskSource::Api,
+            observed: None,
         })
     }
 

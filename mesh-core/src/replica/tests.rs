@@ -588,6 +588,66 @@ fn a_source_reconciles_its_own_set_and_leaves_the_others_alone() {
     assert_eq!(a.task_source("web", "api.1"), Ok(TaskSource::Config));
 }
 
+#[test]
+fn an_engines_health_check_is_the_tasks_health_and_the_prober_cannot_overrule_it() {
+    let mut a = replica("a");
+    a.create_service(web(8080), 1).unwrap();
+    let observed = |health| {
+        let mut t = task("web", "c1", "10.0.0.1");
+        t.observed = Some(crate::task::Observed {
+            container: "web-1".into(),
+            health,
+        });
+        t
+    };
+    let entry = |a: &Replica| a.snapshot().services["web"].tasks[0].clone();
+    a.replace_source(TaskSource::Docker, vec![observed(Some(Health::Healthy))], 2);
+    assert_eq!(entry(&a).health, Health::Healthy, "no probe needed");
+    assert!(!entry(&a).probed());
+    assert_eq!(entry(&a).observed.unwrap().container, "web-1");
+    // A probe loop that has not stopped yet loses against the engine.
+    assert!(a.set_health("web", "c1", Health::Unhealthy, 3).is_empty());
+    assert_eq!(entry(&a).health, Health::Healthy);
+    // The engine's next word is taken, on the same endpoint too.
+    let d = a
+        .replace_source(
+            TaskSource::Docker,
+            vec![observed(Some(Health::Unhealthy))],
+            4,
+        )
+        .deltas;
+    assert_eq!(d.len(), 1);
+    assert_eq!(entry(&a).health, Health::Unhealthy);
+    // Without a check of its own, the container is probed, starting from unknown
+    // like any new task.
+    a.replace_source(TaskSource::Docker, vec![observed(None)], 5);
+    assert!(entry(&a).probed());
+    assert_eq!(
+        entry(&a).health,
+        Health::Unhealthy,
+        "kept until a probe says"
+    );
+    a.set_health("web", "c1", Health::Healthy, 6);
+    assert_eq!(entry(&a).health, Health::Healthy);
+    // Peers read what a container engine reported (gossip's encoding is postcard).
+    let mut c2 = observed(None);
+    c2.id = Some("c2".into());
+    c2.ip = "10.0.0.2".parse().unwrap();
+    let delta = a
+        .replace_source(TaskSource::Docker, vec![c2.clone(), observed(None)], 7)
+        .deltas
+        .remove(0);
+    assert!(matches!(&delta, Delta::Task { value: Some(v), .. } if v.observed.is_some()));
+    let bytes = postcard::to_stdvec(&delta).unwrap();
+    assert_eq!(postcard::from_bytes::<Delta>(&bytes).unwrap(), delta);
+    // And the same report again changes nothing.
+    assert!(
+        a.replace_source(TaskSource::Docker, vec![c2, observed(None)], 8)
+            .deltas
+            .is_empty()
+    );
+}
+
 /// Random writes, gossip, anti-entropy, membership changes and upkeep on three
 /// replicas with a tiny VIP pool and few ports, so conflicts are frequent. Debug
 /// builds check after every change that the incremental snapshot equals one rebuilt

@@ -279,6 +279,7 @@ impl View {
                         state: v.state,
                         health: v.health,
                         source: v.source,
+                        observed: v.observed.clone(),
                     },
                 );
             }

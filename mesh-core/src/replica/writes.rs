@@ -157,7 +157,8 @@ impl Replica {
         deltas
     }
 
-    /// Tasks of a service without active checks are healthy from registration.
+    /// Tasks of a service without active checks are healthy from registration, except
+    /// those whose engine checks their health: the engine's word still holds.
     fn health_none_fixups(&mut self, service: &str, now_ms: u64) -> Vec<Delta> {
         if self
             .service(service)
@@ -168,7 +169,7 @@ impl Replica {
         let want: Vec<(TaskKey, TaskValue)> = self
             .own()
             .live_of(service)
-            .filter(|(_, v)| v.health != Health::Healthy)
+            .filter(|(_, v)| v.health != Health::Healthy && !v.health_reported())
             .map(|(id, v)| {
                 (
                     (service.to_string(), id.to_string()),
@@ -306,10 +307,11 @@ impl Replica {
             )
             .into());
         }
-        let health = if service.health.check == HealthKind::None {
-            Health::Healthy
-        } else {
-            Health::Unknown
+        let reported = spec.observed.as_ref().and_then(|o| o.health);
+        let health = match reported {
+            Some(h) => h,
+            None if service.health.check == HealthKind::None => Health::Healthy,
+            None => Health::Unknown,
         };
         Ok(TaskValue {
             ip: spec.ip,
@@ -317,6 +319,7 @@ impl Replica {
             state: spec.state,
             health,
             source,
+            observed: spec.observed.clone(),
         })
     }
 
@@ -461,16 +464,13 @@ impl Replica {
                 if have.source != value.source {
                     taken_over.push(key.clone());
                 }
-                if have.ip == value.ip
-                    && have.port == value.port
-                    && have.state == value.state
-                    && have.source == value.source
-                {
-                    continue;
-                }
-                if have.ip == value.ip && have.port == value.port {
+                let same_endpoint = have.ip == value.ip && have.port == value.port;
+                if same_endpoint && !value.health_reported() {
                     // Same endpoint: what was learned about its health still holds.
                     value.health = have.health;
+                }
+                if *have == value {
+                    continue;
                 }
             }
             deltas.push(self.write_task(key, Some(value), now_ms));
@@ -564,7 +564,8 @@ impl Replica {
         now_ms: u64,
     ) -> Vec<Delta> {
         match self.own_task(service, id) {
-            Ok(v) if v.health != health => vec![self.write_task(
+            // A probe that raced the engine taking over the task's health loses.
+            Ok(v) if v.health != health && !v.health_reported() => vec![self.write_task(
                 (service.into(), id.into()),
                 Some(TaskValue { health, ..v }),
                 now_ms,

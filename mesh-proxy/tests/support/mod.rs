@@ -160,6 +160,7 @@ impl Desired {
                     ip: addr.ip(),
                     port: Some(addr.port()),
                     state: TaskState::Active,
+                    observed: None,
                 },
                 mesh_core::TaskSource::Api,
                 0,

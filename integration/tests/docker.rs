@@ -1,0 +1,596 @@
+//! A private Docker engine (dockerd in a network namespace of its own) runs real
+//! containers, and leaves nothing behind. Times are printed for the record, never
+//! asserted.
+
+use std::path::Path;
+use std::time::Instant;
+
+use integration::cluster::Cluster;
+use integration::docker::{BUSYBOX_IMAGE, DockerHost, skip_unless_docker};
+use integration::load::{Load, count, unix_ms};
+use integration::{Agent, eventually};
+
+#[test]
+fn a_private_docker_engine_runs_a_busybox_container_that_serves_http() {
+    if skip_unless_docker("a_private_docker_engine_runs_a_busybox_container_that_serves_http") {
+        return;
+    }
+    let t = Instant::now();
+    let host = DockerHost::start();
+    eprintln!("engine with {BUSYBOX_IMAGE} in {:?}", t.elapsed());
+    let dir = host.dir.clone();
+    let pid = host.pid().expect("dockerd runs");
+    let ns = host.ns.name.clone();
+
+    host.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "t1",
+        BUSYBOX_IMAGE,
+        "sh",
+        "-c",
+        "echo hi from t1 > /www/index.html && exec httpd -f -p 80 -h /www",
+    ]);
+    let ip = host.container_ip("t1");
+    assert!(ip.starts_with("172.17."), "t1 is on docker0: {ip}");
+    let t = Instant::now();
+    let body = eventually(&format!("t1 serves http://{ip}/"), || {
+        host.wget(&format!("http://{ip}/")).ok()
+    });
+    eprintln!("t1 answered {:?} after the run", t.elapsed());
+    assert_eq!(body.trim(), "hi from t1");
+
+    let t = Instant::now();
+    drop(host);
+    eprintln!("engine removed in {:?}", t.elapsed());
+    assert!(!dir.exists(), "{} is left", dir.display());
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_ne!(comm.trim(), "dockerd", "dockerd {pid} still runs");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir_s = dir.to_string_lossy().into_owned();
+    assert!(
+        !mounts.contains(&dir_s),
+        "mounts left under {dir_s}:\n{mounts}"
+    );
+    assert!(
+        !Path::new("/run/netns").join(&ns).exists(),
+        "namespace {ns} is left"
+    );
+}
+
+/// A web container: serves its hostname (its short id, the task id) on port 80, and
+/// on SIGTERM goes on serving for 2 s before it exits, as a graceful server does.
+fn web(host: &DockerHost, name: &str, labels: &[&str], extra: &[&str]) -> String {
+    let mut args = vec!["run", "-d", "--name", name];
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    args.extend_from_slice(extra);
+    args.extend([
+        BUSYBOX_IMAGE,
+        "sh",
+        "-c",
+        "hostname > /www/index.html; touch /www/ok; httpd -f -p 80 -h /www & trap \"sleep 2; kill $!; exit 0\" TERM; wait",
+    ]);
+    let id = host.docker_ok(&args);
+    id.trim()[..12].to_string()
+}
+
+fn docker_agent(host: &DockerHost, extra: &str) -> Agent {
+    let config = format!(
+        "[docker]\nenabled = true\nhost = \"{}\"\n{extra}",
+        host.host_env()
+    );
+    Agent::start_in(&host.ns, Some(&config), &["--bind", "127.0.0.1:0"])
+}
+
+/// The docker tasks of `service` as (id, address, health, state).
+fn tasks(agent: &Agent, service: &str) -> Vec<(String, String, String, String)> {
+    let (status, v) = agent.http("GET", &format!("/v1/services/{service}/tasks"), None);
+    if status != 200 {
+        return Vec::new();
+    }
+    let mut out: Vec<_> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["source"] == "docker")
+        .map(|t| {
+            let s = |k: &str| t[k].as_str().unwrap_or_default().to_string();
+            (s("id"), s("ip"), s("health"), s("state"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// GET / through the published port inside the engine's namespace: the task's id.
+fn get(host: &DockerHost, addr: &str) -> Option<String> {
+    let out = host
+        .ns
+        .command(integration::backend_bin())
+        .args(["--get", addr])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_request() {
+    let test =
+        "labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_request";
+    if skip_unless_docker(test) {
+        return;
+    }
+    let host = DockerHost::start();
+    let agent = docker_agent(&host, "");
+    let labels = [
+        "mesh.service=web",
+        "mesh.publish=8080:80",
+        "mesh.health=http:/ok",
+    ];
+    let t = Instant::now();
+    let a = web(&host, "web-1", &labels, &[]);
+    let b = web(&host, "web-2", &labels, &[]);
+    agent.wait_routable("web", 2);
+    eprintln!(
+        "docker run of 2 containers to both routed: {:?}",
+        t.elapsed()
+    );
+    // The service was created from the labels.
+    let (_, svc) = agent.http("GET", "/v1/services/web", None);
+    assert_eq!(svc["ports"][0]["published"], 8080, "{svc}");
+    assert_eq!(svc["health"]["check"], "http", "{svc}");
+    let ps = String::from_utf8_lossy(&agent.cli(&["service", "ps", "web"]).stdout).to_string();
+    assert!(
+        ps.contains("docker web-1") && ps.contains("docker web-2"),
+        "{ps}"
+    );
+    let ids = [a.clone(), b.clone()];
+    let ips: Vec<String> = tasks(&agent, "web").into_iter().map(|t| t.1).collect();
+    let mut want_ips = vec![host.container_ip("web-1"), host.container_ip("web-2")];
+    want_ips.sort();
+    let mut got_ips = ips.clone();
+    got_ips.sort();
+    assert_eq!(got_ips, want_ips);
+    // Round robin over both.
+    let seen: std::collections::BTreeSet<String> = (0..4)
+        .map(|_| get(&host, "127.0.0.1:8080").expect("GET through the published port"))
+        .collect();
+    assert_eq!(
+        seen,
+        ids.iter().cloned().collect(),
+        "both containers answer"
+    );
+
+    let load = Load::start(&host.ns, "127.0.0.1:8080", 50, &[]);
+    let start = unix_ms();
+    eventually("the load is running", || {
+        (load.samples().len() >= 20).then_some(())
+    });
+    let t = Instant::now();
+    host.docker_ok(&["stop", "web-1"]);
+    eventually("web-1's task is gone", || {
+        (!tasks(&agent, "web").iter().any(|t| t.0 == a)).then_some(())
+    });
+    eprintln!(
+        "docker stop web-1 returned and its task was withdrawn after {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    host.docker_ok(&["start", "web-1"]);
+    agent.wait_routable("web", 2);
+    eprintln!("docker start web-1 to routed: {:?}", t.elapsed());
+    eventually("web-1 answers again", || {
+        (0..4)
+            .filter_map(|_| get(&host, "127.0.0.1:8080"))
+            .any(|id| id == a)
+            .then_some(())
+    });
+    let end = unix_ms();
+    load.settle(start, end);
+    let counts = count(&load.samples(), start, end);
+    eprintln!("through stop and start: {counts:?}");
+    assert!(counts.requests > 50, "{counts:?}");
+    let failed: Vec<_> = load
+        .samples()
+        .into_iter()
+        .filter(|s| !s.ok && s.at_ms >= start && s.at_ms < end)
+        .collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+}
+
+#[test]
+fn a_failing_healthcheck_makes_the_task_unhealthy_and_recovery_brings_it_back() {
+    let test = "a_failing_healthcheck_makes_the_task_unhealthy_and_recovery_brings_it_back";
+    if skip_unless_docker(test) {
+        return;
+    }
+    let host = DockerHost::start();
+    let agent = docker_agent(&host, "");
+    let health = [
+        "--health-cmd",
+        "test -f /www/ok",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+        "--health-timeout",
+        "5s",
+    ];
+    let id = web(&host, "h-1", &["mesh.service=hc", "mesh.port=80"], &health);
+    agent.wait_routable("hc", 1);
+    let ps = agent.cli_json(&["service", "ps", "hc"]);
+    assert_eq!(ps[0]["observed"]["health"], "healthy", "{ps}");
+    host.docker_ok(&["exec", "h-1", "rm", "/www/ok"]);
+    // Docker's word holds even though a TCP probe of port 80 would pass.
+    eventually("the task is unhealthy", || {
+        (agent.task_health("hc", &id) == "unhealthy").then_some(())
+    });
+    let log = agent.log();
+    assert!(
+        !log.contains("task is healthy"),
+        "mesh probed a task Docker checks:\n{log}"
+    );
+    host.docker_ok(&["exec", "h-1", "touch", "/www/ok"]);
+    eventually("the task is healthy again", || {
+        (agent.task_health("hc", &id) == "healthy").then_some(())
+    });
+    // Without a HEALTHCHECK, mesh probes the container itself.
+    let plain = web(&host, "h-2", &["mesh.service=hc", "mesh.port=80"], &[]);
+    agent.wait_routable("hc", 2);
+    let ps = agent.cli_json(&["service", "ps", "hc"]);
+    let entry = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == plain)
+        .unwrap()
+        .clone();
+    assert!(entry["observed"]["health"].is_null(), "{entry}");
+    eventually("mesh's probe of h-2 is logged", || {
+        agent.log().contains("task is healthy").then_some(())
+    });
+}
+
+#[test]
+fn the_task_set_is_exact_after_dockerd_restarts_and_after_the_agent_restarts() {
+    let test = "the_task_set_is_exact_after_dockerd_restarts_and_after_the_agent_restarts";
+    if skip_unless_docker(test) {
+        return;
+    }
+    let mut host = DockerHost::start_with(&["--shutdown-timeout=1"]);
+    let mut agent = docker_agent(&host, "");
+    let labels = ["mesh.service=web", "mesh.port=80"];
+    for name in ["r-1", "r-2", "r-3"] {
+        web(&host, name, &labels, &["--restart", "always"]);
+    }
+    // One that is not running: not a task.
+    host.docker_ok(&[
+        "create",
+        "--name",
+        "r-off",
+        "--label",
+        "mesh.service=web",
+        BUSYBOX_IMAGE,
+        "true",
+    ]);
+    let want = |host: &DockerHost| -> Vec<(String, String)> {
+        let ps = host.docker_ok(&[
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "label=mesh.service=web",
+        ]);
+        let mut v: Vec<(String, String)> = ps
+            .lines()
+            .map(|id| {
+                let ip = host.docker_ok(&[
+                    "inspect",
+                    "-f",
+                    "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                    id,
+                ]);
+                (id[..12].to_string(), ip.trim().to_string())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let have = |agent: &Agent| -> Vec<(String, String)> {
+        tasks(agent, "web")
+            .into_iter()
+            .map(|t| (t.0, t.1))
+            .collect()
+    };
+    let first = want(&host);
+    assert_eq!(first.len(), 3);
+    eventually("the agent has the 3 running containers", || {
+        (have(&agent) == first).then_some(())
+    });
+
+    host.stop_daemon();
+    eventually("the status says the engine is gone", || {
+        let (_, s) = agent.http("GET", "/v1/status", None);
+        (s["docker"]["connected"] == false && s["docker"]["last_error"].is_string()).then_some(())
+    });
+    host.start_daemon();
+    eventually("the containers run again", || {
+        (want(&host).len() == 3).then_some(())
+    });
+    eventually(
+        "the agent's set is exactly the running containers again",
+        || {
+            let w = want(&host);
+            (w.len() == 3 && have(&agent) == w).then_some(())
+        },
+    );
+    let (_, s) = agent.http("GET", "/v1/status", None);
+    assert_eq!(s["docker"]["connected"], true, "{s}");
+    assert!(s["docker"]["reconnects"].as_u64().unwrap() >= 1, "{s}");
+
+    agent.stop();
+    host.docker_ok(&["rm", "-f", "r-2"]);
+    agent.spawn(
+        Some(&format!(
+            "[docker]\nenabled = true\nhost = \"{}\"\n",
+            host.host_env()
+        )),
+        &[],
+    );
+    let w = want(&host);
+    assert_eq!(w.len(), 2);
+    eventually(
+        "after the agent restarts, its set is exactly the 2 running containers",
+        || (have(&agent) == w).then_some(()),
+    );
+}
+
+#[test]
+fn bad_labels_skip_one_container_with_one_clear_line_and_a_missing_engine_is_retried() {
+    let test = "bad_labels_skip_one_container_with_one_clear_line_and_a_missing_engine_is_retried";
+    if skip_unless_docker(test) {
+        return;
+    }
+    let host = DockerHost::start();
+    let agent = docker_agent(&host, "");
+    web(
+        &host,
+        "bad-port",
+        &["mesh.service=web", "mesh.port=eighty"],
+        &[],
+    );
+    web(
+        &host,
+        "bad-option",
+        &["mesh.service=web", "mesh.prot=80"],
+        &[],
+    );
+    web(&host, "good", &["mesh.service=web", "mesh.port=80"], &[]);
+    agent.wait_routable("web", 1);
+    eventually("both bad containers are in the status", || {
+        let (_, s) = agent.http("GET", "/v1/status", None);
+        (s["docker"]["skipped"].as_array()?.len() == 2).then_some(())
+    });
+    // A later event (another container) does not log the same problem again.
+    web(&host, "good-2", &["mesh.service=web", "mesh.port=80"], &[]);
+    agent.wait_routable("web", 2);
+    let log = agent.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("container bad-port"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("mesh.port") && lines[0].contains("eighty"),
+        "{}",
+        lines[0]
+    );
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("container bad-option"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("mesh.prot") && lines[0].contains("unknown label"),
+        "{}",
+        lines[0]
+    );
+    let status = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).to_string();
+    assert!(
+        status.contains("Skipped:     container bad-port"),
+        "{status}"
+    );
+
+    // An engine that is not there: the agent starts, says so, retries, and serves
+    // the tasks it has from other sources.
+    let missing = format!("{}/nothing.sock", host.dir.display());
+    let lonely = Agent::start_in(
+        &host.ns,
+        Some(&format!(
+            "[docker]\nenabled = true\nhost = \"unix://{missing}\"\n"
+        )),
+        &["--bind", "127.0.0.1:0"],
+    );
+    let backend = integration::Backend::start_in(&host.ns, "api.1");
+    let port = backend.port;
+    let out = lonely.cli(&["service", "create", "api", "-p", &format!("18081:{port}")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lonely.cli(&["task", "add", "api", "127.0.0.1", "--id", "api.1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lonely.wait_routable("api", 1);
+    assert_eq!(get(&host, "127.0.0.1:18081").as_deref(), Some("api.1"));
+    eventually("the engine's absence is retried", || {
+        let (_, s) = lonely.http("GET", "/v1/status", None);
+        let e = s["docker"]["last_error"].as_str()?.to_string();
+        (s["docker"]["connected"] == false && e.contains("nothing.sock")).then_some(())
+    });
+    eventually("at least two attempts are logged", || {
+        (lonely.log().matches("Docker source disconnected").count() >= 2).then_some(())
+    });
+}
+
+/// Runs `sh -c SCRIPT` in a throwaway container that uses mesh DNS on the bridge.
+fn in_container(host: &DockerHost, script: &str) -> Result<String, String> {
+    let out = host.docker(&[
+        "run",
+        "--rm",
+        "--dns",
+        "172.17.0.1",
+        "--dns-search",
+        "mesh",
+        BUSYBOX_IMAGE,
+        "sh",
+        "-c",
+        script,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+fn a_container_resolves_the_service_and_reaches_its_vip(plane: &str) {
+    let host = DockerHost::start();
+    let agent = docker_agent(
+        &host,
+        &format!("[dns]\nlisten = [\"docker0\"]\n[proxy]\ndataplane = \"{plane}\"\n"),
+    );
+    let a = web(&host, "v-1", &["mesh.service=web", "mesh.port=80"], &[]);
+    let b = web(&host, "v-2", &["mesh.service=web", "mesh.port=80"], &[]);
+    agent.wait_routable("web", 2);
+    let (_, status) = agent.http("GET", "/v1/status", None);
+    let active: Vec<&str> = status["planes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["active"] == true && p["frontends"].as_u64() > Some(0))
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(active, [plane], "{status}");
+    let (_, svc) = agent.http("GET", "/v1/services/web", None);
+    let vip = svc["vips"]["v4"]
+        .as_str()
+        .expect("web has a VIP")
+        .to_string();
+    let out = eventually("a container resolves web through mesh DNS", || {
+        in_container(&host, "nslookup web.mesh 172.17.0.1").ok()
+    });
+    assert!(out.contains(&vip), "web.mesh is the VIP {vip}:\n{out}");
+    let out = in_container(&host, "nslookup tasks.web.mesh 172.17.0.1").unwrap();
+    for name in ["v-1", "v-2"] {
+        let ip = host.container_ip(name);
+        assert!(out.contains(&ip), "tasks.web has {ip}:\n{out}");
+    }
+    // By the short name, through the search domain, and on to the VIP: each fetch
+    // is a new connection, balanced over both containers.
+    let out = in_container(
+        &host,
+        "for i in 1 2 3 4; do wget -q -O- http://web/ || exit 1; done",
+    )
+    .unwrap_or_else(|e| panic!("a container fetches http://web/ on the {plane} plane: {e}"));
+    let seen: std::collections::BTreeSet<&str> = out.lines().collect();
+    assert_eq!(
+        seen,
+        [a.as_str(), b.as_str()].into_iter().collect(),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_container_resolves_the_service_and_reaches_its_vip_on_the_userspace_plane() {
+    if skip_unless_docker(
+        "a_container_resolves_the_service_and_reaches_its_vip_on_the_userspace_plane",
+    ) {
+        return;
+    }
+    a_container_resolves_the_service_and_reaches_its_vip("userspace");
+}
+
+#[test]
+fn a_container_resolves_the_service_and_reaches_its_vip_on_the_nftables_plane() {
+    if skip_unless_docker(
+        "a_container_resolves_the_service_and_reaches_its_vip_on_the_nftables_plane",
+    ) {
+        return;
+    }
+    a_container_resolves_the_service_and_reaches_its_vip("nftables");
+}
+
+/// Host 1 runs Docker and an agent in `host-port` mode; host 2 runs an agent on
+/// `plane` and no containers. A client reaches the container through host 2's
+/// published port.
+fn another_host_routes_to_a_container_through_its_published_port(plane: &str) {
+    let cluster = Cluster::new(2);
+    let key = integration::keygen();
+    // Declared after the cluster, so the engine goes before the namespace.
+    let host = DockerHost::start_in_existing(&cluster.hosts[0].ns);
+    let h1 = Agent::start_named_in(
+        &cluster.hosts[0].ns,
+        "host1",
+        Some(&format!(
+            "{}[docker]\nenabled = true\nhost = \"{}\"\naddress = \"host-port\"\n",
+            cluster.cluster_config(0, &key),
+            host.host_env()
+        )),
+        &[],
+    );
+    if plane != "userspace" {
+        cluster.hosts[1]
+            .ns
+            .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    }
+    let h2 = Agent::start_named_in(
+        &cluster.hosts[1].ns,
+        "host2",
+        Some(&cluster.cluster_config(1, &key)),
+        &["--dataplane", plane],
+    );
+    let id = web(
+        &host,
+        "m-1",
+        &["mesh.service=web", "mesh.publish=8080:80"],
+        &["-p", "18080:80"],
+    );
+    h2.wait_routable("web", 1);
+    let t = tasks(&h2, "web");
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0].1, "10.77.0.1", "the task is host 1's address: {t:?}");
+    let ps = h2.cli_json(&["service", "ps", "web"]);
+    assert_eq!(ps[0]["port"], 18080, "and the published host port: {ps}");
+    let body = eventually("the client reaches the container through host 2", || {
+        cluster.get(&format!("{}:8080", cluster.hosts[1].ip))
+    });
+    assert_eq!(body, id);
+    drop(h1);
+}
+
+#[test]
+fn another_host_routes_to_a_container_on_the_userspace_plane() {
+    if skip_unless_docker("another_host_routes_to_a_container_on_the_userspace_plane") {
+        return;
+    }
+    another_host_routes_to_a_container_through_its_published_port("userspace");
+}
+
+#[test]
+fn another_host_routes_to_a_container_on_the_nftables_plane() {
+    if skip_unless_docker("another_host_routes_to_a_container_on_the_nftables_plane") {
+        return;
+    }
+    another_host_routes_to_a_container_through_its_published_port("nftables");
+}

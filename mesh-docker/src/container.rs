@@ -1,0 +1,56 @@
+//! What mesh needs to know about one container, in plain types: the engine's
+//! answers are turned into this at the edge (`engine.rs`), so the rules that make
+//! tasks of containers (`observe.rs`) are tested without an engine.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use mesh_core::{Health, Protocol};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Container {
+    /// The full id (64 hex digits).
+    pub id: String,
+    /// Without Docker's leading '/'.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Running and not paused: a paused container takes connections and never
+    /// answers them.
+    pub running: bool,
+    /// The engine's health check: `None` when the container has none.
+    pub health: Option<Health>,
+    /// The addresses the container has on each network it is attached to, by
+    /// network name. A container in the host's network namespace has `host` here,
+    /// with no address of its own.
+    pub networks: BTreeMap<String, NetworkAddress>,
+    /// Ports the image or the run command declares (`EXPOSE`, `--expose`, `-p`).
+    pub exposed: Vec<(u16, Protocol)>,
+    /// Ports published on the host: (container port, protocol) to the host's side.
+    pub published: Vec<Published>,
+    /// The signal `docker stop` sends; `None`: SIGTERM.
+    pub stop_signal: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkAddress {
+    pub v4: Option<IpAddr>,
+    /// Only a global address: a link-local one needs a scope no peer has.
+    pub v6: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub target: u16,
+    pub protocol: Protocol,
+    /// `None` when bound to every address of the host.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+}
+
+impl Container {
+    /// The first 12 digits of the id, as `docker ps` shows it: the task id, unique
+    /// across hosts (the full id is random), and the same across a stop and start.
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(12)]
+    }
+}

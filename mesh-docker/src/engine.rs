@@ -1,0 +1,239 @@
+//! The Docker API, through bollard, turned into [`Container`]s. Everything that
+//! knows bollard's types is here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{ContainerInspectResponse, EventMessage, HealthStatusEnum};
+use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
+use futures_util::Stream;
+use mesh_core::{Health, Protocol};
+
+use crate::container::{Container, NetworkAddress, Published};
+
+/// Requests other than the event stream give up after this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{endpoint}: {source}")]
+    Api {
+        endpoint: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("unsupported Docker host {0:?}: use unix:///path/to/docker.sock or tcp://host:port")]
+    Host(String),
+}
+
+/// A connection to one engine, at the API version it speaks.
+pub struct Engine {
+    docker: Docker,
+    endpoint: String,
+}
+
+/// One thing the event stream reports about a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub container: String,
+    pub action: String,
+    /// The `signal` attribute of a `kill`.
+    pub signal: Option<String>,
+}
+
+impl Engine {
+    /// Connects to `host` (`unix://…`, a socket path, or `tcp://…`) and negotiates
+    /// the API version down to the engine's.
+    pub async fn connect(host: &str) -> Result<Engine, EngineError> {
+        let endpoint = host.to_string();
+        let timeout = REQUEST_TIMEOUT.as_secs();
+        let version = bollard::API_DEFAULT_VERSION;
+        let docker = if let Some(path) = host.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, timeout, version)
+        } else if host.starts_with('/') {
+            Docker::connect_with_unix(host, timeout, version)
+        } else if let Some(addr) = host.strip_prefix("tcp://") {
+            Docker::connect_with_http(&format!("http://{addr}"), timeout, version)
+        } else if host.starts_with("http://") {
+            Docker::connect_with_http(host, timeout, version)
+        } else {
+            return Err(EngineError::Host(host.to_string()));
+        };
+        let api = |source| EngineError::Api {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let docker = docker
+            .map_err(api)?
+            .negotiate_version()
+            .await
+            .map_err(api)?;
+        Ok(Engine { docker, endpoint })
+    }
+
+    fn api(&self, source: bollard::errors::Error) -> EngineError {
+        EngineError::Api {
+            endpoint: self.endpoint.clone(),
+            source,
+        }
+    }
+
+    /// The API version in use, e.g. `1.41`.
+    pub fn api_version(&self) -> String {
+        self.docker.client_version().to_string()
+    }
+
+    /// The engine's clock, in Unix seconds: event times are the engine's.
+    pub async fn now(&self) -> Option<i64> {
+        let info = self.docker.info().await.ok()?;
+        let t = humantime::parse_rfc3339_weak(info.system_time?.get(..19)?).ok()?;
+        Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+    }
+
+    /// The ids of the running containers.
+    pub async fn running(&self) -> Result<Vec<String>, EngineError> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptionsBuilder::new().all(false).build()))
+            .await
+            .map_err(|e| self.api(e))?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    /// One container; `None` when it no longer exists.
+    pub async fn inspect(&self, id: &str) -> Result<Option<Container>, EngineError> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(c) => Ok(Some(container(c))),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.api(e)),
+        }
+    }
+
+    /// Container and network events from `since` (Unix seconds) on: the engine
+    /// replays what happened since then, so nothing between a listing and the
+    /// start of the stream is missed.
+    pub fn events(
+        &self,
+        since: i64,
+    ) -> impl Stream<Item = Result<Option<Event>, EngineError>> + '_ {
+        use futures_util::StreamExt;
+        let filters = HashMap::from([("type", vec!["container", "network"])]);
+        let options = EventsOptionsBuilder::new()
+            .since(&since.to_string())
+            .filters(&filters)
+            .build();
+        self.docker
+            .events(Some(options))
+            .map(move |e| e.map(event).map_err(|e| self.api(e)))
+    }
+}
+
+/// The container an event is about: the actor of a container event, the
+/// `container` attribute of a network (dis)connect.
+fn event(m: EventMessage) -> Option<Event> {
+    use bollard::models::EventMessageTypeEnum as Type;
+    let actor = m.actor?;
+    let attributes = actor.attributes.unwrap_or_default();
+    let container = match m.typ? {
+        Type::CONTAINER => actor.id?,
+        Type::NETWORK => attributes.get("container")?.clone(),
+        _ => return None,
+    };
+    Some(Event {
+        container,
+        action: m.action.unwrap_or_default(),
+        signal: attributes.get("signal").cloned(),
+    })
+}
+
+fn container(c: ContainerInspectResponse) -> Container {
+    let config = c.config.unwrap_or_default();
+    let state = c.state.unwrap_or_default();
+    let settings = c.network_settings.unwrap_or_default();
+    let ip = |s: Option<String>| s.and_then(|s| s.parse::<IpAddr>().ok());
+    let networks = settings
+        .networks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, e)| {
+            let v6 = ip(e.global_ipv6_address).filter(|a| !is_link_local(a));
+            (
+                name,
+                NetworkAddress {
+                    v4: ip(e.ip_address),
+                    v6,
+                },
+            )
+        })
+        .collect();
+    let mut published = Vec::new();
+    for (port, bindings) in settings.ports.unwrap_or_default() {
+        let Some((target, protocol)) = port_key(&port) else {
+            continue;
+        };
+        for b in bindings.unwrap_or_default() {
+            let Some(host_port) = b.host_port.and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            published.push(Published {
+                target,
+                protocol,
+                host_ip: ip(b.host_ip),
+                host_port,
+            });
+        }
+    }
+    published.sort_by_key(|p| (p.target, p.protocol, p.host_port));
+    let mut exposed: Vec<(u16, Protocol)> = config
+        .exposed_ports
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| port_key(p))
+        .collect();
+    exposed.sort();
+    exposed.dedup();
+    let health = state.health.and_then(|h| match h.status? {
+        HealthStatusEnum::HEALTHY => Some(Health::Healthy),
+        HealthStatusEnum::UNHEALTHY => Some(Health::Unhealthy),
+        HealthStatusEnum::STARTING => Some(Health::Unknown),
+        HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => None,
+    });
+    Container {
+        id: c.id.unwrap_or_default(),
+        name: c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        labels: config
+            .labels
+            .unwrap_or_default()
+            .into_iter()
+            .collect::<BTreeMap<_, _>>(),
+        running: state.running == Some(true) && state.paused != Some(true),
+        health,
+        networks,
+        exposed,
+        published,
+        stop_signal: config.stop_signal,
+    }
+}
+
+/// `80/tcp` into its parts; other protocols (sctp) are not served by mesh.
+fn port_key(key: &str) -> Option<(u16, Protocol)> {
+    let (port, protocol) = key.split_once('/').unwrap_or((key, "tcp"));
+    let protocol = match protocol {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => return None,
+    };
+    Some((port.parse().ok()?, protocol))
+}
+
+fn is_link_local(a: &IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+}
