@@ -135,9 +135,16 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_
     let t = Instant::now();
     let a = web(&host, "web-1", &labels, &[]);
     let b = web(&host, "web-2", &labels, &[]);
+    eventually("both are tasks", || {
+        (tasks(&agent, "web").len() == 2).then_some(())
+    });
+    eprintln!(
+        "docker run of 2 containers to both tasks: {:?}",
+        t.elapsed()
+    );
     agent.wait_routable("web", 2);
     eprintln!(
-        "docker run of 2 containers to both routed: {:?}",
+        "... to both routed (their health checks passed): {:?}",
         t.elapsed()
     );
     // The service was created from the labels.
@@ -172,14 +179,25 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_
         (load.samples().len() >= 20).then_some(())
     });
     let t = Instant::now();
-    host.docker_ok(&["stop", "web-1"]);
-    eventually("web-1's task is gone", || {
-        (!tasks(&agent, "web").iter().any(|t| t.0 == a)).then_some(())
+    std::thread::scope(|s| {
+        s.spawn(|| host.docker_ok(&["stop", "web-1"]));
+        // web-1 serves 2 s after its SIGTERM: it is drained at once, withdrawn when
+        // it exits.
+        eventually("web-1's task drains", || {
+            tasks(&agent, "web")
+                .iter()
+                .any(|t| t.0 == a && t.3 == "draining")
+                .then_some(())
+        });
+        eprintln!("docker stop web-1 to its task draining: {:?}", t.elapsed());
+        eventually("web-1's task is gone", || {
+            (!tasks(&agent, "web").iter().any(|t| t.0 == a)).then_some(())
+        });
+        eprintln!(
+            "docker stop web-1 to its task withdrawn (2 s of it the container's own grace): {:?}",
+            t.elapsed()
+        );
     });
-    eprintln!(
-        "docker stop web-1 returned and its task was withdrawn after {:?}",
-        t.elapsed()
-    );
     let t = Instant::now();
     host.docker_ok(&["start", "web-1"]);
     agent.wait_routable("web", 2);
@@ -593,4 +611,86 @@ fn another_host_routes_to_a_container_on_the_nftables_plane() {
         return;
     }
     another_host_routes_to_a_container_through_its_published_port("nftables");
+}
+
+#[test]
+fn the_compose_example_works_as_its_readme_says() {
+    if skip_unless_docker("the_compose_example_works_as_its_readme_says") {
+        return;
+    }
+    if std::process::Command::new("docker-compose")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED the_compose_example_works_as_its_readme_says: docker-compose is not installed (apt-get install docker-compose; the README's test command does)"
+        );
+        return;
+    }
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/compose");
+    let host = DockerHost::start();
+    // Step 1: the image.
+    let out = std::process::Command::new(example.join("../../scripts/busybox-image.sh"))
+        .arg("mesh-example/busybox:1")
+        .env("DOCKER_HOST", host.host_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Step 2: the example's config, pointed at this engine.
+    let config = std::fs::read_to_string(example.join("mesh.toml")).unwrap();
+    assert!(
+        config.trim_end().ends_with("compose = true"),
+        "[docker] is the last section"
+    );
+    let agent = Agent::start_in(
+        &host.ns,
+        Some(&format!("{config}host = \"{}\"\n", host.host_env())),
+        &["--bind", "127.0.0.1:0"],
+    );
+    let compose = |args: &[&str]| {
+        let out = std::process::Command::new("docker-compose")
+            .args(["-p", "meshex"])
+            .args(args)
+            .current_dir(&example)
+            .env("DOCKER_HOST", host.host_env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // Step 3.
+    compose(&["up", "-d", "--scale", "web=3"]);
+    agent.wait_routable("web", 3);
+    // Step 4: three replicas answer on the published port.
+    let seen: std::collections::BTreeSet<String> = (0..6)
+        .map(|_| get(&host, "127.0.0.1:8080").expect("GET :8080"))
+        .collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // Step 5: the client finds web by name.
+    let out = compose(&["exec", "-T", "client", "nslookup", "web.mesh", "172.17.0.1"]);
+    let (_, svc) = agent.http("GET", "/v1/services/web", None);
+    assert!(out.contains(svc["vips"]["v4"].as_str().unwrap()), "{out}");
+    let body = compose(&["exec", "-T", "client", "wget", "-qO-", "http://web/"]);
+    assert!(seen.contains(body.trim()), "{body}");
+    // Step 6: the replicas show their containers; the client is not a task.
+    let ps = String::from_utf8_lossy(&agent.cli(&["service", "ps", "web"]).stdout).to_string();
+    assert!(ps.contains("docker meshex_web_1"), "{ps}");
+    let (_, status) = agent.http("GET", "/v1/status", None);
+    assert_eq!(status["docker"]["tasks"], 3, "{status}");
+    assert!(status["docker"].get("skipped").is_none(), "{status}");
+    // Step 7.
+    compose(&["down"]);
+    eventually("the replicas leave the service", || {
+        tasks(&agent, "web").is_empty().then_some(())
+    });
 }

@@ -98,6 +98,14 @@ pub fn observe(
                 continue;
             }
         };
+        if labels.service_label == crate::labels::COMPOSE_SERVICE
+            && labels.port.is_none()
+            && c.exposed.is_empty()
+        {
+            // A Compose container that serves no port (a worker, a client) is part
+            // of the project, not a task.
+            continue;
+        }
         match task(c, &labels, stopping.contains(&c.id), settings) {
             Ok((task, wanted, local)) => {
                 if let Some(ip) = local {
