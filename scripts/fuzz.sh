@@ -5,10 +5,10 @@
 # use. cargo-fuzz needs unstable compiler flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them. CI runs the mutation tests instead (the same entry points).
 #   scripts/fuzz.sh [TARGET|all] [SECONDS]
-# Targets: dns_request gossip_datagram sync_frame api_body config_toml
+# Targets: dns_request gossip_datagram sync_frame api_body config_toml docker_labels
 set -euo pipefail
 cd "$(dirname "$0")/.."
-targets=(dns_request gossip_datagram sync_frame api_body config_toml)
+targets=(dns_request gossip_datagram sync_frame api_body config_toml docker_labels)
 which=${1:-all}
 secs=${2:-600}
 if [ "$which" != all ]; then
@@ -17,7 +17,7 @@ fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 seeds=$(mktemp -d)
 trap 'rm -rf "$seeds"' EXIT
-MESH_FUZZ_SEEDS="$seeds" cargo test -q -p mesh-dns -p mesh-gossip -p mesh-agent --lib \
+MESH_FUZZ_SEEDS="$seeds" cargo test -q -p mesh-dns -p mesh-gossip -p mesh-agent -p mesh-docker --lib \
     write_fuzz_seeds -- --ignored >/dev/null
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"

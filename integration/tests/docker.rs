@@ -594,7 +594,29 @@ fn another_host_routes_to_a_container_through_its_published_port(plane: &str) {
         cluster.get(&format!("{}:8080", cluster.hosts[1].ip))
     });
     assert_eq!(body, id);
-    drop(h1);
+
+    // The same host in `container` mode: other hosts cannot reach 172.17.0.0/16
+    // here, and the agent says so, once.
+    let mut h1 = h1;
+    h1.stop();
+    h1.spawn(
+        Some(&format!(
+            "{}[docker]\nenabled = true\nhost = \"{}\"\n",
+            cluster.cluster_config(0, &key),
+            host.host_env()
+        )),
+        &[],
+    );
+    let warning = "which other hosts reach only if container subnets are routed";
+    eventually(
+        "host 1 warns that host 2 cannot reach the container's address",
+        || h1.log().contains(warning).then_some(()),
+    );
+    web(&host, "m-2", &["mesh.service=web"], &[]);
+    eventually("m-2 is a task too", || {
+        (tasks(&h1, "web").len() == 2).then_some(())
+    });
+    assert_eq!(h1.log().matches(warning).count(), 1, "{}", h1.log());
 }
 
 #[test]

@@ -87,9 +87,7 @@ impl Engine {
 
     /// The engine's clock, in Unix seconds: event times are the engine's.
     pub async fn now(&self) -> Option<i64> {
-        let info = self.docker.info().await.ok()?;
-        let t = humantime::parse_rfc3339_weak(info.system_time?.get(..19)?).ok()?;
-        Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+        unix_seconds(&self.docker.info().await.ok()?.system_time?)
     }
 
     /// The ids of the running containers.
@@ -148,6 +146,12 @@ fn event(m: EventMessage) -> Option<Event> {
         action: m.action.unwrap_or_default(),
         signal: attributes.get("signal").cloned(),
     })
+}
+
+/// A container from the engine's JSON for it, as the API sends it (the fuzz target
+/// feeds this).
+pub fn container_from_json(bytes: &[u8]) -> Result<Container, serde_json::Error> {
+    serde_json::from_slice::<ContainerInspectResponse>(bytes).map(container)
 }
 
 fn container(c: ContainerInspectResponse) -> Container {
@@ -223,6 +227,13 @@ fn container(c: ContainerInspectResponse) -> Container {
     }
 }
 
+/// The engine's `SystemTime` (`2026-12-02T11:30:01.232314868Z`, in UTC) in Unix
+/// seconds; fractions and the zone letter are dropped.
+fn unix_seconds(system_time: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339_weak(system_time.get(..19)?).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+}
+
 /// `80/tcp` into its parts; other protocols (sctp) are not served by mesh.
 fn port_key(key: &str) -> Option<(u16, Protocol)> {
     let (port, protocol) = key.split_once('/').unwrap_or((key, "tcp"));
@@ -236,4 +247,49 @@ fn port_key(key: &str) -> Option<(u16, Protocol)> {
 
 fn is_link_local(a: &IpAddr) -> bool {
     matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engines_clock_reads_as_unix_seconds() {
+        assert_eq!(
+            unix_seconds("2026-12-02T11:30:01.232314868Z"),
+            Some(1_796_211_001)
+        );
+        assert_eq!(unix_seconds("1970-01-01T00:00:10Z"), Some(10));
+        assert_eq!(unix_seconds("yesterday"), None);
+        assert_eq!(
+            unix_seconds("2026-12-02T11:30:01\u{e9}"),
+            Some(1_796_211_001)
+        );
+        assert_eq!(
+            unix_seconds("2026-12-\u{e9}2T11:30:01"),
+            None,
+            "not a char boundary"
+        );
+    }
+
+    #[test]
+    fn event_kinds_name_their_container() {
+        let m: EventMessage = serde_json::from_str(
+            r#"{"Type":"network","Action":"connect","Actor":{"ID":"net1","Attributes":{"container":"abc","name":"bridge"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(event(m).unwrap().container, "abc");
+        let m: EventMessage = serde_json::from_str(
+            r#"{"Type":"container","Action":"kill","Actor":{"ID":"abc","Attributes":{"signal":"15"}}}"#,
+        )
+        .unwrap();
+        let e = event(m).unwrap();
+        assert_eq!(
+            (e.action.as_str(), e.signal.as_deref()),
+            ("kill", Some("15"))
+        );
+        let m: EventMessage =
+            serde_json::from_str(r#"{"Type":"image","Action":"pull","Actor":{"ID":"x"}}"#).unwrap();
+        assert_eq!(event(m), None);
+    }
 }

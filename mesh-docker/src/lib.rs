@@ -11,6 +11,7 @@
 pub mod config;
 pub mod container;
 pub mod engine;
+pub mod fuzzing;
 pub mod labels;
 pub mod observe;
 pub mod source;
