@@ -424,6 +424,51 @@ fn bad_labels_skip_one_container_with_one_clear_line_and_a_missing_engine_is_ret
         "{status}"
     );
 
+    // Labels that disagree with an existing service are reported, not obeyed.
+    let out = agent.cli(&[
+        "service", "create", "shop", "-p", "9090:80", "--health", "tcp",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    web(
+        &host,
+        "shop-1",
+        &[
+            "mesh.service=shop",
+            "mesh.publish=8081:80",
+            "mesh.health=http:/ok",
+        ],
+        &[],
+    );
+    agent.wait_routable("shop", 1);
+    let inspect = eventually("service inspect shows the differences", || {
+        let v = agent.cli_json(&["service", "inspect", "shop"]);
+        (v["label_differences"].as_array()?.len() == 2).then_some(v)
+    });
+    let d = inspect["label_differences"].to_string();
+    assert!(
+        d.contains("shop-1") && d.contains("8081:80") && d.contains("9090:80"),
+        "{d}"
+    );
+    assert!(d.contains("http:/ok"), "{d}");
+    assert_eq!(
+        inspect["ports"][0]["published"], 9090,
+        "left as it was: {inspect}"
+    );
+    assert_eq!(
+        inspect["health"]["check"], "tcp",
+        "left as it was: {inspect}"
+    );
+    let lines = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("mesh.publish=8081:80"))
+        .count();
+    assert_eq!(lines, 1, "logged once:\n{}", agent.log());
+
     // An engine that is not there: the agent starts, says so, retries, and serves
     // the tasks it has from other sources.
     let missing = format!("{}/nothing.sock", host.dir.display());
