@@ -761,3 +761,125 @@ fn the_compose_example_works_as_its_readme_says() {
         tasks(&agent, "web").is_empty().then_some(())
     });
 }
+
+/// Docker and the nftables plane on one host. Docker's iptables(-nft) rules drop
+/// forwarded traffic by default (FORWARD policy DROP); the mesh still forwards what it
+/// DNATs to another host, Docker's own published ports still work beside the mesh's,
+/// and after the agent leaves, Docker's rules are as they were.
+#[test]
+fn the_nftables_plane_and_dockers_rules_coexist_on_one_host() {
+    if skip_unless_docker("the_nftables_plane_and_dockers_rules_coexist_on_one_host") {
+        return;
+    }
+    let cluster = Cluster::new(2);
+    let key = integration::keygen();
+    let host = DockerHost::start_in_existing(&cluster.hosts[0].ns);
+    let ns1 = &cluster.hosts[0].ns;
+    let rules = |ns: &integration::netns::Netns| ns.run("iptables", &["-S"]);
+    let docker_rules = rules(ns1);
+    assert!(
+        docker_rules.contains("-P FORWARD DROP"),
+        "Docker's policy:\n{docker_rules}"
+    );
+    assert!(!docker_rules.contains("mesh"), "{docker_rules}");
+    let mut h1 = Agent::start_named_in(
+        ns1,
+        "host1",
+        Some(&format!(
+            "{}[docker]\nenabled = true\nhost = \"{}\"\n",
+            cluster.cluster_config(0, &key),
+            host.host_env()
+        )),
+        &["--dataplane", "nftables"],
+    );
+    let h2 = Agent::start_named_in(
+        &cluster.hosts[1].ns,
+        "host2",
+        Some(&cluster.cluster_config(1, &key)),
+        &[],
+    );
+    let local = web(
+        &host,
+        "c-1",
+        &["mesh.service=web", "mesh.publish=8080:80"],
+        &["-p", "18080:80"],
+    );
+    h1.wait_routable("web", 1);
+    let remote = integration::Backend::start_in_at(&cluster.hosts[1].ns, "remote", "10.77.0.2", 0);
+    let out = h2.cli(&[
+        "task",
+        "add",
+        "web",
+        &format!("10.77.0.2:{}", remote.port),
+        "--id",
+        "remote",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    h1.wait_routable("web", 2);
+    let (_, status) = h1.http("GET", "/v1/status", None);
+    assert!(
+        status["planes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "nftables" && p["active"] == true),
+        "{status}"
+    );
+    // Both tasks through host 1's kernel: the container beside Docker's rules, and
+    // the other host's task through Docker's FORWARD chain.
+    let seen: std::collections::BTreeSet<String> = (0..4)
+        .map(|_| {
+            cluster
+                .get("10.77.0.1:8080")
+                .expect("GET host1:8080 through the nftables plane with Docker's rules in place")
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [local.clone(), "remote".to_string()].into_iter().collect()
+    );
+    // Docker's own published port, beside ours.
+    assert_eq!(
+        cluster.get("10.77.0.1:18080").as_deref(),
+        Some(local.as_str())
+    );
+    let (_, status) = h1.http("GET", "/v1/status", None);
+    assert!(
+        status.to_string().contains("DOCKER-USER"),
+        "status says so: {status}"
+    );
+    // The one rule the plane adds, in Docker's chain for rules of one's own.
+    let with_mesh = rules(ns1);
+    let ours: Vec<&str> = with_mesh
+        .lines()
+        .filter(|l| l.contains("mesh: forward"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{with_mesh}");
+    assert!(ours[0].starts_with("-A DOCKER-USER "), "{with_mesh}");
+    // Docker made afresh (its chains emptied, as a new dockerd would find them):
+    // the plane puts its rule back, and the other host is reached again.
+    ns1.run("iptables", &["-F", "DOCKER-USER"]);
+    ns1.run("iptables", &["-A", "DOCKER-USER", "-j", "RETURN"]);
+    eventually("the accept is back in DOCKER-USER", || {
+        rules(ns1).contains("mesh: forward").then_some(())
+    });
+    let seen: std::collections::BTreeSet<String> = (0..4)
+        .filter_map(|_| cluster.get("10.77.0.1:8080"))
+        .collect();
+    assert!(seen.contains("remote"), "{seen:?}");
+    h1.stop();
+    let without: String = with_mesh
+        .lines()
+        .filter(|l| !l.contains("mesh: forward"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(rules(ns1), without, "Docker's rules are as they were");
+    assert_eq!(
+        cluster.get("10.77.0.1:18080").as_deref(),
+        Some(local.as_str())
+    );
+}

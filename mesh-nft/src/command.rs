@@ -70,6 +70,21 @@ impl Program {
         }
     }
 
+    /// Another program, run the same way (in the same namespace).
+    pub fn sibling(&self, program: &str) -> Self {
+        match self.leading.split_last() {
+            Some((_, leading)) => Self {
+                program: self.program.clone(),
+                leading: leading
+                    .iter()
+                    .cloned()
+                    .chain([program.to_string()])
+                    .collect(),
+            },
+            None => Self::new(program),
+        }
+    }
+
     /// Runs the program with `args` and `input` on stdin; returns stdout.
     pub async fn run(&self, args: &[&str], input: &str) -> Result<String, CommandError> {
         let limit = TIMEOUT + PER_MB.mul_f64(input.len() as f64 / 1e6);
@@ -135,5 +150,14 @@ impl Program {
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl std::fmt::Display for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.leading.last() {
+            Some(p) => f.write_str(p),
+            None => write!(f, "{}", self.program.display()),
+        }
     }
 }

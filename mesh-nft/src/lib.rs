@@ -11,6 +11,7 @@
 
 pub mod command;
 pub mod conntrack;
+pub mod forward_accept;
 pub mod names;
 pub mod nft;
 pub mod plane;

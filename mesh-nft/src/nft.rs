@@ -21,6 +21,11 @@ impl Nft {
         Nft(Program::in_netns(ns, "nft"))
     }
 
+    /// How `nft` is run, for tools that must run beside it (in its namespace).
+    pub(crate) fn program(&self) -> &Program {
+        &self.0
+    }
+
     pub async fn run(&self, args: &[&str], input: &str) -> Result<String, CommandError> {
         self.0.run(args, input).await
     }

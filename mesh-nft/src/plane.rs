@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::command::CommandError;
 use crate::conntrack::Conntrack;
+use crate::forward_accept::ForwardAccept;
 use crate::nft::Nft;
 use crate::ruleset::{BackendKey, BackendOwner, Ruleset, TABLE};
 
@@ -48,7 +49,14 @@ pub struct NftPlane {
     forwarding: bool,
     /// The error of the last failed apply, reported until an apply succeeds.
     failed: Option<(Vec<FrontendKey>, String)>,
+    /// Our accept in Docker's forward chain, checked now and then: dockerd may start
+    /// (and make its chain) after the agent.
+    forward_accept: ForwardAccept,
+    forward_check_at: Instant,
 }
+
+/// How often Docker's chain is checked for our accept.
+const FORWARD_CHECK: Duration = Duration::from_secs(10);
 
 impl NftPlane {
     /// Checks that `nft` runs and the kernel takes a table from us, so `auto` can
@@ -80,7 +88,11 @@ impl NftPlane {
                 "net.ipv4.ip_forward is 0: connections from other machines cannot reach tasks on other hosts through nftables; set it to 1 (sysctl -w net.ipv4.ip_forward=1)"
             );
         }
+        let mut forward_accept = ForwardAccept::beside(nft.program());
+        forward_accept.ensure().await;
         Ok(NftPlane {
+            forward_accept,
+            forward_check_at: Instant::now() + FORWARD_CHECK,
             nft,
             conntrack,
             forwarding,
@@ -248,6 +260,9 @@ impl Dataplane for NftPlane {
         if !self.forwarding {
             d.push_str("; net.ipv4.ip_forward is 0: outside clients reach local tasks only");
         }
+        if self.forward_accept.active() {
+            d.push_str("; its connections accepted in Docker's DOCKER-USER chain");
+        }
         d
     }
 
@@ -289,7 +304,8 @@ impl Dataplane for NftPlane {
 
     fn next_deadline(&self) -> Option<Instant> {
         // A failed apply is retried at the next plan change.
-        self.forget_at.values().min().copied()
+        let forget = self.forget_at.values().min().copied();
+        Some(forget.map_or(self.forward_check_at, |f| f.min(self.forward_check_at)))
     }
 
     async fn on_deadline(&mut self, now: Instant) -> ApplyReport {
@@ -303,6 +319,10 @@ impl Dataplane for NftPlane {
             self.forget_at.remove(k);
         }
         self.forget(due).await;
+        if self.forward_check_at <= now {
+            self.forward_accept.ensure().await;
+            self.forward_check_at = now + FORWARD_CHECK;
+        }
         self.report()
     }
 
@@ -315,6 +335,7 @@ impl Dataplane for NftPlane {
             Ok(()) => info!(table = %format!("inet {TABLE}"), "nftables table removed"),
             Err(e) => warn!(error = %e, "cannot remove the nftables table"),
         }
+        self.forward_accept.remove().await;
     }
 }
 
@@ -399,6 +420,8 @@ mod tests {
             keep: false,
             forwarding: true,
             failed: None,
+            forward_accept: ForwardAccept::beside(Nft::default().program()),
+            forward_check_at: Instant::now() + Duration::from_secs(3600),
         };
         let mut plan = Plan::default();
         plan.services.insert(
@@ -456,7 +479,7 @@ mod tests {
         assert!(listed.contains("10.0.0.1 . 80"), "{listed}");
         assert!(listed.contains("fd00::3 . 80"), "{listed}");
         assert!(
-            listed.contains("meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1 ")
+            listed.contains("meta l4proto tcp ct mark set ct mark | 0x00100000 meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1 ")
                 && listed.contains("map @tasks_tcp6_0"),
             "{listed}"
         );

@@ -38,6 +38,8 @@ const SLOT_BITS: u32 = 20;
 /// 0x4000; ours is another bit so both can run on one host.
 pub const MASQUERADE_MARK: u32 = 0x0010_0000;
 
+pub use crate::forward_accept::FORWARD_MARK;
+
 /// One frontend: where it listens and the tasks it picks from, by family (a packet
 /// can only be DNATed to an address of its own family).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,10 +165,13 @@ impl Dispatch {
         };
         // `client_ip = keep` goes to this host's tasks only, so no hop needs the
         // source rewritten: the task sees the client.
-        let mark = match self.client_ip {
+        // Every connection is marked in conntrack, so a host firewall can let the
+        // plane's forwarded connections through (see `forward_accept`).
+        let masquerade = match self.client_ip {
             ClientIp::Keep => String::new(),
             ClientIp::Any => format!("meta mark set meta mark | {MASQUERADE_MARK:#010x} "),
         };
+        let mark = format!("ct mark set ct mark | {FORWARD_MARK:#010x} {masquerade}");
         Family::BOTH
             .into_iter()
             .filter(|f| !self.addrs(*f).is_empty())
@@ -667,15 +672,15 @@ pub(crate) mod tests {
         };
         for rule in [
             format!(
-                "meta nfproto ipv4 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2{} map @tasks_tcp4_0",
+                "meta nfproto ipv4 meta l4proto tcp ct mark set ct mark | 0x00100000 meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2{} map @tasks_tcp4_0",
                 offset(tcp)
             ),
             format!(
-                "meta nfproto ipv4 meta l4proto udp meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2{} map @tasks_udp4_0",
+                "meta nfproto ipv4 meta l4proto udp ct mark set ct mark | 0x00100000 meta mark set meta mark | 0x00100000 dnat ip to numgen inc mod 2{} map @tasks_udp4_0",
                 offset(udp)
             ),
             format!(
-                "meta nfproto ipv6 meta l4proto tcp meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1{} map @tasks_tcp6_0",
+                "meta nfproto ipv6 meta l4proto tcp ct mark set ct mark | 0x00100000 meta mark set meta mark | 0x00100000 dnat ip6 to numgen inc mod 1{} map @tasks_tcp6_0",
                 offset(tcp)
             ),
         ] {
