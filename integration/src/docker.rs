@@ -67,8 +67,17 @@ fn dockerd_bin() -> Option<PathBuf> {
 }
 
 /// Prints why a test is skipped and returns true when it must be: not root, or no
-/// dockerd. Tests that need Docker never pass silently.
+/// dockerd. Tests that need Docker never pass silently; and where
+/// `MESH_REQUIRE_DOCKER=1` (CI's test command sets it), a skip is a failure.
 pub fn skip_unless_docker(test: &str) -> bool {
+    let skip = skip_reason(test);
+    if skip && std::env::var("MESH_REQUIRE_DOCKER").is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run here, and MESH_REQUIRE_DOCKER=1 asks that it does");
+    }
+    skip
+}
+
+fn skip_reason(test: &str) -> bool {
     if !is_root() {
         eprintln!(
             "SKIPPED {test}: needs root (dockerd, network namespaces); run the tests as root, as CI does"

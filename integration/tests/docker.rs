@@ -118,15 +118,13 @@ fn get(host: &DockerHost, addr: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-#[test]
-fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_request() {
-    let test =
-        "labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_request";
-    if skip_unless_docker(test) {
-        return;
-    }
+/// Two labelled containers on `plane`, a client throughout, and a `docker stop` and
+/// `docker start` of one. The client targets docker0's address: the nftables plane
+/// serves published ports on the host's addresses, not on loopback.
+fn labelled_containers_become_tasks_and_docker_stop_drains_one(plane: &str) {
     let host = DockerHost::start();
-    let agent = docker_agent(&host, "");
+    let agent = docker_agent(&host, &format!("[proxy]\ndataplane = \"{plane}\"\n"));
+    let addr = "172.17.0.1:8080";
     let labels = [
         "mesh.service=web",
         "mesh.publish=8080:80",
@@ -165,7 +163,7 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_
     assert_eq!(got_ips, want_ips);
     // Round robin over both.
     let seen: std::collections::BTreeSet<String> = (0..4)
-        .map(|_| get(&host, "127.0.0.1:8080").expect("GET through the published port"))
+        .map(|_| get(&host, addr).expect("GET through the published port"))
         .collect();
     assert_eq!(
         seen,
@@ -173,12 +171,13 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_
         "both containers answer"
     );
 
-    let load = Load::start(&host.ns, "127.0.0.1:8080", 50, &[]);
+    let load = Load::start(&host.ns, addr, 50, &[]);
     let start = unix_ms();
     eventually("the load is running", || {
         (load.samples().len() >= 20).then_some(())
     });
     let t = Instant::now();
+    let mut drained_at = 0;
     std::thread::scope(|s| {
         s.spawn(|| host.docker_ok(&["stop", "web-1"]));
         // web-1 serves 2 s after its SIGTERM: it is drained at once, withdrawn when
@@ -190,6 +189,8 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_
                 .then_some(())
         });
         eprintln!("docker stop web-1 to its task draining: {:?}", t.elapsed());
+        agent.wait_applied();
+        drained_at = unix_ms();
         eventually("web-1's task is gone", || {
             (!tasks(&agent, "web").iter().any(|t| t.0 == a)).then_some(())
         });
@@ -198,13 +199,14 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_
             t.elapsed()
         );
     });
+    let restarted_at = unix_ms();
     let t = Instant::now();
     host.docker_ok(&["start", "web-1"]);
     agent.wait_routable("web", 2);
     eprintln!("docker start web-1 to routed: {:?}", t.elapsed());
     eventually("web-1 answers again", || {
         (0..4)
-            .filter_map(|_| get(&host, "127.0.0.1:8080"))
+            .filter_map(|_| get(&host, addr))
             .any(|id| id == a)
             .then_some(())
     });
@@ -219,6 +221,49 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_without_a_failed_
         .filter(|s| !s.ok && s.at_ms >= start && s.at_ms < end)
         .collect();
     assert!(failed.is_empty(), "failed requests: {failed:?}");
+    // Drained means no new connection: nothing sent between the drain being
+    // applied and the restart reached web-1 (the userspace plane's connect retry
+    // would hide a refused one, so this is what shows the drain).
+    let to_drained: Vec<_> = load
+        .samples()
+        .into_iter()
+        .filter(|s| s.ok && s.at_ms >= drained_at && s.at_ms < restarted_at && s.what == a)
+        .collect();
+    assert!(
+        to_drained.is_empty(),
+        "sent to web-1 while it drained: {to_drained:?}"
+    );
+    let others = load
+        .samples()
+        .iter()
+        .filter(|s| s.ok && s.at_ms >= drained_at && s.at_ms < restarted_at)
+        .count();
+    assert!(others > 0, "the client ran while web-1 drained");
+}
+
+#[test]
+fn labelled_containers_become_tasks_and_docker_stop_drains_one_on_the_userspace_plane() {
+    let test = "labelled_containers_become_tasks_and_docker_stop_drains_one_on_the_userspace_plane";
+    if skip_unless_docker(test) {
+        return;
+    }
+    labelled_containers_become_tasks_and_docker_stop_drains_one("userspace");
+}
+
+#[test]
+fn labelled_containers_become_tasks_and_docker_stop_drains_one_on_the_nftables_plane() {
+    let test = "labelled_containers_become_tasks_and_docker_stop_drains_one_on_the_nftables_plane";
+    if skip_unless_docker(test) {
+        return;
+    }
+    labelled_containers_become_tasks_and_docker_stop_drains_one("nftables");
+}
+
+/// Whether the prober has a health series for task `id`.
+fn probed(metrics: &str, id: &str) -> bool {
+    metrics
+        .lines()
+        .any(|l| l.starts_with("mesh_task_healthy{") && l.contains(&format!("task=\"{id}\"")))
 }
 
 #[test]
@@ -248,10 +293,11 @@ fn a_failing_healthcheck_makes_the_task_unhealthy_and_recovery_brings_it_back() 
     eventually("the task is unhealthy", || {
         (agent.task_health("hc", &id) == "unhealthy").then_some(())
     });
-    let log = agent.log();
+    // The prober keeps no series for a task Docker checks: it never probed it.
+    let (_, metrics) = agent.try_http("GET", "/metrics", None).unwrap();
     assert!(
-        !log.contains("task is healthy"),
-        "mesh probed a task Docker checks:\n{log}"
+        !probed(&metrics, &id),
+        "mesh probes a task Docker checks:\n{metrics}"
     );
     host.docker_ok(&["exec", "h-1", "touch", "/www/ok"]);
     eventually("the task is healthy again", || {
@@ -269,9 +315,12 @@ fn a_failing_healthcheck_makes_the_task_unhealthy_and_recovery_brings_it_back() 
         .unwrap()
         .clone();
     assert!(entry["observed"]["health"].is_null(), "{entry}");
-    eventually("mesh's probe of h-2 is logged", || {
-        agent.log().contains("task is healthy").then_some(())
+    eventually("mesh probes h-2 (its series appears)", || {
+        let (_, metrics) = agent.try_http("GET", "/metrics", None).ok()?;
+        probed(&metrics, &plain).then_some(())
     });
+    let (_, metrics) = agent.try_http("GET", "/metrics", None).unwrap();
+    assert!(!probed(&metrics, &id), "{metrics}");
 }
 
 #[test]

@@ -48,6 +48,12 @@ impl TaskSource {
     pub fn is_saved(self) -> bool {
         self == TaskSource::Api
     }
+
+    /// Whether the source reports what it observes (a container engine): its tasks
+    /// follow the containers, and are not changed by hand.
+    pub fn is_observed(self) -> bool {
+        self == TaskSource::Docker
+    }
 }
 
 impl std::fmt::Display for TaskSource {

@@ -29,6 +29,8 @@ pub struct Container {
     pub published: Vec<Published>,
     /// The signal `docker stop` sends; `None`: SIGTERM.
     pub stop_signal: Option<String>,
+    /// Seconds `docker stop` waits before SIGKILL; `None`: Docker's 10.
+    pub stop_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

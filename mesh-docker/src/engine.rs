@@ -13,8 +13,12 @@ use mesh_core::{Health, Protocol};
 
 use crate::container::{Container, NetworkAddress, Published};
 
-/// Requests other than the event stream give up after this long.
+/// Requests other than the event stream give up after this long, body included
+/// (bollard's own timeout covers only the wait for the response's headers).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer container names are cut: a name travels in every gossip message about the
+/// task, and those must fit a datagram.
+const MAX_NAME: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -26,6 +30,46 @@ pub enum EngineError {
     },
     #[error("unsupported Docker host {0:?}: use unix:///path/to/docker.sock or tcp://host:port")]
     Host(String),
+    #[error("{endpoint}: no complete answer to {what} within {} s", REQUEST_TIMEOUT.as_secs())]
+    Timeout { endpoint: String, what: String },
+    /// The engine answered, but not with a container mesh can read.
+    #[error("{0}")]
+    Container(String),
+}
+
+impl EngineError {
+    /// An error about one container, not about the connection: that container is
+    /// reported and the others are served.
+    pub fn is_about_container(&self) -> bool {
+        match self {
+            EngineError::Container(_) => true,
+            EngineError::Api { source, .. } => matches!(
+                source,
+                bollard::errors::Error::DockerResponseServerError { .. }
+                    | bollard::errors::Error::JsonDataError { .. }
+                    | bollard::errors::Error::JsonSerdeError { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Checks a Docker host address without connecting: `--check-config` and the start
+/// refuse one that can never work.
+pub fn check_host(host: &str) -> Result<(), EngineError> {
+    let ok = host
+        .strip_prefix("unix://")
+        .is_some_and(|p| p.starts_with('/'))
+        || host.starts_with('/')
+        || host
+            .strip_prefix("tcp://")
+            .or(host.strip_prefix("http://"))
+            .is_some_and(|a| !a.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Host(host.to_string()))
+    }
 }
 
 /// A connection to one engine, at the API version it speaks.
@@ -41,6 +85,9 @@ pub struct Event {
     pub action: String,
     /// The `signal` attribute of a `kill`.
     pub signal: Option<String>,
+    /// A container event's attributes, which hold the container's labels; `None`
+    /// for a network event.
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 impl Engine {
@@ -65,10 +112,9 @@ impl Engine {
             endpoint: endpoint.clone(),
             source,
         };
-        let docker = docker
-            .map_err(api)?
-            .negotiate_version()
-            .await
+        let docker = docker.map_err(api)?;
+        let docker = bounded(&endpoint, "the version request", docker.negotiate_version())
+            .await?
             .map_err(api)?;
         Ok(Engine { docker, endpoint })
     }
@@ -87,23 +133,40 @@ impl Engine {
 
     /// The engine's clock, in Unix seconds: event times are the engine's.
     pub async fn now(&self) -> Option<i64> {
-        unix_seconds(&self.docker.info().await.ok()?.system_time?)
+        let info = bounded(&self.endpoint, "info", self.docker.info())
+            .await
+            .ok()?
+            .ok()?;
+        unix_seconds(&info.system_time?)
     }
 
-    /// The ids of the running containers.
-    pub async fn running(&self) -> Result<Vec<String>, EngineError> {
-        let list = self
-            .docker
-            .list_containers(Some(ListContainersOptionsBuilder::new().all(false).build()))
-            .await
-            .map_err(|e| self.api(e))?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    /// The running containers, with their labels.
+    pub async fn running(&self) -> Result<Vec<(String, BTreeMap<String, String>)>, EngineError> {
+        let options = ListContainersOptionsBuilder::new().all(false).build();
+        let list = bounded(
+            &self.endpoint,
+            "the container list",
+            self.docker.list_containers(Some(options)),
+        )
+        .await?
+        .map_err(|e| self.api(e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| Some((c.id?, c.labels.unwrap_or_default().into_iter().collect())))
+            .collect())
     }
 
     /// One container; `None` when it no longer exists.
     pub async fn inspect(&self, id: &str) -> Result<Option<Container>, EngineError> {
-        match self.docker.inspect_container(id, None).await {
-            Ok(c) => Ok(Some(container(c))),
+        let what = format!("inspect {}", id.chars().take(12).collect::<String>());
+        match bounded(
+            &self.endpoint,
+            &what,
+            self.docker.inspect_container(id, None),
+        )
+        .await?
+        {
+            Ok(c) => container(c).map(Some).map_err(EngineError::Container),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),
@@ -136,25 +199,44 @@ fn event(m: EventMessage) -> Option<Event> {
     use bollard::models::EventMessageTypeEnum as Type;
     let actor = m.actor?;
     let attributes = actor.attributes.unwrap_or_default();
-    let container = match m.typ? {
-        Type::CONTAINER => actor.id?,
-        Type::NETWORK => attributes.get("container")?.clone(),
+    let (container, labels) = match m.typ? {
+        Type::CONTAINER => (actor.id?, Some(attributes.clone().into_iter().collect())),
+        Type::NETWORK => (attributes.get("container")?.clone(), None),
         _ => return None,
     };
     Some(Event {
         container,
         action: m.action.unwrap_or_default(),
         signal: attributes.get("signal").cloned(),
+        labels,
     })
+}
+
+/// `work`, given up after [`REQUEST_TIMEOUT`] with an error that says what.
+async fn bounded<T>(
+    endpoint: &str,
+    what: &str,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, EngineError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .map_err(|_| EngineError::Timeout {
+            endpoint: endpoint.to_string(),
+            what: what.to_string(),
+        })
 }
 
 /// A container from the engine's JSON for it, as the API sends it (the fuzz target
 /// feeds this).
-pub fn container_from_json(bytes: &[u8]) -> Result<Container, serde_json::Error> {
-    serde_json::from_slice::<ContainerInspectResponse>(bytes).map(container)
+pub fn container_from_json(bytes: &[u8]) -> Result<Container, String> {
+    let c = serde_json::from_slice::<ContainerInspectResponse>(bytes).map_err(|e| e.to_string())?;
+    container(c)
 }
 
-fn container(c: ContainerInspectResponse) -> Container {
+fn container(c: ContainerInspectResponse) -> Result<Container, String> {
+    let Some(id) = c.id.filter(|id| !id.is_empty()) else {
+        return Err("the engine described a container without an id".into());
+    };
     let config = c.config.unwrap_or_default();
     let state = c.state.unwrap_or_default();
     let settings = c.network_settings.unwrap_or_default();
@@ -206,13 +288,21 @@ fn container(c: ContainerInspectResponse) -> Container {
         HealthStatusEnum::STARTING => Some(Health::Unknown),
         HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => None,
     });
-    Container {
-        id: c.id.unwrap_or_default(),
-        name: c
-            .name
-            .unwrap_or_default()
-            .trim_start_matches('/')
-            .to_string(),
+    let mut name = c
+        .name
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string();
+    if name.len() > MAX_NAME {
+        let cut = (0..=MAX_NAME)
+            .rev()
+            .find(|i| name.is_char_boundary(*i))
+            .unwrap_or(0);
+        name.truncate(cut);
+    }
+    Ok(Container {
+        id,
+        name,
         labels: config
             .labels
             .unwrap_or_default()
@@ -224,14 +314,30 @@ fn container(c: ContainerInspectResponse) -> Container {
         exposed,
         published,
         stop_signal: config.stop_signal,
-    }
+        stop_timeout: config.stop_timeout.and_then(|t| u64::try_from(t).ok()),
+    })
 }
 
-/// The engine's `SystemTime` (`2026-12-02T11:30:01.232314868Z`, in UTC) in Unix
-/// seconds; fractions and the zone letter are dropped.
+/// The engine's `SystemTime` (`2026-12-02T13:30:01.232314868+02:00`, local time with
+/// its offset, or `…Z`) in Unix seconds.
 fn unix_seconds(system_time: &str) -> Option<i64> {
-    let t = humantime::parse_rfc3339_weak(system_time.get(..19)?).ok()?;
-    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+    let local = humantime::parse_rfc3339_weak(system_time.get(..19)?).ok()?;
+    let local = local.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    let rest = system_time.get(19..)?;
+    let zone = rest.trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+    let offset = match zone.as_bytes() {
+        [] | [b'Z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let digits = [h1, h2, m1, m2].map(|d| (*d as char).to_digit(10));
+            let [Some(h1), Some(h2), Some(m1), Some(m2)] = digits else {
+                return None;
+            };
+            let secs = i64::from((h1 * 10 + h2) * 3600 + (m1 * 10 + m2) * 60);
+            if *sign == b'+' { secs } else { -secs }
+        }
+        _ => return None,
+    };
+    Some(local - offset)
 }
 
 /// `80/tcp` into its parts; other protocols (sctp) are not served by mesh.
@@ -255,16 +361,14 @@ mod tests {
 
     #[test]
     fn the_engines_clock_reads_as_unix_seconds() {
-        assert_eq!(
-            unix_seconds("2026-12-02T11:30:01.232314868Z"),
-            Some(1_796_211_001)
-        );
+        let t = Some(1_796_211_001);
+        assert_eq!(unix_seconds("2026-12-02T11:30:01.232314868Z"), t);
         assert_eq!(unix_seconds("1970-01-01T00:00:10Z"), Some(10));
+        // Local time with its offset, as a dockerd whose zone is not UTC writes it.
+        assert_eq!(unix_seconds("2026-12-02T13:30:01.5+02:00"), t);
+        assert_eq!(unix_seconds("2026-12-02T06:30:01-05:00"), t);
         assert_eq!(unix_seconds("yesterday"), None);
-        assert_eq!(
-            unix_seconds("2026-12-02T11:30:01\u{e9}"),
-            Some(1_796_211_001)
-        );
+        assert_eq!(unix_seconds("2026-12-02T11:30:01\u{e9}"), None);
         assert_eq!(
             unix_seconds("2026-12-\u{e9}2T11:30:01"),
             None,

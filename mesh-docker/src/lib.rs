@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod labels;
 pub mod observe;
 pub mod source;
+pub mod view;
 
 pub use config::DockerConfig;
 pub use container::Container;

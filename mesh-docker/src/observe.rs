@@ -86,6 +86,7 @@ pub fn observe(
     settings: &Settings,
 ) -> Observation {
     let mut out = Observation::default();
+    let mut described: BTreeMap<String, Vec<Wanted>> = BTreeMap::new();
     for c in containers.values().filter(|c| c.running) {
         let labels = match Labels::read(&c.labels, settings.compose) {
             Ok(Some(l)) => l,
@@ -100,6 +101,7 @@ pub fn observe(
         };
         if labels.service_label == crate::labels::COMPOSE_SERVICE
             && labels.port.is_none()
+            && labels.publish.is_none()
             && c.exposed.is_empty()
         {
             // A Compose container that serves no port (a worker, a client) is part
@@ -112,27 +114,7 @@ pub fn observe(
                     out.local_only.push((c.name.clone(), ip));
                 }
                 if let Some(w) = wanted {
-                    // The first container (by id) describes the service; the others
-                    // are compared with it, as with a service that exists.
-                    match out.services.get(&w.spec.name) {
-                        None => {
-                            out.services.insert(w.spec.name.clone(), w);
-                        }
-                        Some(first) => {
-                            let d = differences(&first.spec, &w);
-                            if !d.is_empty() {
-                                out.differences
-                                    .entry(w.spec.name.clone())
-                                    .or_default()
-                                    .extend(d.into_iter().map(|d| {
-                                        format!(
-                                            "{d} (as container {} describes it)",
-                                            first.container
-                                        )
-                                    }));
-                            }
-                        }
-                    }
+                    described.entry(w.spec.name.clone()).or_default().push(w);
                 }
                 out.tasks.push(task);
             }
@@ -142,20 +124,40 @@ pub fn observe(
             }),
         }
     }
+    // The container whose labels set the most (then the first by name) describes
+    // the service; the others are compared with it, as with a service that exists.
+    for (name, mut all) in described {
+        all.sort_by(|a, b| (b.set.len(), &a.container).cmp(&(a.set.len(), &b.container)));
+        let mut all = all.into_iter();
+        let Some(first) = all.next() else { continue };
+        let lines: Vec<String> = all
+            .flat_map(|w| differences(&first.spec, &w))
+            .map(|d| format!("{d} (as container {} describes it)", first.container))
+            .collect();
+        if !lines.is_empty() {
+            out.differences.insert(name.clone(), lines);
+        }
+        out.services.insert(name, first);
+    }
     out
 }
 
 type Made = (TaskSpec, Option<Wanted>, Option<IpAddr>);
 
 fn task(c: &Container, l: &Labels, stopping: bool, s: &Settings) -> Result<Made, LabelError> {
-    let protocol = l.publish.as_ref().map_or(Protocol::Tcp, |p| p.protocol);
     // The port the labels name overrides the service's target for this task; one the
     // image merely exposes only describes a service that does not exist yet, since an
     // override on a service with several ports is refused.
     let explicit = l.port.or(l.publish.as_ref().map(|p| p.target));
-    let port = match explicit {
-        Some(p) => Some(p),
+    let exposed = match explicit {
+        Some(_) => None,
         None => single_exposed(c)?,
+    };
+    let port = explicit.or(exposed.map(|(p, _)| p));
+    let protocol = match (&l.publish, exposed) {
+        (Some(p), _) => p.protocol,
+        (None, Some((_, protocol))) => protocol,
+        (None, None) => Protocol::Tcp,
     };
     let (ip, task_port, local) = address(c, l, (explicit, port), protocol, s)?;
     let wanted = port.map(|target| {
@@ -205,10 +207,10 @@ fn task(c: &Container, l: &Labels, stopping: bool, s: &Settings) -> Result<Made,
 
 /// The container's only exposed port; `None` when it exposes none (the service's
 /// target port applies); an error when it exposes several.
-fn single_exposed(c: &Container) -> Result<Option<u16>, LabelError> {
+fn single_exposed(c: &Container) -> Result<Option<(u16, Protocol)>, LabelError> {
     match c.exposed.as_slice() {
         [] => Ok(None),
-        [(p, _)] => Ok(Some(*p)),
+        [one] => Ok(Some(*one)),
         many => Err(LabelError {
             label: crate::labels::PORT.into(),
             value: String::new(),
@@ -246,7 +248,8 @@ fn address(
             )
         })
     };
-    if s.address == AddressMode::HostPort {
+    let on_host_network = c.networks.len() == 1 && c.networks.contains_key("host");
+    if s.address == AddressMode::HostPort && !on_host_network {
         let Some(target) = port else {
             return Err(fail(
                 crate::labels::PORT,
@@ -268,6 +271,18 @@ fn address(
             ));
         };
         let ip = match p.host_ip {
+            // Bound on loopback: no other host can reach it, and an address of
+            // 127.0.0.1 would send them to their own loopback.
+            Some(ip) if ip.is_loopback() => {
+                return Err(fail(
+                    crate::labels::PORT,
+                    &target.to_string(),
+                    format!(
+                        "{target}/{protocol} is published on {ip} only, which other hosts cannot reach; publish it on all addresses (-p {}:{target})",
+                        p.host_port
+                    ),
+                ));
+            }
             Some(ip) if !ip.is_unspecified() => ip,
             _ => host_ip()?,
         };
@@ -607,5 +622,79 @@ mod tests {
             o.tasks[0].port, None,
             "an exposed port only describes a new service"
         );
+    }
+
+    #[test]
+    fn review_cases_loopback_udp_compose_publish_host_network_and_the_fullest_description() {
+        // A port Docker published on loopback only is not an address for others.
+        let mut s = settings();
+        s.address = AddressMode::HostPort;
+        let mut c = container(
+            "a1",
+            "lo-only",
+            &[("mesh.service", "web"), ("mesh.port", "80")],
+        );
+        c.published = vec![Published {
+            target: 80,
+            protocol: Protocol::Tcp,
+            host_ip: Some("127.0.0.1".parse().unwrap()),
+            host_port: 18080,
+        }];
+        let o = run(vec![c], &[], &s);
+        assert!(o.tasks.is_empty());
+        assert!(
+            o.skipped[0].to_string().contains("127.0.0.1 only"),
+            "{:?}",
+            o.skipped
+        );
+        // A container on the host's network is this host's address and its port.
+        let mut h = container(
+            "b22",
+            "on-host",
+            &[("mesh.service", "web"), ("mesh.port", "8080")],
+        );
+        h.networks = BTreeMap::from([("host".to_string(), NetworkAddress::default())]);
+        let o = run(vec![h], &[], &s);
+        assert_eq!(
+            (o.tasks[0].ip.to_string(), o.tasks[0].port),
+            ("10.0.0.1".into(), Some(8080))
+        );
+        // A UDP port the image exposes makes a UDP service.
+        let mut u = container("c333", "dns", &[("mesh.service", "dns")]);
+        u.exposed = vec![(53, Protocol::Udp)];
+        let o = run(vec![u], &[], &settings());
+        assert_eq!(o.services["dns"].spec.ports[0].protocol, Protocol::Udp);
+        // A Compose container with mesh.publish and no `expose:` is a task.
+        let mut cs = settings();
+        cs.compose = true;
+        let p = container(
+            "d4444",
+            "proj_web_1",
+            &[
+                ("com.docker.compose.service", "web"),
+                ("mesh.publish", "8080:80"),
+            ],
+        );
+        let o = run(vec![p], &[], &cs);
+        assert_eq!(o.tasks.len(), 1);
+        assert_eq!(o.services["web"].spec.ports[0].published, Some(8080));
+        // The container that says the most describes a new service, whatever its id.
+        let bare = container(
+            "a1",
+            "a-bare",
+            &[("mesh.service", "web"), ("mesh.port", "80")],
+        );
+        let full = container(
+            "b22",
+            "z-full",
+            &[
+                ("mesh.service", "web"),
+                ("mesh.publish", "8080:80"),
+                ("mesh.health", "tcp"),
+            ],
+        );
+        let o = run(vec![bare, full], &[], &settings());
+        assert_eq!(o.services["web"].container, "z-full");
+        assert_eq!(o.services["web"].spec.ports[0].published, Some(8080));
     }
 }

@@ -1,13 +1,17 @@
-//! The source's loop: connect, list and inspect the running containers, publish the
-//! observation, then follow the event stream, inspecting each container an event
-//! names. Any error ends the session; the next one starts after a backoff and lists
-//! everything again, so nothing missed while disconnected stays missed. While the
-//! engine is unreachable the last observation stands: the containers probably still
-//! run, and the prober still checks the tasks it probes.
+//! The source's loop, which only does IO: connect, list and inspect the running
+//! containers, publish the observation, then follow the event stream, inspecting
+//! each container an event names ([`View`] decides which). Every minute it lists
+//! everything again, so an event the engine dropped (it drops them for a slow
+//! reader) is made good, and an engine that stopped answering ends the session.
+//! Any connection error ends the session; the next one starts after a backoff.
+//!
+//! While the engine is unreachable the last set of tasks stands, since the
+//! containers probably still run, but the engine's health checks no longer count:
+//! mesh probes every task until the engine is back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -16,13 +20,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::SourceStatus;
-use crate::container::Container;
-use crate::engine::{Engine, EngineError, Event};
-use crate::labels;
-use crate::observe::{Observation, Settings, observe};
+use crate::engine::{Engine, EngineError};
+use crate::observe::{Observation, Settings};
+use crate::view::{Step, View};
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff: an engine that restarts in a
+/// loop is not listed again every second.
+const STEADY: Duration = Duration::from_secs(30);
+/// How often everything is listed again.
+const RESYNC: Duration = Duration::from_secs(60);
 /// Events handled before the observation is published even if more are waiting,
 /// so a burst cannot hold back what already changed.
 const BATCH: usize = 256;
@@ -49,8 +57,14 @@ impl DockerSource {
             ..SourceStatus::default()
         });
         let task = tokio::spawn(async move {
+            let mut loop_ = Loop {
+                view: View::new(config.settings.compose),
+                config,
+                obs: obs_tx,
+                status: status_tx,
+            };
             tokio::select! {
-                _ = run(config, obs_tx, status_tx) => {}
+                _ = loop_.run() => {}
                 _ = stop.cancelled() => {}
             }
         });
@@ -64,29 +78,13 @@ impl DockerSource {
     }
 }
 
-async fn run(
+struct Loop {
     config: Target,
     obs: watch::Sender<Arc<Observation>>,
     status: watch::Sender<SourceStatus>,
-) {
-    let mut backoff = BACKOFF_MIN;
-    let mut failures = 0u64;
-    loop {
-        let error = session(&config, &obs, &status, &mut backoff).await;
-        failures += 1;
-        let now = unix_now();
-        status.send_modify(|s| {
-            s.connected = false;
-            s.reconnects += u64::from(s.last_error.is_some() || s.events > 0);
-            s.last_error = Some(error.to_string());
-            s.last_error_at = Some(now.max(0) as u64);
-        });
-        // Every attempt is logged: the backoff bounds them to two a minute.
-        warn!(endpoint = %config.host, error = %error, retry_in = ?backoff, attempt = failures,
-            "Docker source disconnected; keeping its last tasks and retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
+    /// Kept across sessions: a container that was stopping when the engine went
+    /// away is still stopping when it comes back, until a listing says otherwise.
+    view: View,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,170 +95,133 @@ enum SessionError {
     Ended,
 }
 
-async fn session(
-    config: &Target,
-    obs: &watch::Sender<Arc<Observation>>,
-    status: &watch::Sender<SourceStatus>,
-    backoff: &mut Duration,
-) -> SessionError {
-    match follow(config, obs, status, backoff).await {
-        Ok(never) => match never {},
-        Err(e) => e,
+impl Loop {
+    async fn run(&mut self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut attempt = 0u64;
+        loop {
+            let started = Instant::now();
+            let error = match self.session().await {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            if started.elapsed() >= STEADY {
+                backoff = BACKOFF_MIN;
+            }
+            attempt += 1;
+            let now = unix_now();
+            self.status.send_modify(|s| {
+                s.reconnects += u64::from(s.connected);
+                s.connected = false;
+                s.last_error = Some(error.to_string());
+                s.last_error_at = Some(now.max(0) as u64);
+            });
+            self.publish(false);
+            // Every attempt is logged: the backoff bounds them to two a minute.
+            warn!(endpoint = %self.config.host, error = %error, retry_in = ?backoff, attempt,
+                "Docker source disconnected; keeping its tasks (probed by mesh) and retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session(&mut self) -> Result<Never, SessionError> {
+        let engine = Engine::connect(&self.config.host).await?;
+        // Events from a little before the listing are replayed, so a change during
+        // it is seen twice rather than missed; seeing one twice is harmless.
+        let since = engine.now().await.unwrap_or_else(unix_now) - 2;
+        self.list(&engine).await?;
+        let events = engine.events(since);
+        tokio::pin!(events);
+        self.publish(true);
+        let version = engine.api_version();
+        info!(endpoint = %self.config.host, api = %version, containers = self.view.len(), "Docker source connected");
+        let containers = self.view.len();
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.api_version = Some(version);
+            s.containers = containers;
+        });
+        let mut resync = tokio::time::interval_at((Instant::now() + RESYNC).into(), RESYNC);
+        loop {
+            let deadline = self.view.next_deadline();
+            let mut handled = 0;
+            tokio::select! {
+                first = events.next() => {
+                    let mut next = Some(first);
+                    while let Some(item) = next {
+                        let Some(item) = item else {
+                            return Err(SessionError::Ended);
+                        };
+                        if let Some(event) = item? {
+                            if let Step::Inspect(id) = self.view.event(&event, Instant::now()) {
+                                self.inspect(&engine, &id).await?;
+                            }
+                            handled += 1;
+                        }
+                        // What is already waiting joins this batch.
+                        next = if handled < BATCH { events.next().now_or_never() } else { None };
+                    }
+                }
+                _ = resync.tick() => self.list(&engine).await?,
+                _ = sleep_until(deadline) => {
+                    for name in self.view.expire(Instant::now()) {
+                        warn!(container = %name, "the container was signalled to stop but still runs after its stop timeout; it takes connections again");
+                    }
+                }
+            }
+            let containers = self.view.len();
+            self.status.send_modify(|s| {
+                s.events += handled as u64;
+                s.containers = containers;
+            });
+            self.publish(true);
+        }
+    }
+
+    /// Lists the running containers and reads again those that concern mesh.
+    async fn list(&mut self, engine: &Engine) -> Result<(), EngineError> {
+        let running = engine.running().await?;
+        let ids: BTreeSet<String> = running.iter().map(|(id, _)| id.clone()).collect();
+        self.view.listed(&ids);
+        for (id, labels) in running {
+            if self.view.concerns(&labels) {
+                self.inspect(engine, &id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one container; an error about that container alone is reported with
+    /// it, and only a connection error ends the session.
+    async fn inspect(&mut self, engine: &Engine, id: &str) -> Result<(), EngineError> {
+        match engine.inspect(id).await {
+            Ok(c) => self.view.inspected(id, Ok(c)),
+            Err(e) if e.is_about_container() => self.view.inspected(id, Err(e.to_string())),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    fn publish(&self, engine_health: bool) {
+        let new = self.view.observe(&self.config.settings, engine_health);
+        self.obs.send_if_modified(|current| {
+            if **current == new {
+                return false;
+            }
+            *current = Arc::new(new);
+            true
+        });
     }
 }
 
 enum Never {}
 
-async fn follow(
-    config: &Target,
-    obs: &watch::Sender<Arc<Observation>>,
-    status: &watch::Sender<SourceStatus>,
-    backoff: &mut Duration,
-) -> Result<Never, SessionError> {
-    let engine = Engine::connect(&config.host).await?;
-    // Events from a little before the listing are replayed, so a change during it
-    // is seen twice rather than missed; seeing one twice is harmless.
-    let since = engine.now().await.unwrap_or_else(unix_now) - 2;
-    let mut view = View {
-        compose: config.settings.compose,
-        containers: BTreeMap::new(),
-        stopping: BTreeSet::new(),
-    };
-    for id in engine.running().await? {
-        view.refresh(&engine, &id).await?;
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
-    let events = engine.events(since);
-    tokio::pin!(events);
-    publish(obs, &view, &config.settings);
-    let version = engine.api_version();
-    info!(endpoint = %config.host, api = %version, containers = view.containers.len(), "Docker source connected");
-    status.send_modify(|s| {
-        s.connected = true;
-        s.api_version = Some(version);
-        s.containers = view.containers.len();
-    });
-    *backoff = BACKOFF_MIN;
-    loop {
-        let mut handled = 0;
-        let first = events.next().await;
-        let mut next = Some(first);
-        while let Some(item) = next {
-            let Some(item) = item else {
-                return Err(SessionError::Ended);
-            };
-            if let Some(event) = item? {
-                view.apply(&engine, event).await?;
-                handled += 1;
-            }
-            // What is already waiting joins this batch.
-            next = if handled < BATCH {
-                events.next().now_or_never()
-            } else {
-                None
-            };
-        }
-        status.send_modify(|s| {
-            s.events += handled as u64;
-            s.containers = view.containers.len();
-        });
-        publish(obs, &view, &config.settings);
-    }
-}
-
-fn publish(obs: &watch::Sender<Arc<Observation>>, view: &View, settings: &Settings) {
-    let new = observe(&view.containers, &view.stopping, settings);
-    obs.send_if_modified(|current| {
-        if **current == new {
-            return false;
-        }
-        *current = Arc::new(new);
-        true
-    });
-}
-
-/// The running containers that concern mesh, and which of them are stopping.
-struct View {
-    compose: bool,
-    containers: BTreeMap<String, Container>,
-    stopping: BTreeSet<String>,
-}
-
-impl View {
-    async fn apply(&mut self, engine: &Engine, e: Event) -> Result<(), EngineError> {
-        let action = e.action.as_str();
-        match action {
-            // The engine signalled the container to stop: it drains from now on.
-            // Signals sent for other reasons (`docker kill -s HUP` to reload) change
-            // nothing.
-            "kill" if self.stops(&e) => {
-                self.stopping.insert(e.container);
-            }
-            "destroy" => {
-                self.containers.remove(&e.container);
-                self.stopping.remove(&e.container);
-            }
-            "start" | "restart" | "unpause" | "die" | "stop" | "pause" | "rename" | "update"
-            | "connect" | "disconnect" => {
-                if matches!(action, "start" | "restart" | "die") {
-                    self.stopping.remove(&e.container);
-                }
-                self.refresh(engine, &e.container).await?;
-            }
-            a if a.starts_with("health_status") => self.refresh(engine, &e.container).await?,
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn stops(&self, e: &Event) -> bool {
-        let own = self
-            .containers
-            .get(&e.container)
-            .and_then(|c| c.stop_signal.as_deref())
-            .and_then(signal_number);
-        match e.signal.as_deref().and_then(signal_number) {
-            Some(n) => matches!(n, 2 | 3 | 9 | 15) || Some(n) == own,
-            None => false,
-        }
-    }
-
-    /// Reads one container again, keeping it only while it runs and concerns mesh.
-    async fn refresh(&mut self, engine: &Engine, id: &str) -> Result<(), EngineError> {
-        match engine.inspect(id).await? {
-            Some(c) if c.running && self.concerns(&c) => {
-                self.containers.insert(c.id.clone(), c);
-            }
-            _ => {
-                self.containers.remove(id);
-            }
-        }
-        Ok(())
-    }
-
-    fn concerns(&self, c: &Container) -> bool {
-        c.labels
-            .keys()
-            .any(|k| k.starts_with("mesh.") || (self.compose && k == labels::COMPOSE_SERVICE))
-    }
-}
-
-/// `15`, `TERM` or `SIGTERM` into 15; the signals a stop uses, by name.
-fn signal_number(s: &str) -> Option<i32> {
-    if let Ok(n) = s.parse() {
-        return Some(n);
-    }
-    let name = s.trim_start_matches("SIG");
-    Some(match name {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "KILL" => 9,
-        "USR1" => 10,
-        "USR2" => 12,
-        "TERM" => 15,
-        "WINCH" => 28,
-        _ => return None,
-    })
 }
 
 fn unix_now() -> i64 {

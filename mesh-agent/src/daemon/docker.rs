@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_api::DockerView;
 use mesh_core::{StateError, TaskSource};
@@ -17,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::table::{Outcome, TableHandle, Write, WriteError};
+
+/// How soon writes the table refused are tried again: a port another service held,
+/// or a service another host created meanwhile, may have changed.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// Starts the source and the task that applies what it sees. The returned view is
 /// what `mesh status` and `service inspect` show.
@@ -56,16 +61,27 @@ struct Applier {
     warned_local: bool,
 }
 
+/// What one apply could not do.
+#[derive(Default)]
+struct Problems {
+    skipped: Vec<String>,
+    differences: BTreeMap<String, Vec<String>>,
+    /// Writes the table refused; they are tried again after [`RETRY`].
+    refused: usize,
+    /// Observed tasks that are not in the table.
+    refused_tasks: usize,
+}
+
 impl Applier {
     async fn run(mut self, mut source: DockerSource, view: watch::Sender<DockerView>) {
         let mut applied: Option<Arc<Observation>> = None;
         let mut problems = Problems::default();
         loop {
             let observation = source.observations.borrow_and_update().clone();
-            if applied
+            let new = applied
                 .as_ref()
-                .is_none_or(|a| !Arc::ptr_eq(a, &observation))
-            {
+                .is_none_or(|a| !Arc::ptr_eq(a, &observation));
+            if new || problems.refused > 0 {
                 problems = self.apply(&observation).await;
                 applied = Some(observation.clone());
             }
@@ -73,14 +89,19 @@ impl Applier {
             let engine = source.status.borrow_and_update().clone();
             view.send_replace(DockerView {
                 engine,
-                tasks: observation.tasks.len(),
+                tasks: observation
+                    .tasks
+                    .len()
+                    .saturating_sub(problems.refused_tasks),
                 skipped: problems.skipped.clone(),
                 differences: problems.differences.clone(),
             });
+            let retry = problems.refused > 0;
             tokio::select! {
                 r = source.observations.changed() => if r.is_err() { return },
                 r = source.status.changed() => if r.is_err() { return },
                 r = self.members.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(RETRY), if retry => {}
             }
         }
     }
@@ -89,31 +110,34 @@ impl Applier {
         let mut p = Problems {
             skipped: o.skipped.iter().map(|s| s.to_string()).collect(),
             differences: o.differences.clone(),
+            ..Problems::default()
         };
         let snapshot = self.table.snapshot();
         for (name, wanted) in &o.services {
-            match snapshot.services.get(name) {
-                Some(entry) => {
-                    let d = differences(&entry.spec, wanted);
-                    if !d.is_empty() {
-                        p.differences.entry(name.clone()).or_default().extend(d);
-                    }
+            if let Some(entry) = snapshot.services.get(name) {
+                let d = differences(&entry.spec, wanted);
+                if !d.is_empty() {
+                    p.differences.entry(name.clone()).or_default().extend(d);
                 }
-                None => match self
-                    .table
-                    .write(Write::CreateService(wanted.spec.clone()))
-                    .await
-                {
-                    Ok(_) => {
-                        info!(service = %name, container = %wanted.container, "service created from container labels")
-                    }
-                    // Created meanwhile (by a peer, or the API): compared next time.
-                    Err(WriteError::State(StateError::ServiceExists(_))) => {}
-                    Err(e) => p.skipped.push(format!(
+                continue;
+            }
+            match self
+                .table
+                .write(Write::CreateService(wanted.spec.clone()))
+                .await
+            {
+                Ok(_) => {
+                    info!(service = %name, container = %wanted.container, "service created from container labels")
+                }
+                // Created meanwhile (by a peer, or the API): compared at the retry.
+                Err(WriteError::State(StateError::ServiceExists(_))) => p.refused += 1,
+                Err(e) => {
+                    p.refused += 1;
+                    p.skipped.push(format!(
                         "service {name} from the labels of container {}: {e}",
                         wanted.container
-                    )),
-                },
+                    ));
+                }
             }
         }
         let containers: BTreeMap<(&str, &str), &str> = o
@@ -126,28 +150,32 @@ impl Applier {
                 ))
             })
             .collect();
-        match self
-            .table
-            .write(Write::ReplaceSource {
-                source: TaskSource::Docker,
-                tasks: o.tasks.clone(),
-            })
-            .await
-        {
-            Ok(Outcome::Source(errors)) => p.skipped.extend(errors.iter().map(|e| {
-                let container = containers
-                    .get(&(e.service.as_str(), e.id.as_str()))
-                    .copied()
-                    .unwrap_or("?");
-                format!(
-                    "container {container} (task {} of {}): {}",
-                    e.id, e.service, e.error
-                )
-            })),
+        let write = Write::ReplaceSource {
+            source: TaskSource::Docker,
+            tasks: o.tasks.clone(),
+        };
+        match self.table.write(write).await {
+            Ok(Outcome::Source(errors)) => {
+                p.refused += errors.len();
+                p.refused_tasks = errors.len();
+                p.skipped.extend(errors.iter().map(|e| {
+                    let container = containers
+                        .get(&(e.service.as_str(), e.id.as_str()))
+                        .copied()
+                        .unwrap_or("?");
+                    format!(
+                        "container {container} (task {} of {}): {}",
+                        e.id, e.service, e.error
+                    )
+                }));
+            }
             Ok(_) => {}
-            Err(e) => p
-                .skipped
-                .push(format!("the container tasks were not applied: {e}")),
+            Err(e) => {
+                p.refused += 1;
+                p.refused_tasks = o.tasks.len();
+                p.skipped
+                    .push(format!("the container tasks were not applied: {e}"));
+            }
         }
         self.log_new(&p);
         p
@@ -156,24 +184,19 @@ impl Applier {
     /// Logs each problem once when it appears; one that goes away and comes back is
     /// logged again.
     fn log_new(&mut self, p: &Problems) {
-        let now: BTreeSet<String> = p
-            .skipped
+        let skipped: BTreeSet<String> = p.skipped.iter().cloned().collect();
+        let differences: BTreeSet<String> = p
+            .differences
             .iter()
-            .cloned()
-            .chain(
-                p.differences
-                    .iter()
-                    .flat_map(|(s, d)| d.iter().map(move |d| format!("service {s}: {d}"))),
-            )
+            .flat_map(|(s, d)| d.iter().map(move |d| format!("service {s}: {d}")))
             .collect();
-        for line in now.difference(&self.logged) {
-            if line.starts_with("service ") && !line.contains(" from the labels ") {
-                warn!("Docker labels differ from the service, which is left as it is: {line}");
-            } else {
-                warn!("Docker container skipped: {line}");
-            }
+        for line in skipped.difference(&self.logged) {
+            warn!("Docker container skipped: {line}");
         }
-        self.logged = now;
+        for line in differences.difference(&self.logged) {
+            warn!("Docker labels differ from the service, which is left as it is: {line}");
+        }
+        self.logged = skipped.into_iter().chain(differences).collect();
     }
 
     /// Once: container addresses on a local bridge, in a cluster of several hosts,
@@ -199,10 +222,4 @@ impl Applier {
             self.warned_local = true;
         }
     }
-}
-
-#[derive(Default)]
-struct Problems {
-    skipped: Vec<String>,
-    differences: BTreeMap<String, Vec<String>>,
 }

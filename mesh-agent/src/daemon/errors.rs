@@ -72,6 +72,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// A `[docker]` setting that can never work.
+    #[error("{0}")]
+    Docker(String),
     /// An interface named in `dns.listen` that cannot be served on.
     #[error("{0}")]
     DnsListen(mesh_core::ModelError),

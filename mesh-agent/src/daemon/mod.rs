@@ -128,6 +128,17 @@ pub fn check(settings: &Settings) -> Result<(), AgentError> {
         return Err(AgentError::TokenMissing { addr });
     }
     gossip::keyring(settings)?;
+    if let Some(docker) = &settings.docker {
+        mesh_docker::engine::check_host(&docker.host)
+            .map_err(|e| AgentError::Docker(format!("docker.host (or DOCKER_HOST): {e}")))?;
+        if docker.settings.address == mesh_docker::AddressMode::HostPort
+            && docker.settings.host_ip.is_none()
+        {
+            return Err(AgentError::Docker(
+                "docker.host_address: address = \"host-port\" needs this host's address for other hosts; set host_address, or cluster.advertise or a cluster.bind that is not a wildcard".into(),
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -629,6 +629,15 @@ fn an_engines_health_check_is_the_tasks_health_and_the_prober_cannot_overrule_it
     );
     a.set_health("web", "c1", Health::Healthy, 6);
     assert_eq!(entry(&a).health, Health::Healthy);
+    // An operator cannot drain or remove it: the next report would undo that.
+    let e = a
+        .prepare_task_state("web", "c1", crate::task::TaskState::Draining)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("container web-1") && e.to_string().contains("docker"),
+        "{e}"
+    );
+    assert!(a.prepare_remove_task("web", "c1").is_err());
     // Peers read what a container engine reported (gossip's encoding is postcard).
     let mut c2 = observed(None);
     c2.id = Some("c2".into());

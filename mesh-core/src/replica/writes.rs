@@ -376,13 +376,34 @@ impl Replica {
         id: &str,
         state: TaskState,
     ) -> Result<Option<TaskValue>, StateError> {
-        let v = self.own_task(service, id)?;
+        let v = self.own_task_by_hand(service, id)?;
         Ok((v.state != state).then_some(TaskValue { state, ..v }))
     }
 
     /// Checks that one of this host's tasks exists, to remove it.
     pub fn prepare_remove_task(&self, service: &str, id: &str) -> Result<TaskValue, StateError> {
-        self.own_task(service, id)
+        self.own_task_by_hand(service, id)
+    }
+
+    /// One of this host's tasks that an operator may change: not one an observing
+    /// source reports, which would undo the change at its next report.
+    fn own_task_by_hand(&self, service: &str, id: &str) -> Result<TaskValue, StateError> {
+        let v = self.own_task(service, id)?;
+        if v.source.is_observed() {
+            let container = v
+                .observed
+                .as_ref()
+                .map_or(String::new(), |o| format!(" (container {})", o.container));
+            return Err(ModelError::new(
+                "id",
+                format!(
+                    "task {id:?}{container} is observed from {}; stop or start the container instead, since a change made here would be undone",
+                    v.source
+                ),
+            )
+            .into());
+        }
+        Ok(v)
     }
 
     /// Makes this host's tasks from `source` exactly `tasks`: adds what is new,
