@@ -5,13 +5,22 @@
 //! A keyring rotates keys without downtime: packets are sealed with the primary (the
 //! first) key and opened with any key of the ring. Roll a new key out as a secondary
 //! everywhere, then make it primary, then drop the old one.
+//!
+//! The envelope's first byte also carries the protocol version ([`PROTOCOL`]). The
+//! encoding (postcard) is not self-describing, so a host of another version would
+//! misread records, or fail on whole batches of them; it is refused instead, with a
+//! message that says so.
 
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
-const SEALED: u8 = 1;
-const PLAIN: u8 = 0;
+/// The version of what gossip carries. Bumped whenever a record's encoding changes
+/// (the task's `source` and `observed` fields made it 2; hosts before it sent 0).
+pub const PROTOCOL: u8 = 2;
+/// The envelope's first byte: the version, and whether the rest is sealed.
+const SEALED: u8 = PROTOCOL << 1 | 1;
+const PLAIN: u8 = PROTOCOL << 1;
 const NONCE_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -24,6 +33,10 @@ pub enum OpenError {
     Auth,
     #[error("malformed envelope")]
     Malformed,
+    #[error(
+        "the peer speaks gossip protocol {peer}, this host {PROTOCOL}: run one mesh version on every host (upgrade the others)"
+    )]
+    Version { peer: u8 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +115,11 @@ impl Keyring {
     }
 
     pub fn open(&self, data: &[u8]) -> Result<Vec<u8>, OpenError> {
+        if let Some(first) = data.first()
+            && first >> 1 != PROTOCOL
+        {
+            return Err(OpenError::Version { peer: first >> 1 });
+        }
         match data.first() {
             Some(&PLAIN) if self.ciphers.is_empty() => Ok(data[1..].to_vec()),
             Some(&PLAIN) => Err(OpenError::Unencrypted),
@@ -159,7 +177,15 @@ mod tests {
         let plain = Keyring::new("prod", &[]).unwrap();
         assert_eq!(plain.open(&old.seal(msg)), Err(OpenError::NoKey));
         assert_eq!(old.open(&plain.seal(msg)), Err(OpenError::Unencrypted));
-        assert_eq!(old.open(&[1, 2, 3]), Err(OpenError::Malformed));
+        assert_eq!(old.open(&[SEALED, 2, 3]), Err(OpenError::Malformed));
+        // A host of the version before sent 0 (plain) or 1 (sealed).
+        for byte in [0u8, 1] {
+            let mut before = old.seal(msg);
+            before[0] = byte;
+            let e = old.open(&before).unwrap_err();
+            assert_eq!(e, OpenError::Version { peer: 0 });
+            assert!(e.to_string().contains("protocol 0, this host 2"), "{e}");
+        }
         let mut tampered = old.seal(msg);
         *tampered.last_mut().unwrap() ^= 1;
         assert_eq!(old.open(&tampered), Err(OpenError::Auth));
