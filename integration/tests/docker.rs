@@ -932,3 +932,46 @@ fn the_nftables_plane_and_dockers_rules_coexist_on_one_host() {
         Some(local.as_str())
     );
 }
+
+/// Docker settings that can never work stop the agent at start, naming the setting;
+/// they need no engine to be found out.
+#[test]
+fn docker_settings_that_cannot_work_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[docker]\nenabled = true\nhost = \"ftp://somewhere\"\n",
+            &[][..],
+            "docker.host",
+        ),
+        (
+            "[docker]\nenabled = true\naddress = \"host-port\"\n",
+            &["--bind", "0.0.0.0:0"][..],
+            "docker.host_address",
+        ),
+        (
+            "[docker]\nenabled = true\naddress = \"bridge\"\n",
+            &[][..],
+            "2.toml:3: unknown variant `bridge`, expected `container` or `host-port`",
+        ),
+        ("[docker]\nenable = true\n", &[][..], "enable"),
+    ];
+    for (i, (config, extra, needle)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let socket = dir.path().join(format!("{i}.sock"));
+        let data = dir.path().join(format!("data{i}"));
+        let mut args = vec![
+            "--config",
+            path.to_str().unwrap(),
+            "--api",
+            socket.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--no-vips",
+        ];
+        args.extend_from_slice(extra);
+        let err = integration::agent_refuses(&args);
+        assert!(err.contains(needle), "{config}: {err}");
+    }
+}
