@@ -381,11 +381,19 @@ pub fn agent_refuses(args: &[&str]) -> String {
 
 /// [`agent_refuses`] with extra environment variables.
 pub fn agent_refuses_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    refuses(Command::new(mesh_bin()), args, env)
+}
+
+/// [`agent_refuses`] inside network namespace `ns`.
+pub fn agent_refuses_in(ns: &Netns, args: &[&str]) -> String {
+    refuses(ns.command(mesh_bin()), args, &[])
+}
+
+fn refuses(mut mesh: Command, args: &[&str], env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let err_path = dir.path().join("stderr");
     let mut child = ChildGuard(
-        Command::new(mesh_bin())
-            .arg("agent")
+        mesh.arg("agent")
             .args(args)
             .envs(env.iter().copied())
             .env_remove("MESH_API")

@@ -5,7 +5,7 @@
 //! address stops the agent at start, with an error naming `dns.listen` and the
 //! interface.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use integration::*;
 
@@ -174,27 +174,22 @@ fn refuses_in(ns: &Netns, config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mesh.toml");
     std::fs::write(&path, config).unwrap();
-    let err_path = dir.path().join("stderr");
-    let mut child = ChildGuard(
-        ns.command(mesh_bin())
-            .arg("agent")
-            .arg("--config")
-            .arg(&path)
-            .arg("--api")
-            .arg(format!("unix:{}", dir.path().join("mesh.sock").display()))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--no-vips", "--bind", "127.0.0.1:0"])
-            .env_remove("MESH_API")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err_path).unwrap())
-            .spawn()
-            .expect("spawn mesh agent"),
+    let api = format!("unix:{}", dir.path().join("mesh.sock").display());
+    let data = dir.path().join("data");
+    let err = agent_refuses_in(
+        ns,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--api",
+            &api,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--no-vips",
+            "--bind",
+            "127.0.0.1:0",
+        ],
     );
-    let status = eventually("mesh agent exits", || child.0.try_wait().ok().flatten());
-    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-    assert!(!status.success(), "the agent started: {err}");
     assert!(
         !err.contains("mesh agent started"),
         "it refused before starting: {err}"

@@ -474,14 +474,9 @@ fn bad_labels_skip_one_container_with_one_clear_line_and_a_missing_engine_is_ret
     );
 
     // Labels that disagree with an existing service are reported, not obeyed.
-    let out = agent.cli(&[
+    integration::assert_ok(agent.cli(&[
         "service", "create", "shop", "-p", "9090:80", "--health", "tcp",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ]));
     web(
         &host,
         "shop-1",
@@ -530,18 +525,14 @@ fn bad_labels_skip_one_container_with_one_clear_line_and_a_missing_engine_is_ret
     );
     let backend = integration::Backend::start_in(&host.ns, "api.1");
     let port = backend.port;
-    let out = lonely.cli(&["service", "create", "api", "-p", &format!("18081:{port}")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = lonely.cli(&["task", "add", "api", "127.0.0.1", "--id", "api.1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    integration::assert_ok(lonely.cli(&[
+        "service",
+        "create",
+        "api",
+        "-p",
+        &format!("18081:{port}"),
+    ]));
+    integration::assert_ok(lonely.cli(&["task", "add", "api", "127.0.0.1", "--id", "api.1"]));
     lonely.wait_routable("api", 1);
     assert_eq!(get(&host, "127.0.0.1:18081").as_deref(), Some("api.1"));
     eventually("the engine's absence is retried", || {
@@ -747,15 +738,12 @@ fn the_compose_example_works_as_its_readme_says() {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/compose");
     let host = DockerHost::start();
     // Step 1: the image.
-    let out = std::process::Command::new(example.join("../../scripts/busybox-image.sh"))
-        .arg("mesh-example/busybox:1")
-        .env("DOCKER_HOST", host.host_env())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    integration::assert_ok(
+        std::process::Command::new(example.join("../../scripts/busybox-image.sh"))
+            .arg("mesh-example/busybox:1")
+            .env("DOCKER_HOST", host.host_env())
+            .output()
+            .unwrap(),
     );
     // Step 2: the example's config, pointed at this engine.
     let config = std::fs::read_to_string(example.join("mesh.toml")).unwrap();
@@ -855,19 +843,14 @@ fn the_nftables_plane_and_dockers_rules_coexist_on_one_host() {
     );
     h1.wait_routable("web", 1);
     let remote = integration::Backend::start_in_at(&cluster.hosts[1].ns, "remote", "10.77.0.2", 0);
-    let out = h2.cli(&[
+    integration::assert_ok(h2.cli(&[
         "task",
         "add",
         "web",
         &format!("10.77.0.2:{}", remote.port),
         "--id",
         "remote",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ]));
     h1.wait_routable("web", 2);
     let (_, status) = h1.http("GET", "/v1/status", None);
     assert!(

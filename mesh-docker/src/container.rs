@@ -56,3 +56,27 @@ impl Container {
         &self.id[..self.id.len().min(12)]
     }
 }
+
+#[cfg(test)]
+impl Container {
+    /// A running container on the default bridge at `ip`, for the rules' tests.
+    pub(crate) fn for_test(id: &str, name: &str, labels: &[(&str, &str)], ip: [u8; 4]) -> Self {
+        Container {
+            id: id.into(),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            running: true,
+            networks: BTreeMap::from([(
+                "bridge".to_string(),
+                NetworkAddress {
+                    v4: Some(ip.into()),
+                    v6: None,
+                },
+            )]),
+            ..Container::default()
+        }
+    }
+}

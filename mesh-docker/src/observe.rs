@@ -418,23 +418,8 @@ mod tests {
     use mesh_core::{Health, HealthKind, Mode};
 
     fn container(id: &str, name: &str, labels: &[(&str, &str)]) -> Container {
-        Container {
-            id: format!("{id:0<64}"),
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            running: true,
-            networks: BTreeMap::from([(
-                "bridge".to_string(),
-                NetworkAddress {
-                    v4: Some(format!("172.17.0.{}", id.len() + 1).parse().unwrap()),
-                    v6: None,
-                },
-            )]),
-            ..Container::default()
-        }
+        let ip = [172, 17, 0, id.len() as u8 + 1];
+        Container::for_test(&format!("{id:0<64}"), name, labels, ip)
     }
 
     fn settings() -> Settings {

@@ -223,27 +223,12 @@ pub fn signal_number(s: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::container::NetworkAddress;
     use mesh_core::TaskState;
 
     fn container(id: &str, labels: &[(&str, &str)]) -> Container {
         Container {
-            id: id.into(),
-            name: format!("n-{id}"),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            running: true,
-            networks: BTreeMap::from([(
-                "bridge".into(),
-                NetworkAddress {
-                    v4: Some([172, 17, 0, 2].into()),
-                    v6: None,
-                },
-            )]),
             exposed: vec![(80, mesh_core::Protocol::Tcp)],
-            ..Container::default()
+            ..Container::for_test(id, &format!("n-{id}"), labels, [172, 17, 0, 2])
         }
     }
 
