@@ -44,11 +44,25 @@ pub struct LabelError {
     pub message: String,
 }
 
-fn error(label: &str, value: &str, message: impl Into<String>) -> LabelError {
-    LabelError {
-        label: label.to_string(),
-        value: value.to_string(),
-        message: message.into(),
+/// The most of a label's name or value an error repeats: labels are the container
+/// owner's text, and errors go to logs and `mesh status`.
+const MAX_SHOWN: usize = 200;
+
+impl LabelError {
+    /// The error about `label` set to `value`, both cut to what a log line shows.
+    pub fn new(label: &str, value: &str, message: impl Into<String>) -> LabelError {
+        LabelError {
+            label: shown(label),
+            value: shown(value),
+            message: message.into(),
+        }
+    }
+}
+
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(MAX_SHOWN) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
     }
 }
 
@@ -75,7 +89,7 @@ impl Labels {
                 // Settings without a service are a mistake, not a container to skip
                 // quietly.
                 if let Some((k, v)) = labels.iter().find(|(k, _)| k.starts_with("mesh.")) {
-                    return Err(error(
+                    return Err(LabelError::new(
                         k,
                         v,
                         format!("needs {SERVICE} on the same container"),
@@ -88,28 +102,33 @@ impl Labels {
             .iter()
             .find(|(k, _)| k.starts_with("mesh.") && !KNOWN.contains(&k.as_str()))
         {
-            return Err(error(
+            return Err(LabelError::new(
                 k,
                 v,
                 format!("unknown label; mesh reads {}", KNOWN.join(", ")),
             ));
         }
-        check_label("name", service).map_err(|e| error(service_label, service, e.message))?;
+        check_label("name", service)
+            .map_err(|e| LabelError::new(service_label, service, e.message))?;
         let port = labels
             .get(PORT)
             .map(|v| match v.parse::<u16>() {
                 Ok(p) if p > 0 => Ok(p),
-                _ => Err(error(PORT, v, "must be a port number from 1 to 65535")),
+                _ => Err(LabelError::new(
+                    PORT,
+                    v,
+                    "must be a port number from 1 to 65535",
+                )),
             })
             .transpose()?;
         let publish = labels
             .get(PUBLISH)
-            .map(|v| PortSpec::parse_short(v).map_err(|m| error(PUBLISH, v, m)))
+            .map(|v| PortSpec::parse_short(v).map_err(|m| LabelError::new(PUBLISH, v, m)))
             .transpose()?;
         if let (Some(port), Some(publish)) = (port, &publish)
             && port != publish.target
         {
-            return Err(error(
+            return Err(LabelError::new(
                 PORT,
                 &port.to_string(),
                 format!("differs from the target of {PUBLISH}={}", labels[PUBLISH]),
@@ -117,19 +136,19 @@ impl Labels {
         }
         let health = labels
             .get(HEALTH)
-            .map(|v| HealthCheck::parse_short(v).map_err(|m| error(HEALTH, v, m)))
+            .map(|v| HealthCheck::parse_short(v).map_err(|m| LabelError::new(HEALTH, v, m)))
             .transpose()?;
         let mode = labels
             .get(MODE)
             .map(|v| match v.as_str() {
                 "vip" => Ok(Mode::Vip),
                 "dnsrr" => Ok(Mode::Dnsrr),
-                _ => Err(error(MODE, v, "use vip or dnsrr")),
+                _ => Err(LabelError::new(MODE, v, "use vip or dnsrr")),
             })
             .transpose()?;
         let network = labels.get(NETWORK).cloned();
         if network.as_deref() == Some("") {
-            return Err(error(NETWORK, "", "must name a network"));
+            return Err(LabelError::new(NETWORK, "", "must name a network"));
         }
         Ok(Some(Labels {
             service: service.clone(),
@@ -270,6 +289,13 @@ mod tests {
             assert!(e.to_string().contains(needle), "{pairs:?}: {e}");
             assert!(e.to_string().contains(label), "{e}");
         }
+        let long = "x".repeat(100_000);
+        let e = read(&[("mesh.service", "web"), ("mesh.port", &long)]).unwrap_err();
+        assert!(
+            e.to_string().len() < 400,
+            "a long value is cut: {} bytes",
+            e.to_string().len()
+        );
         let compose = labels(&[(COMPOSE_SERVICE, "my_app")]);
         let e = Labels::read(&compose, true).unwrap_err();
         assert_eq!(e.label, COMPOSE_SERVICE, "{e}");

@@ -234,11 +234,7 @@ fn address(
     protocol: Protocol,
     s: &Settings,
 ) -> Result<(IpAddr, Option<u16>, Option<IpAddr>), LabelError> {
-    let fail = |label: &str, value: &str, message: String| LabelError {
-        label: label.into(),
-        value: value.into(),
-        message,
-    };
+    let fail = |label: &str, value: &str, message: String| LabelError::new(label, value, message);
     let host_ip = || {
         s.host_ip.ok_or_else(|| {
             fail(
