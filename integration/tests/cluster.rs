@@ -206,6 +206,16 @@ fn routing_mesh(plane: &str) {
         "FIGURE {plane}: kill -9 of host2: its task withdrawn everywhere after {:?}",
         killed.elapsed()
     );
+    // The other hosts say so in their logs.
+    eventually("host1 logs that host2 stopped answering", || {
+        let log = hosts[0].log();
+        (log.contains("host host2 is suspect") || log.contains("host host2 is down")).then_some(())
+    });
+    assert!(
+        hosts[0].log().contains("host host2 joined the cluster"),
+        "{}",
+        hosts[0].log()
+    );
     hosts[2].wait_applied();
     if have_dig {
         let tasks = dig(&c.hosts[0].ip, &["tasks.web.mesh"]);
@@ -235,6 +245,11 @@ fn routing_mesh(plane: &str) {
     }
     eventually("web.2 routed again on host3", || {
         hosts[2].routed("web").contains("web.2").then_some(())
+    });
+    eventually("host3 logs that host2 is back", || {
+        let log = hosts[2].log();
+        (log.contains("host host2 is back") || log.contains("host host2 answers again"))
+            .then_some(())
     });
     eprintln!(
         "FIGURE {plane}: host2 restarted: its task routed again on host3 after {:?}",
@@ -294,6 +309,12 @@ fn routing_mesh(plane: &str) {
         "FIGURE {plane}: host2 left gracefully: withdrawn everywhere after {:?}",
         left.elapsed()
     );
+    eventually("host1 logs that host2 left", || {
+        hosts[0]
+            .log()
+            .contains("host host2 left the cluster")
+            .then_some(())
+    });
     eventually("host2 shown as left", || {
         let (_, nodes) = hosts[0].http("GET", "/v1/nodes", None);
         nodes

@@ -14,6 +14,7 @@ pub mod events;
 pub mod fuzzing;
 pub mod identity;
 pub mod log_limit;
+pub mod membership_log;
 pub mod node;
 pub mod sim;
 pub mod transport;

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use foca::Timer;
 use mesh_core::{Delta, MemberStatus};
+
+use crate::membership_log::MembershipLog;
 use rand::RngExt;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::members::MemberView;
 use super::metrics::GossipMetrics;
@@ -47,6 +49,8 @@ pub(super) struct GossipLoop {
     pub log: LogLimit,
     /// Hosts that announced a graceful leave, until they are seen alive again.
     pub left: BTreeSet<String>,
+    /// What was last logged about each host.
+    pub membership_log: MembershipLog,
 }
 
 pub(super) struct Inputs {
@@ -172,6 +176,13 @@ impl GossipLoop {
                 .push(Reverse((Instant::now() + after, self.timer_seq)));
         }
         for event in out.events {
+            if let Some(line) = self.membership_log.observe(&event) {
+                if line.warn {
+                    warn!(host = %line.host, "host {} {}", line.host, line.text);
+                } else {
+                    info!(host = %line.host, "host {} {}", line.host, line.text);
+                }
+            }
             match &event {
                 GossipEvent::Delta(d) => {
                     if let Delta::Leave { origin, .. } = d.as_ref() {

@@ -228,6 +228,7 @@ pub async fn start(
             pending: BTreeMap::new(),
             log: LogLimit::default(),
             left: BTreeSet::new(),
+            membership_log: Default::default(),
         }
         .run(Inputs {
             deltas: deltas_rx,
