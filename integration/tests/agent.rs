@@ -29,7 +29,8 @@ fn add_task(agent: &Agent, id: &str, port: u16) {
 }
 
 #[test]
-fn round_robin_through_the_agent_gives_exactly_100_each() {
+fn round_robin_through_the_agent_gives_exactly_100_each_and_drain_and_undrain_take_one_out_and_back()
+ {
     let agent = Agent::start(None, &[]);
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend::start(&format!("web.{i}")))
@@ -75,6 +76,21 @@ fn round_robin_through_the_agent_gives_exactly_100_each() {
         ls.contains(&format!("*:{port}->80/tcp")) && ls.contains("3/3"),
         "{ls}"
     );
+
+    // Drain one, and take it back: no new connection while drained, its share after.
+    assert_ok(agent.cli(&["task", "drain", "web", "web.1"]));
+    agent.wait_routable("web", 2);
+    assert!((0..30).all(|_| get(port).expect("connection succeeds") != "web.1"));
+    let undrained = agent.cli_json(&["task", "undrain", "web", "web.1"]);
+    assert_eq!(undrained["state"], "active", "{undrained}");
+    agent.wait_routable("web", 3);
+    let mut after: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        *after
+            .entry(get(port).expect("connection succeeds"))
+            .or_default() += 1;
+    }
+    assert_eq!(after.get("web.1"), Some(&10), "{after:?}");
 }
 
 #[test]

@@ -181,4 +181,6 @@ pub enum TaskCommand {
     Rm { service: String, id: String },
     /// Stop sending new connections to a task; existing ones may finish.
     Drain { service: String, id: String },
+    /// Send new connections to a drained task again.
+    Undrain { service: String, id: String },
 }

@@ -293,6 +293,15 @@ pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<(
                 .await?;
             (Some(v), id)
         }
+        TaskCommand::Undrain { service, id } => {
+            let v: TaskView = client
+                .request(
+                    Method::POST,
+                    &format!("/v1/services/{service}/tasks/{id}/undrain"),
+                )
+                .await?;
+            (Some(v), id)
+        }
     };
     match (format, v) {
         (Format::Json, Some(v)) => print_json(&v),

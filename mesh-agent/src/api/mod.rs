@@ -63,6 +63,10 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
             axum::routing::delete(tasks::remove),
         )
         .route("/v1/services/{name}/tasks/{id}/drain", post(tasks::drain))
+        .route(
+            "/v1/services/{name}/tasks/{id}/undrain",
+            post(tasks::undrain),
+        )
         .fallback(|| async {
             ApiError::not_found(
                 "no such endpoint; see /v1/services, /v1/status, /healthz, /metrics",

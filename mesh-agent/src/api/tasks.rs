@@ -1,4 +1,5 @@
-//! `/v1/services/{name}/tasks`: list, add (the API task source), remove, drain.
+//! `/v1/services/{name}/tasks`: list, add (the API task source), remove, drain and
+//! undrain.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -99,12 +100,29 @@ pub async fn drain(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
 ) -> Result<Json<TaskView>, ApiError> {
+    set_state(&s, service, id, TaskState::Draining).await
+}
+
+/// Takes a drained task back: it gets new connections again.
+pub async fn undrain(
+    State(s): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Json<TaskView>, ApiError> {
+    set_state(&s, service, id, TaskState::Active).await
+}
+
+async fn set_state(
+    s: &AppState,
+    service: String,
+    id: String,
+    state: TaskState,
+) -> Result<Json<TaskView>, ApiError> {
     s.table
         .write(Write::SetTaskState {
             service: service.clone(),
             id: id.clone(),
-            state: TaskState::Draining,
+            state,
         })
         .await?;
-    Ok(Json(own(&s, &service, &id).await?))
+    Ok(Json(own(s, &service, &id).await?))
 }
