@@ -548,3 +548,75 @@ fn demo_cycles_through_three_tasks_and_stops_cleanly() {
     assert!(!socket.exists());
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
+
+#[test]
+fn service_update_changes_only_the_settings_it_is_given() {
+    let agent = Agent::start(None, &[]);
+    let port = free_port();
+    create_web(
+        &agent,
+        port,
+        &[
+            "--health",
+            "http:/ok",
+            "--health-interval",
+            "300ms",
+            "--drain-timeout",
+            "7s",
+        ],
+    );
+    let inspect = || agent.cli_json(&["service", "inspect", "web"]);
+    assert_ok(agent.cli(&["service", "update", "web", "--balance", "least-conn"]));
+    let v = inspect();
+    assert_eq!(v["balance"], "least-conn", "{v}");
+    // What a full replacement used to reset stays as it was.
+    assert_eq!(
+        (
+            &v["health"]["check"],
+            &v["health"]["path"],
+            &v["health"]["interval"],
+            &v["drain_timeout"]
+        ),
+        (&json!("http"), &json!("/ok"), &json!("300ms"), &json!("7s")),
+        "{v}"
+    );
+    assert_ok(agent.cli(&["service", "update", "web", "--health-interval", "1s"]));
+    let v = inspect();
+    assert_eq!(
+        (&v["health"]["check"], &v["health"]["interval"]),
+        (&json!("http"), &json!("1s")),
+        "{v}"
+    );
+    let other = free_port();
+    assert_ok(agent.cli(&["service", "update", "web", "-p", &format!("{other}:80")]));
+    assert_eq!(inspect()["ports"][0]["published"], other);
+
+    // Mistakes are refused, naming what is wrong, and change nothing.
+    let err = |args: &[&str]| {
+        let out = agent.cli(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(err(&["service", "update", "web"]).contains("nothing to change"));
+    assert!(
+        err(&["service", "update", "web", "--drain-timeout", "soon"]).contains("--drain-timeout")
+    );
+    assert!(err(&["service", "update", "nope", "--balance", "least-conn"]).contains("nope"));
+    let (status, body) = agent.http("PATCH", "/v1/services/web", Some(r#"{"name":"other"}"#));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("cannot be renamed"), "{body}");
+    let (status, body) = agent.http(
+        "PATCH",
+        "/v1/services/web",
+        Some(r#"{"max_connections":0}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("max_connections"), "{body}");
+    let (status, _) = agent.http("PATCH", "/v1/services/web", Some("[1]"));
+    assert_eq!(status, 400);
+    assert_eq!(
+        inspect()["balance"],
+        "least-conn",
+        "unchanged by the refused ones"
+    );
+}

@@ -126,6 +126,8 @@ pub struct DemoArgs {
 pub enum ServiceCommand {
     /// Create a service.
     Create(Box<CreateArgs>),
+    /// Change some settings of a service; the others stay as they are.
+    Update(Box<UpdateArgs>),
     /// List services.
     Ls,
     /// Show a service in full (JSON).
@@ -134,6 +136,36 @@ pub enum ServiceCommand {
     Rm { name: String },
     /// List the tasks of a service.
     Ps { name: String },
+}
+
+#[derive(Args)]
+pub struct UpdateArgs {
+    pub name: String,
+    /// Replaces every port: [PUBLISHED:]TARGET[/udp]. Repeat for several.
+    #[arg(short = 'p', long = "publish")]
+    pub ports: Vec<String>,
+    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    pub mode: Option<String>,
+    #[arg(long, value_parser = ["round-robin", "least-conn"])]
+    pub balance: Option<String>,
+    /// tcp, http:/PATH or none; the probe's interval and limits stay.
+    #[arg(long)]
+    pub health: Option<String>,
+    /// Probe interval, e.g. 2s.
+    #[arg(long)]
+    pub health_interval: Option<String>,
+    #[arg(long, value_parser = ["off", "v1", "v2"])]
+    pub proxy_protocol: Option<String>,
+    #[arg(long, value_parser = ["any", "keep"])]
+    pub client_ip: Option<String>,
+    /// e.g. 30s.
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
+    /// e.g. 10m, or none.
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    #[arg(long)]
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Args)]

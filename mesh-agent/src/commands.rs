@@ -10,7 +10,7 @@ use mesh_core::{
 };
 use serde_json::{Value, json};
 
-use crate::cli::{CreateArgs, Format, ServiceCommand, TaskCommand};
+use crate::cli::{CreateArgs, Format, ServiceCommand, TaskCommand, UpdateArgs};
 use crate::client::Client;
 
 /// `[PUBLISHED:]TARGET[/udp|/tcp]` into a port.
@@ -76,6 +76,60 @@ pub fn service_body(args: &CreateArgs) -> Result<ServiceSpec> {
     Ok(spec)
 }
 
+/// The JSON merge patch `mesh service update` sends: only the fields given, each
+/// checked here first so a typo is refused before anything is sent.
+pub fn update_body(args: &UpdateArgs) -> Result<Value> {
+    let mut patch = serde_json::Map::new();
+    if !args.ports.is_empty() {
+        let ports = args
+            .ports
+            .iter()
+            .map(|p| parse_port(p))
+            .collect::<Result<Vec<_>>>()?;
+        patch.insert("ports".into(), serde_json::to_value(ports)?);
+    }
+    for (key, value) in [
+        ("mode", &args.mode),
+        ("balance", &args.balance),
+        ("proxy_protocol", &args.proxy_protocol),
+        ("client_ip", &args.client_ip),
+    ] {
+        if let Some(v) = value {
+            patch.insert(key.into(), json!(v));
+        }
+    }
+    let mut health = serde_json::Map::new();
+    if let Some(h) = &args.health {
+        let h = HealthCheck::parse_short(h).map_err(|e| anyhow::anyhow!("--health {e}"))?;
+        health.insert("check".into(), serde_json::to_value(h.check)?);
+        health.insert("path".into(), json!(h.path));
+    }
+    if let Some(i) = &args.health_interval {
+        duration("--health-interval", i)?;
+        health.insert("interval".into(), json!(i));
+    }
+    if !health.is_empty() {
+        patch.insert("health".into(), Value::Object(health));
+    }
+    if let Some(d) = &args.drain_timeout {
+        duration("--drain-timeout", d)?;
+        patch.insert("drain_timeout".into(), json!(d));
+    }
+    if let Some(d) = &args.idle_timeout {
+        if !d.trim().eq_ignore_ascii_case("none") {
+            duration("--idle-timeout", d)?;
+        }
+        patch.insert("idle_timeout".into(), json!(d.trim()));
+    }
+    if let Some(n) = args.max_connections {
+        patch.insert("max_connections".into(), json!(n));
+    }
+    if patch.is_empty() {
+        bail!("nothing to change: give at least one setting, such as --balance least-conn");
+    }
+    Ok(Value::Object(patch))
+}
+
 /// `IP`, `IP:PORT` or `[IPv6]:PORT`.
 pub fn parse_task_address(text: &str) -> Result<(IpAddr, Option<u16>)> {
     if let Ok(ip) = text.parse::<IpAddr>() {
@@ -133,6 +187,19 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
         ServiceCommand::Create(args) => {
             let v: ServiceView = client
                 .call(Method::POST, "/v1/services", Some(&service_body(&args)?))
+                .await?;
+            match format {
+                Format::Json => print_json(&v),
+                Format::Table => println!("{}", v.spec.name),
+            }
+        }
+        ServiceCommand::Update(args) => {
+            let v: ServiceView = client
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/services/{}", args.name),
+                    Some(&update_body(&args)?),
+                )
                 .await?;
             match format {
                 Format::Json => print_json(&v),

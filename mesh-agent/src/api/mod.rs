@@ -52,6 +52,7 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
             "/v1/services/{name}",
             get(services::get)
                 .put(services::update)
+                .patch(services::patch)
                 .delete(services::delete),
         )
         .route(
