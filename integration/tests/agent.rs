@@ -619,4 +619,19 @@ fn service_update_changes_only_the_settings_it_is_given() {
         "least-conn",
         "unchanged by the refused ones"
     );
+
+    // A port alone is a target only, and the CLI says so.
+    let out = agent.cli(&["service", "create", "inner", "-p", "81"]);
+    let note = assert_ok_stderr(out);
+    assert!(
+        note.contains("81/tcp is not published") && note.contains("-p 81:81"),
+        "{note}"
+    );
+}
+
+/// Asserts success and returns stderr (where notes go).
+fn assert_ok_stderr(out: std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    err
 }

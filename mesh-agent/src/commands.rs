@@ -188,6 +188,14 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
             let v: ServiceView = client
                 .call(Method::POST, "/v1/services", Some(&service_body(&args)?))
                 .await?;
+            // `-p 80` alone is a target port, as in a Swarm service without
+            // `published=`: say so, since whoever wrote it may have meant 80:80.
+            for p in v.spec.ports.iter().filter(|p| p.published.is_none()) {
+                eprintln!(
+                    "note: port {}/{} is not published: it is reached through the service's VIP and DNS; write -p {}:{} to publish it on every host",
+                    p.target, p.protocol, p.target, p.target
+                );
+            }
             match format {
                 Format::Json => print_json(&v),
                 Format::Table => println!("{}", v.spec.name),
