@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use foca::Timer;
 use mesh_core::{Delta, MemberStatus};
-
-use crate::membership_log::MembershipLog;
 use rand::RngExt;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -25,6 +23,7 @@ use crate::anti_entropy::Members;
 use crate::events::GossipEvent;
 use crate::identity::NodeIdentity;
 use crate::log_limit::LogLimit;
+use crate::membership_log::MembershipLog;
 use crate::node::GossipNode;
 
 /// How often foca's suspects are looked at: adds at most this to the time a dead
