@@ -432,7 +432,7 @@ fn bad_input_is_refused_with_json_errors() {
             400,
             "loop",
         ),
-        ("PATCH", "/v1/services/web", "{}".into(), 405, ""),
+        ("PATCH", "/v1/services", "{}".into(), 405, ""),
         ("GET", "/v1/services/%ff", "".into(), 400, "URL"),
     ];
     for (method, path, body, status, needle) in cases {
