@@ -139,63 +139,56 @@ pub enum ServiceCommand {
 }
 
 #[derive(Args)]
-pub struct UpdateArgs {
-    pub name: String,
-    /// Replaces every port: [PUBLISHED:]TARGET[/udp]. Repeat for several.
-    #[arg(short = 'p', long = "publish")]
-    pub ports: Vec<String>,
-    #[arg(long, value_parser = ["vip", "dnsrr"])]
-    pub mode: Option<String>,
-    #[arg(long, value_parser = ["round-robin", "least-conn"])]
-    pub balance: Option<String>,
-    /// tcp, http:/PATH or none; the probe's interval and limits stay.
-    #[arg(long)]
-    pub health: Option<String>,
-    /// Probe interval, e.g. 2s.
-    #[arg(long)]
-    pub health_interval: Option<String>,
-    #[arg(long, value_parser = ["off", "v1", "v2"])]
-    pub proxy_protocol: Option<String>,
-    #[arg(long, value_parser = ["any", "keep"])]
-    pub client_ip: Option<String>,
-    /// e.g. 30s.
-    #[arg(long)]
-    pub drain_timeout: Option<String>,
-    /// e.g. 10m, or none.
-    #[arg(long)]
-    pub idle_timeout: Option<String>,
-    #[arg(long)]
-    pub max_connections: Option<u32>,
-}
-
-#[derive(Args)]
 pub struct CreateArgs {
     pub name: String,
     /// A port: [PUBLISHED:]TARGET[/udp]. Repeat for several.
     #[arg(short = 'p', long = "publish", required = true)]
     pub ports: Vec<String>,
-    #[arg(long, value_parser = ["vip", "dnsrr"], default_value = "vip")]
-    pub mode: String,
-    #[arg(long, value_parser = ["round-robin", "least-conn"], default_value = "round-robin")]
-    pub balance: String,
+    #[command(flatten)]
+    pub settings: ServiceSettings,
+}
+
+#[derive(Args)]
+pub struct UpdateArgs {
+    pub name: String,
+    /// Replaces every port: [PUBLISHED:]TARGET[/udp]. Repeat for several.
+    #[arg(short = 'p', long = "publish")]
+    pub ports: Vec<String>,
+    #[command(flatten)]
+    pub settings: ServiceSettings,
+}
+
+/// The settings `service create` and `service update` share. Each is optional: create
+/// starts from the service defaults (written once, in `ServiceSpec`), update from the
+/// service as it is.
+#[derive(Args)]
+pub struct ServiceSettings {
+    /// vip (default) or dnsrr.
+    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    pub mode: Option<String>,
+    /// round-robin (default) or least-conn.
+    #[arg(long, value_parser = ["round-robin", "least-conn"])]
+    pub balance: Option<String>,
     /// tcp, http:/PATH or none. Default: tcp (none for UDP-only services).
     #[arg(long)]
     pub health: Option<String>,
-    /// Probe interval, e.g. 2s.
+    /// Probe interval, e.g. 2s (default).
     #[arg(long)]
     pub health_interval: Option<String>,
-    #[arg(long, value_parser = ["off", "v1", "v2"], default_value = "off")]
-    pub proxy_protocol: String,
+    /// off (default), v1 or v2.
+    #[arg(long, value_parser = ["off", "v1", "v2"])]
+    pub proxy_protocol: Option<String>,
     /// keep: only this host's tasks take its connections, and they see the client's
-    /// address (needs the nftables plane). any: tasks on every host.
-    #[arg(long, value_parser = ["any", "keep"], default_value = "any")]
-    pub client_ip: String,
-    /// e.g. 30s.
+    /// address (needs the nftables plane). any (default): tasks on every host.
+    #[arg(long, value_parser = ["any", "keep"])]
+    pub client_ip: Option<String>,
+    /// e.g. 30s (default).
     #[arg(long)]
     pub drain_timeout: Option<String>,
-    /// e.g. 10m, or none.
+    /// e.g. 10m, or none (default).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// Per published port on each host. Default: no limit.
     #[arg(long)]
     pub max_connections: Option<u32>,
 }

@@ -5,12 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Result, bail};
 use hyper::Method;
 use mesh_api::{NewTask, NodeView, ServiceView, StatusView, TaskView};
-use mesh_core::{
-    Balance, ClientIp, HealthCheck, Mode, PortSpec, Protocol, ProxyProtocol, ServiceSpec,
-};
+use mesh_core::{HealthCheck, HealthKind, PortSpec, Protocol, ServiceSpec};
 use serde_json::{Value, json};
 
-use crate::cli::{CreateArgs, Format, ServiceCommand, TaskCommand, UpdateArgs};
+use crate::cli::{CreateArgs, Format, ServiceCommand, ServiceSettings, TaskCommand, UpdateArgs};
 use crate::client::Client;
 
 /// `[PUBLISHED:]TARGET[/udp|/tcp]` into a port.
@@ -22,107 +20,73 @@ fn duration(flag: &str, value: &str) -> Result<std::time::Duration> {
     mesh_core::duration::parse(value).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
-fn health(args: &CreateArgs, udp_only: bool) -> Result<HealthCheck> {
-    let mut h = match args.health.as_deref() {
-        None if udp_only => HealthCheck::parse_short("none"),
-        None => HealthCheck::parse_short("tcp"),
-        Some(s) => HealthCheck::parse_short(s),
-    }
-    .map_err(|e| anyhow::anyhow!("--health {e}"))?;
-    if let Some(i) = &args.health_interval {
-        h.interval = duration("--health-interval", i)?;
-    }
-    Ok(h)
+fn ports(texts: &[String]) -> Result<Vec<PortSpec>> {
+    texts.iter().map(|p| parse_port(p)).collect()
 }
 
-/// The service `mesh service create` asks for. The agent validates it.
-pub fn service_body(args: &CreateArgs) -> Result<ServiceSpec> {
-    let ports = args
-        .ports
-        .iter()
-        .map(|p| parse_port(p))
-        .collect::<Result<Vec<_>>>()?;
-    let udp_only = ports.iter().all(|p| p.protocol == Protocol::Udp);
-    let mut spec = ServiceSpec::new(args.name.clone(), ports);
-    spec.mode = match args.mode.as_str() {
-        "dnsrr" => Mode::Dnsrr,
-        _ => Mode::Vip,
-    };
-    spec.balance = match args.balance.as_str() {
-        "least-conn" => Balance::LeastConn,
-        _ => Balance::RoundRobin,
-    };
-    spec.proxy_protocol = match args.proxy_protocol.as_str() {
-        "v1" => ProxyProtocol::V1,
-        "v2" => ProxyProtocol::V2,
-        _ => ProxyProtocol::Off,
-    };
-    spec.client_ip = match args.client_ip.as_str() {
-        "keep" => ClientIp::Keep,
-        _ => ClientIp::Any,
-    };
-    spec.health = health(args, udp_only)?;
-    if let Some(d) = &args.drain_timeout {
-        spec.drain_timeout = duration("--drain-timeout", d)?;
-    }
-    if let Some(d) = &args.idle_timeout {
-        spec.idle_timeout = if d.trim().eq_ignore_ascii_case("none") {
-            None
-        } else {
-            Some(duration("--idle-timeout", d)?)
-        };
-    }
-    spec.max_connections = args.max_connections;
-    Ok(spec)
-}
-
-/// The JSON merge patch `mesh service update` sends: only the fields given, each
-/// checked here first so a typo is refused before anything is sent.
-pub fn update_body(args: &UpdateArgs) -> Result<Value> {
+/// The settings given as flags, as a JSON merge patch of a service: only the fields
+/// given, each checked here so a typo is refused before anything is sent.
+fn settings_patch(s: &ServiceSettings) -> Result<serde_json::Map<String, Value>> {
     let mut patch = serde_json::Map::new();
-    if !args.ports.is_empty() {
-        let ports = args
-            .ports
-            .iter()
-            .map(|p| parse_port(p))
-            .collect::<Result<Vec<_>>>()?;
-        patch.insert("ports".into(), serde_json::to_value(ports)?);
-    }
     for (key, value) in [
-        ("mode", &args.mode),
-        ("balance", &args.balance),
-        ("proxy_protocol", &args.proxy_protocol),
-        ("client_ip", &args.client_ip),
+        ("mode", &s.mode),
+        ("balance", &s.balance),
+        ("proxy_protocol", &s.proxy_protocol),
+        ("client_ip", &s.client_ip),
     ] {
         if let Some(v) = value {
             patch.insert(key.into(), json!(v));
         }
     }
     let mut health = serde_json::Map::new();
-    if let Some(h) = &args.health {
+    if let Some(h) = &s.health {
         let h = HealthCheck::parse_short(h).map_err(|e| anyhow::anyhow!("--health {e}"))?;
         health.insert("check".into(), serde_json::to_value(h.check)?);
         health.insert("path".into(), json!(h.path));
     }
-    if let Some(i) = &args.health_interval {
+    if let Some(i) = &s.health_interval {
         duration("--health-interval", i)?;
         health.insert("interval".into(), json!(i));
     }
     if !health.is_empty() {
         patch.insert("health".into(), Value::Object(health));
     }
-    if let Some(d) = &args.drain_timeout {
+    if let Some(d) = &s.drain_timeout {
         duration("--drain-timeout", d)?;
         patch.insert("drain_timeout".into(), json!(d));
     }
-    if let Some(d) = &args.idle_timeout {
+    if let Some(d) = &s.idle_timeout {
         if !d.trim().eq_ignore_ascii_case("none") {
             duration("--idle-timeout", d)?;
         }
         patch.insert("idle_timeout".into(), json!(d.trim()));
     }
-    if let Some(n) = args.max_connections {
+    if let Some(n) = s.max_connections {
         patch.insert("max_connections".into(), json!(n));
+    }
+    Ok(patch)
+}
+
+/// The service `mesh service create` asks for: the defaults, with the flags' settings
+/// over them. The agent validates it.
+pub fn service_body(args: &CreateArgs) -> Result<ServiceSpec> {
+    let ports = ports(&args.ports)?;
+    let udp_only = ports.iter().all(|p| p.protocol == Protocol::Udp);
+    let mut spec = ServiceSpec::new(args.name.clone(), ports);
+    if udp_only {
+        // A UDP-only service has no TCP port to probe.
+        spec.health.check = HealthKind::None;
+    }
+    let mut value = serde_json::to_value(&spec)?;
+    mesh_api::merge_patch(&mut value, &Value::Object(settings_patch(&args.settings)?));
+    Ok(serde_json::from_value(value)?)
+}
+
+/// The JSON merge patch `mesh service update` sends.
+pub fn update_body(args: &UpdateArgs) -> Result<Value> {
+    let mut patch = settings_patch(&args.settings)?;
+    if !args.ports.is_empty() {
+        patch.insert("ports".into(), serde_json::to_value(ports(&args.ports)?)?);
     }
     if patch.is_empty() {
         bail!("nothing to change: give at least one setting, such as --balance least-conn");

@@ -5,6 +5,7 @@
 mod docker;
 mod error;
 mod node;
+mod patch;
 mod service;
 mod status;
 mod task;
@@ -12,6 +13,7 @@ mod task;
 pub use docker::{DockerView, EngineStatus};
 pub use error::ErrorBody;
 pub use node::NodeView;
+pub use patch::merge_patch;
 pub use service::ServiceView;
 pub use status::{PlaneView, StatusView};
 pub use task::{NewTask, TaskView};

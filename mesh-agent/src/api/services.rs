@@ -114,15 +114,7 @@ pub async fn update(
     body: Bytes,
 ) -> Result<Json<ServiceView>, ApiError> {
     let spec: ServiceSpec = parse(&body)?;
-    if spec.name != name {
-        return Err(ApiError::bad_request(format!(
-            "name: {:?} does not match the URL's {name:?}; services cannot be renamed",
-            spec.name
-        )));
-    }
-    preflight(&s, &spec).await?;
-    s.table.write(Write::UpdateService(spec)).await?;
-    Ok(Json(current(&s, &name)?))
+    replace(&s, &name, spec).await
 }
 
 /// A partial update: the body is a JSON merge patch (RFC 7396) over the service as it
@@ -143,41 +135,27 @@ pub async fn patch(
     let before = current(&s, &name)?.spec;
     let mut merged = serde_json::to_value(&before)
         .map_err(|e| ApiError::bad_request(format!("the service as it is: {e}")))?;
-    merge_patch(&mut merged, &patch);
+    mesh_api::merge_patch(&mut merged, &patch);
     let bytes = Bytes::from(merged.to_string());
     let spec: ServiceSpec = parse(&bytes)?;
+    replace(&s, &name, spec).await
+}
+
+/// Writes `spec` over service `name`, which it must not rename.
+async fn replace(
+    s: &AppState,
+    name: &str,
+    spec: ServiceSpec,
+) -> Result<Json<ServiceView>, ApiError> {
     if spec.name != name {
         return Err(ApiError::bad_request(format!(
             "name: {:?} does not match the URL's {name:?}; services cannot be renamed",
             spec.name
         )));
     }
-    preflight(&s, &spec).await?;
+    preflight(s, &spec).await?;
     s.table.write(Write::UpdateService(spec)).await?;
-    Ok(Json(current(&s, &name)?))
-}
-
-/// RFC 7396: objects merge key by key, `null` removes a key, anything else replaces.
-/// Written out rather than taken from a crate: it is the RFC's ten-line algorithm.
-fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    let serde_json::Value::Object(changes) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = serde_json::Value::Object(Default::default());
-    }
-    let fields = target.as_object_mut().expect("made an object above");
-    for (key, value) in changes {
-        if value.is_null() {
-            fields.remove(key);
-        } else {
-            merge_patch(
-                fields.entry(key.clone()).or_insert(serde_json::Value::Null),
-                value,
-            );
-        }
-    }
+    Ok(Json(current(s, name)?))
 }
 
 pub async fn delete(
@@ -187,26 +165,4 @@ pub async fn delete(
     let before = current(&s, &name)?;
     s.table.write(Write::RemoveService(name)).await?;
     Ok(Json(before))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::merge_patch;
-    use serde_json::json;
-
-    #[test]
-    fn merge_patch_follows_rfc_7396() {
-        let mut v =
-            json!({"a": 1, "h": {"check": "http", "path": "/x", "interval": "2s"}, "gone": 3});
-        merge_patch(
-            &mut v,
-            &json!({"a": 2, "h": {"interval": "5s"}, "gone": null, "new": [1]}),
-        );
-        assert_eq!(
-            v,
-            json!({"a": 2, "h": {"check": "http", "path": "/x", "interval": "5s"}, "new": [1]})
-        );
-        merge_patch(&mut v, &json!({"h": "flat"}));
-        assert_eq!(v["h"], "flat");
-    }
 }
