@@ -198,7 +198,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                     }
                     vec![
                         v.spec.name.clone(),
-                        format!("{:?}", v.spec.mode).to_lowercase(),
+                        v.spec.mode.to_string(),
                         v.vips
                             .v4
                             .map(|ip| ip.to_string())

@@ -18,6 +18,15 @@ pub enum Mode {
     Dnsrr,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Vip => "vip",
+            Mode::Dnsrr => "dnsrr",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProxyProtocol {
@@ -277,6 +286,14 @@ impl PortSpec {
         }
     }
 
+    /// The short form [`PortSpec::parse_short`] reads: `8080:80/tcp`, or `80/tcp`.
+    pub fn short(&self) -> String {
+        match self.published {
+            Some(n) => format!("{n}:{}/{}", self.target, self.protocol),
+            None => format!("{}/{}", self.target, self.protocol),
+        }
+    }
+
     /// Docker's short form, `[PUBLISHED:]TARGET[/tcp|/udp]`, as `-p` and the
     /// `mesh.publish` label write it. The error says what is wrong with which part;
     /// the caller names where the text came from.
@@ -320,6 +337,15 @@ impl PortSpec {
 }
 
 impl HealthCheck {
+    /// The short form [`HealthCheck::parse_short`] reads: `tcp`, `http:/PATH` or `none`.
+    pub fn short(&self) -> String {
+        match self.check {
+            HealthKind::Http => format!("http:{}", self.path),
+            HealthKind::Tcp => "tcp".into(),
+            HealthKind::None => "none".into(),
+        }
+    }
+
     /// The kind of check in its short form, `tcp`, `http`, `http:/PATH` or `none`, as
     /// `--health` and the `mesh.health` label write it; the rest keeps its defaults.
     pub fn parse_short(text: &str) -> Result<HealthCheck, String> {

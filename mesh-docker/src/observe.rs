@@ -347,10 +347,7 @@ pub fn differences(spec: &ServiceSpec, wanted: &Wanted) -> Vec<String> {
     let show_ports = |ports: &[PortSpec]| {
         ports
             .iter()
-            .map(|p| match p.published {
-                Some(n) => format!("{n}:{}/{}", p.target, p.protocol),
-                None => format!("{}/{}", p.target, p.protocol),
-            })
+            .map(PortSpec::short)
             .collect::<Vec<_>>()
             .join(",")
     };
@@ -376,8 +373,8 @@ pub fn differences(spec: &ServiceSpec, wanted: &Wanted) -> Vec<String> {
             "container {} has {}={}, the service checks {}",
             wanted.container,
             crate::labels::HEALTH,
-            health(&w.health),
-            health(&spec.health)
+            w.health.short(),
+            spec.health.short()
         ));
     }
     if wanted.set.contains("mode") && spec.mode != w.mode {
@@ -385,26 +382,11 @@ pub fn differences(spec: &ServiceSpec, wanted: &Wanted) -> Vec<String> {
             "container {} has {}={}, the service's mode is {}",
             wanted.container,
             crate::labels::MODE,
-            mode(w.mode),
-            mode(spec.mode)
+            w.mode,
+            spec.mode
         ));
     }
     out
-}
-
-fn health(h: &mesh_core::HealthCheck) -> String {
-    match h.check {
-        mesh_core::HealthKind::Http => format!("http:{}", h.path),
-        mesh_core::HealthKind::Tcp => "tcp".into(),
-        mesh_core::HealthKind::None => "none".into(),
-    }
-}
-
-fn mode(m: mesh_core::Mode) -> &'static str {
-    match m {
-        mesh_core::Mode::Vip => "vip",
-        mesh_core::Mode::Dnsrr => "dnsrr",
-    }
 }
 
 #[cfg(test)]
