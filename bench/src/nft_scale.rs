@@ -38,12 +38,7 @@ pub struct NftScaleResults {
 }
 
 fn plan(replica: &Replica) -> Plan {
-    let host = Host {
-        node: "h1".into(),
-        plane: PlaneKind::Nftables,
-        features: Features::NONE,
-        serve_vips: true,
-    };
+    let host = Host::on("h1", PlaneKind::Nftables, Features::NONE, true);
     Plan::from_snapshot(&replica.snapshot(), &host)
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod cluster;
 pub mod docker;
+pub mod ebpf;
 pub mod load;
 pub mod netns;
 pub mod ports;
@@ -122,6 +123,17 @@ impl Agent {
     /// Starts host `name` of a cluster inside `netns`.
     pub fn start_named_in(netns: &Netns, name: &str, config: Option<&str>, args: &[&str]) -> Agent {
         let mut agent = Self::start_with_name(Some(netns), name);
+        agent.base_args = args.iter().map(|a| a.to_string()).collect();
+        agent.spawn(config, &[]);
+        agent
+    }
+
+    /// Starts host `name` inside `netns` through `nsenter --net`, which keeps the root
+    /// mount namespace: bpffs and the cgroup hierarchy stay visible, and pins outlive
+    /// the agent. For the eBPF plane.
+    pub fn start_entered(netns: &Netns, name: &str, config: Option<&str>, args: &[&str]) -> Agent {
+        let mut agent = Self::start_with_name(None, name);
+        agent.prefix = vec!["nsenter".into(), format!("--net=/run/netns/{}", netns.name)];
         agent.base_args = args.iter().map(|a| a.to_string()).collect();
         agent.spawn(config, &[]);
         agent

@@ -9,10 +9,22 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::LogFormat;
 
+/// `mesh --version`: the version and the data planes this binary carries.
+#[cfg(feature = "ebpf")]
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (data planes: userspace, nftables, ebpf)"
+);
+#[cfg(not(feature = "ebpf"))]
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (data planes: userspace, nftables; built without the eBPF programs)"
+);
+
 #[derive(Parser)]
 #[command(
     name = "mesh",
-    version,
+    version = VERSION,
     about = "Routing mesh and L4 load balancer for a cluster of Linux hosts"
 )]
 pub struct Cli {
@@ -88,7 +100,8 @@ pub struct AgentArgs {
     /// Do not put VIPs on an interface or listen on them (DNS still answers VIPs).
     #[arg(long)]
     pub no_vips: bool,
-    /// The data plane: userspace, nftables or auto. Overrides [proxy] dataplane.
+    /// The data plane: userspace, nftables, ebpf (VIPs by socket balancing, published
+    /// ports by nftables) or auto (the best that works here). Overrides [proxy] dataplane.
     #[arg(long, value_parser = clap::value_parser!(mesh_core::plan::DataplaneChoice))]
     pub dataplane: Option<mesh_core::plan::DataplaneChoice>,
     /// Leave the kernel plane's rules in place at shutdown (for an upgrade).

@@ -40,6 +40,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub docker: mesh_docker::DockerConfig,
     #[serde(default)]
+    pub ebpf: mesh_ebpf::EbpfConfig,
+    #[serde(default)]
     pub service: Vec<Spanned<ServiceSpec>>,
     #[serde(default)]
     pub task: Vec<Spanned<TaskSpec>>,

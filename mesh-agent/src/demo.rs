@@ -116,6 +116,7 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
         services: vec![web],
         tasks,
         docker: None,
+        ebpf: mesh_ebpf::EbpfConfig::default(),
     };
     let agent = match daemon::start(settings).await {
         Ok(agent) => agent,

@@ -191,6 +191,7 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
         services: config.service.into_iter().map(|s| s.into_inner()).collect(),
         tasks: config.task.into_iter().map(|t| t.into_inner()).collect(),
         docker: None,
+        ebpf: config.ebpf,
     };
     settings.docker = docker_target(&docker, &settings.cluster);
     // Everything the agent would refuse at start is refused here too, flags included.

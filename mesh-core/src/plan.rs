@@ -84,6 +84,9 @@ pub enum DataplaneChoice {
     #[default]
     Userspace,
     Nftables,
+    /// VIPs by the eBPF plane's socket balancing; published ports by nftables where
+    /// it works, else userspace.
+    Ebpf,
     Auto,
 }
 
@@ -92,6 +95,7 @@ impl fmt::Display for DataplaneChoice {
         f.write_str(match self {
             DataplaneChoice::Userspace => "userspace",
             DataplaneChoice::Nftables => "nftables",
+            DataplaneChoice::Ebpf => "ebpf",
             DataplaneChoice::Auto => "auto",
         })
     }
@@ -104,9 +108,10 @@ impl std::str::FromStr for DataplaneChoice {
         match s {
             "userspace" => Ok(DataplaneChoice::Userspace),
             "nftables" => Ok(DataplaneChoice::Nftables),
+            "ebpf" => Ok(DataplaneChoice::Ebpf),
             "auto" => Ok(DataplaneChoice::Auto),
             other => Err(format!(
-                "unknown data plane {other:?}; expected userspace, nftables or auto"
+                "unknown data plane {other:?}; expected userspace, nftables, ebpf or auto"
             )),
         }
     }
@@ -223,12 +228,30 @@ pub struct Address {
 pub struct Host {
     /// This host's node name: its tasks are the ones `client_ip = "keep"` reaches.
     pub node: String,
-    /// The plane that serves frontends by default.
+    /// The plane that serves published ports by default.
     pub plane: PlaneKind,
     /// What that plane implements; frontends needing more go to userspace.
     pub features: Features,
+    /// The plane that serves VIPs, and what it implements. The eBPF plane balances
+    /// VIPs at connect() while published ports stay with another plane.
+    pub vip_plane: PlaneKind,
+    pub vip_features: Features,
     /// Whether VIPs are served here (the host can put them on an interface).
     pub serve_vips: bool,
+}
+
+impl Host {
+    /// A host whose one plane serves published ports and VIPs alike.
+    pub fn on(node: &str, plane: PlaneKind, features: Features, serve_vips: bool) -> Host {
+        Host {
+            node: node.to_string(),
+            plane,
+            features,
+            vip_plane: plane,
+            vip_features: features,
+            serve_vips,
+        }
+    }
 }
 
 impl Default for Host {
@@ -237,6 +260,8 @@ impl Default for Host {
             node: String::new(),
             plane: PlaneKind::Userspace,
             features: Features::ALL,
+            vip_plane: PlaneKind::Userspace,
+            vip_features: Features::ALL,
             serve_vips: false,
         }
     }
@@ -277,9 +302,50 @@ struct Contribution {
     addresses: Vec<(IpAddr, Address)>,
 }
 
+/// The plane a frontend goes to, with the policy that plane applies and why it is not
+/// the host's choice.
+struct Placement {
+    plane: PlaneKind,
+    policy: Policy,
+    fallback: Option<String>,
+}
+
+impl Placement {
+    fn new(mut policy: Policy, plane: PlaneKind, features: &Features) -> Placement {
+        let missing = policy.needs().missing_from(features);
+        let (plane, mut fallback) = if missing.is_empty() {
+            (plane, None)
+        } else {
+            (
+                PlaneKind::Userspace,
+                Some(format!(
+                    "{} served by the userspace plane only",
+                    missing.join(", ")
+                )),
+            )
+        };
+        if policy.client_ip == ClientIp::Keep && plane == PlaneKind::Userspace {
+            // A proxy opens its own connection: it cannot hand over the client's
+            // address. Serving anyway keeps the service up; status says what the tasks
+            // see.
+            let why = "client_ip = keep needs a kernel plane; from userspace the tasks see this host's address (PROXY headers can carry the client's)";
+            fallback = Some(match fallback {
+                Some(f) => format!("{f}; {why}"),
+                None => why.to_string(),
+            });
+            policy.client_ip = ClientIp::Any;
+        }
+        Placement {
+            plane,
+            policy,
+            fallback,
+        }
+    }
+}
+
 fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
     let spec = &entry.spec;
-    let mut policy = Policy {
+    let policy = Policy {
         balance: spec.balance,
         proxy_protocol: spec.proxy_protocol,
         client_ip: spec.client_ip,
@@ -287,64 +353,54 @@ fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
         max_connections: spec.max_connections,
         drain_timeout: spec.drain_timeout,
     };
-    let missing = policy.needs().missing_from(&host.features);
-    let (plane, mut fallback) = if missing.is_empty() {
-        (host.plane, None)
-    } else {
-        (
-            PlaneKind::Userspace,
-            Some(format!(
-                "{} served by the userspace plane only",
-                missing.join(", ")
-            )),
-        )
-    };
-    if spec.client_ip == ClientIp::Keep && plane == PlaneKind::Userspace {
-        // A proxy opens its own connection: it cannot hand over the client's address.
-        // Serving anyway keeps the service up; status says what the tasks see.
-        let why = "client_ip = keep needs the nftables plane; from userspace the tasks see this host's address (PROXY headers can carry the client's)";
-        fallback = Some(match fallback {
-            Some(f) => format!("{f}; {why}"),
-            None => why.to_string(),
-        });
-        policy.client_ip = ClientIp::Any;
-    }
-    let on = (policy.client_ip == ClientIp::Keep).then_some(host.node.as_str());
     let mut frontends = Vec::new();
     let vips: Vec<IpAddr> = if host.serve_vips && spec.mode == Mode::Vip {
         entry.vips.iter().collect()
     } else {
         Vec::new()
     };
+    let published = Placement::new(policy, host.plane, &host.features);
+    let vip = Placement::new(policy, host.vip_plane, &host.vip_features);
     for port in &spec.ports {
-        let backends = entry
-            .backends(port, on)
-            .backends
-            .into_iter()
-            .map(|b| PlanBackend {
-                task: b.task,
-                addr: b.addr,
-            })
-            .collect::<Vec<_>>();
-        let frontend = Arc::new(Frontend {
-            service: name.to_string(),
-            plane,
-            fallback: fallback.clone(),
-            policy,
-            backends,
-        });
+        let mut shared: Option<Arc<Frontend>> = None;
         let listens = port
             .published
-            .map(|n| (Listen::Published, n))
+            .map(|n| (Listen::Published, n, &published))
             .into_iter()
-            .chain(vips.iter().map(|ip| (Listen::Vip(*ip), port.target)));
-        for (listen, n) in listens {
+            .chain(vips.iter().map(|ip| (Listen::Vip(*ip), port.target, &vip)));
+        for (listen, n, placement) in listens {
+            // Published and VIP frontends share one value when they are placed alike.
+            let frontend = match &shared {
+                Some(f) if f.plane == placement.plane && f.policy == placement.policy => f.clone(),
+                _ => {
+                    let on = (placement.policy.client_ip == ClientIp::Keep)
+                        .then_some(host.node.as_str());
+                    let backends = entry
+                        .backends(port, on)
+                        .backends
+                        .into_iter()
+                        .map(|b| PlanBackend {
+                            task: b.task,
+                            addr: b.addr,
+                        })
+                        .collect::<Vec<_>>();
+                    let f = Arc::new(Frontend {
+                        service: name.to_string(),
+                        plane: placement.plane,
+                        fallback: placement.fallback.clone(),
+                        policy: placement.policy,
+                        backends,
+                    });
+                    shared = Some(f.clone());
+                    f
+                }
+            };
             let key = FrontendKey {
                 listen,
                 port: n,
                 protocol: port.protocol,
             };
-            frontends.push((key, frontend.clone()));
+            frontends.push((key, frontend));
         }
     }
     Contribution {
@@ -621,12 +677,7 @@ mod tests {
                 .map(|b| b.task.clone())
                 .collect()
         };
-        let nft = Host {
-            node: "h1".into(),
-            plane: PlaneKind::Nftables,
-            features: Features::NONE,
-            serve_vips: false,
-        };
+        let nft = Host::on("h1", PlaneKind::Nftables, Features::NONE, false);
         let plan = Plan::from_snapshot(&h1.snapshot(), &nft);
         assert_eq!(
             backends(&plan, 81),
@@ -655,7 +706,7 @@ mod tests {
         assert!(
             keep.fallback
                 .as_deref()
-                .is_some_and(|f| f.contains("client_ip = keep needs the nftables plane")),
+                .is_some_and(|f| f.contains("client_ip = keep needs a kernel plane")),
             "{:?}",
             keep.fallback
         );
@@ -676,12 +727,7 @@ mod tests {
         let mut lc = ServiceSpec::new("lc", vec![PortSpec::tcp(Some(83), 80)]);
         lc.balance = Balance::LeastConn;
         r.create_service(lc, 0).unwrap();
-        let host = Host {
-            node: "h1".into(),
-            plane: PlaneKind::Nftables,
-            features: Features::NONE,
-            serve_vips: false,
-        };
+        let host = Host::on("h1", PlaneKind::Nftables, Features::NONE, false);
         let plan = Plan::from_snapshot(&r.snapshot(), &host);
         let by_service: BTreeMap<&str, &Frontend> = plan
             .frontends
@@ -800,5 +846,56 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn vips_and_published_ports_go_to_their_own_planes() {
+        let mut r = replica();
+        let mut web = ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]);
+        web.client_ip = ClientIp::Keep;
+        r.create_service(web, 0).unwrap();
+        let mut pp = ServiceSpec::new("pp", vec![PortSpec::tcp(Some(8081), 80)]);
+        pp.proxy_protocol = ProxyProtocol::V2;
+        r.create_service(pp, 0).unwrap();
+        task(&mut r, "web", "web.1", "10.0.0.1");
+        let host = Host {
+            node: "h1".into(),
+            plane: PlaneKind::Nftables,
+            features: Features::NONE,
+            vip_plane: PlaneKind::Ebpf,
+            vip_features: Features::NONE,
+            serve_vips: true,
+        };
+        let plan = Plan::from_snapshot(&r.snapshot(), &host);
+        let placed: Vec<(Listen, &str, PlaneKind, usize)> = plan
+            .frontends
+            .iter()
+            .map(|(k, f)| (k.listen, f.service.as_str(), f.plane, f.backends.len()))
+            .collect();
+        let kinds: Vec<(bool, &str, PlaneKind, usize)> = placed
+            .iter()
+            .map(|(l, s, p, n)| (matches!(l, Listen::Vip(_)), *s, *p, *n))
+            .collect();
+        // client_ip = keep stays on both kernel planes.
+        assert!(
+            kinds.contains(&(false, "web", PlaneKind::Nftables, 1)),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.contains(&(true, "web", PlaneKind::Ebpf, 1)),
+            "{kinds:?}"
+        );
+        // PROXY headers need userspace whatever the listener.
+        assert!(
+            kinds.contains(&(false, "pp", PlaneKind::Userspace, 0)),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.contains(&(true, "pp", PlaneKind::Userspace, 0)),
+            "{kinds:?}"
+        );
+        // One per VIP of web (IPv4 and IPv6).
+        let web_vips = kinds.iter().filter(|k| k.0 && k.1 == "web").count();
+        assert_eq!(plan.served_by(PlaneKind::Ebpf), web_vips);
     }
 }

@@ -388,12 +388,7 @@ mod tests {
 
     fn plan(healthy: &[&str]) -> Plan {
         let r = crate::ruleset::tests::replica_with(healthy);
-        let host = Host {
-            node: "h1".into(),
-            plane: PlaneKind::Nftables,
-            features: Features::NONE,
-            serve_vips: true,
-        };
+        let host = Host::on("h1", PlaneKind::Nftables, Features::NONE, true);
         Plan::from_snapshot(&r.snapshot(), &host)
     }
 
@@ -640,12 +635,7 @@ mod tests {
         let mut plane = NftPlane::open(nft_a.clone(), Conntrack::in_netns(&a.0), false)
             .await
             .expect("open");
-        let host = Host {
-            node: "h1".into(),
-            plane: PlaneKind::Nftables,
-            features: Features::NONE,
-            serve_vips: true,
-        };
+        let host = Host::on("h1", PlaneKind::Nftables, Features::NONE, true);
         let mut r = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
         let mut rng = mesh_core::mutate::Mutator::new(0x6d65_7368);
         let mut prev = Plan::default();

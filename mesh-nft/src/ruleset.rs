@@ -585,12 +585,7 @@ pub(crate) mod tests {
     use mesh_core::{Balance, Health};
 
     fn host() -> Host {
-        Host {
-            node: "h1".into(),
-            plane: PlaneKind::Nftables,
-            features: Features::NONE,
-            serve_vips: true,
-        }
+        Host::on("h1", PlaneKind::Nftables, Features::NONE, true)
     }
 
     fn replica() -> Replica {

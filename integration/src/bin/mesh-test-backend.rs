@@ -9,9 +9,11 @@
 //! `mesh-test-backend --held ADDR SECS|stdin` opens a connection, sends the first line
 //! of a request, prints `connected`, waits SECS (or for a line on stdin) and sends the
 //! rest: an established connection held across an event. It then prints `ok <answer>` or `fail <why>`.
-//! `mesh-test-backend --udp-flow ADDR` is one UDP flow (one socket, one source port)
+//! `mesh-test-backend --udp-flow ADDR [sendto]` is one UDP flow (one socket, one source port)
 //! driven from stdin: for each line it sends a datagram, retried until answered, and
-//! prints which task answered (`none` after 5 tries).
+//! prints which task answered (`none` after 5 tries). With `sendto` the socket is not
+//! connected, and each line also shows the address the answer came from.
+//! `--who-peer ADDR` is `--who` plus the peer address the client's socket reports.
 //! `mesh-test-backend --load ADDR RATE [udp|dns NAME]` sends RATE requests a second
 //! (HTTP GETs, datagrams or DNS queries answered within 1 s) until killed, each from its own connection or
 //! socket, and prints `<unix ms> sent <n>` as request n goes and, when it ends,
@@ -22,10 +24,12 @@ use std::net::TcpListener;
 
 use integration::load::unix_ms;
 
-/// One GET of `addr`: the answer's head and body.
-fn fetch(addr: &str) -> std::io::Result<(String, String)> {
+/// One GET of `addr`: the answer's head and body, and the peer address the socket
+/// reports.
+fn fetch(addr: &str) -> std::io::Result<(String, String, std::net::SocketAddr)> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr)?;
+    let peer = s.peer_addr()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     write!(
         s,
@@ -34,19 +38,31 @@ fn fetch(addr: &str) -> std::io::Result<(String, String)> {
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Ok((head.to_string(), body.trim().to_string()))
+    Ok((head.to_string(), body.trim().to_string(), peer))
+}
+
+/// What `get` prints besides the body.
+#[derive(PartialEq)]
+enum Show {
+    Body,
+    /// The client address the task saw.
+    Client,
+    /// That, and the peer address the client's socket reports (`getpeername`).
+    ClientAndPeer,
 }
 
 /// `--get ADDR` prints the answer's body; `--who ADDR` also the client address the
-/// task saw.
-fn get(addr: &str, who: bool) -> ! {
+/// task saw; `--who-peer ADDR` also the peer the client's socket reports.
+fn get(addr: &str, show: Show) -> ! {
     match fetch(addr) {
-        Ok((head, body)) => {
-            if who {
-                let client = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("X-Client: "))
-                    .unwrap_or("?");
+        Ok((head, body, peer)) => {
+            let client = head
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Client: "))
+                .unwrap_or("?");
+            if show == Show::ClientAndPeer {
+                println!("{body} {client} {peer}");
+            } else if show == Show::Client {
                 println!("{body} {client}");
             } else {
                 println!("{body}");
@@ -119,6 +135,39 @@ fn udp_flow(addr: &str) -> ! {
             if let Ok(got) = socket.recv(&mut buf) {
                 let text = String::from_utf8_lossy(&buf[..got]);
                 answer = text.split(':').next().unwrap_or("").to_string();
+                break;
+            }
+        }
+        println!("{answer}");
+        std::io::stdout().flush().expect("stdout");
+    }
+    std::process::exit(0)
+}
+
+/// `--udp-flow ADDR sendto`: as `--udp-flow`, from an unconnected socket (sendto and
+/// recvfrom each time), printing the task and the address the answer came from.
+fn udp_sendto_flow(addr: &str) -> ! {
+    let target: std::net::SocketAddr = addr.parse().expect("ADDR");
+    let any = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = std::net::UdpSocket::bind(any).expect("bind");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 2048];
+    for (n, line) in std::io::stdin().lines().enumerate() {
+        if line.is_err() {
+            break;
+        }
+        let mut answer = "none -".to_string();
+        for _ in 0..5 {
+            let _ = socket.send_to(format!("f{n}").as_bytes(), target);
+            if let Ok((got, from)) = socket.recv_from(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..got]);
+                answer = format!("{} {from}", text.split(':').next().unwrap_or(""));
                 break;
             }
         }
@@ -297,10 +346,13 @@ fn main() {
         .next()
         .expect("usage: mesh-test-backend NAME [PORT] | --get ADDR");
     if name == "--get" {
-        get(&args.next().expect("--get ADDR"), false);
+        get(&args.next().expect("--get ADDR"), Show::Body);
     }
     if name == "--who" {
-        get(&args.next().expect("--who ADDR"), true);
+        get(&args.next().expect("--who ADDR"), Show::Client);
+    }
+    if name == "--who-peer" {
+        get(&args.next().expect("--who-peer ADDR"), Show::ClientAndPeer);
     }
     if name == "--held" {
         let addr = args.next().expect("--held ADDR SECS|stdin");
@@ -312,7 +364,11 @@ fn main() {
         held(&addr, cue);
     }
     if name == "--udp-flow" {
-        udp_flow(&args.next().expect("--udp-flow ADDR"));
+        let addr = args.next().expect("--udp-flow ADDR [sendto]");
+        if args.next().as_deref() == Some("sendto") {
+            udp_sendto_flow(&addr);
+        }
+        udp_flow(&addr);
     }
     if name == "--udp" {
         let name = args.next().expect("--udp NAME PORT [IP]");

@@ -17,6 +17,10 @@ pub enum AgentError {
         #[source]
         source: mesh_nft::CommandError,
     },
+    #[error("--dataplane ebpf cannot run here: {0} (use --dataplane auto to fall back)")]
+    Ebpf(String),
+    #[error("config: {0}")]
+    EbpfConfig(String),
     #[error(
         "the TCP API on {addr} needs a bearer token: set api.token or api.token_file in the config, or MESH_API_TOKEN"
     )]

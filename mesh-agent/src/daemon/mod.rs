@@ -50,6 +50,8 @@ pub struct Settings {
     pub tasks: Vec<TaskSpec>,
     /// The Docker source, when `[docker] enabled`.
     pub docker: Option<mesh_docker::Target>,
+    /// Where the eBPF plane attaches and pins, when it is asked for.
+    pub ebpf: mesh_ebpf::EbpfConfig,
 }
 
 pub struct RunningAgent {
@@ -128,6 +130,7 @@ pub fn check(settings: &Settings) -> Result<(), AgentError> {
         return Err(AgentError::TokenMissing { addr });
     }
     gossip::keyring(settings)?;
+    settings.ebpf.check().map_err(AgentError::EbpfConfig)?;
     if let Some(docker) = &settings.docker {
         mesh_docker::engine::check_host(&docker.host)
             .map_err(|e| AgentError::Docker(format!("docker.host (or DOCKER_HOST): {e}")))?;

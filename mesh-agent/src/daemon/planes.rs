@@ -8,6 +8,7 @@ use std::sync::Arc;
 use mesh_core::Snapshot;
 use mesh_core::plan::{DataplaneChoice, Host, PlaneKind};
 use mesh_dataplane::{AddressPlane, Dataplane, Driver, DriverHandle, has_net_admin};
+use mesh_ebpf::EbpfPlane;
 use mesh_nft::{Conntrack, Nft, NftPlane};
 use mesh_proxy::{ProxyMetrics, ProxyPlane};
 use tokio::sync::watch;
@@ -36,25 +37,29 @@ async fn clear_stale(settings: &Settings, record: &std::path::Path) {
     }
 }
 
-/// The kernel plane the settings ask for, if it works here. `nftables` that does not
-/// work stops the agent (the operator asked for it by name); `auto` falls back to
-/// userspace with one line saying why.
-async fn kernel_plane(settings: &Settings) -> Result<Option<Box<dyn Dataplane>>, AgentError> {
-    let keep = settings.proxy.keep_dataplane;
-    let choice = settings.proxy.dataplane;
-    if choice == DataplaneChoice::Userspace {
-        return Ok(None);
-    }
-    match NftPlane::open(Nft::default(), Conntrack::default(), keep).await {
+/// The nftables plane, if it works here. `required`: the operator asked for it by
+/// name, so failing stops the agent; otherwise the failure is logged with `fallback`.
+async fn nftables(
+    settings: &Settings,
+    required: bool,
+    fallback: &str,
+) -> Result<Option<Box<dyn Dataplane>>, AgentError> {
+    match NftPlane::open(
+        Nft::default(),
+        Conntrack::default(),
+        settings.proxy.keep_dataplane,
+    )
+    .await
+    {
         Ok(plane) => {
             info!(
                 dataplane = "nftables",
-                "frontends are served by nftables (table inet mesh); services needing a userspace-only option stay in userspace"
+                "published ports are served by nftables (table inet mesh); services needing a userspace-only option stay in userspace"
             );
             Ok(Some(Box::new(plane)))
         }
-        Err(e) if choice == DataplaneChoice::Auto => {
-            warn!(error = %crate::error_chain(&e), "dataplane auto: nftables does not work here; frontends are served by the userspace plane");
+        Err(e) if !required => {
+            warn!(error = %crate::error_chain(&e), "nftables does not work here; {fallback}");
             Ok(None)
         }
         Err(e) => Err(AgentError::Dataplane {
@@ -62,6 +67,77 @@ async fn kernel_plane(settings: &Settings) -> Result<Option<Box<dyn Dataplane>>,
             source: e,
         }),
     }
+}
+
+/// The eBPF plane, if it works here, on the same terms as [`nftables`].
+fn ebpf(
+    settings: &Settings,
+    required: bool,
+    fallback: &str,
+) -> Result<Option<Box<dyn Dataplane>>, AgentError> {
+    match EbpfPlane::open(&settings.ebpf, settings.proxy.keep_dataplane) {
+        Ok(plane) => {
+            info!(
+                dataplane = "ebpf",
+                cgroup = %plane.cgroup().display(),
+                "VIPs are balanced at connect() by the eBPF plane"
+            );
+            Ok(Some(Box::new(plane)))
+        }
+        Err(e) if !required => {
+            warn!(error = %e, "the eBPF plane does not work here; {fallback}");
+            Ok(None)
+        }
+        Err(e) => Err(AgentError::Ebpf(e)),
+    }
+}
+
+/// The kernel planes the settings ask for, as far as they work here. `nftables` and
+/// `ebpf` that do not work stop the agent (the operator asked for them by name), except
+/// that `ebpf` serves published ports with nftables only where nftables works. `auto`
+/// takes eBPF for VIPs and nftables for the rest, and falls back with one line saying
+/// why.
+async fn kernel_planes(settings: &Settings) -> Result<Vec<Box<dyn Dataplane>>, AgentError> {
+    let mut planes = Vec::new();
+    match settings.proxy.dataplane {
+        DataplaneChoice::Userspace => {}
+        DataplaneChoice::Nftables => {
+            planes.extend(nftables(settings, true, "").await?);
+        }
+        DataplaneChoice::Ebpf => {
+            planes.extend(ebpf(settings, true, "")?);
+            planes.extend(
+                nftables(
+                    settings,
+                    false,
+                    "published ports are served by the userspace plane",
+                )
+                .await?,
+            );
+        }
+        DataplaneChoice::Auto => {
+            if !settings.vip.manage {
+                info!(
+                    "dataplane auto: VIPs are off (vip.manage = false or --no-vips), so the eBPF plane, which serves VIPs, is not loaded"
+                );
+            } else {
+                planes.extend(ebpf(
+                    settings,
+                    false,
+                    "dataplane auto: VIPs are served by nftables or userspace",
+                )?);
+            }
+            planes.extend(
+                nftables(
+                    settings,
+                    false,
+                    "dataplane auto: frontends are served by the userspace plane",
+                )
+                .await?,
+            );
+        }
+    }
+    Ok(planes)
 }
 
 pub async fn spawn(
@@ -75,11 +151,27 @@ pub async fn spawn(
         node: settings.node_name.clone(),
         ..Host::default()
     };
-    let kernel = kernel_plane(settings).await?;
-    if let Some(plane) = &kernel {
-        host.plane = plane.capabilities().serves.unwrap_or(PlaneKind::Userspace);
-        host.features = plane.capabilities().features;
+    let kernel = kernel_planes(settings).await?;
+    // nftables serves published ports and VIPs; eBPF, when loaded, takes the VIPs.
+    for plane in &kernel {
+        let caps = plane.capabilities();
+        match caps.serves {
+            Some(PlaneKind::Nftables) => {
+                host.plane = PlaneKind::Nftables;
+                host.features = caps.features;
+                if host.vip_plane != PlaneKind::Ebpf {
+                    host.vip_plane = PlaneKind::Nftables;
+                    host.vip_features = caps.features;
+                }
+            }
+            Some(PlaneKind::Ebpf) => {
+                host.vip_plane = PlaneKind::Ebpf;
+                host.vip_features = caps.features;
+            }
+            _ => {}
+        }
     }
+    let socket_vips = host.vip_plane == PlaneKind::Ebpf;
     let record = settings.data_dir.join("vips-installed.json");
     let addresses = if !settings.vip.manage {
         clear_stale(settings, &record).await;
@@ -99,9 +191,10 @@ pub async fn spawn(
                 why
             })
     };
-    host.serve_vips = addresses.is_ok();
+    // Socket balancing needs no address on an interface: VIPs are served either way.
+    host.serve_vips = addresses.is_ok() || socket_vips;
     let mut driver = Driver::new(host).plane(Box::new(proxy));
-    if let Some(plane) = kernel {
+    for plane in kernel {
         driver = driver.plane(plane);
     }
     let driver = match addresses {

@@ -1,0 +1,23 @@
+//! The eBPF data plane of mesh. VIPs are balanced by socket programs in a cgroup, in
+//! the manner of Cilium's kube-proxy replacement: `connect()` and `sendto()` to
+//! VIP:port are rewritten to a task's address before anything is routed, so there is
+//! no NAT, the task sees the client's own address, and nothing is in the path after
+//! the connect. Replies and `getpeername()` show the VIP.
+//!
+//! - `bpf/sock_lb.bpf.c`: the programs, compiled by `build.rs` with clang when the
+//!   `bpf` feature is on;
+//! - [`layout`]: the maps' byte layouts;
+//! - [`table`]: the pure reconciler (what the maps hold, what to write);
+//! - [`mounts`]: bpffs and the cgroup v2 hierarchy;
+//! - [`programs`]: loading, attaching and pinning with aya;
+//! - [`plane`]: the [`mesh_dataplane::Dataplane`] that ties them together.
+
+pub mod config;
+pub mod layout;
+pub mod mounts;
+pub mod plane;
+pub mod programs;
+pub mod table;
+
+pub use config::EbpfConfig;
+pub use plane::EbpfPlane;

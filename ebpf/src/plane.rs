@@ -1,0 +1,306 @@
+//! [`EbpfPlane`]: the reconciler of the eBPF maps. It serves the VIP frontends the
+//! plan gives to [`PlaneKind::Ebpf`]: the first apply (after adopting what a
+//! previous run left in the pinned maps) covers every frontend, and each later apply
+//! only the frontends the plan diff names, so the same plan twice writes nothing.
+//!
+//! There is no NAT and no per-packet state, so what a drain means differs from the
+//! other planes: a task that leaves a frontend gets no new connections, and its
+//! established connections go on until they end (nothing cuts them at
+//! `drain_timeout`). An unconnected UDP socket picks again on its next datagram.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use mesh_core::plan::{Features, PlaneKind};
+use mesh_core::{FrontendKey, Listen, Plan, PlanChange};
+use mesh_dataplane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target};
+use tracing::{info, warn};
+
+use crate::config::EbpfConfig;
+use crate::layout::{self, BackendValue, FrontendValue, MAX_FRONTENDS};
+use crate::programs::{PROGRAMS, Programs};
+use crate::table::{Table, Writes};
+
+pub struct EbpfPlane {
+    /// `None` once shut down.
+    programs: Option<Programs>,
+    table: Table,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    /// Before the first apply every frontend is reconciled, not only the changed ones.
+    first: bool,
+    /// A write failed: the maps may differ from the table, so the next apply reads
+    /// them again and reconciles everything.
+    stale: bool,
+    problems: BTreeMap<FrontendKey, PlaneError>,
+    failed: Option<String>,
+    keep: bool,
+}
+
+impl EbpfPlane {
+    /// Mounts what is missing, loads and attaches the programs, and adopts the maps
+    /// a previous run pinned. An error says why the plane cannot run here, so `auto`
+    /// can fall back with it.
+    pub fn open(config: &EbpfConfig, keep: bool) -> Result<EbpfPlane, String> {
+        config.check()?;
+        if !crate::programs::BUILT {
+            // Said before anything on the host is touched.
+            return Err(crate::programs::NOT_BUILT.to_string());
+        }
+        crate::mounts::ensure_bpffs(&config.pin_dir)?;
+        let cgroup = crate::mounts::cgroup(config.cgroup.as_deref())?;
+        let (mut programs, adopted) = Programs::open(&config.pin_dir, &cgroup)?;
+        let (table, cleanup) = read_table(&programs);
+        write(&mut programs, &cleanup)?;
+        if adopted {
+            info!(
+                pin_dir = %config.pin_dir.display(),
+                frontends = table.frontend_count(),
+                "adopting the eBPF maps a previous run pinned; the first apply reconciles them"
+            );
+        }
+        Ok(EbpfPlane {
+            programs: Some(programs),
+            table,
+            cgroup,
+            pin_dir: config.pin_dir.clone(),
+            first: true,
+            stale: false,
+            problems: BTreeMap::new(),
+            failed: None,
+            keep,
+        })
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &std::path::Path {
+        &self.cgroup
+    }
+}
+
+/// The table the maps hold now, and the writes that clean up what is inconsistent.
+fn read_table(programs: &Programs) -> (Table, Writes) {
+    let frontends: Vec<(FrontendKey, Vec<u32>)> = programs
+        .frontends
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|(k, v)| {
+            let (ip, port, protocol) = k.parts()?;
+            let key = FrontendKey {
+                listen: Listen::Vip(ip),
+                port,
+                protocol,
+            };
+            Some((key, v.ids().to_vec()))
+        })
+        .collect();
+    let backends: Vec<(u32, SocketAddr)> = programs
+        .backends
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(id, b)| (id, b.addr()))
+        .collect();
+    Table::adopt(frontends, backends)
+}
+
+fn map_key(key: &FrontendKey) -> Option<layout::FrontendKey> {
+    match key.listen {
+        Listen::Vip(ip) => Some(layout::FrontendKey::new(ip, key.port, key.protocol)),
+        Listen::Published => None,
+    }
+}
+
+/// Performs `writes` in their order. The first failure stops it.
+fn write(programs: &mut Programs, writes: &Writes) -> Result<(), String> {
+    for (id, addr) in &writes.backends {
+        programs
+            .backends
+            .insert(id, BackendValue::new(*addr), 0)
+            .map_err(|e| format!("writing task {addr} to mesh_backends: {e}"))?;
+    }
+    for (key, ids) in &writes.frontends {
+        let Some(k) = map_key(key) else { continue };
+        programs
+            .frontends
+            .insert(k, FrontendValue::new(ids), 0)
+            .map_err(|e| format!("writing {key} to mesh_frontends: {e}"))?;
+    }
+    for key in &writes.removed_frontends {
+        if let Some(k) = map_key(key) {
+            remove(&mut programs.frontends, &k).map_err(|e| format!("removing {key}: {e}"))?;
+        }
+    }
+    for id in &writes.removed_backends {
+        remove(&mut programs.backends, id).map_err(|e| format!("removing backend {id}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Removes `key`; one that is not there is fine (the maps are the truth).
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    key: &K,
+) -> Result<(), aya::maps::MapError> {
+    match map.remove(key) {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// The task addresses `frontend` should balance over here, or `None` when this plane
+/// does not serve it.
+fn wanted(plan: &Plan, key: &FrontendKey) -> Option<Vec<SocketAddr>> {
+    let f = plan.frontends.get(key)?;
+    let Listen::Vip(vip) = key.listen else {
+        return None;
+    };
+    (f.plane == PlaneKind::Ebpf).then(|| {
+        f.backends
+            .iter()
+            .map(|b| b.addr)
+            .filter(|a| layout::reachable(vip, a.ip()))
+            .collect()
+    })
+}
+
+#[async_trait]
+impl Dataplane for EbpfPlane {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            serves: Some(PlaneKind::Ebpf),
+            features: Features::NONE,
+            addresses: false,
+        }
+    }
+
+    fn detail(&self) -> String {
+        let names: Vec<&str> = PROGRAMS.iter().map(|(n, _)| *n).collect();
+        let mut out = format!(
+            "VIPs balanced at connect() for processes in cgroup {}: {} programs ({}), pinned in {}; {} VIP frontends of at most {MAX_FRONTENDS}, {} task addresses",
+            self.cgroup.display(),
+            PROGRAMS.len(),
+            names.join(", "),
+            self.pin_dir.display(),
+            self.table.frontend_count(),
+            self.table.backend_count(),
+        );
+        if let Some(e) = &self.failed {
+            out.push_str(&format!("; last write failed: {e}"));
+        }
+        out
+    }
+
+    fn preflight(&self, _frontends: &[FrontendKey]) -> Vec<PlaneError> {
+        // A VIP takes no port from anyone: nothing can be in the way.
+        Vec::new()
+    }
+
+    async fn apply(&mut self, plan: &Plan, changes: &[PlanChange], _now: Instant) -> ApplyReport {
+        let Some(programs) = self.programs.as_mut() else {
+            return ApplyReport::default();
+        };
+        let full = self.first || self.stale;
+        if self.stale {
+            let (table, cleanup) = read_table(programs);
+            self.table = table;
+            if let Err(e) = write(programs, &cleanup) {
+                self.failed = Some(e);
+            }
+        }
+        let keys: BTreeSet<FrontendKey> = if full {
+            plan.frontends
+                .keys()
+                .copied()
+                .chain(self.table.frontends().copied())
+                .collect()
+        } else {
+            changes
+                .iter()
+                .filter_map(|c| match c {
+                    PlanChange::Frontend(k, _) => Some(*k),
+                    _ => None,
+                })
+                .collect()
+        };
+        let wanted: BTreeMap<FrontendKey, Option<Vec<SocketAddr>>> = keys
+            .into_iter()
+            .filter(|k| matches!(k.listen, Listen::Vip(_)))
+            .map(|k| (k, wanted(plan, &k)))
+            .collect();
+        for k in wanted.keys() {
+            self.problems.remove(k);
+        }
+        let (writes, problems) = self.table.sync(wanted);
+        for p in problems {
+            let service = plan.frontends.get(&p.frontend).map(|f| f.service.clone());
+            self.problems.insert(
+                p.frontend,
+                PlaneError {
+                    target: Target::Frontend(p.frontend),
+                    service,
+                    error: p.error,
+                },
+            );
+        }
+        match write(programs, &writes) {
+            Ok(()) => {
+                self.first = false;
+                self.stale = false;
+                self.failed = None;
+            }
+            Err(e) => {
+                warn!(error = %e, "eBPF map write failed; the next apply reads the maps and reconciles everything");
+                self.stale = true;
+                self.failed = Some(e);
+            }
+        }
+        self.report()
+    }
+
+    fn stats(&self) -> PlaneStats {
+        // Nothing stands in a connection's path after connect(), so there is
+        // nothing to count open connections with.
+        PlaneStats::default()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    async fn on_deadline(&mut self, _now: Instant) -> ApplyReport {
+        self.report()
+    }
+
+    async fn shutdown(&mut self, _grace: Duration) {
+        let Some(programs) = self.programs.take() else {
+            return;
+        };
+        if self.keep {
+            info!(pin_dir = %self.pin_dir.display(), "keeping the eBPF programs and maps (--keep-dataplane): VIPs keep working until the next agent adopts them");
+            return;
+        }
+        match programs.remove() {
+            Ok(()) => {
+                info!(pin_dir = %self.pin_dir.display(), "removed the eBPF programs, links and maps")
+            }
+            Err(e) => warn!(error = %e, "could not remove every eBPF pin"),
+        }
+    }
+}
+
+impl EbpfPlane {
+    /// The frontends that are not served as wanted. A failed write is in `detail`
+    /// and the log: it is about the maps, not one frontend.
+    fn report(&self) -> ApplyReport {
+        ApplyReport {
+            errors: self.problems.values().cloned().collect(),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The socket programs in the kernel: loading `sock_lb.bpf.o` with aya, attaching its
+//! eight programs to a cgroup, and pinning maps and links under the pin directory so
+//! that they outlive the agent. The only code that knows aya.
+//!
+//! Layout of the pin directory:
+//! - `maps-v1/`: the maps, pinned by name. A restart finds them there and keeps their
+//!   contents. The `v1` changes whenever a map's layout does, because aya reuses a
+//!   pinned map without checking its layout; other `maps-*` directories are left by
+//!   an older layout and removed once the new programs are attached.
+//! - `links/`: one link per program. While a link is pinned its program stays
+//!   attached; removing the pin detaches it.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, MapData};
+
+use crate::layout::{BackendValue, FrontendKey, FrontendValue};
+
+/// The programs, by function name, and what each does.
+pub const PROGRAMS: [(&str, &str); 8] = [
+    ("mesh_connect4", "connect() to an IPv4 VIP goes to a task"),
+    ("mesh_connect6", "connect() to an IPv6 VIP goes to a task"),
+    ("mesh_sendmsg4", "sendto() an IPv4 VIP goes to a task"),
+    ("mesh_sendmsg6", "sendto() an IPv6 VIP goes to a task"),
+    (
+        "mesh_recvmsg4",
+        "a task's UDP answer appears to come from the VIP",
+    ),
+    (
+        "mesh_recvmsg6",
+        "a task's UDP answer appears to come from the VIP",
+    ),
+    ("mesh_getpeername4", "getpeername() returns the VIP"),
+    ("mesh_getpeername6", "getpeername() returns the VIP"),
+];
+
+/// The map directory of this layout.
+const MAPS: &str = "maps-v1";
+const LINKS: &str = "links";
+
+pub struct Programs {
+    /// Holds the programs' file descriptors for as long as the plane runs.
+    _ebpf: aya::Ebpf,
+    pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    pub backends: HashMap<MapData, u32, BackendValue>,
+    pin_dir: PathBuf,
+}
+
+#[cfg(feature = "bpf")]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.bpf.o"));
+
+/// Whether this binary carries the programs (built with the `bpf` feature).
+pub const BUILT: bool = cfg!(feature = "bpf");
+
+pub const NOT_BUILT: &str = "this mesh binary was built without the eBPF programs; build it with `--features ebpf` (needs clang-19, libbpf-dev and linux-libc-dev)";
+
+impl Programs {
+    /// Loads the programs, attaches them to `cgroup`, and pins them under `pin_dir`,
+    /// replacing the links a previous run pinned there. Returns whether there were
+    /// any (the previous run's state is then adopted).
+    pub fn open(pin_dir: &Path, cgroup: &Path) -> Result<(Programs, bool), String> {
+        #[cfg(feature = "bpf")]
+        {
+            Self::load(OBJECT, pin_dir, cgroup)
+        }
+        #[cfg(not(feature = "bpf"))]
+        {
+            let _ = (pin_dir, cgroup);
+            Err(NOT_BUILT.to_string())
+        }
+    }
+
+    #[cfg_attr(not(feature = "bpf"), allow(dead_code))]
+    fn load(object: &[u8], pin_dir: &Path, cgroup: &Path) -> Result<(Programs, bool), String> {
+        use aya::programs::links::FdLink;
+        use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+
+        let maps_dir = pin_dir.join(MAPS);
+        let links_dir = pin_dir.join(LINKS);
+        for dir in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let adopted = std::fs::read_dir(&links_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(object)
+            .map_err(|e| format!("loading the eBPF object: {}", chain(&e)))?;
+        let target = std::fs::File::open(cgroup)
+            .map_err(|e| format!("cannot open the cgroup {}: {e}", cgroup.display()))?;
+        for (name, _) in PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {}", chain(&e)))?;
+            program
+                .load()
+                .map_err(|e| format!("the kernel refused {name}: {}", chain(&e)))?;
+            // A cgroup link is always one of many programs on the hook; the kernel
+            // refuses attach flags on links, and `Single` is aya's "no flags".
+            let id = program
+                .attach(&target, CgroupAttachMode::Single)
+                .map_err(|e| format!("attaching {name} to {}: {}", cgroup.display(), chain(&e)))?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(|e| format!("{name}: {}", chain(&e)))?
+                .try_into()
+                .map_err(|e| format!("{name}: {}", chain(&e)))?;
+            // The previous run's link goes only now, so the hook is never without a
+            // program: for a moment both run, and the second finds a task address,
+            // not a VIP, and leaves it alone.
+            let pin = links_dir.join(name);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot replace {}: {e}", pin.display())),
+            }
+            link.pin(&pin)
+                .map_err(|e| format!("pinning {}: {}", pin.display(), chain(&e)))?;
+        }
+        remove_other_layouts(pin_dir, &links_dir);
+        let frontends = HashMap::try_from(
+            ebpf.take_map("mesh_frontends")
+                .ok_or("the eBPF object has no map mesh_frontends")?,
+        )
+        .map_err(|e| format!("mesh_frontends: {}", chain(&e)))?;
+        let backends = HashMap::try_from(
+            ebpf.take_map("mesh_backends")
+                .ok_or("the eBPF object has no map mesh_backends")?,
+        )
+        .map_err(|e| format!("mesh_backends: {}", chain(&e)))?;
+        Ok((
+            Programs {
+                _ebpf: ebpf,
+                frontends,
+                backends,
+                pin_dir: pin_dir.to_path_buf(),
+            },
+            adopted,
+        ))
+    }
+
+    /// Detaches every program and removes every pin: nothing is left in the kernel
+    /// once the agent's own descriptors close.
+    pub fn remove(self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for dir in [LINKS, MAPS] {
+            let path = self.pin_dir.join(dir);
+            if let Err(e) = std::fs::remove_dir_all(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                errors.push(format!("{}: {e}", path.display()));
+            }
+        }
+        // The directory itself goes when nothing else is pinned in it.
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+/// Links of programs this version does not have, then map directories of other
+/// layouts (their programs are detached by then).
+fn remove_other_layouts(pin_dir: &Path, links_dir: &Path) {
+    for entry in std::fs::read_dir(links_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if !PROGRAMS.iter().any(|(p, _)| name.to_str() == Some(p)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("maps-")
+            && name != MAPS
+            && let Err(e) = std::fs::remove_dir_all(entry.path())
+        {
+            tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove the maps of an older layout");
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

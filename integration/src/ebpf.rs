@@ -1,0 +1,265 @@
+//! What the eBPF tests need besides a network namespace: a cgroup of their own, so
+//! the socket programs act on the test's clients only (two tests that both name a
+//! service `web` get the same VIP), and a bpffs pin directory of their own. Both are
+//! named `mesh-it-<pid>-<n>`, removed on drop even after a panic, and those of dead
+//! test processes are removed first.
+//!
+//! Agents and clients enter the namespace with `nsenter --net`, not `ip netns exec`:
+//! the latter remounts /sys, which hides bpffs and the cgroup hierarchy.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::netns::{Netns, is_root};
+
+const PREFIX: &str = "mesh-it-";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Whether the `mesh` binary carries the eBPF programs (built with `--features
+/// mesh-agent/ebpf`, as scripts/test-all.sh does).
+fn mesh_has_ebpf() -> bool {
+    Command::new(crate::mesh_bin())
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(", ebpf)"))
+}
+
+/// Prints why an eBPF test is skipped and returns true when it must be. With
+/// `MESH_REQUIRE_EBPF=1` (CI as root) a skip is a failure instead.
+pub fn skip_unless_ebpf(test: &str) -> bool {
+    let why = if !is_root() {
+        Some(
+            "needs root (BPF programs, cgroups, network namespaces); run the tests as root, as CI does",
+        )
+    } else if !mesh_has_ebpf() {
+        Some(
+            "the mesh binary was built without the eBPF programs: build with `cargo build --bins --features mesh-agent/ebpf` (scripts/test-all.sh does)",
+        )
+    } else {
+        None
+    };
+    let Some(why) = why else { return false };
+    if std::env::var("MESH_REQUIRE_EBPF").is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run here ({why}), and MESH_REQUIRE_EBPF=1 asks that it does");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    true
+}
+
+fn unique() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{PREFIX}{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn owner_is_dead(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// The root of the cgroup v2 hierarchy, mounted at /run/mesh/cgroup2 if none is.
+pub fn cgroup2_root() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        if right.starts_with("cgroup2 ") && fields.get(3) == Some(&"/") {
+            return PathBuf::from(fields[4]);
+        }
+    }
+    let target = Path::new("/run/mesh/cgroup2");
+    std::fs::create_dir_all(target).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "cgroup2", "none"])
+        .arg(target)
+        .output()
+        .expect("mount");
+    assert!(out.status.success(), "mount cgroup2: {out:?}");
+    target.to_path_buf()
+}
+
+/// A child cgroup of the v2 root for one test.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Cgroup {
+        let root = cgroup2_root();
+        static STALE: Once = Once::new();
+        STALE.call_once(|| {
+            for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with(PREFIX) && owner_is_dead(&name) {
+                    remove_cgroup(&root, &entry.path());
+                }
+            }
+        });
+        let path = root.join(unique());
+        std::fs::create_dir(&path).expect("create the test cgroup");
+        Cgroup { path }
+    }
+
+    /// Makes `cmd` start inside this cgroup: its sockets are the ones the programs
+    /// act on.
+    pub fn enter(&self, cmd: &mut Command) {
+        let procs = std::ffi::CString::new(
+            self.path
+                .join("cgroup.procs")
+                .to_string_lossy()
+                .into_owned(),
+        )
+        .unwrap();
+        // SAFETY: only async-signal-safe calls (open, write, close) run in the child
+        // between fork and exec, on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// `program` inside `ns` and this cgroup.
+    pub fn command(&self, ns: &Netns, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = nsenter(ns);
+        cmd.arg(program);
+        self.enter(&mut cmd);
+        cmd
+    }
+}
+
+impl Default for Cgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Kills what is left in the cgroup, then removes it.
+fn remove_cgroup(root: &Path, path: &Path) {
+    for _ in 0..50 {
+        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.lines() {
+            // Move it out first, so the directory can go even if it lingers.
+            let _ = std::fs::write(root.join("cgroup.procs"), pid);
+            let _ = Command::new("kill").args(["-9", pid]).output();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let root = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        remove_cgroup(&root, &self.path);
+    }
+}
+
+/// `nsenter --net=/run/netns/NAME`, which keeps the root mount namespace.
+pub fn nsenter(ns: &Netns) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", ns.name));
+    cmd
+}
+
+/// A bpffs directory for one agent's pins. Dropping it removes the pins, which
+/// detaches the programs a killed agent left.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+fn ensure_bpffs() {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "));
+    if !mounted {
+        let _ = Command::new("mount")
+            .args(["-t", "bpf", "bpf", BPFFS])
+            .output();
+    }
+}
+
+impl PinDir {
+    pub fn new() -> PinDir {
+        ensure_bpffs();
+        static STALE: Once = Once::new();
+        STALE.call_once(|| {
+            for entry in std::fs::read_dir(BPFFS).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with(PREFIX) && owner_is_dead(&name) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        });
+        PinDir {
+            path: Path::new(BPFFS).join(unique()),
+        }
+    }
+
+    /// What is pinned under the directory, as relative paths, sorted.
+    pub fn contents(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(base, &path, out);
+                } else if let Ok(rel) = path.strip_prefix(base) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        walk(&self.path, &self.path, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The `[ebpf]` section for an agent attached to `cgroup` and pinning in `pins`.
+pub fn config(cgroup: &Cgroup, pins: &PinDir) -> String {
+    format!(
+        "[ebpf]\ncgroup = \"{}\"\npin_dir = \"{}\"\n",
+        cgroup.path.display(),
+        pins.path.display()
+    )
+}
