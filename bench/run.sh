@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PACKAGES="haproxy nginx libnginx-mod-stream iperf3 dnsperf unbound knot dnsmasq-base bind9-dnsutils fonts-dejavu-core"
+PACKAGES="haproxy nginx libnginx-mod-stream iperf3 dnsperf unbound knot dnsmasq-base bind9-dnsutils fonts-dejavu-core clang-19 libbpf-dev linux-libc-dev"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -28,7 +28,7 @@ for s in nginx unbound knot haproxy; do
     systemctl stop "$s" >/dev/null 2>&1 || true
 done
 
-cargo build --release -q -p mesh-agent -p mesh-bench
+cargo build --release -q -p mesh-agent -p mesh-bench --features mesh-agent/ebpf
 BENCH=target/release/mesh-bench
 OUT=bench/results
 mkdir -p "$OUT"

@@ -183,7 +183,16 @@ pub fn run(o: &Options) -> Result<DataplaneResults> {
 }
 
 fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Result<Trial> {
-    let topo = Topology::create()?;
+    let mut topo = Topology::create()?;
+    if target == Target::MeshEbpf {
+        let agent_ns = integration::netns::Netns::new();
+        agent_ns.run("ip", &["link", "set", "lo", "up"]);
+        topo.ebpf = Some((
+            integration::ebpf::Cgroup::new(),
+            integration::ebpf::PinDir::new(),
+            agent_ns,
+        ));
+    }
     let dir = tempfile::Builder::new().prefix("mesh-bench-").tempdir()?;
     let self_bin = o.self_bin.to_string_lossy().to_string();
     let backend_log = dir.path().join("backend.log");
@@ -221,10 +230,12 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
         _ => &o.mesh_bin,
     };
     let mut lb = target.start(&topo, dir.path(), mesh_bin)?;
-    let addrs = target.addrs();
+    let addrs = match target {
+        Target::MeshEbpf => crate::targets::vip_addrs(mesh_bin, dir.path())?,
+        _ => target.addrs(),
+    };
     let probe = topo
-        .client
-        .command(&self_bin)
+        .client_command(LOAD_CPU, &self_bin, &[])
         .args([
             "probe",
             "--echo",
@@ -310,27 +321,27 @@ fn load(
 ) -> Result<LoadResult> {
     let self_bin = o.self_bin.to_string_lossy().to_string();
     let kind_name = format!("{kind:?}").to_lowercase();
-    let out = pinned(
-        &topo.client,
-        LOAD_CPU,
-        &self_bin,
-        &[
-            "load",
-            &kind_name,
-            "--addr",
-            &addr.to_string(),
-            "--conc",
-            &conc.to_string(),
-            "--secs",
-            &o.secs.to_string(),
-            "--warmup",
-            &o.warmup.to_string(),
-            "--rate",
-            &rate.to_string(),
-        ],
-    )
-    .output()
-    .context("run the load generator")?;
+    let out = topo
+        .client_command(
+            LOAD_CPU,
+            &self_bin,
+            &[
+                "load",
+                &kind_name,
+                "--addr",
+                &addr.to_string(),
+                "--conc",
+                &conc.to_string(),
+                "--secs",
+                &o.secs.to_string(),
+                "--warmup",
+                &o.warmup.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ],
+        )
+        .output()
+        .context("run the load generator")?;
     if !out.status.success() {
         bail!(
             "load generator: {}",
@@ -358,24 +369,24 @@ fn iperf(
     flows: usize,
     secs: f64,
 ) -> Result<(f64, u64)> {
-    let out = pinned(
-        &topo.client,
-        LOAD_CPU,
-        "iperf3",
-        &[
-            "-c",
-            &addr.ip().to_string(),
-            "-p",
-            &addr.port().to_string(),
-            "-P",
-            &flows.to_string(),
-            "-t",
-            &format!("{}", secs.ceil() as u64),
-            "-J",
-        ],
-    )
-    .output()
-    .context("run iperf3")?;
+    let out = topo
+        .client_command(
+            LOAD_CPU,
+            "iperf3",
+            &[
+                "-c",
+                &addr.ip().to_string(),
+                "-p",
+                &addr.port().to_string(),
+                "-P",
+                &flows.to_string(),
+                "-t",
+                &format!("{}", secs.ceil() as u64),
+                "-J",
+            ],
+        )
+        .output()
+        .context("run iperf3")?;
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("parse iperf3 -J output")?;
     if let Some(e) = v.get("error") {

@@ -23,6 +23,7 @@ const COLORS: [RGBColor; Target::ORDER.len()] = [
     RGBColor(158, 202, 225),
     RGBColor(31, 119, 180),
     RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
     RGBColor(214, 39, 40),
     RGBColor(255, 152, 150),
     RGBColor(44, 160, 44),

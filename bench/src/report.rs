@@ -79,10 +79,13 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     run_line(out, "Measured", &d.run);
     let _ = writeln!(
         out,
-        "{} repetitions, interleaved (direct, mesh, mesh-nft, haproxy, nginx, direct, …), {} s measured \
+        "{} repetitions, interleaved (direct, mesh, mesh-nft, mesh-ebpf, haproxy, nginx, direct, …), {} s measured \
          after 1 s warm-up, each trial in fresh namespaces. LB on CPU 1, with the LB namespace's \
          receive processing steered there too (RPS); client and backend on CPU 0. mesh-nft is mesh \
          with `--dataplane nftables`: the LB namespace's kernel DNATs and no process touches a byte. \
+         mesh-ebpf is mesh with `--dataplane ebpf`, the client (in the programs' cgroup) connecting \
+         to VIPs: each connect is rewritten to the backend, so its path is direct's; its agent runs \
+         in a namespace off the path, without health checks. \
          LB cost is CPU 1's busy time from /proc/stat (process and softirq alike). \
          Latency ran open-loop at {} connections/s (half of direct's median CRR at 32).\n",
         d.reps,
@@ -95,23 +98,25 @@ fn dataplane(out: &mut String, d: &DataplaneResults) {
     );
     let _ = writeln!(
         out,
-        "| workload | mesh | ÷ direct | ÷ HAProxy | mesh-nft ÷ direct | HAProxy ÷ direct |"
+        "| workload | mesh | ÷ direct | ÷ HAProxy | mesh-nft ÷ direct | mesh-ebpf ÷ direct | HAProxy ÷ direct |"
     );
-    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
     for w in Workload::ALL {
         let Some(m) = find(&d.summary, w, Target::Mesh) else {
             continue;
         };
         let h = find(&d.summary, w, Target::Haproxy);
         let n = find(&d.summary, w, Target::MeshNft);
+        let e = find(&d.summary, w, Target::MeshEbpf);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             w.title(),
             fmt_value(w, m.value.median),
             ratio(m.vs_direct),
             ratio(m.vs_haproxy),
             ratio(n.and_then(|n| n.vs_direct)),
+            ratio(e.and_then(|e| e.vs_direct)),
             ratio(h.and_then(|h| h.vs_direct)),
         );
     }

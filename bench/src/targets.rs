@@ -35,6 +35,11 @@ pub enum Target {
     #[value(name = "mesh-nft")]
     #[serde(rename = "mesh-nft")]
     MeshNft,
+    /// mesh with `--dataplane ebpf`, the client connecting to VIPs: the socket
+    /// programs rewrite each connect to the backend, and nothing is in the path after.
+    #[value(name = "mesh-ebpf")]
+    #[serde(rename = "mesh-ebpf")]
+    MeshEbpf,
     Haproxy,
     /// HAProxy with `option splice-auto` instead of forced splice: its own heuristic,
     /// which splices only when buffers fill. Not a default target; for checking that
@@ -52,6 +57,7 @@ impl fmt::Display for Target {
             Target::MeshBefore => "mesh-before",
             Target::Mesh => "mesh",
             Target::MeshNft => "mesh-nft",
+            Target::MeshEbpf => "mesh-ebpf",
             Target::Haproxy => "haproxy",
             Target::HaproxySpliceAuto => "haproxy-splice-auto",
             Target::Nginx => "nginx",
@@ -67,19 +73,21 @@ pub struct Addrs {
 
 impl Target {
     /// The default targets.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Direct,
         Target::Mesh,
         Target::MeshNft,
+        Target::MeshEbpf,
         Target::Haproxy,
         Target::Nginx,
     ];
     /// Every target, in report order.
-    pub const ORDER: [Target; 7] = [
+    pub const ORDER: [Target; 8] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
         Target::MeshNft,
+        Target::MeshEbpf,
         Target::Haproxy,
         Target::HaproxySpliceAuto,
         Target::Nginx,
@@ -111,9 +119,38 @@ impl Target {
         let log = dir.join(format!("{self}.log"));
         let cmd = match self {
             Target::Direct => return Ok(None),
+            Target::MeshEbpf => {
+                let (cgroup, pins, agent_ns) = topo
+                    .ebpf
+                    .as_ref()
+                    .context("the mesh-ebpf target needs the topology's cgroup")?;
+                let cfg = format!(
+                    "{}\n{}",
+                    mesh_config(dir, true, false),
+                    integration::ebpf::config(cgroup, pins)
+                );
+                let cfg = write(dir, "mesh.toml", &cfg)?;
+                let bin = mesh_bin.to_string_lossy().to_string();
+                // In a namespace of its own, off the path: the socket programs act on
+                // the client's connects wherever the agent runs, and the nftables
+                // table it makes for published ports would otherwise turn on
+                // conntrack for every packet the LB namespace forwards. nsenter, not
+                // `ip netns exec`: the agent must see bpffs and the cgroup hierarchy,
+                // which the latter's private /sys hides.
+                let mut c = integration::ebpf::nsenter(agent_ns);
+                c.args(["taskset", "-c", LB_CPU, &bin]).args([
+                    "agent",
+                    "--config",
+                    &cfg,
+                    "--no-vips",
+                    "--dataplane",
+                    "ebpf",
+                ]);
+                c
+            }
             Target::Mesh | Target::MeshBefore | Target::MeshNft => {
                 let nft = self == Target::MeshNft;
-                let cfg = write(dir, "mesh.toml", &mesh_config(dir, nft))?;
+                let cfg = write(dir, "mesh.toml", &mesh_config(dir, nft, true))?;
                 let bin = mesh_bin.to_string_lossy().to_string();
                 let mut args = vec!["agent", "--config", &cfg, "--no-vips"];
                 // Only when asked: a `mesh-before` binary may predate the flag.
@@ -146,16 +183,55 @@ impl Target {
     }
 }
 
+/// The VIP addresses of the echo, HTTP and iperf services, from the agent's API once
+/// it has them.
+pub fn vip_addrs(mesh_bin: &Path, dir: &Path) -> Result<Addrs> {
+    let api = format!("unix:{}", dir.join("mesh.sock").display());
+    let vip = |service: &str| -> Option<std::net::IpAddr> {
+        let out = std::process::Command::new(mesh_bin)
+            .args([
+                "--api", &api, "--format", "json", "service", "inspect", service,
+            ])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["vips"]["v4"].as_str()?.parse().ok()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let (Some(e), Some(h), Some(i)) = (vip("echo"), vip("http"), vip("iperf")) {
+            return Ok(Addrs {
+                echo: (e, ECHO_PORT).into(),
+                http: (h, HTTP_PORT).into(),
+                iperf: (i, IPERF_PORT).into(),
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the mesh-ebpf agent did not report its services' VIPs within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> Result<String> {
     let path: PathBuf = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     Ok(path.to_string_lossy().to_string())
 }
 
-/// `nft`: the nftables plane's config. It leaves out `max_connections`, which only the
+/// `kernel`: a kernel plane's config. It leaves out `max_connections`, which only the
 /// userspace plane implements (a service that asks for it stays in userspace).
-fn mesh_config(dir: &Path, nft: bool) -> String {
-    let max_connections = if nft { "" } else { "max_connections = 7000" };
+/// `probe`: health checks; without them the agent need not reach the backend.
+fn mesh_config(dir: &Path, kernel: bool, probe: bool) -> String {
+    let max_connections = if kernel { "" } else { "max_connections = 7000" };
+    let (echo_health, http_health) = if probe {
+        ("", r#"health = { check = "http", path = "/" }"#)
+    } else {
+        (
+            r#"health = { check = "none" }"#,
+            r#"health = { check = "none" }"#,
+        )
+    };
     format!(
         r#"node_name = "lb"
 data_dir = "{dir}/mesh-data"
@@ -178,11 +254,12 @@ ports = [
   {{ published = {LB_ECHO_PORT}, target = {ECHO_PORT}, protocol = "udp" }},
 ]
 {max_connections}
+{echo_health}
 
 [[service]]
 name = "http"
 ports = [{{ published = {LB_HTTP_PORT}, target = {HTTP_PORT}, protocol = "tcp" }}]
-health = {{ check = "http", path = "/" }}
+{http_health}
 
 [[service]]
 name = "iperf"

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use integration::ebpf::{Cgroup, PinDir};
 use integration::netns::Netns;
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -22,6 +23,9 @@ pub struct Topology {
     pub client: Netns,
     pub lb: Netns,
     pub backend: Netns,
+    /// For the eBPF plane: the cgroup its socket programs act on, where the client's
+    /// processes start; where the agent pins them; and the agent's own namespace.
+    pub ebpf: Option<(Cgroup, PinDir, Netns)>,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -45,6 +49,7 @@ impl Topology {
             client: Netns::new(),
             lb: Netns::new(),
             backend: Netns::new(),
+            ebpf: None,
         };
         let (c, l, b) = (&t.client.name, &t.lb.name, &t.backend.name);
         t.lb.add_veth("to-client", &t.client, "eth0")
@@ -148,6 +153,18 @@ pub fn cpu_busy_seconds(cpu: &str) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Ok(busy as f64 / hz.max(1) as f64)
+}
+
+impl Topology {
+    /// `program args` in the client namespace, pinned to `cpu`, inside the eBPF
+    /// cgroup when there is one.
+    pub fn client_command(&self, cpu: &str, program: &str, args: &[&str]) -> Command {
+        let mut c = crate::process::pinned(&self.client, cpu, program, args);
+        if let Some((cgroup, _, _)) = &self.ebpf {
+            cgroup.enter(&mut c);
+        }
+        c
+    }
 }
 
 pub fn lb_addr(port: u16) -> std::net::SocketAddr {

@@ -13,6 +13,10 @@ pub const MAX_SLOTS: usize = 256;
 pub const MAX_BACKENDS: u32 = 65536;
 /// Entries of `mesh_frontends`.
 pub const MAX_FRONTENDS: usize = 16384;
+/// Entries of the LRU maps `mesh_flows` and `mesh_revnat`: the sockets whose choice
+/// is remembered before the least recently used is forgotten.
+pub const MAX_FLOWS: u32 = 65536;
+pub const MAX_REVNAT: u32 = 131072;
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;

@@ -17,10 +17,11 @@ use async_trait::async_trait;
 use mesh_core::plan::{Features, PlaneKind};
 use mesh_core::{FrontendKey, Listen, Plan, PlanChange};
 use mesh_dataplane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target};
+use prometheus::IntCounterVec;
 use tracing::{info, warn};
 
 use crate::config::EbpfConfig;
-use crate::layout::{self, BackendValue, FrontendValue, MAX_FRONTENDS};
+use crate::layout::{self, BackendValue, FrontendValue, MAX_BACKENDS, MAX_FRONTENDS};
 use crate::programs::{PROGRAMS, Programs};
 use crate::table::{Table, Writes};
 
@@ -38,13 +39,28 @@ pub struct EbpfPlane {
     problems: BTreeMap<FrontendKey, PlaneError>,
     failed: Option<String>,
     keep: bool,
+    /// `mesh_connections_total`, shared with the other planes: the programs' counts
+    /// are added to it every [`COUNT_EVERY`].
+    connections: Option<IntCounterVec>,
+    /// The count of each backend id last added to `connections`.
+    seen: BTreeMap<u32, u64>,
+    /// Which service and task each address is, for the counter's labels.
+    owners: BTreeMap<SocketAddr, (String, String)>,
+    count_at: Instant,
 }
+
+/// How often the programs' counts reach the metrics.
+const COUNT_EVERY: Duration = Duration::from_secs(2);
 
 impl EbpfPlane {
     /// Mounts what is missing, loads and attaches the programs, and adopts the maps
     /// a previous run pinned. An error says why the plane cannot run here, so `auto`
     /// can fall back with it.
-    pub fn open(config: &EbpfConfig, keep: bool) -> Result<EbpfPlane, String> {
+    pub fn open(
+        config: &EbpfConfig,
+        keep: bool,
+        connections: Option<IntCounterVec>,
+    ) -> Result<EbpfPlane, String> {
         config.check()?;
         if !crate::programs::BUILT {
             // Said before anything on the host is touched.
@@ -55,6 +71,11 @@ impl EbpfPlane {
         let (mut programs, adopted) = Programs::open(&config.pin_dir, &cgroup)?;
         let (table, cleanup) = read_table(&programs);
         write(&mut programs, &cleanup)?;
+        // What a previous run counted is not this run's to report.
+        let seen = table
+            .backends()
+            .map(|(id, _)| (id, programs.picks(id).unwrap_or(0)))
+            .collect();
         if adopted {
             info!(
                 pin_dir = %config.pin_dir.display(),
@@ -72,7 +93,32 @@ impl EbpfPlane {
             problems: BTreeMap::new(),
             failed: None,
             keep,
+            connections,
+            seen,
+            owners: BTreeMap::new(),
+            count_at: Instant::now() + COUNT_EVERY,
         })
+    }
+
+    /// Adds what the programs counted since the last time to `mesh_connections_total`.
+    fn count(&mut self) {
+        let (Some(programs), Some(counter)) = (self.programs.as_ref(), &self.connections) else {
+            return;
+        };
+        for (id, addr) in self.table.backends() {
+            let Some(now) = programs.picks(id) else {
+                continue;
+            };
+            let before = self.seen.insert(id, now).unwrap_or(0);
+            let delta = now.wrapping_sub(before);
+            if delta > 0
+                && let Some((service, task)) = self.owners.get(&addr)
+            {
+                counter.with_label_values(&[service, task]).inc_by(delta);
+            }
+        }
+        self.seen
+            .retain(|id, _| self.table.backends().any(|(b, _)| b == *id));
     }
 
     /// The cgroup the programs are attached to.
@@ -116,6 +162,7 @@ fn map_key(key: &FrontendKey) -> Option<layout::FrontendKey> {
 /// Performs `writes` in their order. The first failure stops it.
 fn write(programs: &mut Programs, writes: &Writes) -> Result<(), String> {
     for (id, addr) in &writes.backends {
+        programs.reset_picks(*id)?;
         programs
             .backends
             .insert(id, BackendValue::new(*addr), 0)
@@ -183,13 +230,15 @@ impl Dataplane for EbpfPlane {
     fn detail(&self) -> String {
         let names: Vec<&str> = PROGRAMS.iter().map(|(n, _)| *n).collect();
         let mut out = format!(
-            "VIPs balanced at connect() for processes in cgroup {}: {} programs ({}), pinned in {}; {} VIP frontends of at most {MAX_FRONTENDS}, {} task addresses",
+            "VIPs balanced at connect() for processes in cgroup {}: {} programs ({}); maps pinned in {}: mesh_frontends {}/{MAX_FRONTENDS}, mesh_backends {}/{MAX_BACKENDS}, mesh_flows (LRU, {}), mesh_revnat (LRU, {}), mesh_picks (per CPU)",
             self.cgroup.display(),
             PROGRAMS.len(),
             names.join(", "),
             self.pin_dir.display(),
             self.table.frontend_count(),
             self.table.backend_count(),
+            layout::MAX_FLOWS,
+            layout::MAX_REVNAT,
         );
         if let Some(e) = &self.failed {
             out.push_str(&format!("; last write failed: {e}"));
@@ -238,6 +287,14 @@ impl Dataplane for EbpfPlane {
             self.problems.remove(k);
         }
         let (writes, problems) = self.table.sync(wanted);
+        self.owners = plan
+            .frontends_of(PlaneKind::Ebpf)
+            .flat_map(|(_, f)| {
+                f.backends
+                    .iter()
+                    .map(|b| (b.addr, (f.service.clone(), b.task.clone())))
+            })
+            .collect();
         for p in problems {
             let service = plan.frontends.get(&p.frontend).map(|f| f.service.clone());
             self.problems.insert(
@@ -251,6 +308,9 @@ impl Dataplane for EbpfPlane {
         }
         match write(programs, &writes) {
             Ok(()) => {
+                for (id, _) in &writes.backends {
+                    self.seen.insert(*id, 0);
+                }
                 self.first = false;
                 self.stale = false;
                 self.failed = None;
@@ -271,14 +331,19 @@ impl Dataplane for EbpfPlane {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        None
+        self.connections.as_ref().map(|_| self.count_at)
     }
 
-    async fn on_deadline(&mut self, _now: Instant) -> ApplyReport {
+    async fn on_deadline(&mut self, now: Instant) -> ApplyReport {
+        if now >= self.count_at {
+            self.count();
+            self.count_at = now + COUNT_EVERY;
+        }
         self.report()
     }
 
     async fn shutdown(&mut self, _grace: Duration) {
+        self.count();
         let Some(programs) = self.programs.take() else {
             return;
         };

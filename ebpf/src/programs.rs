@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 
 use crate::layout::{BackendValue, FrontendKey, FrontendValue};
 
@@ -43,6 +43,8 @@ pub struct Programs {
     _ebpf: aya::Ebpf,
     pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
     pub backends: HashMap<MapData, u32, BackendValue>,
+    /// New connections and UDP flows per backend id, per CPU.
+    pub picks: PerCpuArray<MapData, u64>,
     pin_dir: PathBuf,
 }
 
@@ -132,15 +134,36 @@ impl Programs {
                 .ok_or("the eBPF object has no map mesh_backends")?,
         )
         .map_err(|e| format!("mesh_backends: {}", chain(&e)))?;
+        let picks = PerCpuArray::try_from(
+            ebpf.take_map("mesh_picks")
+                .ok_or("the eBPF object has no map mesh_picks")?,
+        )
+        .map_err(|e| format!("mesh_picks: {}", chain(&e)))?;
         Ok((
             Programs {
                 _ebpf: ebpf,
                 frontends,
                 backends,
+                picks,
                 pin_dir: pin_dir.to_path_buf(),
             },
             adopted,
         ))
+    }
+
+    /// The connections and UDP flows the programs sent to backend `id`, over all CPUs.
+    pub fn picks(&self, id: u32) -> Option<u64> {
+        let values = self.picks.get(&id, 0).ok()?;
+        Some(values.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+
+    /// Zeroes the count of `id`, which is about to name another task.
+    pub fn reset_picks(&mut self, id: u32) -> Result<(), String> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;
+        let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| e.to_string())?;
+        self.picks
+            .set(id, zeros, 0)
+            .map_err(|e| format!("zeroing mesh_picks[{id}]: {e}"))
     }
 
     /// Detaches every program and removes every pin: nothing is left in the kernel

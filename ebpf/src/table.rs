@@ -102,6 +102,11 @@ impl Table {
         self.addrs.len()
     }
 
+    /// Every backend id and its task address.
+    pub fn backends(&self) -> impl Iterator<Item = (u32, SocketAddr)> + '_ {
+        self.addrs.iter().map(|(id, addr)| (*id, *addr))
+    }
+
     /// The task addresses behind an installed frontend.
     pub fn backends_of(&self, key: &FrontendKey) -> Option<Vec<SocketAddr>> {
         self.frontends.get(key).map(|ids| {

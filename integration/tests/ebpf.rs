@@ -126,6 +126,19 @@ fn ebpf_balances_vips_at_connect_keeps_the_client_address_and_survives_the_agent
     });
     assert_eq!(seen, BTreeMap::from([("web.1", 4), ("web.2", 4)]));
 
+    // The programs count each connect per task, and /metrics shows it under the
+    // other planes' name: nine connects so far.
+    eventually("mesh_connections_total counts the nine connects", || {
+        let count = |task| {
+            agent.metric(
+                "mesh_connections_total",
+                &[("service", "web"), ("task", task)],
+            )
+        };
+        let (one, two) = (count("web.1"), count("web.2"));
+        (one + two == 9.0 && one >= 4.0 && two >= 4.0).then_some(())
+    });
+
     // Outside the cgroup nothing is rewritten: the VIP has no route from the client.
     let outside = c
         .client
@@ -330,4 +343,67 @@ fn an_explicit_ebpf_that_cannot_run_refuses_to_start_and_auto_falls_back() {
 
 fn agent_log_has(agent: &Agent, text: &str) -> Option<()> {
     agent.log().contains(text).then_some(())
+}
+
+#[test]
+fn an_ipv6_vip_is_balanced_at_connect_and_getpeername_returns_it() {
+    let test = "an_ipv6_vip_is_balanced_at_connect_and_getpeername_returns_it";
+    if skip_unless_ebpf(test) {
+        return;
+    }
+    // One namespace: the tasks on ::1, the client beside them in the cgroup.
+    let ns = Netns::new();
+    ns.run("ip", &["link", "set", "lo", "up"]);
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let _b1 = Backend::start_in_at(&ns, "web.1", "::1", 8001);
+    let _b2 = Backend::start_in_at(&ns, "web.2", "::1", 8002);
+    let cfg = format!(
+        "[[service]]\nname = \"web\"\nports = [{{ target = 8000 }}]\n\
+         health = {{ check = \"tcp\", interval = \"200ms\" }}\n\
+         [[task]]\nservice = \"web\"\nid = \"web.1\"\nip = \"::1\"\nport = 8001\n\
+         [[task]]\nservice = \"web\"\nid = \"web.2\"\nip = \"::1\"\nport = 8002\n{}",
+        config(&cg, &pins)
+    );
+    let args = ["--dataplane", "ebpf", "--bind", "127.0.0.1:0", "--insecure"];
+    let agent = Agent::start_entered(&ns, "host1", Some(&cfg), &args);
+    agent.wait_routable("web", 2);
+    agent.wait_applied();
+    let (_, s) = agent.http("GET", "/v1/services/web", None);
+    let vip6 = s["vips"]["v6"].as_str().expect("a v6 VIP").to_string();
+    let addr = format!("[{vip6}]:8000");
+    let ask = || {
+        let out = cg
+            .command(&ns, backend_bin())
+            .args(["--who-peer", &addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{addr}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let parts: Vec<String> = text.split(' ').map(str::to_string).collect();
+        assert_eq!(parts.len(), 3, "{text}");
+        (parts[0].clone(), parts[2].clone())
+    };
+    let seq: Vec<String> = (0..6)
+        .map(|_| {
+            let (task, peer) = ask();
+            assert_eq!(peer, addr, "getpeername returns the VIP");
+            task
+        })
+        .collect();
+    assert!(alternates(&seq), "round robin: {seq:?}");
+    // The IPv4 VIP of the same service has no IPv4 task: its connects are refused,
+    // not sent to an IPv6 address an IPv4 socket cannot use.
+    let vip4 = s["vips"]["v4"].as_str().expect("a v4 VIP").to_string();
+    let out = cg
+        .command(&ns, backend_bin())
+        .args(["--get", &format!("{vip4}:8000")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("refused"), "{err}");
 }

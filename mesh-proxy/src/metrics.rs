@@ -138,6 +138,12 @@ impl ProxyMetrics {
         })
     }
 
+    /// `mesh_connections_total{service, task}`, for a kernel plane that counts its
+    /// own connections.
+    pub fn connections(&self) -> IntCounterVec {
+        self.connections.clone()
+    }
+
     pub fn task(&self, service: &str, task: &str) -> TaskMetrics {
         let l = &[service, task];
         TaskMetrics {

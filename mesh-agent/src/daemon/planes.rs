@@ -72,10 +72,15 @@ async fn nftables(
 /// The eBPF plane, if it works here, on the same terms as [`nftables`].
 fn ebpf(
     settings: &Settings,
+    metrics: &ProxyMetrics,
     required: bool,
     fallback: &str,
 ) -> Result<Option<Box<dyn Dataplane>>, AgentError> {
-    match EbpfPlane::open(&settings.ebpf, settings.proxy.keep_dataplane) {
+    match EbpfPlane::open(
+        &settings.ebpf,
+        settings.proxy.keep_dataplane,
+        Some(metrics.connections()),
+    ) {
         Ok(plane) => {
             info!(
                 dataplane = "ebpf",
@@ -97,7 +102,10 @@ fn ebpf(
 /// that `ebpf` serves published ports with nftables only where nftables works. `auto`
 /// takes eBPF for VIPs and nftables for the rest, and falls back with one line saying
 /// why.
-async fn kernel_planes(settings: &Settings) -> Result<Vec<Box<dyn Dataplane>>, AgentError> {
+async fn kernel_planes(
+    settings: &Settings,
+    metrics: &ProxyMetrics,
+) -> Result<Vec<Box<dyn Dataplane>>, AgentError> {
     let mut planes = Vec::new();
     match settings.proxy.dataplane {
         DataplaneChoice::Userspace => {}
@@ -105,7 +113,7 @@ async fn kernel_planes(settings: &Settings) -> Result<Vec<Box<dyn Dataplane>>, A
             planes.extend(nftables(settings, true, "").await?);
         }
         DataplaneChoice::Ebpf => {
-            planes.extend(ebpf(settings, true, "")?);
+            planes.extend(ebpf(settings, metrics, true, "")?);
             planes.extend(
                 nftables(
                     settings,
@@ -123,6 +131,7 @@ async fn kernel_planes(settings: &Settings) -> Result<Vec<Box<dyn Dataplane>>, A
             } else {
                 planes.extend(ebpf(
                     settings,
+                    metrics,
                     false,
                     "dataplane auto: VIPs are served by nftables or userspace",
                 )?);
@@ -146,12 +155,12 @@ pub async fn spawn(
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stop: CancellationToken,
 ) -> Result<DriverHandle, AgentError> {
+    let kernel = kernel_planes(settings, &metrics).await?;
     let proxy = ProxyPlane::new(settings.proxy.clone(), metrics);
     let mut host = Host {
         node: settings.node_name.clone(),
         ..Host::default()
     };
-    let kernel = kernel_planes(settings).await?;
     // nftables serves published ports and VIPs; eBPF, when loaded, takes the VIPs.
     for plane in &kernel {
         let caps = plane.capabilities();
