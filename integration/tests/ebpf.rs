@@ -330,7 +330,7 @@ fn an_explicit_ebpf_that_cannot_run_refuses_to_start_and_auto_falls_back() {
         &["--dataplane", "auto", "--bind", "127.0.0.1:0", "--insecure"],
     );
     eventually("auto falls back with one line", || {
-        agent_log_has(&auto, "the eBPF plane does not work here; dataplane auto")
+        agent_log_has(&auto, "dataplane auto: the eBPF plane does not work here")
     });
     let lines = auto
         .log()

@@ -53,6 +53,9 @@ pub struct NftPlane {
     /// (and make its chain) after the agent.
     forward_accept: ForwardAccept,
     forward_check_at: Instant,
+    /// A previous run left a table: it is replaced at the first apply even when
+    /// nothing is to be served, so its flows keep their NAT.
+    adopted: bool,
 }
 
 /// How often Docker's chain is checked for our accept.
@@ -102,6 +105,7 @@ impl NftPlane {
             frontends: 0,
             keep,
             failed: None,
+            adopted,
         })
     }
 
@@ -250,10 +254,14 @@ impl Dataplane for NftPlane {
     }
 
     fn detail(&self) -> String {
-        let mut d = format!(
-            "table inet {TABLE}, {} frontends with tasks",
-            self.frontends
-        );
+        let mut d = if self.installed.is_none() && !self.adopted {
+            format!("no table inet {TABLE} yet: no frontend is served by nftables")
+        } else {
+            format!(
+                "table inet {TABLE}, {} frontends with tasks",
+                self.frontends
+            )
+        };
         if self.conntrack.is_none() {
             d.push_str("; conntrack tool missing: flows of removed tasks are not moved");
         }
@@ -272,6 +280,13 @@ impl Dataplane for NftPlane {
     }
 
     async fn apply(&mut self, plan: &Plan, changes: &[PlanChange], now: Instant) -> ApplyReport {
+        // Until a frontend comes to this plane there is no table: a NAT chain, even an
+        // empty one, turns conntrack on for every packet of the namespace, which costs
+        // a host whose VIPs the eBPF plane serves a quarter of its connection rate.
+        // Once made, the table stays until shutdown, so draining flows keep their NAT.
+        if self.installed.is_none() && !self.adopted && plan.served_by(PlaneKind::Nftables) == 0 {
+            return self.report();
+        }
         let result = match self.change(plan, changes).await {
             Some(r) => r,
             None => self.replace(plan).await,
@@ -329,6 +344,10 @@ impl Dataplane for NftPlane {
     async fn shutdown(&mut self, _grace: Duration) {
         if self.keep {
             info!(table = %format!("inet {TABLE}"), "keeping the nftables table (--keep-dataplane)");
+            return;
+        }
+        if self.installed.is_none() && !self.adopted {
+            self.forward_accept.remove().await;
             return;
         }
         match self.nft.delete_table(TABLE).await {
@@ -417,6 +436,7 @@ mod tests {
             failed: None,
             forward_accept: ForwardAccept::beside(Nft::default().program()),
             forward_check_at: Instant::now() + Duration::from_secs(3600),
+            adopted: false,
         };
         let mut plan = Plan::default();
         plan.services.insert(
@@ -454,6 +474,39 @@ mod tests {
             "removed and drained TCP connections go on for drain_timeout; unhealthy ones stay"
         );
         assert_eq!(plane.next_deadline(), Some(later));
+    }
+
+    #[tokio::test]
+    async fn no_table_is_made_until_a_frontend_comes_and_then_it_stays() {
+        let Some(ns) = Ns::new() else { return };
+        let nft = Nft::in_netns(&ns.0);
+        let mut plane = NftPlane::open(nft.clone(), Conntrack::in_netns(&ns.0), false)
+            .await
+            .expect("open");
+        let report = plane.apply(&Plan::default(), &[], Instant::now()).await;
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert!(
+            !nft.has_table(TABLE).await.unwrap(),
+            "no frontend, no table (and no conntrack)"
+        );
+        assert!(plane.detail().contains("no table"), "{}", plane.detail());
+        let all = plan(&["web.1"]);
+        let changes = Plan::diff(&Plan::default(), &all);
+        plane.apply(&all, &changes, Instant::now()).await;
+        assert!(
+            nft.has_table(TABLE).await.unwrap(),
+            "a frontend makes the table"
+        );
+        let changes = Plan::diff(&all, &Plan::default());
+        plane
+            .apply(&Plan::default(), &changes, Instant::now())
+            .await;
+        assert!(
+            nft.has_table(TABLE).await.unwrap(),
+            "the table stays once made, so draining flows keep their NAT"
+        );
+        plane.shutdown(Duration::ZERO).await;
+        assert!(!nft.has_table(TABLE).await.unwrap());
     }
 
     #[tokio::test]

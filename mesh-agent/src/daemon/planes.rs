@@ -38,7 +38,8 @@ async fn clear_stale(settings: &Settings, record: &std::path::Path) {
 }
 
 /// The nftables plane, if it works here. `required`: the operator asked for it by
-/// name, so failing stops the agent; otherwise the failure is logged with `fallback`.
+/// name, so failing stops the agent; otherwise the failure is logged as `fallback`,
+/// which says what serves instead.
 async fn nftables(
     settings: &Settings,
     required: bool,
@@ -59,7 +60,7 @@ async fn nftables(
             Ok(Some(Box::new(plane)))
         }
         Err(e) if !required => {
-            warn!(error = %crate::error_chain(&e), "nftables does not work here; {fallback}");
+            warn!(error = %crate::error_chain(&e), "{fallback}");
             Ok(None)
         }
         Err(e) => Err(AgentError::Dataplane {
@@ -90,7 +91,7 @@ fn ebpf(
             Ok(Some(Box::new(plane)))
         }
         Err(e) if !required => {
-            warn!(error = %e, "the eBPF plane does not work here; {fallback}");
+            warn!(error = %e, "{fallback}");
             Ok(None)
         }
         Err(e) => Err(AgentError::Ebpf(e)),
@@ -118,7 +119,7 @@ async fn kernel_planes(
                 nftables(
                     settings,
                     false,
-                    "published ports are served by the userspace plane",
+                    "--dataplane ebpf: nftables does not work here; published ports are served by the userspace plane",
                 )
                 .await?,
             );
@@ -133,14 +134,14 @@ async fn kernel_planes(
                     settings,
                     metrics,
                     false,
-                    "dataplane auto: VIPs are served by nftables or userspace",
+                    "dataplane auto: the eBPF plane does not work here; VIPs are served by nftables or userspace",
                 )?);
             }
             planes.extend(
                 nftables(
                     settings,
                     false,
-                    "dataplane auto: frontends are served by the userspace plane",
+                    "dataplane auto: nftables does not work here; frontends are served by the userspace plane",
                 )
                 .await?,
             );
