@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use mesh_core::plan::{Features, PlaneKind};
 use mesh_core::{FrontendKey, Listen, Plan, PlanChange};
-use mesh_dataplane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target};
+use mesh_dataplane::{
+    Adoption, ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target,
+};
 use prometheus::IntCounterVec;
 use tracing::{info, warn};
 
@@ -47,6 +49,9 @@ pub struct EbpfPlane {
     /// Which service and task each address is, for the counter's labels.
     owners: BTreeMap<SocketAddr, (String, String)>,
     count_at: Instant,
+    /// Maps a previous run pinned are served unchanged while the restored tasks get
+    /// their first probe.
+    adoption: Adoption,
 }
 
 /// How often the programs' counts reach the metrics.
@@ -97,6 +102,7 @@ impl EbpfPlane {
             seen,
             owners: BTreeMap::new(),
             count_at: Instant::now() + COUNT_EVERY,
+            adoption: Adoption::new(adopted, Instant::now()),
         })
     }
 
@@ -251,7 +257,10 @@ impl Dataplane for EbpfPlane {
         Vec::new()
     }
 
-    async fn apply(&mut self, plan: &Plan, changes: &[PlanChange], _now: Instant) -> ApplyReport {
+    async fn apply(&mut self, plan: &Plan, changes: &[PlanChange], now: Instant) -> ApplyReport {
+        if self.adoption.hold(plan, now) {
+            return self.report();
+        }
         let Some(programs) = self.programs.as_mut() else {
             return ApplyReport::default();
         };
@@ -331,10 +340,18 @@ impl Dataplane for EbpfPlane {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.connections.as_ref().map(|_| self.count_at)
+        let count = self.connections.as_ref().map(|_| self.count_at);
+        [count, self.adoption.deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     async fn on_deadline(&mut self, now: Instant) -> ApplyReport {
+        if let Some(plan) = self.adoption.release(now) {
+            // `first` is still set: every frontend is reconciled.
+            self.apply(&plan, &[], now).await;
+        }
         if now >= self.count_at {
             self.count();
             self.count_at = now + COUNT_EVERY;

@@ -45,10 +45,15 @@ impl Load {
     /// Starts `mesh-test-backend --load ADDR RATE KIND...` in `ns` (`kind`: empty for
     /// HTTP, `["udp"]` or `["dns", NAME]`).
     pub fn start(ns: &Netns, addr: &str, rate: u64, kind: &[&str]) -> Load {
+        Self::start_with(ns.command(backend_bin()), addr, rate, kind)
+    }
+
+    /// As [`Load::start`], with `backend`: a command that runs `mesh-test-backend`
+    /// where the test wants it (e.g. inside a cgroup).
+    pub fn start_with(mut backend: Command, addr: &str, rate: u64, kind: &[&str]) -> Load {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("load.out");
-        let child = ns
-            .command(backend_bin())
+        let child = backend
             .args(["--load", addr, &rate.to_string()])
             .args(kind)
             .stdin(Stdio::null())
@@ -194,10 +199,19 @@ impl Held {
         stdin.write_all(b"go\n").expect("cue the held connection");
     }
 
+    /// As [`Held::open_until_go`], with `backend`: a command that runs
+    /// `mesh-test-backend` where the test wants it.
+    pub fn open_until_go_with(backend: Command, addr: &str) -> Held {
+        Self::start_with(backend, addr, "stdin", Stdio::piped())
+    }
+
     fn start(ns: &Netns, addr: &str, cue: &str, stdin: Stdio) -> Held {
+        Self::start_with(ns.command(backend_bin()), addr, cue, stdin)
+    }
+
+    fn start_with(mut backend: Command, addr: &str, cue: &str, stdin: Stdio) -> Held {
         use std::io::BufRead;
-        let mut child = ns
-            .command(backend_bin())
+        let mut child = backend
             .args(["--held", addr, cue])
             .stdin(stdin)
             .stdout(Stdio::piped())

@@ -395,3 +395,131 @@ fn the_mesh_keeps_serving_through_chaos() {
     drop(web_load);
     drop(dns_load);
 }
+
+/// How a kernel plane's agent goes away and comes back, and whether the kernel keeps
+/// serving meanwhile (the promise asserted) or not (counted only).
+const RESTARTS: [(&str, &[&str], bool); 3] = [
+    ("kill -9, then start again", &[], true),
+    (
+        "SIGTERM with --keep-dataplane, then start again",
+        &["--keep-dataplane"],
+        true,
+    ),
+    ("SIGTERM, then start again", &[], false),
+];
+
+/// Runs the restarts of [`RESTARTS`] on `agent` (whose config is `cfg` and whose
+/// extra arguments are `args`) while `load` runs, with a connection held across
+/// each; prints a row per restart and asserts that the kernel kept serving where it
+/// should.
+fn restart_under_load(
+    plane: &str,
+    agent: &mut Agent,
+    cfg: &str,
+    load: &Load,
+    held: impl Fn() -> Held,
+) {
+    for (how, keep, kept) in RESTARTS {
+        // The running agent must have been started with the flag its stop needs.
+        agent.stop();
+        agent.spawn(Some(cfg), keep);
+        agent.wait_applied();
+        let mut conn = held();
+        let gone = unix_ms();
+        if how.starts_with("kill -9") {
+            agent.kill9();
+        } else {
+            assert!(agent.stop().success(), "{plane}: clean exit");
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        agent.spawn(Some(cfg), &[]);
+        agent.wait_applied();
+        let back = unix_ms();
+        conn.go();
+        let established = conn.outcome();
+        std::thread::sleep(Duration::from_millis(500));
+        let end = unix_ms();
+        load.settle(gone, end);
+        let seen = count(&load.samples(), gone, end);
+        row(
+            &format!("{plane}: {how}"),
+            seen,
+            &format!(
+                "agent away for {} ms; an established connection: {established:?}",
+                back - gone
+            ),
+        );
+        if kept {
+            assert_eq!(
+                seen.failed,
+                0,
+                "{plane}, {how}: requests failed though the kernel kept its state: {:?}",
+                failures(&load.samples(), gone, end)
+            );
+            assert!(established.is_ok(), "{plane}, {how}: {established:?}");
+        }
+    }
+}
+
+#[test]
+fn kernel_planes_keep_serving_while_their_agent_restarts_or_dies() {
+    let test = "kernel_planes_keep_serving_while_their_agent_restarts_or_dies";
+    if skip_unless_root(test) {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    h1.ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
+    let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
+    let service = format!(
+        "[[service]]\nname = \"web\"\nports = [{{ published = 8080, target = 8000 }}]\n\
+         health = {{ check = \"tcp\", interval = \"200ms\" }}\n\
+         [[task]]\nservice = \"web\"\nid = \"web.1\"\nip = \"{}\"\nport = 8001\n\
+         [[task]]\nservice = \"web\"\nid = \"web.2\"\nip = \"{}\"\nport = 8002\n",
+        h1.ip, h2.ip
+    );
+    let bind = format!("{}:7946", h1.ip);
+
+    // nftables: the published port of host1, from the client namespace.
+    {
+        let args = ["--dataplane", "nftables", "--bind", &bind, "--insecure"];
+        let mut agent = Agent::start_named_in(&h1.ns, "host1", Some(&service), &args);
+        agent.wait_routable("web", 2);
+        agent.wait_applied();
+        let target = format!("{}:8080", h1.ip);
+        let load = Load::start(&c.client.ns, &target, 40, &[]);
+        eventually("the load gets answers through nftables", || {
+            let seen = count(&load.samples(), 0, u128::MAX);
+            (seen.requests - seen.failed > 5).then_some(())
+        });
+        restart_under_load("nftables", &mut agent, &service, &load, || {
+            Held::open_until_go(&c.client.ns, &target)
+        });
+        agent.stop();
+    }
+
+    // eBPF: a VIP, from a client in the programs' cgroup.
+    if integration::ebpf::skip_unless_ebpf(&format!("{test} (eBPF part)")) {
+        return;
+    }
+    let cg = integration::ebpf::Cgroup::new();
+    let pins = integration::ebpf::PinDir::new();
+    let cfg = format!("{service}{}", integration::ebpf::config(&cg, &pins));
+    let args = ["--dataplane", "ebpf", "--bind", &bind, "--insecure"];
+    let mut agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg), &args);
+    agent.wait_routable("web", 2);
+    agent.wait_applied();
+    let (_, s) = agent.http("GET", "/v1/services/web", None);
+    let vip = s["vips"]["v4"].as_str().expect("a v4 VIP").to_string();
+    let target = format!("{vip}:8000");
+    let load = Load::start_with(cg.command(&c.client.ns, backend_bin()), &target, 40, &[]);
+    eventually("the load gets answers through the eBPF plane", || {
+        let seen = count(&load.samples(), 0, u128::MAX);
+        (seen.requests - seen.failed > 5).then_some(())
+    });
+    restart_under_load("eBPF", &mut agent, &cfg, &load, || {
+        Held::open_until_go_with(cg.command(&c.client.ns, backend_bin()), &target)
+    });
+    agent.stop();
+}

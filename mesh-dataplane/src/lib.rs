@@ -8,9 +8,11 @@
 //! [`Plan`]: mesh_core::Plan
 
 pub mod addresses;
+pub mod adoption;
 pub mod driver;
 pub mod plane;
 
 pub use addresses::{AddressPlane, has_net_admin};
+pub use adoption::Adoption;
 pub use driver::{Driver, DriverHandle, PlaneClient, PlaneReport, PlaneState, PlaneStatus};
 pub use plane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target};

@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use mesh_core::plan::{Features, PlaneKind};
 use mesh_core::task::TaskState;
 use mesh_core::{FrontendKey, Plan, PlanChange, Protocol};
-use mesh_dataplane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target};
+use mesh_dataplane::{
+    Adoption, ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target,
+};
 use tracing::{info, warn};
 
 use crate::command::CommandError;
@@ -56,6 +58,8 @@ pub struct NftPlane {
     /// A previous run left a table: it is replaced at the first apply even when
     /// nothing is to be served, so its flows keep their NAT.
     adopted: bool,
+    /// It is served unchanged while the restored tasks get their first probe.
+    adoption: Adoption,
 }
 
 /// How often Docker's chain is checked for our accept.
@@ -106,6 +110,7 @@ impl NftPlane {
             keep,
             failed: None,
             adopted,
+            adoption: Adoption::new(adopted, Instant::now()),
         })
     }
 
@@ -280,6 +285,9 @@ impl Dataplane for NftPlane {
     }
 
     async fn apply(&mut self, plan: &Plan, changes: &[PlanChange], now: Instant) -> ApplyReport {
+        if self.adoption.hold(plan, now) {
+            return self.report();
+        }
         // Until a frontend comes to this plane there is no table: a NAT chain, even an
         // empty one, turns conntrack on for every packet of the namespace, which costs
         // a host whose VIPs the eBPF plane serves a quarter of its connection rate.
@@ -320,10 +328,22 @@ impl Dataplane for NftPlane {
     fn next_deadline(&self) -> Option<Instant> {
         // A failed apply is retried at the next plan change.
         let forget = self.forget_at.values().min().copied();
-        Some(forget.map_or(self.forward_check_at, |f| f.min(self.forward_check_at)))
+        [
+            forget,
+            self.adoption.deadline(),
+            Some(self.forward_check_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     async fn on_deadline(&mut self, now: Instant) -> ApplyReport {
+        if let Some(plan) = self.adoption.release(now) {
+            // Everything is reconciled: the first apply after adopting replaces the
+            // whole table.
+            self.apply(&plan, &[], now).await;
+        }
         let due: Vec<BackendKey> = self
             .forget_at
             .iter()
@@ -437,6 +457,7 @@ mod tests {
             forward_accept: ForwardAccept::beside(Nft::default().program()),
             forward_check_at: Instant::now() + Duration::from_secs(3600),
             adopted: false,
+            adoption: Adoption::default(),
         };
         let mut plan = Plan::default();
         plan.services.insert(
@@ -563,13 +584,25 @@ mod tests {
         let mut again = NftPlane::open(nft.clone(), Conntrack::in_netns(&ns.0), false)
             .await
             .expect("reopen");
-        let report = again.apply(&all, &[], Instant::now()).await;
+        let started = Instant::now();
+        let report = again.apply(&all, &[], started).await;
         assert!(report.errors.is_empty(), "{report:?}");
+        assert!(
+            !nft.run(&["list", "table", "inet", TABLE], "")
+                .await
+                .unwrap()
+                .contains("10.0.0.2"),
+            "the adopted table is served unchanged while the restored tasks are probed"
+        );
+        let release = again.next_deadline().expect("the hold's end");
+        assert!(release <= started + mesh_dataplane::adoption::HOLD);
+        again.on_deadline(release).await;
         assert!(
             nft.run(&["list", "table", "inet", TABLE], "")
                 .await
                 .unwrap()
-                .contains("10.0.0.2")
+                .contains("10.0.0.2"),
+            "then the latest plan replaces it"
         );
 
         again.shutdown(Duration::ZERO).await;
