@@ -635,3 +635,115 @@ fn assert_ok_stderr(out: std::process::Output) -> String {
     assert!(out.status.success(), "{err}");
     err
 }
+
+#[test]
+fn the_cli_takes_dockers_port_syntax_aliases_filters_quiet_and_templates() {
+    let dns = free_udp_port();
+    let dns_addr = format!("127.0.0.1:{dns}");
+    let agent = Agent::start(None, &["--dns", &dns_addr]);
+    let backend = Backend::start("web.1");
+    let port = free_port();
+    // Docker's long form, with a port name for SRV, and --endpoint-mode for --mode.
+    let published = format!("published={port},target=80,mode=ingress,name=http");
+    assert_ok(agent.cli(&[
+        "service",
+        "create",
+        "web",
+        "-p",
+        &published,
+        "--endpoint-mode",
+        "vip",
+    ]));
+    assert_ok(agent.cli(&[
+        "service",
+        "create",
+        "api",
+        "-p",
+        "target=81,protocol=udp",
+        "--mode",
+        "dnsrr",
+    ]));
+    let web = agent.cli_json(&["service", "inspect", "web"]);
+    assert_eq!(
+        (&web["ports"][0]["published"], &web["ports"][0]["name"]),
+        (&json!(port), &json!("http")),
+        "{web}"
+    );
+    let refused = agent.cli(&["service", "create", "x", "-p", "target=80,mode=host"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("mode=host is not supported"), "{err}");
+
+    // The README's SRV example answers: the port has a name now.
+    let addr = format!("127.0.0.1:{}", backend.port);
+    assert_ok(agent.cli(&["task", "add", "web", &addr, "--id", "web.1"]));
+    agent.wait_routable("web", 1);
+    let srv = eventually("SRV _http._tcp.web.mesh answers", || {
+        let out = Command::new("dig")
+            .args(["@127.0.0.1", "-p", &dns.to_string(), "+short", "+time=5"])
+            .args(["SRV", "_http._tcp.web.mesh"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!text.is_empty()).then_some(text)
+    });
+    // A VIP service's SRV names the VIP's name and the target port.
+    assert_eq!(srv, "0 0 80 web.mesh.");
+
+    // Aliases, -q, --filter and templates.
+    let text = |args: &[&str]| assert_ok(agent.cli(args));
+    assert_eq!(text(&["service", "list", "-q"]), "api\nweb\n");
+    assert_eq!(
+        text(&["service", "ls", "--filter", "mode=dnsrr", "-q"]),
+        "api\n"
+    );
+    assert_eq!(
+        text(&[
+            "service",
+            "ls",
+            "--filter",
+            "name=w",
+            "--format",
+            "{{.Name}} {{.Mode}} {{.Tasks}}"
+        ]),
+        "web vip 1/1\n"
+    );
+    assert_eq!(
+        text(&["service", "ps", "web", "--format", "{{.ID}}@{{.Host}}"]),
+        "web.1@it\n"
+    );
+    assert_eq!(
+        text(&["service", "ps", "web", "--filter", "health=unhealthy", "-q"]),
+        ""
+    );
+    let listed = agent.cli_json(&["service", "ls", "--filter", "name=api"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(text(&["node", "list", "-q"]), "it\n");
+    for (args, says) in [
+        (
+            vec!["service", "ls", "--filter", "colour=red"],
+            "unknown key \"colour\"",
+        ),
+        (
+            vec!["service", "ls", "--format", "{{.Colour}}"],
+            "no field \"Colour\"",
+        ),
+        (vec!["service", "ls", "--format", "yaml"], "use table, json"),
+    ] {
+        let out = agent.cli(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+
+    // Errors follow --format json.
+    let out = agent.cli(&["--format", "json", "service", "inspect", "nope"]);
+    assert!(!out.status.success());
+    let err: Value = serde_json::from_slice(&out.stderr).expect("a JSON error");
+    assert!(
+        err["error"].as_str().is_some_and(|e| e.contains("nope")),
+        "{err}"
+    );
+    assert_ok(agent.cli(&["service", "remove", "api"]));
+    assert_eq!(text(&["service", "ls", "-q"]), "web\n");
+}

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::LogFormat;
 
@@ -35,17 +35,45 @@ pub struct Cli {
     /// Bearer token for the API over TCP.
     #[arg(long, env = "MESH_API_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
+    /// Output: table, json, or a template such as '{{.Name}}\t{{.Vip}}' (list
+    /// commands; `{{json .}}` is a row's JSON). Errors follow json too.
+    #[arg(long, default_value = "table", global = true, value_parser = Format::parse)]
     pub format: Format,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Format {
     Table,
     Json,
+    /// Go-template-like: `{{.Field}}` per row of a list command.
+    Template(String),
+}
+
+impl Format {
+    fn parse(text: &str) -> Result<Format, String> {
+        match text {
+            "table" => Ok(Format::Table),
+            "json" => Ok(Format::Json),
+            t if t.contains("{{") => Ok(Format::Template(t.to_string())),
+            other => Err(format!(
+                "{other:?}: use table, json, or a template such as '{{{{.Name}}}}'"
+            )),
+        }
+    }
+}
+
+/// What every list command takes besides `--format`.
+#[derive(Args, Clone, Default)]
+pub struct ListArgs {
+    /// Print only the first column (names or ids).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Keep rows whose KEY column is VALUE (`name` matches a prefix); repeat a key
+    /// for either value, different keys for all.
+    #[arg(short, long, value_name = "KEY=VALUE")]
+    pub filter: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -72,7 +100,8 @@ pub enum Command {
 #[derive(Subcommand)]
 pub enum NodeCommand {
     /// List the hosts of the cluster.
-    Ls,
+    #[command(visible_alias = "list")]
+    Ls(ListArgs),
 }
 
 #[derive(Args)]
@@ -142,19 +171,26 @@ pub enum ServiceCommand {
     /// Change some settings of a service; the others stay as they are.
     Update(Box<UpdateArgs>),
     /// List services.
-    Ls,
+    #[command(visible_alias = "list")]
+    Ls(ListArgs),
     /// Show a service in full (JSON).
     Inspect { name: String },
     /// Remove a service; its connections drain for its drain_timeout.
+    #[command(visible_alias = "remove")]
     Rm { name: String },
     /// List the tasks of a service.
-    Ps { name: String },
+    Ps {
+        name: String,
+        #[command(flatten)]
+        list: ListArgs,
+    },
 }
 
 #[derive(Args)]
 pub struct CreateArgs {
     pub name: String,
-    /// A port: [PUBLISHED:]TARGET[/udp]. Repeat for several.
+    /// A port: [PUBLISHED:]TARGET[/udp], or published=P,target=T[,protocol=udp]
+    /// [,mode=ingress][,name=NAME] (NAME is the SRV name). Repeat for several.
     #[arg(short = 'p', long = "publish", required = true)]
     pub ports: Vec<String>,
     #[command(flatten)]
@@ -164,7 +200,7 @@ pub struct CreateArgs {
 #[derive(Args)]
 pub struct UpdateArgs {
     pub name: String,
-    /// Replaces every port: [PUBLISHED:]TARGET[/udp]. Repeat for several.
+    /// Replaces every port, written as for `service create`. Repeat for several.
     #[arg(short = 'p', long = "publish")]
     pub ports: Vec<String>,
     #[command(flatten)]
@@ -177,7 +213,7 @@ pub struct UpdateArgs {
 #[derive(Args)]
 pub struct ServiceSettings {
     /// vip (default) or dnsrr.
-    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    #[arg(long, visible_alias = "endpoint-mode", value_parser = ["vip", "dnsrr"])]
     pub mode: Option<String>,
     /// round-robin (default) or least-conn.
     #[arg(long, value_parser = ["round-robin", "least-conn"])]
@@ -216,6 +252,7 @@ pub enum TaskCommand {
         id: Option<String>,
     },
     /// Remove a task; its connections drain for the service's drain_timeout.
+    #[command(visible_alias = "remove")]
     Rm { service: String, id: String },
     /// Stop sending new connections to a task; existing ones may finish.
     Drain { service: String, id: String },

@@ -8,12 +8,15 @@ use mesh_api::{NewTask, NodeView, ServiceView, StatusView, TaskView};
 use mesh_core::{HealthCheck, HealthKind, PortSpec, Protocol, ServiceSpec};
 use serde_json::{Value, json};
 
-use crate::cli::{CreateArgs, Format, ServiceCommand, ServiceSettings, TaskCommand, UpdateArgs};
+use crate::cli::{
+    CreateArgs, Format, ListArgs, ServiceCommand, ServiceSettings, TaskCommand, UpdateArgs,
+};
 use crate::client::Client;
+use crate::listing::{self, Column, Row, col};
 
-/// `[PUBLISHED:]TARGET[/udp|/tcp]` into a port.
+/// `[PUBLISHED:]TARGET[/udp|/tcp]`, or Docker's `published=…,target=…`, into a port.
 pub fn parse_port(text: &str) -> Result<PortSpec> {
-    PortSpec::parse_short(text).map_err(|e| anyhow::anyhow!("-p {text:?}: {e}"))
+    PortSpec::parse_flag(text).map_err(|e| anyhow::anyhow!("-p {text:?}: {e}"))
 }
 
 fn duration(flag: &str, value: &str) -> Result<std::time::Duration> {
@@ -146,7 +149,7 @@ fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
-pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Result<()> {
+pub async fn service(client: &Client, format: &Format, cmd: ServiceCommand) -> Result<()> {
     match cmd {
         ServiceCommand::Create(args) => {
             let v: ServiceView = client
@@ -162,7 +165,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
             }
             match format {
                 Format::Json => print_json(&v),
-                Format::Table => println!("{}", v.spec.name),
+                _ => println!("{}", v.spec.name),
             }
         }
         ServiceCommand::Update(args) => {
@@ -175,19 +178,15 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                 .await?;
             match format {
                 Format::Json => print_json(&v),
-                Format::Table => println!("{}", v.spec.name),
+                _ => println!("{}", v.spec.name),
             }
         }
-        ServiceCommand::Ls => {
-            let list: Vec<ServiceView> = client.request(Method::GET, "/v1/services").await?;
-            if format == Format::Json {
-                print_json(&list);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = list
-                .iter()
+        ServiceCommand::Ls(list) => {
+            let views: Vec<ServiceView> = client.request(Method::GET, "/v1/services").await?;
+            let rows = views
+                .into_iter()
                 .map(|v| {
-                    let mut ports = ports_column(v);
+                    let mut ports = ports_column(&v);
                     if !v.errors.is_empty() {
                         ports.push_str(&format!("  (error: {})", v.errors.join("; ")));
                     }
@@ -196,7 +195,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                             v.conflicts.iter().map(|c| c.to_string()).collect();
                         ports.push_str(&format!("  (conflict: {})", conflicts.join("; ")));
                     }
-                    vec![
+                    let cells = vec![
                         v.spec.name.clone(),
                         v.spec.mode.to_string(),
                         v.vips
@@ -207,13 +206,11 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                         v.spec.balance.to_string(),
                         format!("{}/{}", v.routable, v.tasks),
                         ports,
-                    ]
+                    ];
+                    Row { cells, value: v }
                 })
                 .collect();
-            print!(
-                "{}",
-                table(&["NAME", "MODE", "VIP", "BALANCE", "TASKS", "PORTS"], &rows)
-            );
+            listing::print(format, &list, &SERVICE_COLUMNS, rows)?;
         }
         ServiceCommand::Inspect { name } => {
             let v: Value = client
@@ -227,22 +224,18 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                 .await?;
             match format {
                 Format::Json => print_json(&v),
-                Format::Table => println!("{}", v.spec.name),
+                _ => println!("{}", v.spec.name),
             }
         }
-        ServiceCommand::Ps { name } => {
-            let list: Vec<TaskView> = client
+        ServiceCommand::Ps { name, list } => {
+            let tasks: Vec<TaskView> = client
                 .request(Method::GET, &format!("/v1/services/{name}/tasks"))
                 .await?;
-            if format == Format::Json {
-                print_json(&list);
-                return Ok(());
-            }
             let service: ServiceView = client
                 .request(Method::GET, &format!("/v1/services/{name}"))
                 .await?;
-            let rows: Vec<Vec<String>> = list
-                .iter()
+            let rows = tasks
+                .into_iter()
                 .map(|t| {
                     let addr = match (t.task.port, service.spec.ports.first()) {
                         (Some(p), _) => SocketAddr::new(t.task.ip, p).to_string(),
@@ -251,7 +244,7 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                         }
                         _ => t.task.ip.to_string(),
                     };
-                    vec![
+                    let cells = vec![
                         t.task.id.clone(),
                         addr,
                         t.task.node.clone(),
@@ -267,30 +260,17 @@ pub async fn service(client: &Client, format: Format, cmd: ServiceCommand) -> Re
                             None => t.task.source.to_string(),
                         },
                         t.active_connections.to_string(),
-                    ]
+                    ];
+                    Row { cells, value: t }
                 })
                 .collect();
-            print!(
-                "{}",
-                table(
-                    &[
-                        "ID",
-                        "ADDRESS",
-                        "HOST",
-                        "HEALTH",
-                        "STATE",
-                        "SOURCE",
-                        "CONNECTIONS"
-                    ],
-                    &rows
-                )
-            );
+            listing::print(format, &list, &TASK_COLUMNS, rows)?;
         }
     }
     Ok(())
 }
 
-pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<()> {
+pub async fn task(client: &Client, format: &Format, cmd: TaskCommand) -> Result<()> {
     let (v, id): (Option<TaskView>, String) = match cmd {
         TaskCommand::Add {
             service,
@@ -345,14 +325,14 @@ pub async fn task(client: &Client, format: Format, cmd: TaskCommand) -> Result<(
     match (format, v) {
         (Format::Json, Some(v)) => print_json(&v),
         (Format::Json, None) => print_json(&json!({"id": id, "removed": true})),
-        (Format::Table, _) => println!("{id}"),
+        (_, _) => println!("{id}"),
     }
     Ok(())
 }
 
-pub async fn status(client: &Client, format: Format) -> Result<()> {
+pub async fn status(client: &Client, format: &Format) -> Result<()> {
     let s: StatusView = client.request(Method::GET, "/v1/status").await?;
-    if format == Format::Json {
+    if *format == Format::Json {
         print_json(&s);
         return Ok(());
     }
@@ -418,30 +398,50 @@ fn print_docker(d: &mesh_api::DockerView) {
     }
 }
 
-pub async fn nodes(client: &Client, format: Format) -> Result<()> {
-    let list: Vec<NodeView> = client.request(Method::GET, "/v1/nodes").await?;
-    if format == Format::Json {
-        print_json(&list);
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = list
-        .iter()
+pub async fn nodes(client: &Client, format: &Format, list: &ListArgs) -> Result<()> {
+    let nodes: Vec<NodeView> = client.request(Method::GET, "/v1/nodes").await?;
+    let rows = nodes
+        .into_iter()
         .map(|n| {
-            vec![
+            let cells = vec![
                 n.name.clone(),
                 n.address.clone(),
                 n.status.to_string(),
                 n.tasks.to_string(),
                 n.generation.to_string(),
-            ]
+            ];
+            Row { cells, value: n }
         })
         .collect();
-    print!(
-        "{}",
-        table(&["NAME", "ADDRESS", "STATUS", "TASKS", "GENERATION"], &rows)
-    );
-    Ok(())
+    listing::print(format, list, &NODE_COLUMNS, rows)
 }
+
+const SERVICE_COLUMNS: [Column; 6] = [
+    col("NAME", "name"),
+    col("MODE", "mode"),
+    col("VIP", "vip"),
+    col("BALANCE", "balance"),
+    col("TASKS", "tasks"),
+    col("PORTS", "ports"),
+];
+
+const TASK_COLUMNS: [Column; 7] = [
+    col("ID", "id"),
+    col("ADDRESS", "address"),
+    col("HOST", "host"),
+    col("HEALTH", "health"),
+    col("STATE", "state"),
+    col("SOURCE", "source"),
+    col("CONNECTIONS", "connections"),
+];
+
+const NODE_COLUMNS: [Column; 5] = [
+    col("NAME", "name"),
+    col("ADDRESS", "address"),
+    col("STATUS", "status"),
+    col("TASKS", "tasks"),
+    col("GENERATION", "generation"),
+];
 
 #[cfg(test)]
 mod tests {

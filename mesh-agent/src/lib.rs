@@ -9,6 +9,7 @@ pub mod config;
 mod daemon;
 mod demo;
 pub mod fuzzing;
+mod listing;
 mod paths;
 mod prober;
 mod store;
@@ -63,11 +64,18 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.format == cli::Format::Json;
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the context chain joined, as the CLI promises.
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            // One line: the context chain joined, as the CLI promises; with
+            // `--format json`, a JSON object a script can read.
+            let message = format!("{e:#}").replace('\n', " ");
+            if json {
+                eprintln!("{}", serde_json::json!({ "error": message }));
+            } else {
+                eprintln!("error: {message}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -90,10 +98,12 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging(LogFormat::Text);
             demo::run(args.port, args.dns_port, cli.api.clone()).await
         }
-        Command::Service(cmd) => commands::service(&client()?, cli.format, cmd).await,
-        Command::Task(cmd) => commands::task(&client()?, cli.format, cmd).await,
-        Command::Status => commands::status(&client()?, cli.format).await,
-        Command::Node(cli::NodeCommand::Ls) => commands::nodes(&client()?, cli.format).await,
+        Command::Service(cmd) => commands::service(&client()?, &cli.format, cmd).await,
+        Command::Task(cmd) => commands::task(&client()?, &cli.format, cmd).await,
+        Command::Status => commands::status(&client()?, &cli.format).await,
+        Command::Node(cli::NodeCommand::Ls(ref list)) => {
+            commands::nodes(&client()?, &cli.format, list).await
+        }
         Command::Keygen => {
             println!("{}", mesh_gossip::crypto::generate_key());
             Ok(())

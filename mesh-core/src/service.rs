@@ -322,6 +322,70 @@ impl PortSpec {
         })
     }
 
+    /// Docker's long form, `published=8080,target=80[,protocol=udp][,mode=ingress]`,
+    /// plus `name=http` for SRV; or the short form when the text has no `=`.
+    pub fn parse_flag(text: &str) -> Result<PortSpec, String> {
+        if !text.contains('=') {
+            return PortSpec::parse_short(text);
+        }
+        let mut published = None;
+        let mut target = None;
+        let mut protocol = Protocol::Tcp;
+        let mut name = String::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for part in text.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not key=value"))?;
+            if seen.contains(&key) {
+                return Err(format!("{key} is given twice"));
+            }
+            seen.push(key);
+            let num = |what: &str| match value.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("{what}={value:?} must be a number from 1 to 65535")),
+            };
+            match key {
+                "published" => published = Some(num("published")?),
+                "target" => target = Some(num("target")?),
+                "protocol" => {
+                    protocol = match value {
+                        "tcp" => Protocol::Tcp,
+                        "udp" => Protocol::Udp,
+                        other => return Err(format!("protocol={other:?}: use tcp or udp")),
+                    }
+                }
+                // Every host publishes every port: the routing mesh is Swarm's
+                // ingress mode, and host mode has no counterpart.
+                "mode" => match value {
+                    "ingress" => {}
+                    "host" => {
+                        return Err(
+                            "mode=host is not supported: every host publishes the port (ingress)"
+                                .into(),
+                        );
+                    }
+                    other => return Err(format!("mode={other:?}: use ingress")),
+                },
+                "name" => {
+                    check_label("name", value).map_err(|e| e.to_string())?;
+                    name = value.to_string();
+                }
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?}; use published, target, protocol, mode or name"
+                    ));
+                }
+            }
+        }
+        let target = target.ok_or("target= is missing")?;
+        Ok(PortSpec {
+            protocol,
+            name,
+            ..PortSpec::tcp(published, target)
+        })
+    }
+
     fn normalize(&mut self) -> Result<(), ModelError> {
         if self.target == 0 {
             return Err(ModelError::new("target", "must be between 1 and 65535"));
@@ -396,6 +460,35 @@ impl HealthCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_parse_in_dockers_long_form_too() {
+        let p = PortSpec::parse_flag("published=8080,target=80,protocol=udp,mode=ingress,name=dns")
+            .unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.name.as_str()),
+            (Some(8080), 80, Protocol::Udp, "dns")
+        );
+        let p = PortSpec::parse_flag("target=80").unwrap();
+        assert_eq!((p.published, p.protocol), (None, Protocol::Tcp));
+        assert_eq!(
+            PortSpec::parse_flag("8080:80").unwrap().published,
+            Some(8080)
+        );
+        for (bad, why) in [
+            ("published=8080", "target= is missing"),
+            ("target=80,target=81", "target is given twice"),
+            ("target=80,mode=host", "mode=host is not supported"),
+            ("target=80,proto=udp", "unknown key \"proto\""),
+            ("target=0", "target=\"0\" must be a number"),
+            ("target=80,protocol=sctp", "protocol=\"sctp\""),
+            ("target=80,name=Bad_Name", "name"),
+            ("target=80,published", "\"published\" is not key=value"),
+        ] {
+            let err = PortSpec::parse_flag(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 
     fn web() -> ServiceSpec {
         ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)])
