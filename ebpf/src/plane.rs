@@ -46,8 +46,9 @@ pub struct EbpfPlane {
     connections: Option<IntCounterVec>,
     /// The count of each backend id last added to `connections`.
     seen: BTreeMap<u32, u64>,
-    /// Which service and task each address is, for the counter's labels.
-    owners: BTreeMap<SocketAddr, (String, String)>,
+    /// Each served frontend's tasks (address, service, task), for the counter's
+    /// labels; kept per frontend so an apply touches only what changed.
+    owners: BTreeMap<FrontendKey, Vec<(SocketAddr, String, String)>>,
     count_at: Instant,
     /// Maps a previous run pinned are served unchanged while the restored tasks get
     /// their first probe.
@@ -111,20 +112,29 @@ impl EbpfPlane {
         let (Some(programs), Some(counter)) = (self.programs.as_ref(), &self.connections) else {
             return;
         };
+        let labels: BTreeMap<SocketAddr, (&str, &str)> = self
+            .owners
+            .values()
+            .flatten()
+            .map(|(addr, service, task)| (*addr, (service.as_str(), task.as_str())))
+            .collect();
+        // Ids no longer in the table drop out of `seen`.
+        let mut seen = BTreeMap::new();
         for (id, addr) in self.table.backends() {
+            let before = self.seen.get(&id).copied().unwrap_or(0);
             let Some(now) = programs.picks(id) else {
+                seen.insert(id, before);
                 continue;
             };
-            let before = self.seen.insert(id, now).unwrap_or(0);
+            seen.insert(id, now);
             let delta = now.wrapping_sub(before);
             if delta > 0
-                && let Some((service, task)) = self.owners.get(&addr)
+                && let Some((service, task)) = labels.get(&addr)
             {
                 counter.with_label_values(&[service, task]).inc_by(delta);
             }
         }
-        self.seen
-            .retain(|id, _| self.table.backends().any(|(b, _)| b == *id));
+        self.seen = seen;
     }
 
     /// The cgroup the programs are attached to.
@@ -292,18 +302,23 @@ impl Dataplane for EbpfPlane {
             .filter(|k| matches!(k.listen, Listen::Vip(_)))
             .map(|k| (k, wanted(plan, &k)))
             .collect();
-        for k in wanted.keys() {
+        for (k, tasks) in &wanted {
             self.problems.remove(k);
+            match (tasks, plan.frontends.get(k)) {
+                (Some(_), Some(f)) => {
+                    let owners = f
+                        .backends
+                        .iter()
+                        .map(|b| (b.addr, f.service.clone(), b.task.clone()))
+                        .collect();
+                    self.owners.insert(*k, owners);
+                }
+                _ => {
+                    self.owners.remove(k);
+                }
+            }
         }
         let (writes, problems) = self.table.sync(wanted);
-        self.owners = plan
-            .frontends_of(PlaneKind::Ebpf)
-            .flat_map(|(_, f)| {
-                f.backends
-                    .iter()
-                    .map(|b| (b.addr, (f.service.clone(), b.task.clone())))
-            })
-            .collect();
         for p in problems {
             let service = plan.frontends.get(&p.frontend).map(|f| f.service.clone());
             self.problems.insert(

@@ -41,6 +41,9 @@ const LINKS: &str = "links";
 pub struct Programs {
     /// Holds the programs' file descriptors for as long as the plane runs.
     _ebpf: aya::Ebpf,
+    /// The pin directory, locked: a second agent pinning there would detach our
+    /// programs when it replaced the links.
+    _lock: std::fs::File,
     pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
     pub backends: HashMap<MapData, u32, BackendValue>,
     /// New connections and UDP flows per backend id, per CPU.
@@ -77,6 +80,7 @@ impl Programs {
         use aya::programs::links::FdLink;
         use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 
+        let lock = lock(pin_dir)?;
         let maps_dir = pin_dir.join(MAPS);
         let links_dir = pin_dir.join(LINKS);
         for dir in [&maps_dir, &links_dir] {
@@ -142,6 +146,7 @@ impl Programs {
         Ok((
             Programs {
                 _ebpf: ebpf,
+                _lock: lock,
                 frontends,
                 backends,
                 picks,
@@ -186,6 +191,23 @@ impl Programs {
             Err(errors.join("; "))
         }
     }
+}
+
+/// Takes the pin directory for this agent, or says who has it.
+fn lock(pin_dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(pin_dir)
+        .map_err(|e| format!("cannot create {}: {e}", pin_dir.display()))?;
+    let dir = std::fs::File::open(pin_dir)
+        .map_err(|e| format!("cannot open {}: {e}", pin_dir.display()))?;
+    // SAFETY: flock on a descriptor we own; the lock lives as long as the File.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "another mesh agent uses ebpf.pin_dir {}; give each agent on a host its own",
+            pin_dir.display()
+        ));
+    }
+    Ok(dir)
 }
 
 /// Links of programs this version does not have, then map directories of other

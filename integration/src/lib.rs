@@ -401,6 +401,14 @@ pub fn agent_refuses_in(ns: &Netns, args: &[&str]) -> String {
     refuses(ns.command(mesh_bin()), args, &[])
 }
 
+/// As [`agent_refuses_in`], entering the namespace with `nsenter --net`, which keeps
+/// the root mount namespace (bpffs, cgroups).
+pub fn agent_refuses_entered(ns: &Netns, args: &[&str]) -> String {
+    let mut mesh = ebpf::nsenter(ns);
+    mesh.arg(mesh_bin());
+    refuses(mesh, args, &[])
+}
+
 fn refuses(mut mesh: Command, args: &[&str], env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let err_path = dir.path().join("stderr");

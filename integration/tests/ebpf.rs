@@ -89,6 +89,34 @@ fn ebpf_balances_vips_at_connect_keeps_the_client_address_and_survives_the_agent
     let vip = vip_of(&agent, "web");
     let addr = format!("{vip}:8000");
 
+    // A second agent on the same pin directory would detach these programs: it is
+    // refused, and the first goes on.
+    let other = tempfile::tempdir().unwrap();
+    let other_cfg = other.path().join("mesh.toml");
+    std::fs::write(&other_cfg, config(&cg, &pins)).unwrap();
+    let data = other.path().join("data");
+    let api = format!("unix:{}", other.path().join("mesh.sock").display());
+    let err = agent_refuses_entered(
+        &h1.ns,
+        &[
+            "--config",
+            other_cfg.to_str().unwrap(),
+            "--dataplane",
+            "ebpf",
+            "--bind",
+            "127.0.0.1:0",
+            "--insecure",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api",
+            &api,
+        ],
+    );
+    assert!(
+        err.contains("another mesh agent uses ebpf.pin_dir"),
+        "{err}"
+    );
+
     // Status names the plane of the VIP frontend and what is attached where.
     let status = agent.cli_json(&["status"]);
     let planes = status["planes"].as_array().expect("planes");
@@ -338,7 +366,8 @@ fn an_explicit_ebpf_that_cannot_run_refuses_to_start_and_auto_falls_back() {
         .filter(|l| l.contains("the eBPF plane does not work here"))
         .count();
     assert_eq!(lines, 1, "{}", auto.log());
-    assert!(auto.stop().success());
+    let status = auto.stop();
+    assert!(status.success(), "{status}: {}", auto.log());
 }
 
 fn agent_log_has(agent: &Agent, text: &str) -> Option<()> {
