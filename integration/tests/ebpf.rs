@@ -167,6 +167,22 @@ fn ebpf_balances_vips_at_connect_keeps_the_client_address_and_survives_the_agent
         (one + two == 9.0 && one >= 4.0 && two >= 4.0).then_some(())
     });
 
+    // A drained task gets no new connections, and an undrained one gets them again.
+    assert_ok(agent.cli(&["task", "drain", "web", "web.1"]));
+    eventually("new connections skip the drained web.1", || {
+        let seq: Vec<String> = (0..4)
+            .filter_map(|_| who_peer(&c, &cg, &addr).ok().map(|w| w.0))
+            .collect();
+        (seq.len() == 4 && seq.iter().all(|t| t == "web.2")).then_some(())
+    });
+    assert_ok(agent.cli(&["task", "undrain", "web", "web.1"]));
+    eventually("web.1 takes new connections again", || {
+        let seq: Vec<String> = (0..4)
+            .filter_map(|_| who_peer(&c, &cg, &addr).ok().map(|w| w.0))
+            .collect();
+        (seq.len() == 4 && alternates(&seq)).then_some(())
+    });
+
     // Outside the cgroup nothing is rewritten: the VIP has no route from the client.
     let outside = c
         .client
