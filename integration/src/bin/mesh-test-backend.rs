@@ -118,35 +118,10 @@ fn held(addr: &str, cue: Cue) -> ! {
     std::process::exit(0)
 }
 
-fn udp_flow(addr: &str) -> ! {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-    socket.connect(addr).expect("connect");
-    socket
-        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
-        .expect("timeout");
-    let mut buf = [0u8; 2048];
-    for (n, line) in std::io::stdin().lines().enumerate() {
-        if line.is_err() {
-            break;
-        }
-        let mut answer = "none".to_string();
-        for _ in 0..5 {
-            let _ = socket.send(format!("f{n}").as_bytes());
-            if let Ok(got) = socket.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..got]);
-                answer = text.split(':').next().unwrap_or("").to_string();
-                break;
-            }
-        }
-        println!("{answer}");
-        std::io::stdout().flush().expect("stdout");
-    }
-    std::process::exit(0)
-}
-
-/// `--udp-flow ADDR sendto`: as `--udp-flow`, from an unconnected socket (sendto and
-/// recvfrom each time), printing the task and the address the answer came from.
-fn udp_sendto_flow(addr: &str) -> ! {
+/// `--udp-flow ADDR`: one socket, connected, printing the task that answered each
+/// line's datagram. With `sendto` the socket is not connected (sendto and recvfrom
+/// each time), and each line also shows the address the answer came from.
+fn udp_flow(addr: &str, connected: bool) -> ! {
     let target: std::net::SocketAddr = addr.parse().expect("ADDR");
     let any = if target.is_ipv4() {
         "0.0.0.0:0"
@@ -154,6 +129,9 @@ fn udp_sendto_flow(addr: &str) -> ! {
         "[::]:0"
     };
     let socket = std::net::UdpSocket::bind(any).expect("bind");
+    if connected {
+        socket.connect(target).expect("connect");
+    }
     socket
         .set_read_timeout(Some(std::time::Duration::from_secs(1)))
         .expect("timeout");
@@ -162,12 +140,25 @@ fn udp_sendto_flow(addr: &str) -> ! {
         if line.is_err() {
             break;
         }
-        let mut answer = "none -".to_string();
+        let mut answer = if connected { "none" } else { "none -" }.to_string();
         for _ in 0..5 {
-            let _ = socket.send_to(format!("f{n}").as_bytes(), target);
-            if let Ok((got, from)) = socket.recv_from(&mut buf) {
+            let payload = format!("f{n}");
+            let got = if connected {
+                let _ = socket.send(payload.as_bytes());
+                socket.recv(&mut buf).map(|got| (got, None))
+            } else {
+                let _ = socket.send_to(payload.as_bytes(), target);
+                socket
+                    .recv_from(&mut buf)
+                    .map(|(got, from)| (got, Some(from)))
+            };
+            if let Ok((got, from)) = got {
                 let text = String::from_utf8_lossy(&buf[..got]);
-                answer = format!("{} {from}", text.split(':').next().unwrap_or(""));
+                let task = text.split(':').next().unwrap_or("");
+                answer = match from {
+                    Some(from) => format!("{task} {from}"),
+                    None => task.to_string(),
+                };
                 break;
             }
         }
@@ -365,10 +356,8 @@ fn main() {
     }
     if name == "--udp-flow" {
         let addr = args.next().expect("--udp-flow ADDR [sendto]");
-        if args.next().as_deref() == Some("sendto") {
-            udp_sendto_flow(&addr);
-        }
-        udp_flow(&addr);
+        let connected = args.next().as_deref() != Some("sendto");
+        udp_flow(&addr, connected);
     }
     if name == "--udp" {
         let name = args.next().expect("--udp NAME PORT [IP]");
