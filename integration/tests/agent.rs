@@ -719,6 +719,17 @@ fn the_cli_takes_dockers_port_syntax_aliases_filters_quiet_and_templates() {
     let listed = agent.cli_json(&["service", "ls", "--filter", "name=api"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(text(&["node", "list", "-q"]), "it\n");
+    // The answering host is marked, and its start time is a time, not a number.
+    let nodes = text(&["node", "ls"]);
+    assert!(
+        nodes.lines().nth(1).is_some_and(|l| l.starts_with("it *")),
+        "{nodes}"
+    );
+    let started = text(&["node", "ls", "--format", "{{.Started}}"]);
+    assert!(
+        started.starts_with("20") && started.trim_end().ends_with('Z'),
+        "{started}"
+    );
     for (args, says) in [
         (
             vec!["service", "ls", "--filter", "colour=red"],

@@ -207,7 +207,11 @@ pub async fn service(client: &Client, format: &Format, cmd: ServiceCommand) -> R
                         format!("{}/{}", v.routable, v.tasks),
                         ports,
                     ];
-                    Row { cells, value: v }
+                    Row {
+                        cells,
+                        marked: false,
+                        value: v,
+                    }
                 })
                 .collect();
             listing::print(format, &list, &SERVICE_COLUMNS, rows)?;
@@ -261,7 +265,11 @@ pub async fn service(client: &Client, format: &Format, cmd: ServiceCommand) -> R
                         },
                         t.active_connections.to_string(),
                     ];
-                    Row { cells, value: t }
+                    Row {
+                        cells,
+                        marked: false,
+                        value: t,
+                    }
                 })
                 .collect();
             listing::print(format, &list, &TASK_COLUMNS, rows)?;
@@ -408,9 +416,13 @@ pub async fn nodes(client: &Client, format: &Format, list: &ListArgs) -> Result<
                 n.address.clone(),
                 n.status.to_string(),
                 n.tasks.to_string(),
-                n.generation.to_string(),
+                n.started.clone(),
             ];
-            Row { cells, value: n }
+            Row {
+                cells,
+                marked: n.local,
+                value: n,
+            }
         })
         .collect();
     listing::print(format, list, &NODE_COLUMNS, rows)
@@ -440,7 +452,7 @@ const NODE_COLUMNS: [Column; 5] = [
     col("ADDRESS", "address"),
     col("STATUS", "status"),
     col("TASKS", "tasks"),
-    col("GENERATION", "generation"),
+    col("STARTED", "started"),
 ];
 
 #[cfg(test)]

@@ -19,8 +19,12 @@ pub const fn col(header: &'static str, key: &'static str) -> Column {
 }
 
 /// One row: its cells, in column order, and the value `--format json` prints.
+/// `marked`: the table shows `*` after its first cell (the host that answered, as
+/// `docker node ls` marks the current node); filters, `-q` and templates see the
+/// cells alone.
 pub struct Row<T> {
     pub cells: Vec<String>,
+    pub marked: bool,
     pub value: T,
 }
 
@@ -171,7 +175,17 @@ pub fn print<T: Serialize>(
         }
         Format::Table => {
             let headers: Vec<&str> = columns.iter().map(|c| c.header).collect();
-            let cells: Vec<Vec<String>> = rows.into_iter().map(|r| r.cells).collect();
+            let cells: Vec<Vec<String>> = rows
+                .into_iter()
+                .map(|mut r| {
+                    if r.marked
+                        && let Some(first) = r.cells.first_mut()
+                    {
+                        first.push_str(" *");
+                    }
+                    r.cells
+                })
+                .collect();
             print!("{}", table(&headers, &cells));
         }
     }

@@ -6,7 +6,15 @@ use serde::{Deserialize, Serialize};
 pub struct NodeView {
     pub name: String,
     pub address: String,
+    /// Grows with every start of the host's agent: its start time, in ms since the
+    /// Unix epoch.
     pub generation: u64,
+    /// `generation` as a UTC time, e.g. `2026-12-02T15:20:01Z`.
+    #[serde(default)]
+    pub started: String,
+    /// The host whose agent answered.
+    #[serde(default)]
+    pub local: bool,
     pub status: MemberStatus,
     /// Tasks this host runs, as the table here knows them.
     pub tasks: usize,

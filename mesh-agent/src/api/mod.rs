@@ -24,6 +24,8 @@ use crate::table::TableHandle;
 
 pub struct ApiState {
     pub table: TableHandle,
+    /// This host's node name.
+    pub node: String,
     pub planes: PlaneClient,
     pub prometheus: prometheus::Registry,
     pub started: Instant,

@@ -85,6 +85,12 @@ pub async fn status(State(s): State<AppState>) -> Json<StatusView> {
     })
 }
 
+/// A generation (a start time in ms since the epoch) as a UTC time to the second.
+fn started(generation: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(generation);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 pub async fn nodes(State(s): State<AppState>) -> Json<Vec<NodeView>> {
     let counts: BTreeMap<String, usize> = s
         .table
@@ -101,6 +107,8 @@ pub async fn nodes(State(s): State<AppState>) -> Json<Vec<NodeView>> {
             name: m.name.clone(),
             address: m.addr.to_string(),
             generation: m.generation,
+            started: started(m.generation),
+            local: m.name == s.node,
             status: m.status,
             tasks: counts.get(&m.name).copied().unwrap_or(0),
         })

@@ -211,6 +211,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
     });
     let state = Arc::new(ApiState {
         table: table.clone(),
+        node: settings.node_name.clone(),
         planes: planes.client.clone(),
         prometheus: prom,
         started: Instant::now(),
