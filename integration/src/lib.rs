@@ -314,7 +314,9 @@ impl Agent {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|t| t["health"] == "healthy" && t["state"] == "active")
+            .filter(|t| {
+                t["health"] == "healthy" && t["state"] == "active" && t.get("suspended").is_none()
+            })
             .map(|t| t["id"].as_str().unwrap_or_default().to_string())
             .collect()
     }

@@ -206,6 +206,17 @@ fn routing_mesh(plane: &str) {
         "FIGURE {plane}: kill -9 of host2: its task withdrawn everywhere after {:?}",
         killed.elapsed()
     );
+    // Withdrawn, not hidden: `service ps` shows it suspended, with why, and `service
+    // ls` counts it apart.
+    let ps = eventually("host1 shows web.2 suspended", || {
+        let text =
+            String::from_utf8_lossy(&hosts[0].cli(&["service", "ps", "web"]).stdout).to_string();
+        text.lines()
+            .any(|l| l.starts_with("web.2 ") && l.contains("suspended (host "))
+            .then_some(text)
+    });
+    let ls = String::from_utf8_lossy(&hosts[0].cli(&["service", "ls"]).stdout).to_string();
+    assert!(ls.contains("+1 suspended"), "{ls}\n{ps}");
     // The other hosts say so in their logs.
     eventually("host1 logs that host2 stopped answering", || {
         let log = hosts[0].log();

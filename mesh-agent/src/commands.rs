@@ -204,7 +204,11 @@ pub async fn service(client: &Client, format: &Format, cmd: ServiceCommand) -> R
                             .or(v.vips.v6.map(|ip| ip.to_string()))
                             .unwrap_or_else(|| "-".into()),
                         v.spec.balance.to_string(),
-                        format!("{}/{}", v.routable, v.tasks),
+                        if v.suspended > 0 {
+                            format!("{}/{} +{} suspended", v.routable, v.tasks, v.suspended)
+                        } else {
+                            format!("{}/{}", v.routable, v.tasks)
+                        },
                         ports,
                     ];
                     Row {
@@ -253,7 +257,10 @@ pub async fn service(client: &Client, format: &Format, cmd: ServiceCommand) -> R
                         addr,
                         t.task.node.clone(),
                         t.task.health.to_string(),
-                        t.task.state.to_string(),
+                        match &t.suspended {
+                            Some(why) => format!("suspended ({why})"),
+                            None => t.task.state.to_string(),
+                        },
                         // A container task shows its container, and a health that
                         // is the engine's own check says so.
                         match &t.task.observed {

@@ -15,6 +15,9 @@ pub struct ServiceView {
     /// Tasks that take new connections.
     pub routable: usize,
     pub tasks: usize,
+    /// Tasks of hosts that are not alive, kept but not routed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suspended: usize,
     /// Tasks by the source that registered them (the API, the config file, Docker).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sources: BTreeMap<TaskSource, usize>,
@@ -29,4 +32,8 @@ pub struct ServiceView {
     /// service has. The service is left as it is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub label_differences: Vec<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

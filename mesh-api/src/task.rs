@@ -11,6 +11,10 @@ pub struct TaskView {
     pub task: TaskEntry,
     /// Open connections and UDP flows to the task through this host's planes.
     pub active_connections: u64,
+    /// Why the task is not routed although its record stays: its host is not alive
+    /// ("host down", "host suspect", "host left", "host not seen yet").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<String>,
 }
 
 /// The body of `POST /v1/services/{name}/tasks`.

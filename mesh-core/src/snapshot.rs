@@ -31,6 +31,11 @@ pub struct ServiceEntry {
     pub vips: Vips,
     /// Sorted by task id.
     pub tasks: Vec<TaskEntry>,
+    /// Tasks of hosts that are not alive (suspect, down, left, or not seen yet): kept
+    /// in the table and shown to operators, but not routed or answered in DNS, until
+    /// their host is back or purged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspended: Vec<TaskEntry>,
     /// Conflicts this service lost (a published port or a task id held by another),
     /// shown to operators instead of being dropped silently.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

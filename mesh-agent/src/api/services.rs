@@ -27,6 +27,7 @@ pub fn view(
         vips: entry.vips,
         routable: entry.tasks.iter().filter(|t| t.routable()).count(),
         tasks: entry.tasks.len(),
+        suspended: entry.suspended.len(),
         sources: entry.tasks.iter().fold(Default::default(), |mut m, t| {
             *m.entry(t.source).or_default() += 1;
             m

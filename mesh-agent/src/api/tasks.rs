@@ -23,6 +23,20 @@ fn view(service: &str, task: TaskEntry, stats: &PlaneStats) -> TaskView {
         service: service.into(),
         task,
         active_connections,
+        suspended: None,
+    }
+}
+
+/// Why a suspended task's host is not routed, from membership.
+fn suspended_because(s: &AppState, node: &str) -> String {
+    use mesh_core::MemberStatus;
+    let members = s.members.borrow();
+    match members.iter().find(|m| m.name == node).map(|m| m.status) {
+        Some(MemberStatus::Down) => "host down".into(),
+        Some(MemberStatus::Suspect) => "host suspect".into(),
+        Some(MemberStatus::Left) => "host left".into(),
+        Some(MemberStatus::Alive) => "host back, not yet restored".into(),
+        None => "host not seen yet".into(),
     }
 }
 
@@ -36,13 +50,12 @@ pub async fn list(
         .get(&name)
         .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))?;
     let stats = s.planes.stats().await;
-    Ok(Json(
-        entry
-            .tasks
-            .iter()
-            .map(|t| view(&name, t.clone(), &stats))
-            .collect(),
-    ))
+    let live = entry.tasks.iter().map(|t| view(&name, t.clone(), &stats));
+    let suspended = entry.suspended.iter().map(|t| TaskView {
+        suspended: Some(suspended_because(&s, &t.node)),
+        ..view(&name, t.clone(), &stats)
+    });
+    Ok(Json(live.chain(suspended).collect()))
 }
 
 /// This host's task `id` of `service` as the table has it after a write.

@@ -34,6 +34,20 @@ impl TaskValue {
     pub fn health_reported(&self) -> bool {
         self.observed.as_ref().is_some_and(|o| o.health.is_some())
     }
+
+    /// The snapshot's entry for task `id` of host `node`.
+    pub fn entry(&self, id: &str, node: &str) -> crate::snapshot::TaskEntry {
+        crate::snapshot::TaskEntry {
+            id: id.to_string(),
+            node: node.to_string(),
+            ip: self.ip,
+            port: self.port,
+            state: self.state,
+            health: self.health,
+            source: self.source,
+            observed: self.observed.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

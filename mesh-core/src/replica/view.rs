@@ -255,8 +255,10 @@ impl View {
         }
         let vips = self.fallbacks.get(name).copied().unwrap_or(record.vips);
         let mut tasks: BTreeMap<&str, TaskEntry> = BTreeMap::new();
+        let mut suspended: Vec<TaskEntry> = Vec::new();
         for (origin, log) in src.origins {
             if !src.routable(origin) {
+                suspended.extend(log.live_of(name).map(|(id, v)| v.entry(id, origin)));
                 continue;
             }
             for (id, v) in log.live_of(name) {
@@ -269,25 +271,14 @@ impl View {
                     });
                     continue;
                 }
-                tasks.insert(
-                    id,
-                    TaskEntry {
-                        id: id.to_string(),
-                        node: origin.clone(),
-                        ip: v.ip,
-                        port: v.port,
-                        state: v.state,
-                        health: v.health,
-                        source: v.source,
-                        observed: v.observed.clone(),
-                    },
-                );
+                tasks.insert(id, v.entry(id, origin));
             }
         }
         Some(ServiceEntry {
             spec,
             vips,
             tasks: tasks.into_values().collect(),
+            suspended,
             conflicts,
         })
     }
