@@ -217,6 +217,21 @@ fn routing_mesh(plane: &str) {
     });
     let ls = String::from_utf8_lossy(&hosts[0].cli(&["service", "ls"]).stdout).to_string();
     assert!(ls.contains("+1 suspended"), "{ls}\n{ps}");
+    // Status has a cluster section: members by state, and anti-entropy keeps going.
+    eventually("host1's status counts host2 out and has synced", || {
+        let c = hosts[0].cli_json(&["status"])["cluster"].clone();
+        (c["members"]["alive"] == 2
+            && c["members"]["suspect"].as_u64().unwrap_or(0)
+                + c["members"]["down"].as_u64().unwrap_or(0)
+                == 1
+            && c["anti_entropy_age_seconds"].as_u64().is_some())
+        .then_some(())
+    });
+    let text = String::from_utf8_lossy(&hosts[0].cli(&["status"]).stdout).to_string();
+    assert!(
+        text.contains("Cluster:     2 alive") && text.contains("last anti-entropy"),
+        "{text}"
+    );
     // The other hosts say so in their logs.
     eventually("host1 logs that host2 stopped answering", || {
         let log = hosts[0].log();

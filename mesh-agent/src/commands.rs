@@ -352,6 +352,17 @@ pub async fn status(client: &Client, format: &Format) -> Result<()> {
         return Ok(());
     }
     println!("Node:        {}", s.node);
+    let c = &s.cluster;
+    let members: Vec<String> = c.members.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    let age = match (&c.gossip, c.anti_entropy_age_seconds) {
+        (None, _) => "no gossip".to_string(),
+        (Some(addr), Some(age)) => format!("gossip on {addr}, last anti-entropy {age}s ago"),
+        (Some(addr), None) => format!("gossip on {addr}, no anti-entropy exchange yet"),
+    };
+    println!("Cluster:     {}; {age}", members.join(", "));
+    for conflict in &c.conflicts {
+        println!("Conflict:    {conflict}");
+    }
     println!("Version:     {}", s.version);
     println!("Uptime:      {}s", s.uptime_seconds);
     println!("Services:    {}", s.services);

@@ -15,5 +15,5 @@ pub use error::ErrorBody;
 pub use node::NodeView;
 pub use patch::merge_patch;
 pub use service::ServiceView;
-pub use status::{PlaneView, StatusView};
+pub use status::{ClusterView, PlaneView, StatusView};
 pub use task::{NewTask, TaskView};

@@ -51,4 +51,23 @@ pub struct StatusView {
     /// Problems of the data planes, by service.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub cluster: ClusterView,
+}
+
+/// The cluster as this host sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// Members (this host included) by state: alive, suspect, down, left.
+    pub members: BTreeMap<String, usize>,
+    /// Where this host gossips, when gossip runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip: Option<String>,
+    /// Seconds since the last anti-entropy exchange completed; none yet, or no gossip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_entropy_age_seconds: Option<u64>,
+    /// Conflicts the table resolved, by service: a published port, a VIP or a task id
+    /// that two hosts or services claim.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
 }

@@ -8,6 +8,7 @@ mod services;
 mod status;
 mod tasks;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +35,9 @@ pub struct ApiState {
     pub data_dir: String,
     pub dns: Vec<String>,
     pub members: watch::Receiver<Vec<MemberView>>,
+    /// Where this host gossips, and when its last anti-entropy exchange completed;
+    /// `None` without gossip.
+    pub gossip: Option<(SocketAddr, prometheus::IntGauge)>,
     /// The Docker source's view, when it is on.
     pub docker: Option<watch::Receiver<mesh_api::DockerView>>,
 }

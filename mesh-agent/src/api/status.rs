@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mesh_api::{NodeView, PlaneView, StatusView};
+use mesh_api::{ClusterView, NodeView, PlaneView, StatusView};
 use mesh_dataplane::PlaneState;
 
 use super::AppState;
@@ -17,6 +17,34 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
     match prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], out).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn cluster(s: &AppState, snap: &mesh_core::Snapshot) -> ClusterView {
+    let mut members: BTreeMap<String, usize> = ["alive", "suspect", "down", "left"]
+        .into_iter()
+        .map(|k| (k.to_string(), 0))
+        .collect();
+    for m in s.members.borrow().iter() {
+        *members.entry(m.status.to_string()).or_default() += 1;
+    }
+    let anti_entropy_age_seconds = s.gossip.as_ref().and_then(|(_, last)| {
+        let at = u64::try_from(last.get()).ok().filter(|t| *t > 0)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        Some(now.saturating_sub(at))
+    });
+    ClusterView {
+        members,
+        gossip: s.gossip.as_ref().map(|(addr, _)| addr.to_string()),
+        anti_entropy_age_seconds,
+        conflicts: snap
+            .services
+            .iter()
+            .flat_map(|(name, e)| e.conflicts.iter().map(move |c| format!("{name}: {c}")))
+            .collect(),
     }
 }
 
@@ -40,7 +68,9 @@ pub async fn status(State(s): State<AppState>) -> Json<StatusView> {
             PlaneState::Off { reason } => reason.clone(),
         })
         .unwrap_or_default();
+    let cluster = cluster(&s, &snap);
     Json(StatusView {
+        cluster,
         docker: s.docker.as_ref().map(|d| d.borrow().clone()),
         node: s.table.node().to_string(),
         version: env!("CARGO_PKG_VERSION").into(),

@@ -220,6 +220,9 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
         data_dir: settings.data_dir.display().to_string(),
         dns: dns_addrs.iter().map(|a| a.to_string()).collect(),
         members,
+        gossip: gossip
+            .as_ref()
+            .map(|g| (g.local_addr, g.metrics.last_sync.clone())),
         docker,
     });
     listeners.serve(state, settings.token.clone(), stop.clone(), &mut tasks);

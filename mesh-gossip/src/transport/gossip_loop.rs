@@ -243,7 +243,7 @@ impl GossipLoop {
         let ctx = self.sync.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(SYNC_TIMEOUT, ctx.initiate(peer)).await {
-                Ok(Ok(())) => ctx.metrics.syncs.inc(),
+                Ok(Ok(())) => ctx.metrics.synced(),
                 Ok(Err(e)) => debug!(%peer, error = %e, "anti-entropy failed"),
                 Err(_) => debug!(%peer, "anti-entropy timed out"),
             }

@@ -10,6 +10,9 @@ pub struct GossipMetrics {
     pub bytes_out: IntCounter,
     pub bytes_in: IntCounter,
     pub syncs: IntCounter,
+    /// When the last anti-entropy exchange completed, in seconds since the epoch (0:
+    /// never): an alert can watch its age.
+    pub last_sync: IntGauge,
     /// Local deltas dropped because gossip was behind; anti-entropy repairs them.
     pub dropped_deltas: IntCounter,
 }
@@ -26,7 +29,13 @@ impl GossipMetrics {
             "Cluster members this host sees alive, itself included",
         )?;
         prom.register(Box::new(members.clone()))?;
+        let last_sync = IntGauge::new(
+            "mesh_gossip_last_sync_timestamp_seconds",
+            "When the last anti-entropy exchange completed (seconds since the epoch; 0: never)",
+        )?;
+        prom.register(Box::new(last_sync.clone()))?;
         Ok(Self {
+            last_sync,
             auth_failures: counter(
                 "mesh_gossip_auth_failures_total",
                 "Gossip packets and sync frames dropped: wrong key, wrong cluster or unencrypted",
@@ -50,5 +59,16 @@ impl GossipMetrics {
                 "Local changes not gossiped because gossip was behind (anti-entropy delivers them)",
             )?,
         })
+    }
+}
+
+impl GossipMetrics {
+    /// Counts a completed anti-entropy exchange and stamps its time.
+    pub fn synced(&self) {
+        self.syncs.inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_sync.set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 }

@@ -213,7 +213,7 @@ pub(super) async fn serve(
                     });
             };
             match tokio::time::timeout(SYNC_TIMEOUT, ctx.respond(s)).await {
-                Ok(Ok(())) => ctx.metrics.syncs.inc(),
+                Ok(Ok(())) => ctx.metrics.synced(),
                 Ok(Err(e @ (SyncError::Open(_) | SyncError::TooBig(_)))) => rejected(&e),
                 Ok(Err(e)) => debug!(%src, error = %e, "sync failed"),
                 Err(_) => debug!(%src, "sync timed out"),
