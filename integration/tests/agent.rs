@@ -755,6 +755,21 @@ fn the_cli_takes_dockers_port_syntax_aliases_filters_quiet_and_templates() {
         err["error"].as_str().is_some_and(|e| e.contains("nope")),
         "{err}"
     );
+    // A bad duration in an API body says what to write, and where in the body is
+    // left out: the field names it.
+    let (status, body) = agent.http(
+        "POST",
+        "/v1/services",
+        Some(r#"{"name":"d","ports":[{"target":80}],"drain_timeout":"5x"}"#),
+    );
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        detail.starts_with("drain_timeout:")
+            && detail.contains("write it like")
+            && !detail.contains("column"),
+        "{detail}"
+    );
     assert_ok(agent.cli(&["service", "remove", "api"]));
     assert_eq!(text(&["service", "ls", "-q"]), "web\n");
 }

@@ -30,7 +30,7 @@ const VERSION: &str = concat!(
 pub struct Cli {
     /// The agent API: unix:PATH or http://HOST:PORT. The agent serves it; other
     /// commands connect to it. Default: unix:/run/mesh/mesh.sock as root.
-    #[arg(long, env = "MESH_API", global = true)]
+    #[arg(long, env = "MESH_API", global = true, hide_env_values = true)]
     pub api: Option<String>,
     /// Bearer token for the API over TCP.
     #[arg(long, env = "MESH_API_TOKEN", global = true, hide_env_values = true)]
@@ -174,12 +174,19 @@ pub enum ServiceCommand {
     #[command(visible_alias = "list")]
     Ls(ListArgs),
     /// Show a service in full (JSON).
-    Inspect { name: String },
+    Inspect {
+        /// The service.
+        name: String,
+    },
     /// Remove a service; its connections drain for its drain_timeout.
     #[command(visible_alias = "remove")]
-    Rm { name: String },
+    Rm {
+        /// The service.
+        name: String,
+    },
     /// List the tasks of a service.
     Ps {
+        /// The service.
         name: String,
         #[command(flatten)]
         list: ListArgs,
@@ -188,6 +195,7 @@ pub enum ServiceCommand {
 
 #[derive(Args)]
 pub struct CreateArgs {
+    /// The service's name: a DNS label (lowercase letters, digits, '-').
     pub name: String,
     /// A port: [PUBLISHED:]TARGET[/udp], or published=P,target=T[,protocol=udp]
     /// [,mode=ingress][,name=NAME] (NAME is the SRV name). Repeat for several.
@@ -199,6 +207,7 @@ pub struct CreateArgs {
 
 #[derive(Args)]
 pub struct UpdateArgs {
+    /// The service.
     pub name: String,
     /// Replaces every port, written as for `service create`. Repeat for several.
     #[arg(short = 'p', long = "publish")]
@@ -246,16 +255,34 @@ pub struct ServiceSettings {
 pub enum TaskCommand {
     /// Register a task on this host: IP, IP:PORT or [IPv6]:PORT.
     Add {
+        /// The service.
         service: String,
+        /// IP, IP:PORT or [IPv6]:PORT; without a port, the service's target port.
         address: String,
+        /// The task's id. Default: <service>.<host>.<n>, unique in the cluster.
         #[arg(long)]
         id: Option<String>,
     },
     /// Remove a task; its connections drain for the service's drain_timeout.
     #[command(visible_alias = "remove")]
-    Rm { service: String, id: String },
+    Rm {
+        /// The service.
+        service: String,
+        /// The task's id.
+        id: String,
+    },
     /// Stop sending new connections to a task; existing ones may finish.
-    Drain { service: String, id: String },
+    Drain {
+        /// The service.
+        service: String,
+        /// The task's id.
+        id: String,
+    },
     /// Send new connections to a drained task again.
-    Undrain { service: String, id: String },
+    Undrain {
+        /// The service.
+        service: String,
+        /// The task's id.
+        id: String,
+    },
 }

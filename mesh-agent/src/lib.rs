@@ -19,7 +19,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-
 use cli::{AgentArgs, Cli, Command};
 use client::{Client, Endpoint};
 use config::{AgentConfig, LogFormat};

@@ -82,7 +82,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError
         let inner = e.into_inner();
         let located = !matches!(path.as_str(), "" | "." | "?");
         if inner.is_data() && located {
-            ApiError::bad_request(format!("{path}: {inner}"))
+            // The path names the field; the position in the body adds nothing.
+            let text = inner.to_string();
+            let position = format!(" at line {} column {}", inner.line(), inner.column());
+            let text = text.strip_suffix(&position).unwrap_or(&text);
+            ApiError::bad_request(format!("{path}: {text}"))
         } else {
             ApiError::bad_request(format!("invalid JSON body: {inner}"))
         }
