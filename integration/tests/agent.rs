@@ -503,8 +503,18 @@ fn a_tcp_api_without_a_token_is_refused_at_start() {
 #[test]
 fn demo_cycles_through_three_tasks_and_stops_cleanly() {
     let port = free_port();
+    let dns = free_udp_port();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("demo.sock");
+    let demo_dirs = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("mesh-demo-"))
+            .collect()
+    };
+    let before = demo_dirs();
     let mut demo = ChildGuard(
         Command::new(mesh_bin())
             .args([
@@ -512,7 +522,7 @@ fn demo_cycles_through_three_tasks_and_stops_cleanly() {
                 "--port",
                 &port.to_string(),
                 "--dns-port",
-                &free_udp_port().to_string(),
+                &dns.to_string(),
                 "--api",
                 &format!("unix:{}", socket.display()),
             ])
@@ -532,9 +542,28 @@ fn demo_cycles_through_three_tasks_and_stops_cleanly() {
         text.contains("Ctrl-C").then_some(())
     });
     assert!(
-        text.contains(&format!("curl -s localhost:{port}")),
+        text.contains(&format!("curl -s localhost:{port}"))
+            && text.contains("mesh node ls")
+            && text.contains("/metrics"),
         "{text}"
     );
+    // Three tasks on three loopback addresses: tasks.web lists three.
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &dns.to_string(),
+            "+short",
+            "tasks.web.mesh",
+        ])
+        .output()
+        .unwrap();
+    let mut ips: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ips.sort();
+    assert_eq!(ips, ["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
     let answers: Vec<String> = (0..6).map(|_| get(port).unwrap()).collect();
     let first = answers[0].clone();
     let order = ["web.1", "web.2", "web.3"];
@@ -546,6 +575,8 @@ fn demo_cycles_through_three_tasks_and_stops_cleanly() {
     let status = eventually("demo exits", || demo.0.try_wait().ok().flatten());
     assert!(status.success());
     assert!(!socket.exists());
+    let left: Vec<String> = demo_dirs().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "the demo leaves no temp dir: {left:?}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
 

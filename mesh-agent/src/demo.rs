@@ -16,8 +16,11 @@ use std::net::SocketAddr;
 use crate::config::{ClusterConfig, VipConfig};
 use crate::daemon::{self, AgentError, Settings};
 
-async fn backend(name: String) -> Result<(u16, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+/// A backend on `ip` (a loopback address of its own, so `tasks.web` lists three).
+async fn backend(name: String, ip: std::net::IpAddr) -> Result<(u16, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind((ip, 0))
+        .await
+        .with_context(|| format!("cannot listen on {ip} for the demo backend {name}"))?;
     let port = listener.local_addr()?.port();
     let handle = tokio::spawn(async move {
         let mut conns = JoinSet::new();
@@ -71,14 +74,16 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
     };
     let mut backends = Vec::new();
     let mut tasks = Vec::new();
-    for i in 1..=3 {
+    for i in 1..=3u8 {
         let name = format!("web.{i}");
-        let (backend_port, handle) = backend(name.clone()).await?;
+        // Linux answers on all of 127.0.0.0/8 without configuring anything.
+        let ip = std::net::IpAddr::from([127, 0, 0, i]);
+        let (backend_port, handle) = backend(name.clone(), ip).await?;
         backends.push(handle);
         tasks.push(TaskSpec {
             service: "web".into(),
             id: Some(name),
-            ip: "127.0.0.1".parse().expect("ip"),
+            ip,
             port: Some(backend_port),
             state: TaskState::Active,
             observed: None,
@@ -121,10 +126,12 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
     let agent = match daemon::start(settings).await {
         Ok(agent) => agent,
         Err(e @ AgentError::Dns { .. }) => {
-            return Err(anyhow::Error::new(e).context(format!(
-                "try `mesh demo --dns-port {}`",
+            // The cause first, then what to do about it.
+            bail!(
+                "{}; try `mesh demo --dns-port {}`",
+                crate::error_chain(&e),
                 dns_port.wrapping_add(1).max(1024)
-            )));
+            );
         }
         Err(e) => return Err(e.into()),
     };
@@ -151,6 +158,7 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
         tracing::warn!("the demo backends did not all pass their health check within 30s");
     }
     let api = format!("unix:{}", socket.display());
+    let sock = socket.display();
     let vip = agent
         .table
         .snapshot()
@@ -176,7 +184,10 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
          MESH_API={api} mesh service ls\n  \
          MESH_API={api} mesh service ps web\n  \
          MESH_API={api} mesh task drain web web.2                  # web.2 gets no new connections\n  \
-         MESH_API={api} mesh status\n\n\
+         MESH_API={api} mesh status\n  \
+         MESH_API={api} mesh node ls\n  \
+         curl -s --unix-socket {sock} http://mesh/v1/services/web    # the HTTP API\n  \
+         curl -s --unix-socket {sock} http://mesh/metrics | grep mesh_connections_total\n\n\
          (from a checkout, `mesh` is `cargo run --release --`). Ctrl-C stops everything.\n"
     );
     daemon::termination().await;
