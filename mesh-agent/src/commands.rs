@@ -462,7 +462,8 @@ const TASK_COLUMNS: [Column; 7] = [
     col("HEALTH", "health"),
     col("STATE", "state"),
     col("SOURCE", "source"),
-    col("CONNECTIONS", "connections"),
+    // Open connections through this host's planes only: another host's are its own.
+    col("CONNECTIONS HERE", "connections"),
 ];
 
 const NODE_COLUMNS: [Column; 5] = [
