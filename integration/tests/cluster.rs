@@ -451,3 +451,53 @@ fn a_host_with_the_wrong_key_cannot_join_and_says_why() {
     assert_eq!(alive(&h1), 1);
     assert_eq!(alive(&h2), 1);
 }
+
+#[test]
+fn a_task_id_two_hosts_claim_is_a_conflict_shown_in_ps_status_and_the_log() {
+    if skip_unless_root("a_task_id_two_hosts_claim_is_a_conflict_shown_in_ps_status_and_the_log") {
+        return;
+    }
+    let c = Cluster::new(2);
+    let key = keygen();
+    let hosts: Vec<Agent> = (0..2).map(|i| start(&c, i, &key)).collect();
+    eventually("two hosts see each other", || {
+        (alive(&hosts[0]) == 2 && alive(&hosts[1]) == 2).then_some(())
+    });
+    assert_ok(hosts[0].cli(&["service", "create", "web", "-p", "8080:8000"]));
+    eventually("host2 knows web", || {
+        (hosts[1].http("GET", "/v1/services/web", None).0 == 200).then_some(())
+    });
+    let add = |i: usize| {
+        let addr = format!("{}:8000", c.hosts[i].ip);
+        assert_ok(hosts[i].cli(&["task", "add", "web", &addr, "--id", "web.x"]));
+    };
+    // The same id added on both sides of a partition: neither host can know.
+    c.link(1, false);
+    add(0);
+    add(1);
+    c.link(1, true);
+    eventually("the partition heals", || {
+        (alive(&hosts[0]) == 2 && alive(&hosts[1]) == 2).then_some(())
+    });
+    // Every host resolves it alike: the first host by name keeps the id.
+    let ps = eventually("host2's service ps shows the conflict", || {
+        let text =
+            String::from_utf8_lossy(&hosts[1].cli(&["service", "ps", "web"]).stdout).to_string();
+        text.contains("conflict: ").then_some(text)
+    });
+    assert!(ps.contains("web.x"), "{ps}");
+    let status = String::from_utf8_lossy(&hosts[1].cli(&["status"]).stdout).to_string();
+    assert!(status.contains("Conflict:    web: "), "{status}");
+    eventually("host2 logs the conflict", || {
+        hosts[1]
+            .log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("conflict service=web"))
+            .then_some(())
+    });
+    // Removing the losing task resolves it, and the log says so.
+    assert_ok(hosts[1].cli(&["task", "rm", "web", "web.x"]));
+    eventually("host2 logs that the conflict is resolved", || {
+        hosts[1].log().contains("conflict resolved").then_some(())
+    });
+}

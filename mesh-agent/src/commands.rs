@@ -280,6 +280,13 @@ pub async fn service(client: &Client, format: &Format, cmd: ServiceCommand) -> R
                 })
                 .collect();
             listing::print(format, &list, &TASK_COLUMNS, rows)?;
+            // Conflicts this service lost (a task id another host holds, a port, a
+            // VIP) follow its tasks, so they are seen where they bite.
+            if *format == Format::Table && !list.quiet {
+                for c in &service.conflicts {
+                    println!("conflict: {c}");
+                }
+            }
         }
     }
     Ok(())

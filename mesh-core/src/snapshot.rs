@@ -78,6 +78,33 @@ impl TaskEntry {
     }
 }
 
+impl Snapshot {
+    /// The conflicts that appeared (`true`) or went away (`false`) from `prev` to
+    /// `self`, by service. O(services that changed).
+    pub fn conflict_changes(&self, prev: &Snapshot) -> Vec<(String, Conflict, bool)> {
+        use imbl::ordmap::DiffItem;
+        let none: &[Conflict] = &[];
+        let mut out = Vec::new();
+        for item in prev.services.diff(&self.services) {
+            let (name, old, new) = match item {
+                DiffItem::Add(name, e) => (name, none, e.conflicts.as_slice()),
+                DiffItem::Update {
+                    old: (name, o),
+                    new: (_, n),
+                } => (name, o.conflicts.as_slice(), n.conflicts.as_slice()),
+                DiffItem::Remove(name, e) => (name, e.conflicts.as_slice(), none),
+            };
+            for c in new.iter().filter(|c| !old.contains(c)) {
+                out.push((name.clone(), c.clone(), true));
+            }
+            for c in old.iter().filter(|c| !new.contains(c)) {
+                out.push((name.clone(), c.clone(), false));
+            }
+        }
+        out
+    }
+}
+
 impl ServiceEntry {
     /// The routable backends of one of this service's ports; with `on`, only those of
     /// the tasks that host runs (`client_ip = "keep"`).

@@ -242,8 +242,17 @@ impl Table {
 
     fn publish(&mut self) {
         if self.snapshots.borrow().version != self.replica.version() {
-            self.snapshots
-                .send_replace(Arc::new(self.replica.snapshot()));
+            let next = Arc::new(self.replica.snapshot());
+            let prev = self.snapshots.send_replace(next.clone());
+            // Conflicts are resolved the same way on every host; each one is said
+            // once here, when it appears and when it goes.
+            for (service, conflict, appeared) in next.conflict_changes(&prev) {
+                if appeared {
+                    tracing::warn!(%service, %conflict, "conflict");
+                } else {
+                    tracing::info!(%service, %conflict, "conflict resolved");
+                }
+            }
         }
     }
 
