@@ -32,6 +32,10 @@ cargo check -p mesh-agent --locked
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 # The integration tests run the `mesh` binary and a test backend; build them first.
 cargo build --workspace --bins --locked "${features[@]}"
+# The .deb, from that binary: integration/tests/packaging.rs checks what it holds.
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --version 3.8.0
+./scripts/package.sh --dev
+export MESH_REQUIRE_PACKAGE=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

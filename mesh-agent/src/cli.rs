@@ -95,6 +95,13 @@ pub enum Command {
     Node(NodeCommand),
     /// Print a new cluster key.
     Keygen,
+    /// Print the shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `mesh man > mesh.1`.
+    Man,
 }
 
 #[derive(Subcommand)]

@@ -107,6 +107,32 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", mesh_gossip::crypto::generate_key());
             Ok(())
         }
+        // Both are made in memory first: clap_complete panics on a failed write, and
+        // a closed pipe (`| head`) is not worth a panic.
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut command, "mesh", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(command)
+                .render(&mut out)
+                .context("rendering the man page")?;
+            print_bytes(&out)
+        }
+    }
+}
+
+/// Writes `bytes` to stdout; a reader that went away early is not an error.
+fn print_bytes(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
     }
 }
 
