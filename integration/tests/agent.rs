@@ -467,13 +467,21 @@ fn tcp_api_needs_the_bearer_token_and_metrics_have_their_own_address() {
     assert_eq!(status, 200);
     for needle in [
         r#"mesh_connections_total{service="web",task="web.1"} 5"#,
-        r#"mesh_listener_accepts_total{port=""#,
+        &format!(
+            r#"mesh_listener_accepts_total{{frontend="published",port="{port}",protocol="tcp",service="web"}}"#
+        ),
         r#"mesh_task_healthy{service="web",task="web.1"} 1"#,
         "mesh_bytes_out_total",
         "mesh_connections_active",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "mesh_build_info{",
+        r#"mesh_gossip_members_by_state{state="alive"} 1"#,
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
+    // A TCP-only service has no UDP series.
+    assert!(!text.contains("mesh_udp_flows_active{"), "{text}");
 }
 
 #[test]

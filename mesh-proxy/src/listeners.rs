@@ -21,7 +21,7 @@ use crate::route::{Clock, ListenerShared, Route};
 use crate::workers::Workers;
 use crate::{tcp, udp};
 
-/// The `port` label of a frontend's metrics: the port, or `VIP:port`.
+/// How logs name a frontend's listener: the port, or `VIP:port`.
 pub fn label(key: &FrontendKey) -> String {
     match key.listen {
         Listen::Published => key.port.to_string(),
@@ -52,7 +52,7 @@ impl Listener {
     ) -> std::io::Result<Listener> {
         let service = route.service.clone();
         let shared = Arc::new(ListenerShared {
-            metrics: metrics.listener(&service, &label(&key), &key.protocol.to_string()),
+            metrics: metrics.listener(&service, &key),
             route: ArcSwap::from_pointee(route),
             cursor: AtomicUsize::new(0),
             active: AtomicU64::new(0),

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the data plane. Per-task handles are resolved once per task
 //! (see [`TaskMetrics`]) so the per-connection path does no label hashing.
 
+use mesh_core::{FrontendKey, Listen, Protocol};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
@@ -44,7 +45,8 @@ pub struct ListenerMetrics {
 }
 
 const TASK: &[&str] = &["service", "task"];
-const PORT: &[&str] = &["service", "port", "protocol"];
+/// A frontend: `frontend` is `published` or the VIP, `port` its port number.
+const PORT: &[&str] = &["service", "frontend", "port", "protocol"];
 
 impl ProxyMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -115,7 +117,7 @@ impl ProxyMetrics {
                 registry,
                 "mesh_listener_refused_total",
                 "Connections refused on a published port, by reason",
-                &["service", "port", "protocol", "reason"],
+                &["service", "frontend", "port", "protocol", "reason"],
             )?,
             udp_flows: gauge(
                 registry,
@@ -165,47 +167,62 @@ impl ProxyMetrics {
         let _ = self.connect_failures.remove_label_values(l);
     }
 
-    /// `port` is the published port number, or `VIP:port` for a VIP listener.
-    pub fn listener(&self, service: &str, port: &str, protocol: &str) -> ListenerMetrics {
-        let l = &[service, port, protocol];
+    /// The labels of a frontend: service, `published` or the VIP, port, protocol.
+    fn frontend_labels(service: &str, key: &FrontendKey) -> [String; 4] {
+        let frontend = match key.listen {
+            Listen::Published => "published".to_string(),
+            Listen::Vip(ip) => ip.to_string(),
+        };
+        [
+            service.to_string(),
+            frontend,
+            key.port.to_string(),
+            key.protocol.to_string(),
+        ]
+    }
+
+    pub fn listener(&self, service: &str, key: &FrontendKey) -> ListenerMetrics {
+        let owned = Self::frontend_labels(service, key);
+        let l: [&str; 4] = [&owned[0], &owned[1], &owned[2], &owned[3]];
+        let refused = |reason: &str| {
+            self.refused
+                .with_label_values(&[l[0], l[1], l[2], l[3], reason])
+        };
+        // UDP series exist only for UDP frontends; a TCP listener gets gauges that
+        // are not exported.
+        let udp = key.protocol == Protocol::Udp;
         ListenerMetrics {
-            accepts: self.accepts.with_label_values(l),
-            refused_no_task: self.refused.with_label_values(&[
-                service,
-                port,
-                protocol,
-                "no_healthy_task",
-            ]),
-            refused_limit: self.refused.with_label_values(&[
-                service,
-                port,
-                protocol,
-                "max_connections",
-            ]),
-            refused_local: self.refused.with_label_values(&[
-                service,
-                port,
-                protocol,
-                "local_resources",
-            ]),
-            retries: self.retries.with_label_values(l),
-            udp_flows: self.udp_flows.with_label_values(l),
-            udp_evicted: self.udp_evicted.with_label_values(l),
-            drain_closed: self.drain_closed.with_label_values(l),
+            accepts: self.accepts.with_label_values(&l),
+            refused_no_task: refused("no_healthy_task"),
+            refused_limit: refused("max_connections"),
+            refused_local: refused("local_resources"),
+            retries: self.retries.with_label_values(&l),
+            udp_flows: if udp {
+                self.udp_flows.with_label_values(&l)
+            } else {
+                IntGauge::new("unexported", "-").expect("a valid name")
+            },
+            udp_evicted: if udp {
+                self.udp_evicted.with_label_values(&l)
+            } else {
+                IntCounter::new("unexported", "-").expect("a valid name")
+            },
+            drain_closed: self.drain_closed.with_label_values(&l),
         }
     }
 
-    pub fn forget_listener(&self, service: &str, port: &str, protocol: &str) {
-        let l = &[service, port, protocol];
-        let _ = self.accepts.remove_label_values(l);
-        let _ = self.retries.remove_label_values(l);
-        let _ = self.udp_flows.remove_label_values(l);
-        let _ = self.udp_evicted.remove_label_values(l);
-        let _ = self.drain_closed.remove_label_values(l);
+    pub fn forget_listener(&self, service: &str, key: &FrontendKey) {
+        let owned = Self::frontend_labels(service, key);
+        let l: [&str; 4] = [&owned[0], &owned[1], &owned[2], &owned[3]];
+        let _ = self.accepts.remove_label_values(&l);
+        let _ = self.retries.remove_label_values(&l);
+        let _ = self.udp_flows.remove_label_values(&l);
+        let _ = self.udp_evicted.remove_label_values(&l);
+        let _ = self.drain_closed.remove_label_values(&l);
         for reason in ["no_healthy_task", "max_connections", "local_resources"] {
             let _ = self
                 .refused
-                .remove_label_values(&[service, port, protocol, reason]);
+                .remove_label_values(&[l[0], l[1], l[2], l[3], reason]);
         }
     }
 

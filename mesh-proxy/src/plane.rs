@@ -133,8 +133,7 @@ impl ProxyPlane {
             .get(&l.service)
             .map_or(Duration::ZERO, |s| s.drain_timeout);
         info!(service = %l.service, listener = %label(key), protocol = %key.protocol, "listener closed");
-        self.metrics
-            .forget_listener(&l.service, &label(key), &key.protocol.to_string());
+        self.metrics.forget_listener(&l.service, key);
         let shared = l.close();
         self.deadlines.schedule(now + drain, shared.kill.clone());
         self.retired.push(shared);

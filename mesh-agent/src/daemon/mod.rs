@@ -145,6 +145,30 @@ pub fn check(settings: &Settings) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// `process_*` (CPU, memory, descriptors, start time) and `mesh_build_info`.
+fn process_metrics(prom: &prometheus::Registry) -> Result<(), prometheus::Error> {
+    prom.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "mesh_build_info",
+            "The running mesh: version and data planes built in",
+        ),
+        &["version", "ebpf"],
+    )?;
+    info.with_label_values(&[
+        env!("CARGO_PKG_VERSION"),
+        if mesh_ebpf::programs::BUILT {
+            "yes"
+        } else {
+            "no"
+        },
+    ])
+    .set(1);
+    prom.register(Box::new(info))
+}
+
 pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
     raise_fd_limit();
     check(&settings)?;
@@ -154,6 +178,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
     let generation = wall_ms();
     let replica = restore(&settings, &mut store, generation)?;
     let prom = prometheus::Registry::new();
+    process_metrics(&prom)?;
     // DNS first: it can fail on an interface or a busy port, and a failure after the
     // API socket is bound would leave the socket file behind.
     let dns = dns::bind(&settings.dns, &prom).await?;

@@ -230,6 +230,18 @@ impl GossipLoop {
         self.metrics
             .members
             .set(views.iter().filter(|v| v.status.is_member()).count() as i64);
+        for state in [
+            MemberStatus::Alive,
+            MemberStatus::Suspect,
+            MemberStatus::Down,
+            MemberStatus::Left,
+        ] {
+            let n = views.iter().filter(|v| v.status == state).count();
+            self.metrics
+                .members_by_state
+                .with_label_values(&[&state.to_string()])
+                .set(n as i64);
+        }
         self.views_tx.send_replace(views);
     }
 

@@ -1,12 +1,14 @@
 //! Prometheus metrics of gossip and anti-entropy.
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
 
 #[derive(Clone)]
 pub struct GossipMetrics {
     pub auth_failures: IntCounter,
     pub refused_peers: IntCounter,
     pub members: IntGauge,
+    /// Members (this host included) by state: alive, suspect, down, left.
+    pub members_by_state: IntGaugeVec,
     pub bytes_out: IntCounter,
     pub bytes_in: IntCounter,
     pub syncs: IntCounter,
@@ -29,12 +31,21 @@ impl GossipMetrics {
             "Cluster members this host sees alive, itself included",
         )?;
         prom.register(Box::new(members.clone()))?;
+        let members_by_state = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "mesh_gossip_members_by_state",
+                "Cluster members this host knows, itself included, by state",
+            ),
+            &["state"],
+        )?;
+        prom.register(Box::new(members_by_state.clone()))?;
         let last_sync = IntGauge::new(
             "mesh_gossip_last_sync_timestamp_seconds",
             "When the last anti-entropy exchange completed (seconds since the epoch; 0: never)",
         )?;
         prom.register(Box::new(last_sync.clone()))?;
         Ok(Self {
+            members_by_state,
             last_sync,
             auth_failures: counter(
                 "mesh_gossip_auth_failures_total",
