@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
+use mesh_core::error::chain;
 
 use crate::layout::{BackendValue, FrontendKey, FrontendValue};
 
@@ -232,15 +233,4 @@ fn remove_other_layouts(pin_dir: &Path, links_dir: &Path) {
             tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove the maps of an older layout");
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

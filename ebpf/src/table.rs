@@ -76,16 +76,7 @@ impl Table {
                 writes.removed_frontends.push(key);
             }
         }
-        let unused: Vec<u32> = table
-            .addrs
-            .keys()
-            .filter(|id| !table.refs.contains_key(id))
-            .copied()
-            .collect();
-        for id in unused {
-            table.free(id);
-            writes.removed_backends.push(id);
-        }
+        table.sweep(&mut writes);
         (table, writes)
     }
 
@@ -180,16 +171,7 @@ impl Table {
             }
         }
         // Backends a new frontend value took are still referenced; the rest go.
-        let unused: Vec<u32> = self
-            .addrs
-            .keys()
-            .filter(|id| !self.refs.contains_key(id))
-            .copied()
-            .collect();
-        for id in unused {
-            self.free(id);
-            writes.removed_backends.push(id);
-        }
+        self.sweep(&mut writes);
         // An id freed and handed out again in one sync is written, not removed.
         writes
             .removed_backends
@@ -214,6 +196,20 @@ impl Table {
         self.addrs.insert(id, addr);
         writes.backends.push((id, addr));
         Some(id)
+    }
+
+    /// Frees the backends no frontend uses, and writes their removal.
+    fn sweep(&mut self, writes: &mut Writes) {
+        let unused: Vec<u32> = self
+            .addrs
+            .keys()
+            .filter(|id| !self.refs.contains_key(id))
+            .copied()
+            .collect();
+        for id in unused {
+            self.free(id);
+            writes.removed_backends.push(id);
+        }
     }
 
     fn release(&mut self, ids: &[u32]) {

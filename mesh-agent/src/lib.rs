@@ -23,17 +23,7 @@ use cli::{AgentArgs, Cli, Command};
 use client::{Client, Endpoint};
 use config::{AgentConfig, LogFormat};
 
-/// An error and its sources on one line, joined by ": ", as users read them.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        out.push_str(": ");
-        out.push_str(&source.to_string());
-        next = source.source();
-    }
-    out
-}
+pub use mesh_core::error::chain as error_chain;
 
 fn init_logging(format: LogFormat) {
     // hyper and axum log every connection at debug; keep them quiet unless asked.

@@ -63,3 +63,15 @@ pub enum StateError {
         holder: String,
     },
 }
+
+/// An error and its sources on one line, joined by ": ", as users read them.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        out.push_str(": ");
+        out.push_str(&source.to_string());
+        next = source.source();
+    }
+    out
+}
