@@ -422,9 +422,16 @@ fn tcp_api_needs_the_bearer_token_and_metrics_have_their_own_address() {
     let first = log.lines().next().expect("a log line");
     let entry: Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert!(
-        entry["level"].is_string() && entry["fields"]["message"].is_string(),
-        "{entry}"
+        entry["level"].is_string() && entry["message"].is_string(),
+        "fields at the top level: {entry}"
     );
+    // A line with fields has them beside the message.
+    let started = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["message"] == "mesh agent started")
+        .unwrap_or_else(|| panic!("no start line in\n{log}"));
+    assert_eq!(started["node"], "it", "{started}");
     let call = |token: Option<&str>| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
         http_exchange(&mut s, "GET", "/v1/status", None, token).unwrap()
