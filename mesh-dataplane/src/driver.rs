@@ -67,6 +67,8 @@ pub struct Driver {
     host: Host,
     /// Planes that could not start, reported with why.
     off: Vec<(String, String)>,
+    /// `mesh_dataplane_apply_seconds{plane}`: how long each plane's apply took.
+    apply_seconds: Option<prometheus::HistogramVec>,
 }
 
 /// Questions to the driver, from anywhere: cheap to clone.
@@ -119,7 +121,25 @@ impl Driver {
             planes: Vec::new(),
             host,
             off: Vec::new(),
+            apply_seconds: None,
         }
+    }
+
+    /// Registers `mesh_dataplane_apply_seconds{plane}` in `registry`.
+    pub fn metrics(mut self, registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let h = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "mesh_dataplane_apply_seconds",
+                "How long a data plane took to apply one plan change",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ]),
+            &["plane"],
+        )?;
+        registry.register(Box::new(h.clone()))?;
+        self.apply_seconds = Some(h);
+        Ok(self)
     }
 
     /// Adds a plane. Planes apply, and shut down, in the order they were added.
@@ -207,7 +227,12 @@ impl Driver {
                 };
                 let changes = Plan::diff(&plan, &next);
                 for (plane, report) in self.planes.iter_mut().zip(reports.iter_mut()) {
-                    *report = plane.apply(&next, &changes, Instant::now()).await;
+                    let at = Instant::now();
+                    *report = plane.apply(&next, &changes, at).await;
+                    if let Some(h) = &self.apply_seconds {
+                        h.with_label_values(&[plane.name()])
+                            .observe(at.elapsed().as_secs_f64());
+                    }
                 }
                 debug!(version = next.version, changes = changes.len(), took = ?started.elapsed(), "plan applied");
                 plan = Arc::new(next);

@@ -197,7 +197,14 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
 
     let proxy_metrics = ProxyMetrics::new(&prom)?;
     let health_metrics = HealthMetrics::new(&prom)?;
-    let planes = planes::spawn(&settings, proxy_metrics, table.subscribe(), stop.clone()).await?;
+    let planes = planes::spawn(
+        &settings,
+        &prom,
+        proxy_metrics,
+        table.subscribe(),
+        stop.clone(),
+    )
+    .await?;
 
     let dns_addrs = match dns {
         Some(bound) => dns::serve(bound, table.subscribe(), stop.clone(), &mut tasks),

@@ -152,6 +152,7 @@ async fn kernel_planes(
 
 pub async fn spawn(
     settings: &Settings,
+    registry: &prometheus::Registry,
     metrics: ProxyMetrics,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stop: CancellationToken,
@@ -203,7 +204,7 @@ pub async fn spawn(
     };
     // Socket balancing needs no address on an interface: VIPs are served either way.
     host.serve_vips = addresses.is_ok() || socket_vips;
-    let mut driver = Driver::new(host).plane(Box::new(proxy));
+    let mut driver = Driver::new(host).metrics(registry)?.plane(Box::new(proxy));
     for plane in kernel {
         driver = driver.plane(plane);
     }
