@@ -2,7 +2,10 @@
 //! (see [`TaskMetrics`]) so the per-connection path does no label hashing.
 
 use mesh_core::{FrontendKey, Listen, Protocol};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 #[derive(Clone)]
 pub struct ProxyMetrics {
@@ -15,6 +18,7 @@ pub struct ProxyMetrics {
     accepts: IntCounterVec,
     refused: IntCounterVec,
     udp_flows: IntGaugeVec,
+    connect_seconds: HistogramVec,
     udp_evicted: IntCounterVec,
     drain_closed: IntCounterVec,
 }
@@ -42,6 +46,8 @@ pub struct ListenerMetrics {
     /// Flows dropped to make room under `udp_max_flows`.
     pub udp_evicted: IntCounter,
     pub drain_closed: IntCounter,
+    /// How long successful upstream connects took (TCP).
+    pub connect_seconds: Histogram,
 }
 
 const TASK: &[&str] = &["service", "task"];
@@ -137,6 +143,21 @@ impl ProxyMetrics {
                 "Connections closed because a drain_timeout expired",
                 PORT,
             )?,
+            connect_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "mesh_connect_seconds",
+                        "How long the connects to tasks that succeeded took (TCP)",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.0,
+                    ]),
+                    PORT,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
         })
     }
 
@@ -208,6 +229,11 @@ impl ProxyMetrics {
                 IntCounter::new("unexported", "-").expect("a valid name")
             },
             drain_closed: self.drain_closed.with_label_values(&l),
+            connect_seconds: if udp {
+                Histogram::with_opts(HistogramOpts::new("unexported", "-")).expect("a valid name")
+            } else {
+                self.connect_seconds.with_label_values(&l)
+            },
         }
     }
 
@@ -219,6 +245,7 @@ impl ProxyMetrics {
         let _ = self.udp_flows.remove_label_values(&l);
         let _ = self.udp_evicted.remove_label_values(&l);
         let _ = self.drain_closed.remove_label_values(&l);
+        let _ = self.connect_seconds.remove_label_values(&l);
         for reason in ["no_healthy_task", "max_connections", "local_resources"] {
             let _ = self
                 .refused

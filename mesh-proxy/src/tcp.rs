@@ -73,8 +73,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<ListenerShared>
             shared.metrics.retries.inc();
         }
         let backend = &route.backends[i];
+        let started = std::time::Instant::now();
         match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
+                shared
+                    .metrics
+                    .connect_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 backend.slot.clear_ejection();
                 break (stream, backend);
             }
