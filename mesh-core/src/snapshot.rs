@@ -122,3 +122,54 @@ impl ServiceEntry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::PortSpec;
+
+    fn entry(conflicts: Vec<Conflict>) -> Arc<ServiceEntry> {
+        Arc::new(ServiceEntry {
+            spec: ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]),
+            vips: Vips::default(),
+            tasks: Vec::new(),
+            suspended: Vec::new(),
+            conflicts,
+        })
+    }
+
+    #[test]
+    fn conflict_changes_name_what_appeared_and_what_went() {
+        let task = |host: &str| Conflict::TaskId {
+            task: "web.x".into(),
+            host: host.into(),
+            kept_on: "h1".into(),
+        };
+        let mut a = Snapshot::default();
+        a.services.insert("web".into(), entry(vec![task("h2")]));
+        let mut b = a.clone();
+        b.services.insert("web".into(), entry(vec![task("h3")]));
+        b.services.insert("api".into(), entry(vec![task("h4")]));
+        let changes = b.conflict_changes(&a);
+        assert!(
+            changes.contains(&("web".into(), task("h3"), true)),
+            "{changes:?}"
+        );
+        assert!(
+            changes.contains(&("web".into(), task("h2"), false)),
+            "{changes:?}"
+        );
+        assert!(
+            changes.contains(&("api".into(), task("h4"), true)),
+            "{changes:?}"
+        );
+        assert_eq!(changes.len(), 3);
+        assert!(b.conflict_changes(&b).is_empty(), "no change, nothing said");
+        let gone = Snapshot::default().conflict_changes(&b);
+        assert_eq!(
+            gone.iter().filter(|c| !c.2).count(),
+            2,
+            "removed services' go"
+        );
+    }
+}
