@@ -65,27 +65,10 @@ fn owner_is_dead(name: &str) -> bool {
         .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
-/// The root of the cgroup v2 hierarchy, mounted at /run/mesh/cgroup2 if none is.
+/// The root of the cgroup v2 hierarchy, mounted at /run/mesh/cgroup2 if none is, as
+/// the agent finds it.
 pub fn cgroup2_root() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    for line in info.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let fields: Vec<&str> = left.split_whitespace().collect();
-        if right.starts_with("cgroup2 ") && fields.get(3) == Some(&"/") {
-            return PathBuf::from(fields[4]);
-        }
-    }
-    let target = Path::new("/run/mesh/cgroup2");
-    std::fs::create_dir_all(target).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "cgroup2", "none"])
-        .arg(target)
-        .output()
-        .expect("mount");
-    assert!(out.status.success(), "mount cgroup2: {out:?}");
-    target.to_path_buf()
+    mesh_ebpf::mounts::cgroup(None).unwrap_or_else(|e| panic!("cgroup v2: {e}"))
 }
 
 /// A child cgroup of the v2 root for one test.
@@ -195,21 +178,11 @@ pub struct PinDir {
     pub path: PathBuf,
 }
 
-fn ensure_bpffs() {
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "));
-    if !mounted {
-        let _ = Command::new("mount")
-            .args(["-t", "bpf", "bpf", BPFFS])
-            .output();
-    }
-}
-
 impl PinDir {
     pub fn new() -> PinDir {
-        ensure_bpffs();
+        let path = Path::new(BPFFS).join(unique());
+        // Mounts bpffs if needed, and makes the directory, as the agent would.
+        mesh_ebpf::mounts::ensure_bpffs(&path).unwrap_or_else(|e| panic!("bpffs: {e}"));
         static STALE: Once = Once::new();
         STALE.call_once(|| {
             for entry in std::fs::read_dir(BPFFS).into_iter().flatten().flatten() {
@@ -219,9 +192,7 @@ impl PinDir {
                 }
             }
         });
-        PinDir {
-            path: Path::new(BPFFS).join(unique()),
-        }
+        PinDir { path }
     }
 
     /// What is pinned under the directory, as relative paths, sorted.
