@@ -76,7 +76,15 @@ impl EbpfPlane {
         let cgroup = crate::mounts::cgroup(config.cgroup.as_deref())?;
         let (mut programs, adopted) = Programs::open(&config.pin_dir, &cgroup)?;
         let (table, cleanup) = read_table(&programs);
-        write(&mut programs, &cleanup)?;
+        // The programs are attached and pinned by now: a failed cleanup is not worth
+        // leaving them behind for. The first apply reads the maps again.
+        let stale = match write(&mut programs, &cleanup) {
+            Ok(()) => false,
+            Err(e) => {
+                warn!(error = %e, "cannot clean up the adopted eBPF maps; the first apply reconciles them");
+                true
+            }
+        };
         // What a previous run counted is not this run's to report.
         let seen = table
             .backends()
@@ -95,7 +103,7 @@ impl EbpfPlane {
             cgroup,
             pin_dir: config.pin_dir.clone(),
             first: true,
-            stale: false,
+            stale,
             problems: BTreeMap::new(),
             failed: None,
             keep,

@@ -27,11 +27,10 @@ fn view(service: &str, task: TaskEntry, stats: &PlaneStats) -> TaskView {
     }
 }
 
-/// Why a suspended task's host is not routed, from membership.
-fn suspended_because(s: &AppState, node: &str) -> String {
+/// Why a suspended task's host is not routed, from its membership state.
+fn suspended_because(status: Option<mesh_core::MemberStatus>) -> String {
     use mesh_core::MemberStatus;
-    let members = s.members.borrow();
-    match members.iter().find(|m| m.name == node).map(|m| m.status) {
+    match status {
         Some(MemberStatus::Down) => "host down".into(),
         Some(MemberStatus::Suspect) => "host suspect".into(),
         Some(MemberStatus::Left) => "host left".into(),
@@ -51,8 +50,15 @@ pub async fn list(
         .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))?;
     let stats = s.planes.stats().await;
     let live = entry.tasks.iter().map(|t| view(&name, t.clone(), &stats));
+    // One lookup table per request: a large cluster has many members.
+    let states: std::collections::HashMap<String, mesh_core::MemberStatus> = s
+        .members
+        .borrow()
+        .iter()
+        .map(|m| (m.name.clone(), m.status))
+        .collect();
     let suspended = entry.suspended.iter().map(|t| TaskView {
-        suspended: Some(suspended_because(&s, &t.node)),
+        suspended: Some(suspended_because(states.get(&t.node).copied())),
         ..view(&name, t.clone(), &stats)
     });
     Ok(Json(live.chain(suspended).collect()))
