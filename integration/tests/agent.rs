@@ -823,3 +823,47 @@ fn the_cli_takes_dockers_port_syntax_aliases_filters_quiet_and_templates() {
     assert_ok(agent.cli(&["service", "remove", "api"]));
     assert_eq!(text(&["service", "ls", "-q"]), "web\n");
 }
+
+#[test]
+fn a_sigterm_during_start_up_is_a_clean_stop() {
+    // The signal arrives while the agent is still starting (gossip is up, the planes
+    // and the API are not yet): it must not kill the process half-way, but stop it
+    // cleanly once started.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
+    let socket = dir.path().join("mesh.sock");
+    let mut child = ChildGuard(
+        Command::new(mesh_bin())
+            .args(["agent", "--no-vips", "--bind", "127.0.0.1:0", "--insecure"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--api")
+            .arg(format!("unix:{}", socket.display()))
+            .env_remove("MESH_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Polled closely (not at `eventually`'s 50 ms): the rest of start-up takes tens of
+    // milliseconds, and the signal must land inside it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("gossip started")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: kill(2) with a pid we own.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = eventually("the agent exits", || child.0.try_wait().ok().flatten());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{status}: {text}");
+    assert!(text.contains("SIGTERM; shutting down"), "{text}");
+    assert!(!socket.exists(), "the socket is removed");
+}

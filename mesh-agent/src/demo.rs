@@ -123,6 +123,7 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
         docker: None,
         ebpf: mesh_ebpf::EbpfConfig::default(),
     };
+    let signals = daemon::Termination::catch().context("cannot catch SIGTERM and SIGINT")?;
     let agent = match daemon::start(settings).await {
         Ok(agent) => agent,
         Err(e @ AgentError::Dns { .. }) => {
@@ -190,7 +191,7 @@ pub async fn run(port: u16, dns_port: u16, api: Option<String>) -> Result<()> {
          curl -s --unix-socket {sock} http://mesh/metrics | grep mesh_connections_total\n\n\
          (from a checkout, `mesh` is `cargo run --release --`). Ctrl-C stops everything.\n"
     );
-    daemon::termination().await;
+    signals.wait().await;
     agent.shutdown().await;
     for b in backends {
         b.abort();

@@ -129,6 +129,8 @@ fn print_bytes(bytes: &[u8]) -> Result<()> {
 }
 
 async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
+    // Caught first thing, so that a SIGTERM during start-up is a clean stop after it.
+    let signals = daemon::Termination::catch().context("cannot catch SIGTERM and SIGINT")?;
     let config = match &args.config {
         Some(path) => AgentConfig::load(path)?,
         None => AgentConfig::default(),
@@ -239,7 +241,7 @@ async fn agent(cli: &Cli, args: &AgentArgs) -> Result<()> {
     init_logging(args.log_format.or(log_format).unwrap_or(LogFormat::Text));
 
     let running = daemon::start(settings).await?;
-    daemon::termination().await;
+    signals.wait().await;
     running.shutdown().await;
     Ok(())
 }

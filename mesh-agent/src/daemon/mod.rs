@@ -335,11 +335,29 @@ impl RunningAgent {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
-        _ = term.recv() => info!("SIGTERM; shutting down"),
+/// SIGTERM and SIGINT, caught from the moment this is made. One that arrives while
+/// the agent is still starting waits here instead of killing the process half-way
+/// (with rules, VIPs or programs installed and nothing to remove them); the agent
+/// stops cleanly as soon as it has started.
+pub struct Termination {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Termination {
+    pub fn catch() -> std::io::Result<Termination> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Termination {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Until SIGTERM or SIGINT (at once if one came already).
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => info!("interrupted; shutting down"),
+            _ = self.term.recv() => info!("SIGTERM; shutting down"),
+        }
     }
 }
