@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 # dnsmasq as a real DNS server behind the mesh; docker.io for a private Docker engine
 # (dockerd, containerd, runc) and busybox-static for its image (scripts/busybox-image.sh);
 # docker-compose for the Compose example; clang-19, libbpf-dev and linux-libc-dev
-# compile the eBPF plane's C programs, and bpftool shows what is attached.
+# compile the eBPF plane's C programs, and bpftool shows what is attached; chromium and
+# chromium-driver run the dashboard's browser test; prometheus gives promtool, which checks
+# the alert rules in deploy/.
 packages=(bind9-dnsutils nftables conntrack dnsmasq-base docker.io busybox-static docker-compose
-  clang-19 libbpf-dev linux-libc-dev bpftool)
+  clang-19 libbpf-dev linux-libc-dev bpftool chromium chromium-driver prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -41,7 +43,10 @@ trap 'rm -f "$log"' EXIT
 set +e
 # --no-fail-fast: one failing test binary does not hide the others' results.
 # As root (CI), the Docker tests must run, not skip: the packages above provide dockerd.
-if [ "$(id -u)" = 0 ]; then export MESH_REQUIRE_DOCKER=1 MESH_REQUIRE_EBPF=1; fi
+# The same holds for the browser and promtool, which the packages above also provide.
+if [ "$(id -u)" = 0 ]; then
+  export MESH_REQUIRE_DOCKER=1 MESH_REQUIRE_EBPF=1 MESH_REQUIRE_BROWSER=1 MESH_REQUIRE_PROMTOOL=1
+fi
 cargo test --workspace --locked --no-fail-fast "${features[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
