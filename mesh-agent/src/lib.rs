@@ -8,6 +8,7 @@ mod commands;
 pub mod config;
 mod daemon;
 mod demo;
+mod events;
 pub mod fuzzing;
 mod listing;
 mod paths;

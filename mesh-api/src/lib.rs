@@ -1,9 +1,10 @@
 //! The typed edge of mesh: what the HTTP API returns and accepts. The agent serves
-//! these types, the CLI sends and decodes them, and the dashboard will too, so one
+//! these types, the CLI sends and decodes them, and the dashboard too, so one
 //! definition keeps all three in step.
 
 mod docker;
 mod error;
+mod event;
 mod node;
 mod patch;
 mod service;
@@ -12,6 +13,7 @@ mod task;
 
 pub use docker::{DockerView, EngineStatus};
 pub use error::ErrorBody;
+pub use event::EventView;
 pub use node::NodeView;
 pub use patch::merge_patch;
 pub use service::ServiceView;

@@ -11,6 +11,13 @@ pub struct TaskView {
     pub task: TaskEntry,
     /// Open connections and UDP flows to the task through this host's planes.
     pub active_connections: u64,
+    /// Bytes from clients to the task through this host's userspace plane, when that
+    /// plane serves it (the kernel planes do not count bytes per task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    /// Bytes from the task back to clients, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
     /// Why the task is not routed although its record stays: its host is not alive
     /// ("host down", "host suspect", "host left", "host not seen yet").
     #[serde(default, skip_serializing_if = "Option::is_none")]

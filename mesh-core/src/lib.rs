@@ -5,6 +5,7 @@
 //! Nothing here does I/O or reads a clock: callers pass `now` and act on the results.
 
 pub mod balance;
+pub mod change;
 pub mod cidr;
 pub mod conflict;
 pub mod duration;
@@ -25,6 +26,7 @@ pub mod task;
 pub mod vip;
 
 pub use balance::{BackendSet, Balance};
+pub use change::Change;
 pub use cidr::Cidr;
 pub use conflict::Conflict;
 pub use error::{ModelError, StateError};

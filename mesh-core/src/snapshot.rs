@@ -78,33 +78,6 @@ impl TaskEntry {
     }
 }
 
-impl Snapshot {
-    /// The conflicts that appeared (`true`) or went away (`false`) from `prev` to
-    /// `self`, by service. O(services that changed).
-    pub fn conflict_changes(&self, prev: &Snapshot) -> Vec<(String, Conflict, bool)> {
-        use imbl::ordmap::DiffItem;
-        let none: &[Conflict] = &[];
-        let mut out = Vec::new();
-        for item in prev.services.diff(&self.services) {
-            let (name, old, new) = match item {
-                DiffItem::Add(name, e) => (name, none, e.conflicts.as_slice()),
-                DiffItem::Update {
-                    old: (name, o),
-                    new: (_, n),
-                } => (name, o.conflicts.as_slice(), n.conflicts.as_slice()),
-                DiffItem::Remove(name, e) => (name, e.conflicts.as_slice(), none),
-            };
-            for c in new.iter().filter(|c| !old.contains(c)) {
-                out.push((name.clone(), c.clone(), true));
-            }
-            for c in old.iter().filter(|c| !new.contains(c)) {
-                out.push((name.clone(), c.clone(), false));
-            }
-        }
-        out
-    }
-}
-
 impl ServiceEntry {
     /// The routable backends of one of this service's ports; with `on`, only those of
     /// the tasks that host runs (`client_ip = "keep"`).
@@ -120,56 +93,5 @@ impl ServiceEntry {
                 })
                 .collect(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::service::PortSpec;
-
-    fn entry(conflicts: Vec<Conflict>) -> Arc<ServiceEntry> {
-        Arc::new(ServiceEntry {
-            spec: ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]),
-            vips: Vips::default(),
-            tasks: Vec::new(),
-            suspended: Vec::new(),
-            conflicts,
-        })
-    }
-
-    #[test]
-    fn conflict_changes_name_what_appeared_and_what_went() {
-        let task = |host: &str| Conflict::TaskId {
-            task: "web.x".into(),
-            host: host.into(),
-            kept_on: "h1".into(),
-        };
-        let mut a = Snapshot::default();
-        a.services.insert("web".into(), entry(vec![task("h2")]));
-        let mut b = a.clone();
-        b.services.insert("web".into(), entry(vec![task("h3")]));
-        b.services.insert("api".into(), entry(vec![task("h4")]));
-        let changes = b.conflict_changes(&a);
-        assert!(
-            changes.contains(&("web".into(), task("h3"), true)),
-            "{changes:?}"
-        );
-        assert!(
-            changes.contains(&("web".into(), task("h2"), false)),
-            "{changes:?}"
-        );
-        assert!(
-            changes.contains(&("api".into(), task("h4"), true)),
-            "{changes:?}"
-        );
-        assert_eq!(changes.len(), 3);
-        assert!(b.conflict_changes(&b).is_empty(), "no change, nothing said");
-        let gone = Snapshot::default().conflict_changes(&b);
-        assert_eq!(
-            gone.iter().filter(|c| !c.2).count(),
-            2,
-            "removed services' go"
-        );
     }
 }

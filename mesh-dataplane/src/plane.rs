@@ -66,12 +66,20 @@ pub struct ApplyReport {
 pub struct PlaneStats {
     /// Open connections (and UDP flows), by (service, task).
     pub connections: BTreeMap<(String, String), u64>,
+    /// Bytes from clients to the task and back, by (service, task), where a plane
+    /// counts them (the userspace plane does; the kernel planes do not).
+    pub bytes: BTreeMap<(String, String), (u64, u64)>,
 }
 
 impl PlaneStats {
     pub fn merge(&mut self, other: PlaneStats) {
         for (k, v) in other.connections {
             *self.connections.entry(k).or_default() += v;
+        }
+        for (k, (to, from)) in other.bytes {
+            let b = self.bytes.entry(k).or_default();
+            b.0 += to;
+            b.1 += from;
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What operators read about other hosts: one log line each time what membership says
 //! about a host changes (joined, suspect, down, back, left), and nothing while it
-//! stays the same. Pure: the gossip loop feeds it the events it hands the table and
-//! logs what comes out.
+//! stays the same. Pure: the table's owner feeds it the events gossip hands the table,
+//! and logs and publishes what comes out.
 
 use std::collections::BTreeMap;
 

@@ -268,7 +268,13 @@ impl Dataplane for ProxyPlane {
         let mut stats = PlaneStats::default();
         for (name, service) in &self.services {
             for (id, n) in service.connections() {
-                stats.connections.insert((name.clone(), id.to_string()), n);
+                let key = (name.clone(), id.to_string());
+                // The series exist while the task is installed; this reads them.
+                let m = self.metrics.task(name, id);
+                stats
+                    .bytes
+                    .insert(key.clone(), (m.bytes_in.get(), m.bytes_out.get()));
+                stats.connections.insert(key, n);
             }
         }
         stats

@@ -26,7 +26,7 @@ async fn bearer(req: Request, next: Next, token: &str) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let ok = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())));
-    if ok || req.uri().path() == "/healthz" {
+    if ok || req.uri().path() == "/healthz" || super::ui::is_asset(req.uri().path()) {
         return next.run(req).await;
     }
     ApiError::new(

@@ -1,12 +1,14 @@
-//! The HTTP/JSON API under `/v1`, plus `/healthz` and `/metrics`. Reads come from the
+//! The HTTP/JSON API under `/v1`, plus `/healthz`, `/metrics` and the dashboard at `/ui`. Reads come from the
 //! current snapshot and the planes' status; writes go to the table. Bodies and
 //! answers are the typed views of `mesh-api`.
 
 mod auth;
 pub(crate) mod error;
+mod events;
 mod services;
 mod status;
 mod tasks;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +20,12 @@ use axum::routing::{get, post};
 use mesh_dataplane::PlaneClient;
 use mesh_gossip::transport::MemberView;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use events::MAX_STREAMS;
 
+use crate::events::EventFeed;
 use crate::table::TableHandle;
 
 pub struct ApiState {
@@ -40,6 +45,11 @@ pub struct ApiState {
     pub gossip: Option<(SocketAddr, prometheus::IntGauge)>,
     /// The Docker source's view, when it is on.
     pub docker: Option<watch::Receiver<mesh_api::DockerView>>,
+    pub events: EventFeed,
+    /// Slots for open event streams ([`events::MAX_STREAMS`]).
+    pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// Ends the event streams at shutdown, which would otherwise hold it up.
+    pub stop: CancellationToken,
 }
 
 pub type AppState = Arc<ApiState>;
@@ -53,6 +63,11 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
         .route("/metrics", get(status::metrics))
         .route("/v1/status", get(status::status))
         .route("/v1/nodes", get(status::nodes))
+        .route("/v1/events", get(events::stream))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
         .route("/v1/services", get(services::list).post(services::create))
         .route(
             "/v1/services/{name}",
@@ -76,7 +91,7 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
         )
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint; see /v1/services, /v1/status, /healthz, /metrics",
+                "no such endpoint; see /v1/services, /v1/status, /v1/events, /ui, /healthz, /metrics",
             )
         })
         .layer(axum::middleware::map_response(error::as_json))

@@ -14,15 +14,15 @@ use super::{ApiError, AppState};
 use crate::table::{Outcome, Write};
 
 fn view(service: &str, task: TaskEntry, stats: &PlaneStats) -> TaskView {
-    let active_connections = stats
-        .connections
-        .get(&(service.to_string(), task.id.clone()))
-        .copied()
-        .unwrap_or(0);
+    let key = (service.to_string(), task.id.clone());
+    let active_connections = stats.connections.get(&key).copied().unwrap_or(0);
+    let bytes = stats.bytes.get(&key);
     TaskView {
         service: service.into(),
         task,
         active_connections,
+        bytes_in: bytes.map(|b| b.0),
+        bytes_out: bytes.map(|b| b.1),
         suspended: None,
     }
 }

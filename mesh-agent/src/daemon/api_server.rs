@@ -125,6 +125,8 @@ impl Listeners {
                 .local_addr()
                 .map(|a| format!("http://{a}"))
                 .unwrap_or_default();
+            // The token goes in the URL fragment, which the browser keeps to itself.
+            info!(dashboard = %format!("{name}/ui#token=<api token>"), "dashboard");
             tasks.spawn(http::serve(
                 l,
                 api::router(state.clone(), token),

@@ -30,6 +30,7 @@ pub use errors::AgentError;
 
 use crate::api::ApiState;
 use crate::config::{ClusterConfig, VipConfig};
+use crate::events::EventFeed;
 use crate::prober::{self, HealthMetrics};
 use crate::store::DataDir;
 use crate::table::{GossipOut, Outcome, Table, TableHandle, Write};
@@ -192,7 +193,8 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
         deltas: g.deltas.clone(),
         dropped: g.metrics.dropped_deltas.clone(),
     });
-    let (table, table_task) = Table::spawn(replica, Some(store), gossip_in, out);
+    let events = EventFeed::default();
+    let (table, table_task) = Table::spawn(replica, Some(store), gossip_in, out, events.clone());
     apply_config(&settings, &table).await?;
 
     let proxy_metrics = ProxyMetrics::new(&prom)?;
@@ -256,6 +258,9 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
             .as_ref()
             .map(|g| (g.local_addr, g.metrics.last_sync.clone())),
         docker,
+        events,
+        event_streams: Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_STREAMS)),
+        stop: stop.clone(),
     });
     listeners.serve(state, settings.token.clone(), stop.clone(), &mut tasks);
     for addr in &dns_addrs {

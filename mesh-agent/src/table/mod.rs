@@ -17,16 +17,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::replica::NodeView;
-use mesh_core::{Delta, Health, Replica, Snapshot, TaskSource};
+use mesh_core::{Change, Delta, Health, Replica, Snapshot, TaskSource};
+use mesh_gossip::GossipEvent;
+use mesh_gossip::membership_log::MembershipLog;
 use mesh_gossip::transport::{ToTable, wall_ms};
 use prometheus::IntCounter;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
 pub use write::{Outcome, Write, WriteError};
 
+use crate::events::EventFeed;
 use crate::store::DataDir;
 
 /// Inputs waiting for the table; beyond it, senders wait.
@@ -126,6 +129,9 @@ pub struct Table {
     /// The table changed in ways the log does not hold.
     unsaved: bool,
     dropped_log: mesh_gossip::log_limit::LogLimit,
+    /// What membership last said about each host, so each change is said once.
+    membership: MembershipLog,
+    events: EventFeed,
 }
 
 impl Table {
@@ -136,6 +142,7 @@ impl Table {
         store: Option<DataDir>,
         gossip_in: mpsc::Receiver<ToTable>,
         gossip: Option<GossipOut>,
+        events: EventFeed,
     ) -> (TableHandle, JoinHandle<()>) {
         let (snapshots, rx) = watch::channel(Arc::new(replica.snapshot()));
         let (inputs, inbox) = mpsc::channel(QUEUE);
@@ -151,6 +158,8 @@ impl Table {
             gossip,
             unsaved: false,
             dropped_log: Default::default(),
+            membership: Default::default(),
+            events,
         };
         (handle, tokio::spawn(table.run(inbox, gossip_in)))
     }
@@ -179,6 +188,9 @@ impl Table {
                 },
                 request = gossip_in.recv(), if gossip_open => match request {
                     Some(request) => {
+                        if let ToTable::Event(event) = &request {
+                            self.observe(event);
+                        }
                         let before = self.replica.version();
                         request.run(&mut self.replica, wall_ms());
                         self.after_unlogged_change(before);
@@ -240,18 +252,38 @@ impl Table {
         }
     }
 
+    /// Says what a membership event changes about a host: in the log and the feed.
+    fn observe(&mut self, event: &GossipEvent) {
+        if let Some(line) = self.membership.observe(event) {
+            if line.warn {
+                warn!(host = %line.host, "host {} {}", line.host, line.text);
+            } else {
+                info!(host = %line.host, "host {} {}", line.host, line.text);
+            }
+            self.events.member(&line);
+        }
+    }
+
     fn publish(&mut self) {
         if self.snapshots.borrow().version != self.replica.version() {
             let next = Arc::new(self.replica.snapshot());
             let prev = self.snapshots.send_replace(next.clone());
-            // Conflicts are resolved the same way on every host; each one is said
-            // once here, when it appears and when it goes.
-            for (service, conflict, appeared) in next.conflict_changes(&prev) {
-                if appeared {
-                    tracing::warn!(%service, %conflict, "conflict");
-                } else {
-                    tracing::info!(%service, %conflict, "conflict resolved");
+            // Every host resolves conflicts the same way; each one is logged once
+            // here, when it appears and when it goes. The feed gets every change.
+            for change in next.changes(&prev) {
+                if let Change::Conflict {
+                    service,
+                    conflict,
+                    appeared,
+                } = &change
+                {
+                    if *appeared {
+                        warn!(%service, %conflict, "conflict");
+                    } else {
+                        info!(%service, %conflict, "conflict resolved");
+                    }
                 }
+                self.events.change(&change);
             }
         }
     }
@@ -304,7 +336,8 @@ mod tests {
             replica.restore_service(r, wall_ms());
         }
         let (_tx, gossip_in) = mpsc::channel(1);
-        let (handle, task) = Table::spawn(replica, Some(store), gossip_in, None);
+        let (handle, task) =
+            Table::spawn(replica, Some(store), gossip_in, None, EventFeed::default());
         (handle, task, saved)
     }
 

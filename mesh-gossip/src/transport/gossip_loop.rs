@@ -12,7 +12,7 @@ use mesh_core::{Delta, MemberStatus};
 use rand::RngExt;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::members::MemberView;
 use super::metrics::GossipMetrics;
@@ -23,7 +23,6 @@ use crate::anti_entropy::Members;
 use crate::events::GossipEvent;
 use crate::identity::NodeIdentity;
 use crate::log_limit::LogLimit;
-use crate::membership_log::MembershipLog;
 use crate::node::GossipNode;
 
 /// How often foca's suspects are looked at: adds at most this to the time a dead
@@ -48,8 +47,6 @@ pub(super) struct GossipLoop {
     pub log: LogLimit,
     /// Hosts that announced a graceful leave, until they are seen alive again.
     pub left: BTreeSet<String>,
-    /// What was last logged about each host.
-    pub membership_log: MembershipLog,
 }
 
 pub(super) struct Inputs {
@@ -175,13 +172,6 @@ impl GossipLoop {
                 .push(Reverse((Instant::now() + after, self.timer_seq)));
         }
         for event in out.events {
-            if let Some(line) = self.membership_log.observe(&event) {
-                if line.warn {
-                    warn!(host = %line.host, "host {} {}", line.host, line.text);
-                } else {
-                    info!(host = %line.host, "host {} {}", line.host, line.text);
-                }
-            }
             match &event {
                 GossipEvent::Delta(d) => {
                     if let Delta::Leave { origin, .. } = d.as_ref() {

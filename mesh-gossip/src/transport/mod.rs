@@ -228,7 +228,6 @@ pub async fn start(
             pending: BTreeMap::new(),
             log: LogLimit::default(),
             left: BTreeSet::new(),
-            membership_log: Default::default(),
         }
         .run(Inputs {
             deltas: deltas_rx,
