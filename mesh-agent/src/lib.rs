@@ -4,6 +4,7 @@
 mod api;
 mod cli;
 mod client;
+mod cluster_metrics;
 mod commands;
 pub mod config;
 mod daemon;
