@@ -10,6 +10,7 @@ pub mod config;
 mod daemon;
 mod demo;
 pub mod fuzzing;
+mod json_log;
 mod listing;
 mod paths;
 mod prober;
@@ -36,9 +37,7 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        // The event's fields at the top level, beside level, timestamp and target, as
-        // log pipelines expect.
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder.event_format(json_log::JsonLines).init(),
         LogFormat::Text => builder.init(),
     }
 }
