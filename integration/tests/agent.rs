@@ -80,10 +80,19 @@ fn round_robin_through_the_agent_gives_exactly_100_each_and_drain_and_undrain_ta
     // Drain one, and take it back: no new connection while drained, its share after.
     assert_ok(agent.cli(&["task", "drain", "web", "web.1"]));
     agent.wait_routable("web", 2);
+    assert_eq!(
+        agent.metric("mesh_task_draining", &[("task", "web.1")]),
+        1.0
+    );
+    assert_eq!(agent.metric("mesh_service_routable_tasks", &[]), 2.0);
     assert!((0..30).all(|_| get(port).expect("connection succeeds") != "web.1"));
     let undrained = agent.cli_json(&["task", "undrain", "web", "web.1"]);
     assert_eq!(undrained["state"], "active", "{undrained}");
     agent.wait_routable("web", 3);
+    assert_eq!(
+        agent.metric("mesh_task_draining", &[("task", "web.1")]),
+        0.0
+    );
     let mut after: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
         *after
@@ -477,7 +486,12 @@ fn tcp_api_needs_the_bearer_token_and_metrics_have_their_own_address() {
         &format!(
             r#"mesh_listener_accepts_total{{frontend="published",port="{port}",protocol="tcp",service="web"}}"#
         ),
-        r#"mesh_task_healthy{service="web",task="web.1"} 1"#,
+        // Health and drain state come from the table, labelled with the owning host,
+        // so every agent shows every task of the cluster.
+        r#"mesh_task_healthy{host="it",service="web",task="web.1"} 1"#,
+        r#"mesh_task_draining{host="it",service="web",task="web.1"} 0"#,
+        r#"mesh_service_routable_tasks{service="web"} 1"#,
+        r#"mesh_gossip_member_status{member="it",status="alive"} 1"#,
         "mesh_bytes_out_total",
         "mesh_connections_active",
         "process_resident_memory_bytes ",

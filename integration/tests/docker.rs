@@ -259,11 +259,12 @@ fn labelled_containers_become_tasks_and_docker_stop_drains_one_on_the_nftables_p
     labelled_containers_become_tasks_and_docker_stop_drains_one("nftables");
 }
 
-/// Whether the prober has a health series for task `id`.
+/// Whether the prober has a series for task `id`: its transitions, counted from the
+/// first probe on. (`mesh_task_healthy` is the table's, for every task.)
 fn probed(metrics: &str, id: &str) -> bool {
-    metrics
-        .lines()
-        .any(|l| l.starts_with("mesh_task_healthy{") && l.contains(&format!("task=\"{id}\"")))
+    metrics.lines().any(|l| {
+        l.starts_with("mesh_health_transitions_total{") && l.contains(&format!("task=\"{id}\""))
+    })
 }
 
 #[test]

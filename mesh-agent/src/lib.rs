@@ -4,12 +4,14 @@
 mod api;
 mod cli;
 mod client;
+mod cluster_metrics;
 mod commands;
 pub mod config;
 mod daemon;
 mod demo;
 mod events;
 pub mod fuzzing;
+mod json_log;
 mod listing;
 mod paths;
 mod prober;
@@ -36,9 +38,7 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        // The event's fields at the top level, beside level, timestamp and target, as
-        // log pipelines expect.
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder.event_format(json_log::JsonLines).init(),
         LogFormat::Text => builder.init(),
     }
 }

@@ -15,17 +15,19 @@ use imbl::ordmap::DiffItem;
 use mesh_core::io_error::is_local_exhaustion;
 use mesh_core::log_limit::LogLimit;
 use mesh_core::{Health, HealthCheck, HealthKind, HealthTracker, Protocol, ServiceEntry, Snapshot};
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry as Prom};
+use prometheus::{IntCounterVec, Opts, Registry as Prom};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::table::TableHandle;
 
+/// The prober's own series: the transitions its probes saw. The health of every task,
+/// this host's included, is exported from the table (see `cluster_metrics`), so that
+/// a task checked by a container engine or run by another host has one too.
 #[derive(Clone)]
 pub struct HealthMetrics {
     transitions: IntCounterVec,
-    healthy: IntGaugeVec,
 }
 
 impl HealthMetrics {
@@ -37,25 +39,13 @@ impl HealthMetrics {
             ),
             &["service", "task", "to"],
         )?;
-        let healthy = IntGaugeVec::new(
-            Opts::new(
-                "mesh_task_healthy",
-                "1 when the task passes its health check, 0 otherwise",
-            ),
-            &["service", "task"],
-        )?;
         prom.register(Box::new(transitions.clone()))?;
-        prom.register(Box::new(healthy.clone()))?;
-        Ok(Self {
-            transitions,
-            healthy,
-        })
+        Ok(Self { transitions })
     }
 
     /// Drops a gone task's series: with tasks coming and going all day (containers,
     /// rolling updates), series kept for every task that ever ran are a leak.
     fn forget(&self, service: &str, task: &str) {
-        let _ = self.healthy.remove_label_values(&[service, task]);
         for to in [Health::Unknown, Health::Healthy, Health::Unhealthy] {
             let _ = self
                 .transitions
@@ -251,10 +241,6 @@ async fn probe_loop(
             .transitions
             .with_label_values(&[&service, &task, &health.to_string()])
             .inc();
-        metrics
-            .healthy
-            .with_label_values(&[&service, &task])
-            .set(i64::from(health == Health::Healthy));
         match result {
             Ok(()) => info!(service = %service, task = %task, %addr, "task is healthy"),
             Err(e) => {

@@ -29,6 +29,7 @@ use tracing::{info, warn};
 pub use errors::AgentError;
 
 use crate::api::ApiState;
+use crate::cluster_metrics::ClusterMetrics;
 use crate::config::{ClusterConfig, VipConfig};
 use crate::events::EventFeed;
 use crate::prober::{self, HealthMetrics};
@@ -225,6 +226,10 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
         .as_ref()
         .map(|g| g.members.clone())
         .unwrap_or_else(|| tokio::sync::watch::channel(Vec::new()).1);
+    prom.register(Box::new(ClusterMetrics::new(
+        table.subscribe(),
+        members.clone(),
+    )?))?;
     if let Some(g) = &gossip {
         gossip::remember_peers(
             &settings,

@@ -198,7 +198,9 @@ pub async fn start(
     let (membership_tx, membership_rx) = mpsc::channel(16);
     let (stop_tx, stop_rx) = oneshot::channel();
     let sync_stop = CancellationToken::new();
-    info!(node = %config.node, %advertise, encrypted = config.keyring.is_encrypted(), seeds = ?config.seeds, "gossip started");
+    // A list of strings, so that JSON logs carry it as a list.
+    let seeds: Vec<String> = config.seeds.iter().map(ToString::to_string).collect();
+    info!(node = %config.node, %advertise, encrypted = config.keyring.is_encrypted(), seeds = ?seeds, "gossip started");
     let sync = SyncCtx {
         keyring: config.keyring.clone(),
         table: table.clone(),
