@@ -881,3 +881,77 @@ fn a_sigterm_during_start_up_is_a_clean_stop() {
     assert!(text.contains("SIGTERM; shutting down"), "{text}");
     assert!(!socket.exists(), "the socket is removed");
 }
+
+/// `mesh ARGS` with no MESH_API/MESH_API_TOKEN from the caller's environment, plus `env`.
+fn mesh(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(mesh_bin())
+        .args(args)
+        .env_remove("MESH_API")
+        .env_remove("MESH_API_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run mesh")
+}
+
+#[test]
+fn the_api_flags_are_global_but_stay_out_of_keygen_and_demo_help() {
+    let api_flags = ["--api", "--token", "--format", "MESH_API"];
+    for offline in [&["keygen"][..], &["demo"], &["completions"], &["man"]] {
+        let help = assert_ok(mesh(&[offline, &["--help"]].concat(), &[]));
+        for flag in api_flags {
+            assert!(
+                !help.contains(flag),
+                "`mesh {offline:?} --help` lists {flag}:\n{help}"
+            );
+        }
+    }
+    // Commands that talk to the agent, and the agent that serves the API, list them.
+    for online in [
+        &["service", "ls"][..],
+        &["service", "create"],
+        &["task", "drain"],
+        &["node", "ls"],
+        &["status"],
+        &["agent"],
+    ] {
+        let help = assert_ok(mesh(&[online, &["--help"]].concat(), &[]));
+        for flag in api_flags {
+            assert!(
+                help.contains(flag),
+                "`mesh {online:?} --help` does not list {flag}:\n{help}"
+            );
+        }
+    }
+
+    // Both positions reach a real agent, as does MESH_API; a flag beats the variable.
+    let agent = Agent::start(None, &[]);
+    create_web(&agent, free_port(), &[]);
+    let api = format!("unix:{}", agent.socket.display());
+    let nowhere = "unix:/nonexistent/mesh.sock";
+    for (args, env) in [
+        (vec!["--api", &api, "service", "ls", "-q"], vec![]),
+        (vec!["service", "ls", "-q", "--api", &api], vec![]),
+        (
+            vec!["service", "ls", "-q"],
+            vec![("MESH_API", api.as_str())],
+        ),
+        (
+            vec!["service", "ls", "-q", "--api", &api],
+            vec![("MESH_API", nowhere)],
+        ),
+    ] {
+        let out = assert_ok(mesh(&args, &env));
+        assert_eq!(out, "web\n", "mesh {args:?} with {env:?}");
+    }
+    for args in [
+        ["--format", "json", "service", "ls", "--api", &api],
+        ["--api", &api, "service", "ls", "--format", "json"],
+    ] {
+        let out = assert_ok(mesh(&args, &[]));
+        let list: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(list[0]["name"], "web", "mesh {args:?}: {out}");
+    }
+    // The offline commands still accept them (scripts may set them everywhere).
+    let key = assert_ok(mesh(&["keygen", "--api", &api, "--format", "json"], &[]));
+    assert!(!key.trim().is_empty());
+}

@@ -501,3 +501,53 @@ fn a_task_id_two_hosts_claim_is_a_conflict_shown_in_ps_status_and_the_log() {
         hosts[1].log().contains("conflict resolved").then_some(())
     });
 }
+
+/// Three agents on loopback (no namespaces, so no root): each one's `node ls` lists
+/// every host with the mesh release it runs, learned through gossip.
+#[test]
+fn node_ls_shows_every_hosts_version_on_every_host() {
+    let out = assert_ok(Command::new(mesh_bin()).arg("--version").output().unwrap());
+    // `mesh 0.1.0 (data planes: ...)`
+    let version = out.split_whitespace().nth(1).unwrap().to_string();
+    let key = keygen();
+    let config = "[cluster]\nanti_entropy = \"1s\"\n";
+    let first = Agent::start_named("host1", Some(config), &["--cluster-key", &key]);
+    let (_, nodes) = first.http("GET", "/v1/nodes", None);
+    let seed = nodes[0]["address"].as_str().unwrap().to_string();
+    let join = ["--cluster-key", &key, "--join", &seed];
+    let hosts = [
+        first,
+        Agent::start_named("host2", Some(config), &join),
+        Agent::start_named("host3", Some(config), &join),
+    ];
+    let want: Vec<(String, Value)> = ["host1", "host2", "host3"]
+        .iter()
+        .map(|h| (h.to_string(), json!(version)))
+        .collect();
+    for host in &hosts {
+        eventually(
+            &format!("{}'s node ls shows every version", host.name),
+            || {
+                let nodes = host.cli_json(&["node", "ls"]);
+                let got: Vec<(String, Value)> = nodes
+                    .as_array()?
+                    .iter()
+                    .map(|n| {
+                        (
+                            n["name"].as_str().unwrap_or("").to_string(),
+                            n["version"].clone(),
+                        )
+                    })
+                    .collect();
+                (got == want).then_some(())
+            },
+        );
+        let table = assert_ok(host.cli(&["node", "ls"]));
+        let mut lines = table.lines();
+        assert!(lines.next().unwrap().contains("VERSION"), "{table}");
+        assert!(
+            lines.all(|row| row.split_whitespace().any(|cell| cell == version)),
+            "{table}"
+        );
+    }
+}

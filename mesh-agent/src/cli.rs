@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::LogFormat;
 
@@ -41,6 +41,37 @@ pub struct Cli {
     pub format: Format,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The global flags: they reach the agent or shape its answers.
+const API_FLAGS: [&str; 3] = ["api", "token", "format"];
+
+/// Subcommands that never talk to an agent's API as a client: the API flags mean
+/// nothing to them. `demo` still takes a hidden `--api unix:PATH` for its own socket.
+const OFFLINE_COMMANDS: [&str; 4] = ["keygen", "demo", "completions", "man"];
+
+/// The command line as clap sees it, for parsing, completions and the man page.
+///
+/// The API flags are global, so `mesh --api X service ls` and `mesh service ls --api X`
+/// both work. clap copies a global flag into every subcommand that has no argument of
+/// that id yet, and offers no other opt-out (hiding the copies once built breaks clap's
+/// lookup tables). So the offline subcommands get hidden copies of their own first.
+pub fn command() -> clap::Command {
+    let command = Cli::command();
+    let hidden: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| API_FLAGS.contains(&arg.get_id().as_str()))
+        .map(|arg| arg.clone().hide(true))
+        .collect();
+    OFFLINE_COMMANDS.iter().fold(command, |command, name| {
+        command.mut_subcommand(name, |sub| sub.args(hidden.clone()))
+    })
+}
+
+/// Parses the process's arguments, or exits with clap's message (and `--help`).
+pub fn parse() -> Cli {
+    let mut matches = command().get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -440,6 +440,7 @@ pub async fn nodes(client: &Client, format: &Format, list: &ListArgs) -> Result<
                 n.name.clone(),
                 n.address.clone(),
                 n.status.to_string(),
+                n.version.clone().unwrap_or_else(|| "-".into()),
                 n.tasks.to_string(),
                 n.started.clone(),
             ];
@@ -473,10 +474,12 @@ const TASK_COLUMNS: [Column; 7] = [
     col("CONNECTIONS HERE", "connections"),
 ];
 
-const NODE_COLUMNS: [Column; 5] = [
+const NODE_COLUMNS: [Column; 6] = [
     col("NAME", "name"),
     col("ADDRESS", "address"),
     col("STATUS", "status"),
+    // Mixed during an upgrade; `-` until the host's version has reached this one.
+    col("VERSION", "version"),
     col("TASKS", "tasks"),
     col("STARTED", "started"),
 ];

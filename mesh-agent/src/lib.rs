@@ -21,7 +21,6 @@ mod table;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
 use cli::{AgentArgs, Cli, Command};
 use client::{Client, Endpoint};
 use config::{AgentConfig, LogFormat};
@@ -45,7 +44,7 @@ fn init_logging(format: LogFormat) {
 
 /// The `mesh` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,13 +102,13 @@ async fn run(cli: Cli) -> Result<()> {
         // Both are made in memory first: clap_complete panics on a failed write, and
         // a closed pipe (`| head`) is not worth a panic.
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut command = cli::command();
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut command, "mesh", &mut out);
             print_bytes(&out)
         }
         Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
+            let command = cli::command();
             let mut out = Vec::new();
             clap_mangen::Man::new(command)
                 .render(&mut out)

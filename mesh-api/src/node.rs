@@ -16,6 +16,10 @@ pub struct NodeView {
     #[serde(default)]
     pub local: bool,
     pub status: MemberStatus,
+    /// The mesh release the host's agent runs, e.g. `0.1.0`; `None` until its note
+    /// reaches the agent that answered (or from an agent too old to tell).
+    #[serde(default)]
+    pub version: Option<String>,
     /// Tasks this host runs, as the table here knows them.
     pub tasks: usize,
 }

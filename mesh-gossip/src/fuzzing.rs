@@ -12,6 +12,8 @@ use crate::anti_entropy::{self, Back, Hello, Reply};
 use crate::crypto::Keyring;
 use crate::identity::NodeIdentity;
 use crate::node::{GossipConfig, GossipNode};
+use crate::transport::frame;
+use crate::versions::VersionNote;
 
 fn identity(name: &str, port: u16) -> NodeIdentity {
     NodeIdentity {
@@ -105,26 +107,27 @@ pub fn sample_replica(node: &str) -> Replica {
 }
 
 /// One anti-entropy frame (after the envelope was opened): the first byte picks which
-/// of the three it claims to be, the rest is its postcard encoding. It runs through the
-/// step that would take it, against `replica`, which must stay consistent.
+/// of the three it claims to be, the rest is its encoding (with the hosts' versions
+/// after it, `transport::frame`). It runs through the step that would take
+/// it, against `replica`, which must stay consistent.
 pub fn sync_frame(replica: &mut Replica, data: &[u8]) {
     let Some((kind, body)) = data.split_first() else {
         return;
     };
     match kind % 3 {
         0 => {
-            if let Ok(hello) = postcard::from_bytes::<Hello>(body) {
-                let _ = anti_entropy::reply(replica, &hello, Vec::new());
+            if let Ok(hello) = frame::decode::<Hello>(body) {
+                let _ = anti_entropy::reply(replica, &hello.message, Vec::new());
             }
         }
         1 => {
-            if let Ok(reply) = postcard::from_bytes::<Reply>(body) {
-                let _ = anti_entropy::absorb_reply(replica, reply, 10);
+            if let Ok(reply) = frame::decode::<Reply>(body) {
+                let _ = anti_entropy::absorb_reply(replica, reply.message, 10);
             }
         }
         _ => {
-            if let Ok(back) = postcard::from_bytes::<Back>(body) {
-                anti_entropy::absorb(replica, back, 10);
+            if let Ok(back) = frame::decode::<Back>(body) {
+                anti_entropy::absorb(replica, back.message, 10);
             }
         }
     }
@@ -140,11 +143,16 @@ pub fn sync_seeds() -> Vec<Vec<u8>> {
     let hello = anti_entropy::hello(&b, Vec::new());
     let reply = anti_entropy::reply(&a, &hello, Vec::new());
     let back = b.sync_for(&reply.digest);
-    let frame = |kind: u8, body: Vec<u8>| [vec![kind], body].concat();
+    let versions = [VersionNote {
+        host: "b".into(),
+        generation: 1,
+        version: "0.1.0".into(),
+    }];
+    let seed = |kind: u8, body: Vec<u8>| [vec![kind], body].concat();
     vec![
-        frame(0, postcard::to_allocvec(&hello).expect("encode")),
-        frame(1, postcard::to_allocvec(&reply).expect("encode")),
-        frame(2, postcard::to_allocvec(&back).expect("encode")),
+        seed(0, frame::encode(&hello, &versions).expect("encode")),
+        seed(1, frame::encode(&reply, &versions).expect("encode")),
+        seed(2, frame::encode(&back, &[]).expect("encode")),
     ]
 }
 

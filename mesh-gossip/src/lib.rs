@@ -18,6 +18,7 @@ pub mod membership_log;
 pub mod node;
 pub mod sim;
 pub mod transport;
+pub mod versions;
 
 pub use events::GossipEvent;
 

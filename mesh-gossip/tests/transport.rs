@@ -20,6 +20,11 @@ struct Node {
 }
 
 async fn node(name: &str, seeds: Vec<SocketAddr>, key: &str) -> Node {
+    node_of(name, "0.1.0", seeds, key).await
+}
+
+/// A node that says it runs release `version`.
+async fn node_of(name: &str, version: &str, seeds: Vec<SocketAddr>, key: &str) -> Node {
     let replica = Arc::new(Mutex::new(Replica::new(
         name,
         1,
@@ -31,6 +36,7 @@ async fn node(name: &str, seeds: Vec<SocketAddr>, key: &str) -> Node {
         cluster: "test".into(),
         node: name.into(),
         generation: 1,
+        version: version.into(),
         bind: "127.0.0.1:0".parse().unwrap(),
         advertise: None,
         seeds,
@@ -82,7 +88,7 @@ fn routed(n: &Node) -> usize {
 async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
     let key = generate_key();
     let a = node("a", vec![], &key).await;
-    let b = node("b", vec![a.handle.local_addr], &key).await;
+    let b = node_of("b", "0.2.0-rc.1", vec![a.handle.local_addr], &key).await;
     let c = node("c", vec![a.handle.local_addr], &key).await;
     eventually("three members", || {
         c.handle
@@ -94,6 +100,26 @@ async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
             == 3
     })
     .await;
+    // Every node learns every node's release, its own included: a mixed cluster shows.
+    for n in [&a, &b, &c] {
+        eventually("every member's version", || {
+            let mut versions: Vec<(String, Option<String>)> = n
+                .handle
+                .members
+                .borrow()
+                .iter()
+                .map(|m| (m.name.clone(), m.version.clone()))
+                .collect();
+            versions.sort();
+            versions
+                == [
+                    ("a".into(), Some("0.1.0".into())),
+                    ("b".into(), Some("0.2.0-rc.1".into())),
+                    ("c".into(), Some("0.1.0".into())),
+                ]
+        })
+        .await;
+    }
 
     let d = a
         .replica

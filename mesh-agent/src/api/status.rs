@@ -140,6 +140,7 @@ pub async fn nodes(State(s): State<AppState>) -> Json<Vec<NodeView>> {
             started: started(m.generation),
             local: m.name == s.node,
             status: m.status,
+            version: m.version.clone(),
             tasks: counts.get(&m.name).copied().unwrap_or(0),
         })
         .collect();

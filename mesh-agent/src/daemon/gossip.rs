@@ -81,6 +81,7 @@ pub async fn start(
         cluster: c.name.clone(),
         node: settings.node_name.clone(),
         generation,
+        version: env!("CARGO_PKG_VERSION").to_string(),
         bind: c.bind,
         advertise: c.advertise,
         seeds,

@@ -16,14 +16,14 @@ use tracing::{debug, info};
 
 use super::members::MemberView;
 use super::metrics::GossipMetrics;
-use super::sync::{SYNC_TIMEOUT, SyncCtx};
+use super::sync::{Roster, SYNC_TIMEOUT, SyncCtx};
 use super::table::ToTable;
 use super::{TransportConfig, allowed};
-use crate::anti_entropy::Members;
 use crate::events::GossipEvent;
 use crate::identity::NodeIdentity;
 use crate::log_limit::LogLimit;
 use crate::node::GossipNode;
+use crate::versions::{VersionNote, Versions};
 
 /// How often foca's suspects are looked at: adds at most this to the time a dead
 /// host's tasks keep taking new connections.
@@ -39,7 +39,7 @@ pub(super) struct GossipLoop {
     pub table: mpsc::Sender<ToTable>,
     pub metrics: GossipMetrics,
     pub sync: SyncCtx,
-    pub members_tx: watch::Sender<Members>,
+    pub roster_tx: watch::Sender<Roster>,
     pub views_tx: watch::Sender<Vec<MemberView>>,
     pub timers: BinaryHeap<Reverse<(Instant, u64)>>,
     pub timer_seq: u64,
@@ -47,11 +47,13 @@ pub(super) struct GossipLoop {
     pub log: LogLimit,
     /// Hosts that announced a graceful leave, until they are seen alive again.
     pub left: BTreeSet<String>,
+    /// Which mesh release each host runs, as anti-entropy exchanges tell it.
+    pub versions: Versions,
 }
 
 pub(super) struct Inputs {
     pub deltas: mpsc::Receiver<Vec<Delta>>,
-    pub membership: mpsc::Receiver<Members>,
+    pub learned: mpsc::Receiver<Roster>,
     pub stop: oneshot::Receiver<Delta>,
 }
 
@@ -119,7 +121,12 @@ impl GossipLoop {
                 }
                 Some(d) = inputs.deltas.recv() => self.node.publish(&d),
                 _ = suspects.tick() => self.node.poll_suspects(super::wall_ms()),
-                Some(m) = inputs.membership.recv() => self.node.apply_membership(m),
+                Some(r) = inputs.learned.recv() => {
+                    self.node.apply_membership(r.members);
+                    for note in r.versions {
+                        self.versions.learn(note);
+                    }
+                }
                 _ = tokio::time::sleep_until(next_sync) => {
                     let jitter = rand::rng().random_range(0.5..1.5);
                     next_sync = tokio::time::Instant::now() + ae.mul_f64(jitter);
@@ -192,15 +199,28 @@ impl GossipLoop {
     }
 
     fn refresh_members(&mut self) {
-        self.members_tx.send_replace(self.node.membership());
         let me = self.node.identity().clone();
+        // foca may have renewed our identity (a new generation): the note follows it.
+        self.versions.learn(VersionNote {
+            host: me.name.clone(),
+            generation: me.generation,
+            version: self.config.version.clone(),
+        });
+        let members = self.node.members();
+        self.versions
+            .retain(|host| host == me.name || members.iter().any(|(id, _)| id.name == host));
+        self.roster_tx.send_replace(Roster {
+            members: self.node.membership(),
+            versions: self.versions.notes(),
+        });
         let mut views = vec![MemberView {
+            version: self.versions.of(&me.name, me.generation).map(String::from),
             name: me.name,
             addr: me.addr,
             generation: me.generation,
             status: MemberStatus::Alive,
         }];
-        for (id, state) in self.node.members() {
+        for (id, state) in members {
             if id.name.is_empty() {
                 continue;
             }
@@ -211,6 +231,7 @@ impl GossipLoop {
                 foca::State::Down => MemberStatus::Down,
             };
             views.push(MemberView {
+                version: self.versions.of(&id.name, id.generation).map(String::from),
                 name: id.name,
                 addr: id.addr,
                 generation: id.generation,

@@ -11,4 +11,6 @@ pub struct MemberView {
     pub addr: SocketAddr,
     pub generation: u64,
     pub status: MemberStatus,
+    /// The mesh release it runs in this generation, once a note of it has arrived.
+    pub version: Option<String>,
 }

@@ -3,6 +3,7 @@
 //! sealed by the [`Keyring`]. The transport owns no replica: it talks to the table
 //! through [`ToTable`] requests and receives the table's deltas to disseminate.
 
+pub(crate) mod frame;
 mod gossip_loop;
 mod members;
 mod metrics;
@@ -41,6 +42,9 @@ pub struct TransportConfig {
     pub cluster: String,
     pub node: String,
     pub generation: u64,
+    /// The mesh release this host runs, told to the others (`mesh node ls`); see
+    /// [`crate::versions::check_version`].
+    pub version: String,
     pub bind: SocketAddr,
     /// The address peers reach us at. Default: `bind`, or when that is unspecified,
     /// the local address used to reach the first seed (127.0.0.1 without seeds).
@@ -72,6 +76,11 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "this host's version {0:?}: expected 1 to {max} of letters, digits, '.', '-', '+' and '_'",
+        max = crate::versions::MAX_VERSION_LEN
+    )]
+    Version(String),
     #[error("gossip metrics")]
     Metrics(#[from] prometheus::Error),
 }
@@ -178,6 +187,9 @@ pub async fn start(
     {
         return Err(StartError::Keyless { seed: *seed });
     }
+    if !crate::versions::check_version(&config.version) {
+        return Err(StartError::Version(config.version));
+    }
     let metrics = GossipMetrics::new(prom)?;
     let (udp, tcp) = bind_pair(config.bind).await?;
     let bound = udp.local_addr().map_err(|source| StartError::BindUdp {
@@ -194,8 +206,8 @@ pub async fn start(
     let node = GossipNode::new(identity, &config.gossip, seed);
     let (deltas_tx, deltas_rx) = mpsc::channel(DELTA_QUEUE);
     let (views_tx, views_rx) = watch::channel(Vec::new());
-    let (members_tx, members_rx) = watch::channel(Vec::new());
-    let (membership_tx, membership_rx) = mpsc::channel(16);
+    let (roster_tx, roster_rx) = watch::channel(sync::Roster::default());
+    let (learned_tx, learned_rx) = mpsc::channel(16);
     let (stop_tx, stop_rx) = oneshot::channel();
     let sync_stop = CancellationToken::new();
     // A list of strings, so that JSON logs carry it as a list.
@@ -204,9 +216,10 @@ pub async fn start(
     let sync = SyncCtx {
         keyring: config.keyring.clone(),
         table: table.clone(),
-        members: members_rx,
-        membership: membership_tx,
+        roster: roster_rx,
+        learned: learned_tx,
         metrics: metrics.clone(),
+        log: Default::default(),
     };
     let filter = config.clone();
     tokio::spawn(sync::serve(
@@ -223,17 +236,18 @@ pub async fn start(
             table,
             metrics: metrics.clone(),
             sync,
-            members_tx,
+            roster_tx,
             views_tx,
             timers: BinaryHeap::new(),
             timer_seq: 0,
             pending: BTreeMap::new(),
             log: LogLimit::default(),
             left: BTreeSet::new(),
+            versions: Default::default(),
         }
         .run(Inputs {
             deltas: deltas_rx,
-            membership: membership_rx,
+            learned: learned_rx,
             stop: stop_rx,
         }),
     );

@@ -1,6 +1,7 @@
 //! Anti-entropy over TCP: the three messages of [`crate::anti_entropy`] as
 //! length-prefixed frames sealed by the keyring. The replica side of each step runs in
-//! the table; the membership side goes to the gossip loop.
+//! the table; the membership side, and the hosts' versions riding along in each frame
+//! ([`super::frame`]), go to the gossip loop.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,11 +15,13 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::frame::{self, Frame};
 use super::metrics::GossipMetrics;
 use super::table::ToTable;
 use crate::anti_entropy::{Back, Hello, Members, Reply};
 use crate::crypto::{Keyring, OpenError};
 use crate::log_limit::LogLimit;
+use crate::versions::VersionNote;
 
 /// The first frame of a connection comes before anything proved the peer holds the
 /// key: it is a digest and a member list, so it is small, and a larger claim is refused
@@ -31,15 +34,25 @@ pub(super) const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sync connections served at once; beyond it a connection is closed at once.
 const MAX_SYNCS: usize = 32;
 
+/// What hosts tell each other about the cluster besides the replica: foca's members
+/// and the versions the hosts run.
+#[derive(Clone, Default)]
+pub(super) struct Roster {
+    pub members: Members,
+    pub versions: Vec<VersionNote>,
+}
+
 #[derive(Clone)]
 pub(super) struct SyncCtx {
     pub keyring: Keyring,
     pub table: mpsc::Sender<ToTable>,
-    /// foca's view of the cluster, kept current by the gossip loop.
-    pub members: watch::Receiver<Members>,
-    /// Members a peer sent, for the gossip loop to apply.
-    pub membership: mpsc::Sender<Members>,
+    /// The gossip loop's roster, kept current by it.
+    pub roster: watch::Receiver<Roster>,
+    /// What a peer sent, for the gossip loop to apply.
+    pub learned: mpsc::Sender<Roster>,
     pub metrics: GossipMetrics,
+    /// Warnings about peers' frames, rate-limited.
+    pub log: Arc<Mutex<LogLimit>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,19 +70,25 @@ pub(super) enum SyncError {
 }
 
 impl SyncCtx {
-    async fn write<T: Serialize>(&self, s: &mut TcpStream, msg: &T) -> Result<(), SyncError> {
-        let sealed = self.keyring.seal(&postcard::to_allocvec(msg)?);
+    async fn write<T: Serialize>(
+        &self,
+        s: &mut TcpStream,
+        msg: &T,
+        versions: &[VersionNote],
+    ) -> Result<(), SyncError> {
+        let sealed = self.keyring.seal(&frame::encode(msg, versions)?);
         s.write_all(&(sealed.len() as u32).to_be_bytes()).await?;
         s.write_all(&sealed).await?;
         self.metrics.bytes_out.inc_by(sealed.len() as u64 + 4);
         Ok(())
     }
 
+    /// Reads a frame; versions a peer got wrong are logged and dropped, not fatal.
     async fn read<T: for<'de> Deserialize<'de>>(
         &self,
         s: &mut TcpStream,
         limit: usize,
-    ) -> Result<T, SyncError> {
+    ) -> Result<(T, Vec<VersionNote>), SyncError> {
         let len = s.read_u32().await? as usize;
         if len > limit {
             return Err(SyncError::TooBig(len));
@@ -84,7 +103,18 @@ impl SyncCtx {
             .keyring
             .open(&buf)
             .inspect_err(|_| self.metrics.auth_failures.inc())?;
-        Ok(postcard::from_bytes(&plain)?)
+        let Frame { message, versions } = frame::decode(&plain)?;
+        let versions = versions.unwrap_or_else(|e| {
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            self.log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .warn("sync-versions", || {
+                    format!("host versions from {peer} refused: {e}")
+                });
+            Vec::new()
+        });
+        Ok((message, versions))
     }
 
     /// Sends a request to the table and waits for its answer.
@@ -100,36 +130,43 @@ impl SyncCtx {
         rx.await.map_err(|_| SyncError::TableGone)
     }
 
-    fn members(&self) -> Members {
-        self.members.borrow().clone()
+    fn roster(&self) -> Roster {
+        self.roster.borrow().clone()
     }
 
-    fn learn_members(&self, members: Members) {
-        // Membership is exchanged every round: dropping one when the loop is busy
+    fn learn(&self, roster: Roster) {
+        // The roster is exchanged every round: dropping one when the loop is busy
         // costs nothing.
-        let _ = self.membership.try_send(members);
+        let _ = self.learned.try_send(roster);
     }
 
     /// Push-pull with `peer`.
     pub async fn initiate(&self, peer: SocketAddr) -> Result<(), SyncError> {
         let mut s = TcpStream::connect(peer).await?;
-        let members = self.members();
+        let Roster { members, versions } = self.roster();
         let hello = self.ask(|reply| ToTable::Hello { members, reply }).await?;
-        self.write(&mut s, &hello).await?;
-        let mut reply: Reply = self.read(&mut s, MAX_FRAME).await?;
-        let theirs = std::mem::take(&mut reply.members);
+        self.write(&mut s, &hello, &versions).await?;
+        let (mut reply, theirs): (Reply, _) = self.read(&mut s, MAX_FRAME).await?;
+        let members = std::mem::take(&mut reply.members);
         let back = self
             .ask(|back| ToTable::AbsorbReply { reply, back })
             .await?;
-        self.write(&mut s, &back).await?;
-        self.learn_members(theirs);
+        // The responder has our versions from the hello already.
+        self.write(&mut s, &back, &[]).await?;
+        self.learn(Roster {
+            members,
+            versions: theirs,
+        });
         Ok(())
     }
 
     async fn respond(&self, mut s: TcpStream) -> Result<(), SyncError> {
-        let mut hello: Hello = self.read(&mut s, MAX_OPENING).await?;
-        let theirs = std::mem::take(&mut hello.members);
-        let members = self.members();
+        let (mut hello, theirs): (Hello, _) = self.read(&mut s, MAX_OPENING).await?;
+        let learned = Roster {
+            members: std::mem::take(&mut hello.members),
+            versions: theirs,
+        };
+        let Roster { members, versions } = self.roster();
         let reply = self
             .ask(|reply| ToTable::Reply {
                 hello,
@@ -137,13 +174,13 @@ impl SyncCtx {
                 reply,
             })
             .await?;
-        self.write(&mut s, &reply).await?;
-        let back: Back = self.read(&mut s, MAX_FRAME).await?;
+        self.write(&mut s, &reply, &versions).await?;
+        let (back, _): (Back, _) = self.read(&mut s, MAX_FRAME).await?;
         self.table
             .send(ToTable::Absorb { items: back })
             .await
             .map_err(|_| SyncError::TableGone)?;
-        self.learn_members(theirs);
+        self.learn(learned);
         Ok(())
     }
 }
@@ -155,7 +192,7 @@ pub(super) async fn serve(
     ctx: SyncCtx,
     stop: CancellationToken,
 ) {
-    let log = Arc::new(Mutex::new(LogLimit::default()));
+    let log = ctx.log.clone();
     let warn = |kind: &'static str, message: String| {
         log.lock()
             .unwrap_or_else(|p| p.into_inner())
