@@ -138,6 +138,7 @@ function renderNodes(nodes) {
       el("td", {}, n.name, n.local ? " (this agent)" : ""),
       el("td", {}, n.address),
       el("td", { class: "status status-" + n.status }, n.status),
+      el("td", { class: "version" }, n.version || "–"),
       el("td", {}, n.started),
       el("td", { class: "num" }, n.tasks))));
 }
