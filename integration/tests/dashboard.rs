@@ -78,11 +78,13 @@ fn the_event_feed_streams_changes_needs_the_token_and_resumes_after_last_event_i
         status, 401,
         "the feed needs the token like the rest of the API"
     );
-    let (status, _) = open_feed(api_port, &format!("{auth}Last-Event-ID: soon\r\n"));
-    assert_eq!(
-        status, 400,
-        "a Last-Event-ID that is not a number is refused"
-    );
+    for junk in ["soon", "7", "1.x"] {
+        let (status, _) = open_feed(api_port, &format!("{auth}Last-Event-ID: {junk}\r\n"));
+        assert_eq!(
+            status, 400,
+            "Last-Event-ID {junk:?} is not an id the feed sent"
+        );
+    }
     // The page's assets hold no data and load without the token; the page asks for it.
     let mut s = TcpStream::connect(("127.0.0.1", api_port)).unwrap();
     let (status, page) = http_exchange(&mut s, "GET", "/ui", None, None).unwrap();
@@ -122,6 +124,11 @@ fn the_event_feed_streams_changes_needs_the_token_and_resumes_after_last_event_i
     assert_eq!(healthy["service"], "web");
     assert_eq!(healthy["host"], "it");
     let seq = healthy["seq"].as_u64().expect("seq");
+    let id = healthy["_id"].as_str().unwrap().to_string();
+    assert!(
+        id.ends_with(&format!(".{seq}")),
+        "the SSE id is RUN.SEQ: {id}"
+    );
 
     // A task that stops answering is a warning on the feed.
     backend.kill();
@@ -132,7 +139,7 @@ fn the_event_feed_streams_changes_needs_the_token_and_resumes_after_last_event_i
     drop(feed);
 
     // A client that reconnects with the last id it saw gets what it missed, no more.
-    let (_, mut resumed) = open_feed(api_port, &format!("{auth}Last-Event-ID: {seq}\r\n"));
+    let (_, mut resumed) = open_feed(api_port, &format!("{auth}Last-Event-ID: {id}\r\n"));
     let replay = read_events(&mut resumed, |e| {
         e["text"].as_str().unwrap_or("").contains("unhealthy")
     });
@@ -141,6 +148,18 @@ fn the_event_feed_streams_changes_needs_the_token_and_resumes_after_last_event_i
         "only events after {seq}: {replay:?}"
     );
     assert_eq!(replay[0]["seq"].as_u64(), Some(seq + 1), "none missed");
+
+    // An id from an earlier run of the agent (its numbers started again): all that
+    // is kept, from the first.
+    let (_, mut other) = open_feed(api_port, &format!("{auth}Last-Event-ID: 1.{seq}\r\n"));
+    let all = read_events(&mut other, |_| true);
+    assert_eq!(all[0]["seq"].as_u64(), Some(1), "{all:?}");
+
+    // The tasks of every service in one answer, as the dashboard reads them.
+    let (status, tasks) = agent.http("GET", "/v1/tasks", None);
+    assert_eq!(status, 200);
+    assert_eq!(tasks[0]["id"], "web.1", "{tasks}");
+    assert_eq!(tasks[0]["health"], "unhealthy", "{tasks}");
 }
 
 /// Whether chromium and chromedriver are here; prints why a test skips. With
@@ -207,19 +226,44 @@ async fn wait_text(client: &Client, css: &str, what: &str, want: impl Fn(&str) -
 /// profile directory, even when the test failed before the browser was closed; a
 /// start kills what an earlier, crashed run left.
 struct Browser {
-    profile: tempfile::TempDir,
+    // Dropped first: the processes go before their profile directory.
     _driver: ChildGuard,
+    profile: tempfile::TempDir,
 }
 
+/// A profile directory is `mesh-it-browser-<pid of the test process>-<random>`.
 const PROFILE_PREFIX: &str = "mesh-it-browser-";
+
+/// Kills browsers whose test process is gone: a run that crashed before its drop.
+fn kill_stale_browsers() {
+    let out = std::process::Command::new("pgrep")
+        .args(["-a", "-f", PROFILE_PREFIX])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    for line in out.lines() {
+        let Some((pid, cmd)) = line.split_once(' ') else {
+            continue;
+        };
+        let owner = cmd
+            .split(PROFILE_PREFIX)
+            .nth(1)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        let alive = owner.is_some_and(|o| std::path::Path::new(&format!("/proc/{o}")).exists());
+        if !alive {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", pid])
+                .status();
+        }
+    }
+}
 
 impl Browser {
     fn start(ns: &integration::Netns, port: u16) -> Browser {
-        let _ = std::process::Command::new("pkill")
-            .args(["-9", "-f", PROFILE_PREFIX])
-            .status();
+        kill_stale_browsers();
         let profile = tempfile::Builder::new()
-            .prefix(PROFILE_PREFIX)
+            .prefix(&format!("{PROFILE_PREFIX}{}-", std::process::id()))
             .tempdir()
             .unwrap();
         let driver = ns
@@ -234,17 +278,29 @@ impl Browser {
             .spawn()
             .expect("start chromedriver");
         Browser {
-            profile,
             _driver: ChildGuard(driver),
+            profile,
         }
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        let profile = self.profile.path().display().to_string();
         let _ = std::process::Command::new("pkill")
-            .args(["-9", "-f", &self.profile.path().display().to_string()])
+            .args(["-9", "-f", &profile])
             .status();
+        // Killed processes take a moment to go; the directory is removed after them.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline
+            && std::process::Command::new("pgrep")
+                .args(["-f", &profile])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

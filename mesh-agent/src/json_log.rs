@@ -44,7 +44,14 @@ where
         push(&mut line, "timestamp", &Value::String(timestamp));
         push(&mut line, "level", &Value::from(meta.level().as_str()));
         for (name, value) in &fields.values {
-            push(&mut line, name, value);
+            // A field must not shadow the line's own keys, or the line would carry a
+            // key twice.
+            match *name {
+                "timestamp" | "level" | "target" => {
+                    push(&mut line, &format!("field.{name}"), value)
+                }
+                _ => push(&mut line, name, value),
+            }
         }
         let target = fields.log_target.as_deref().unwrap_or(meta.target());
         push(&mut line, "target", &Value::from(target));

@@ -8,6 +8,10 @@
 const TOKEN_KEY = "mesh-token";
 const REFRESH_EVERY_MS = 5000;
 const MAX_EVENTS = 200;
+// A call that takes longer is abandoned, so one hung request cannot stop the refreshes.
+const CALL_TIMEOUT_MS = 10000;
+// The agent sends a keep-alive every 15 s: a stream silent for longer is dead.
+const STREAM_SILENCE_MS = 45000;
 
 let token = null;
 let lastEventId = null;
@@ -50,7 +54,12 @@ class ApiError extends Error {
 async function api(method, path) {
   const headers = {};
   if (token) headers.Authorization = "Bearer " + token;
-  const response = await fetch(path, { method, headers, cache: "no-store" });
+  const response = await fetch(path, {
+    method,
+    headers,
+    cache: "no-store",
+    signal: AbortSignal.timeout(CALL_TIMEOUT_MS),
+  });
   if (response.status === 204) return null;
   const body = await response.json().catch(() => null);
   if (!response.ok) {
@@ -65,7 +74,11 @@ async function api(method, path) {
 function takeToken() {
   const match = location.hash.match(/token=([^&]+)/);
   if (match) {
-    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+    try {
+      sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+    } catch (e) {
+      // A malformed escape: the form asks for the token instead.
+    }
     history.replaceState(null, "", location.pathname);
   }
   token = sessionStorage.getItem(TOKEN_KEY);
@@ -253,19 +266,18 @@ async function refresh() {
   }
   refreshing = true;
   try {
-    const [status, nodes, services] = await Promise.all([
+    const [status, nodes, services, tasks] = await Promise.all([
       api("GET", "/v1/status"),
       api("GET", "/v1/nodes"),
       api("GET", "/v1/services"),
+      api("GET", "/v1/tasks"),
     ]);
-    const lists = await Promise.all(services.map((s) =>
-      api("GET", `/v1/services/${encodeURIComponent(s.name)}/tasks`).catch(() => [])));
     $("#login").hidden = true;
     $("#main").hidden = false;
     renderSummary(status, nodes, services);
     renderNodes(nodes);
     renderServices(services);
-    renderTasks(lists.flat(), status.node);
+    renderTasks(tasks, status.node);
   } catch (e) {
     if (e.status === 401) {
       sessionStorage.removeItem(TOKEN_KEY);
@@ -312,7 +324,9 @@ async function follow() {
       const headers = {};
       if (token) headers.Authorization = "Bearer " + token;
       if (lastEventId !== null) headers["Last-Event-ID"] = lastEventId;
-      const response = await fetch("/v1/events", { headers, cache: "no-store" });
+      const abort = new AbortController();
+      let silence = setTimeout(() => abort.abort(), STREAM_SILENCE_MS);
+      const response = await fetch("/v1/events", { headers, cache: "no-store", signal: abort.signal });
       if (response.status === 401) {
         showLogin("the token was refused");
         return;
@@ -325,6 +339,8 @@ async function follow() {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
+        clearTimeout(silence);
+        silence = setTimeout(() => abort.abort(), STREAM_SILENCE_MS);
         buffer += value;
         let end;
         while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -355,9 +371,10 @@ function handleBlock(block) {
     else if (field === "data") data.push(value);
   }
   if (id !== null) lastEventId = id;
+  if (data.length === 0) return; // a keep-alive
   if (type === "lagged") {
-    addEvent({ at_ms: Date.now(), level: "warn", kind: "feed", text: `missed ${data.join("")} events (this page fell behind)` });
-  } else if (data.length) {
+    addEvent({ at_ms: Date.now(), level: "warn", kind: "feed", text: `${data.join("")} events were missed (the page fell behind, or the agent no longer keeps them)` });
+  } else {
     try {
       addEvent(JSON.parse(data.join("\n")));
     } catch (e) {

@@ -5,16 +5,14 @@ use serde::{Deserialize, Serialize};
 /// sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventView {
-    /// Increases by one per event on this agent; the SSE `id`, so a client that
-    /// reconnects with `Last-Event-ID` gets only what it missed.
+    /// Increases by one per event in this run of the agent. The SSE `id` is
+    /// `<run>.<seq>`, so a client that reconnects with `Last-Event-ID` gets only what
+    /// it missed, and everything kept after the agent restarted.
     pub seq: u64,
     /// When this agent saw it, in milliseconds since the Unix epoch.
     pub at_ms: u64,
-    /// `member`, `service`, `task` or `conflict`.
-    pub kind: String,
-    /// `warn` for what needs a look (a host down, a task unhealthy or suspended, a
-    /// conflict), else `info`.
-    pub level: String,
+    pub kind: EventKind,
+    pub level: EventLevel,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -22,4 +20,22 @@ pub struct EventView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
     pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A host joined, became suspect or down, came back, or left.
+    Member,
+    Service,
+    Task,
+    Conflict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLevel {
+    Info,
+    /// Needs a look: a host down or suspect, a task unhealthy or suspended, a conflict.
+    Warn,
 }

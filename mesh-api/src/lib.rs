@@ -13,7 +13,7 @@ mod task;
 
 pub use docker::{DockerView, EngineStatus};
 pub use error::ErrorBody;
-pub use event::EventView;
+pub use event::{EventKind, EventLevel, EventView};
 pub use node::NodeView;
 pub use patch::merge_patch;
 pub use service::ServiceView;

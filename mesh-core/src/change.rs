@@ -3,6 +3,7 @@
 //! health and drain transitions, and conflicts that appeared or went. The table logs
 //! the conflicts and the agent's event feed shows all of it; both read this one diff.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::conflict::Conflict;
@@ -140,8 +141,8 @@ impl fmt::Display for Change {
 
 impl Snapshot {
     /// Everything that changed from `prev` to `self`, service by service in name
-    /// order. O(services that changed): unchanged entries are shared, and the diff
-    /// skips them.
+    /// order. Unchanged entries are shared, and the diff skips them: the cost is in
+    /// the tasks of the services that changed, O(t log t) each.
     pub fn changes(&self, prev: &Snapshot) -> Vec<Change> {
         use imbl::ordmap::DiffItem;
         let mut out = Vec::new();
@@ -175,12 +176,17 @@ impl Snapshot {
     }
 }
 
-/// Where a task was: routed, or listed as suspended.
-fn find<'a>(e: &'a ServiceEntry, id: &str) -> Option<(&'a TaskEntry, bool)> {
-    let live = e.tasks.iter().find(|t| t.id == id).map(|t| (t, false));
-    live.or_else(|| e.suspended.iter().find(|t| t.id == id).map(|t| (t, true)))
+/// A service's tasks by (host, id), each with whether it is suspended. Two hosts may
+/// hold the same id (a conflict whose holder went down), so the id alone is not a key.
+fn by_host(e: &ServiceEntry) -> BTreeMap<(&str, &str), (&TaskEntry, bool)> {
+    let live = e.tasks.iter().map(|t| (t, false));
+    let suspended = e.suspended.iter().map(|t| (t, true));
+    live.chain(suspended)
+        .map(|(t, s)| ((t.node.as_str(), t.id.as_str()), (t, s)))
+        .collect()
 }
 
+/// O(t log t) in the service's tasks, without copying them.
 fn entry_changes(
     name: &str,
     old: Option<&ServiceEntry>,
@@ -188,19 +194,18 @@ fn entry_changes(
     out: &mut Vec<Change>,
 ) {
     let service = || name.to_string();
-    let all = |e: &'_ ServiceEntry| {
-        e.tasks
-            .iter()
-            .chain(e.suspended.iter())
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    let before = old.map(all).unwrap_or_default();
-    let after = all(new);
-    for t in &after {
+    let before = old.map(by_host).unwrap_or_default();
+    let after = by_host(new);
+    for (&(host, task), _) in before.iter().filter(|(k, _)| !after.contains_key(*k)) {
+        out.push(Change::TaskRemoved {
+            service: service(),
+            task: task.to_string(),
+            host: host.to_string(),
+        });
+    }
+    for (key, &(t, now_suspended)) in &after {
         let (task, host) = (t.id.clone(), t.node.clone());
-        let now_suspended = new.suspended.iter().any(|s| s.id == t.id);
-        let Some((was, was_suspended)) = old.and_then(|o| find(o, &t.id)) else {
+        let Some(&(was, was_suspended)) = before.get(key) else {
             out.push(Change::TaskAdded {
                 service: service(),
                 task,
@@ -208,20 +213,6 @@ fn entry_changes(
             });
             continue;
         };
-        if was.node != t.node {
-            // The id moved to another host: to an operator, one went and one came.
-            out.push(Change::TaskRemoved {
-                service: service(),
-                task: task.clone(),
-                host: was.node.clone(),
-            });
-            out.push(Change::TaskAdded {
-                service: service(),
-                task,
-                host,
-            });
-            continue;
-        }
         if was_suspended != now_suspended {
             out.push(if now_suspended {
                 Change::TaskSuspended {
@@ -254,16 +245,6 @@ fn entry_changes(
                 to: t.state,
             });
         }
-    }
-    for t in before
-        .iter()
-        .filter(|t| !after.iter().any(|a| a.id == t.id))
-    {
-        out.push(Change::TaskRemoved {
-            service: service(),
-            task: t.id.clone(),
-            host: t.node.clone(),
-        });
     }
     let none: &[Conflict] = &[];
     let old_conflicts = old.map_or(none, |o| o.conflicts.as_slice());
@@ -394,6 +375,41 @@ mod tests {
         assert_eq!(
             texts(&b.changes(&a)),
             ["task web.x removed from h1", "task web.x added on h2"]
+        );
+    }
+
+    #[test]
+    fn one_id_on_two_hosts_is_two_tasks() {
+        // web.1 is held on h1 and, in conflict, on h2, which is down: h2's copy is
+        // suspended. A change to another task says nothing about either web.1.
+        let mut h1 = task("web.1", "h1");
+        h1.health = Health::Healthy;
+        let h2 = task("web.1", "h2");
+        let mut other = task("web.2", "h1");
+        other.health = Health::Healthy;
+        let a = snapshot(&[(
+            "web",
+            entry(vec![h1.clone(), other.clone()], vec![h2.clone()], vec![]),
+        )]);
+        other.health = Health::Unhealthy;
+        let b = snapshot(&[(
+            "web",
+            entry(vec![h1.clone(), other], vec![h2.clone()], vec![]),
+        )]);
+        assert_eq!(
+            texts(&b.changes(&a)),
+            ["task web.2 is unhealthy (was healthy)"]
+        );
+        // h2's copy going away is said about h2's copy only.
+        let c = snapshot(&[("web", entry(vec![h1], vec![], vec![]))]);
+        let changes = c.changes(&a);
+        assert!(
+            changes.contains(&Change::TaskRemoved {
+                service: "web".into(),
+                task: "web.1".into(),
+                host: "h2".into()
+            }),
+            "{changes:?}"
         );
     }
 

@@ -151,7 +151,7 @@ impl ProxyPlane {
         }
         self.failed.retain(|_, f| f.frontend.service != name);
         if let Some(service) = self.services.remove(name) {
-            for (id, _) in service.connections() {
+            for (id, _) in service.tasks() {
                 self.metrics.forget_task(name, id);
             }
             self.deadlines
@@ -267,14 +267,15 @@ impl Dataplane for ProxyPlane {
     fn stats(&self) -> PlaneStats {
         let mut stats = PlaneStats::default();
         for (name, service) in &self.services {
-            for (id, n) in service.connections() {
+            for (id, slot) in service.tasks() {
                 let key = (name.clone(), id.to_string());
-                // The series exist while the task is installed; this reads them.
-                let m = self.metrics.task(name, id);
+                let m = &slot.metrics;
                 stats
                     .bytes
                     .insert(key.clone(), (m.bytes_in.get(), m.bytes_out.get()));
-                stats.connections.insert(key, n);
+                stats
+                    .connections
+                    .insert(key, slot.active.load(Ordering::Relaxed));
             }
         }
         stats

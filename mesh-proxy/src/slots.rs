@@ -131,11 +131,9 @@ impl Service {
         });
     }
 
-    /// Active connections per task.
-    pub fn connections(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.slots
-            .iter()
-            .map(|(id, s)| (id.as_str(), s.slot.active.load(Ordering::Relaxed)))
+    /// Each task's slot, whose counters the plane's stats read.
+    pub fn tasks(&self) -> impl Iterator<Item = (&str, &TaskSlot)> {
+        self.slots.iter().map(|(id, s)| (id.as_str(), &*s.slot))
     }
 }
 

@@ -1,6 +1,6 @@
-//! `GET /v1/events`: the event feed as server-sent events. Each event's `id` is its
-//! sequence number, so a client that reconnects with `Last-Event-ID` gets only what
-//! it missed (of what the feed still keeps). A stream is bounded in number and in
+//! `GET /v1/events`: the event feed as server-sent events. Each event's `id` is
+//! `<run>.<seq>`, so a client that reconnects with `Last-Event-ID` gets only what it
+//! missed, and is told how many of those the feed no longer keeps (`event: lagged`). A stream is bounded in number and in
 //! lifetime, ends at shutdown, and is kept open through proxies by a comment every
 //! 15 s.
 
@@ -17,6 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use super::{ApiError, AppState};
+use crate::events::Resume;
 
 /// Open event streams per agent; each holds a connection.
 pub const MAX_STREAMS: usize = 32;
@@ -33,23 +34,23 @@ pub async fn stream(State(s): State<AppState>, headers: HeaderMap) -> Response {
         )
         .into_response();
     };
-    let after = match headers
-        .get("last-event-id")
-        .map(|v| v.to_str().map(str::parse::<u64>))
-    {
+    let last = headers.get("last-event-id");
+    let from = match last.map(|v| v.to_str().ok().and_then(Resume::parse)) {
         None => None,
-        Some(Ok(Ok(seq))) => Some(seq),
-        Some(_) => {
+        Some(Some(from)) => Some(from),
+        Some(None) => {
             return ApiError::bad_request(
-                "Last-Event-ID: expected the sequence number of an event",
+                "Last-Event-ID: expected the id of an event this feed sent (RUN.SEQ)",
             )
             .into_response();
         }
     };
-    let (past, live) = s.events.subscribe(after);
+    let start = s.events.subscribe(from);
     let feed = Feed {
-        past: past.into(),
-        live,
+        boot: s.events.boot(),
+        missed: start.missed,
+        past: start.past.into(),
+        live: start.live,
         stop: s.stop.clone(),
         until: Instant::now() + LIFETIME,
         _slot: slot,
@@ -61,6 +62,9 @@ pub async fn stream(State(s): State<AppState>, headers: HeaderMap) -> Response {
 }
 
 struct Feed {
+    boot: u64,
+    /// Told first: events after the client's last id that the feed no longer keeps.
+    missed: u64,
     past: VecDeque<EventView>,
     live: tokio::sync::broadcast::Receiver<EventView>,
     stop: tokio_util::sync::CancellationToken,
@@ -70,16 +74,20 @@ struct Feed {
 
 impl Feed {
     async fn next(mut self) -> Option<(Result<Event, Infallible>, Feed)> {
+        if self.missed > 0 {
+            let missed = std::mem::take(&mut self.missed);
+            return Some((Ok(lagged(missed)), self));
+        }
         if let Some(e) = self.past.pop_front() {
-            return Some((Ok(sse(&e)), self));
+            return Some((Ok(sse(self.boot, &e)), self));
         }
         let event = tokio::select! {
             _ = self.stop.cancelled() => return None,
             _ = tokio::time::sleep_until(self.until) => return None,
             r = self.live.recv() => match r {
-                Ok(e) => sse(&e),
+                Ok(e) => sse(self.boot, &e),
                 // Too slow a reader: say how many it missed, and go on from now.
-                Err(RecvError::Lagged(n)) => Event::default().event("lagged").data(n.to_string()),
+                Err(RecvError::Lagged(n)) => lagged(n),
                 Err(RecvError::Closed) => return None,
             },
         };
@@ -87,7 +95,11 @@ impl Feed {
     }
 }
 
-fn sse(e: &EventView) -> Event {
+fn sse(boot: u64, e: &EventView) -> Event {
     let data = serde_json::to_string(e).unwrap_or_default();
-    Event::default().id(e.seq.to_string()).data(data)
+    Event::default().id(Resume::id(boot, e.seq)).data(data)
+}
+
+fn lagged(missed: u64) -> Event {
+    Event::default().event("lagged").data(missed.to_string())
 }

@@ -64,6 +64,7 @@ pub fn router(state: AppState, token: Option<String>) -> Router {
         .route("/v1/status", get(status::status))
         .route("/v1/nodes", get(status::nodes))
         .route("/v1/events", get(events::stream))
+        .route("/v1/tasks", get(tasks::list_all))
         .route("/ui", get(ui::index))
         .route("/ui/", get(ui::index))
         .route("/ui/app.js", get(ui::script))

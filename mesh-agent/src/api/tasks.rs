@@ -1,12 +1,14 @@
 //! `/v1/services/{name}/tasks`: list, add (the API task source), remove, drain and
-//! undrain.
+//! undrain; and `/v1/tasks`, every service's tasks.
+
+use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use mesh_api::{NewTask, TaskView};
-use mesh_core::{TaskEntry, TaskSource, TaskSpec, TaskState};
+use mesh_core::{MemberStatus, ServiceEntry, TaskEntry, TaskSource, TaskSpec, TaskState};
 use mesh_dataplane::PlaneStats;
 
 use super::error::parse;
@@ -28,8 +30,7 @@ fn view(service: &str, task: TaskEntry, stats: &PlaneStats) -> TaskView {
 }
 
 /// Why a suspended task's host is not routed, from its membership state.
-fn suspended_because(status: Option<mesh_core::MemberStatus>) -> String {
-    use mesh_core::MemberStatus;
+fn suspended_because(status: Option<MemberStatus>) -> String {
     match status {
         Some(MemberStatus::Down) => "host down".into(),
         Some(MemberStatus::Suspect) => "host suspect".into(),
@@ -49,19 +50,46 @@ pub async fn list(
         .get(&name)
         .ok_or_else(|| ApiError::not_found(format!("service {name:?} not found")))?;
     let stats = s.planes.stats().await;
-    let live = entry.tasks.iter().map(|t| view(&name, t.clone(), &stats));
-    // One lookup table per request: a large cluster has many members.
-    let states: std::collections::HashMap<String, mesh_core::MemberStatus> = s
-        .members
+    Ok(Json(views(&name, entry, &stats, &member_states(&s))))
+}
+
+/// `GET /v1/tasks`: every service's tasks in one answer, with one round trip to the
+/// planes for their counters (the dashboard's view).
+pub async fn list_all(State(s): State<AppState>) -> Json<Vec<TaskView>> {
+    let snap = s.table.snapshot();
+    let stats = s.planes.stats().await;
+    let states = member_states(&s);
+    Json(
+        snap.services
+            .iter()
+            .flat_map(|(name, entry)| views(name, entry, &stats, &states))
+            .collect(),
+    )
+}
+
+/// Each host's membership state, looked up once per request: a large cluster has many
+/// members.
+fn member_states(s: &AppState) -> HashMap<String, MemberStatus> {
+    s.members
         .borrow()
         .iter()
         .map(|m| (m.name.clone(), m.status))
-        .collect();
+        .collect()
+}
+
+/// A service's tasks: the routed ones, then those of hosts that are not alive.
+fn views(
+    name: &str,
+    entry: &ServiceEntry,
+    stats: &PlaneStats,
+    states: &HashMap<String, MemberStatus>,
+) -> Vec<TaskView> {
+    let live = entry.tasks.iter().map(|t| view(name, t.clone(), stats));
     let suspended = entry.suspended.iter().map(|t| TaskView {
         suspended: Some(suspended_because(states.get(&t.node).copied())),
-        ..view(&name, t.clone(), &stats)
+        ..view(name, t.clone(), stats)
     });
-    Ok(Json(live.chain(suspended).collect()))
+    live.chain(suspended).collect()
 }
 
 /// This host's task `id` of `service` as the table has it after a write.
