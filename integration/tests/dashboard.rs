@@ -41,9 +41,12 @@ fn open_feed(port: u16, headers: &str) -> (u16, BufReader<TcpStream>) {
     (code, reader)
 }
 
-/// Reads `data:` events from a feed until one satisfies `until`; returns all read.
+/// Reads events from a feed until one satisfies `until`; returns all read, each with
+/// its SSE id as `_id`. An event is a block of `id:` and `data:` lines ended by a blank
+/// line; chunk-size lines of the HTTP framing and keep-alive comments are skipped.
 fn read_events(reader: &mut BufReader<TcpStream>, until: impl Fn(&Value) -> bool) -> Vec<Value> {
     let mut seen = Vec::new();
+    let (mut id, mut data) = (String::new(), None::<String>);
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let mut line = String::new();
@@ -52,15 +55,22 @@ fn read_events(reader: &mut BufReader<TcpStream>, until: impl Fn(&Value) -> bool
             Ok(_) => {}
             Err(e) => panic!("reading the feed: {e}; so far {seen:?}"),
         }
-        // Chunked framing lines and keep-alive comments are not events.
-        let Some(data) = line.trim_end().strip_prefix("data: ") else {
-            continue;
-        };
-        let event: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
-        let done = until(&event);
-        seen.push(event);
-        if done {
-            return seen;
+        let line = line.trim_end();
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.to_string();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data = Some(v.to_string());
+        } else if line.is_empty()
+            && let Some(text) = data.take()
+        {
+            let mut event: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            event["_id"] = Value::String(std::mem::take(&mut id));
+            let done = until(&event);
+            seen.push(event);
+            if done {
+                return seen;
+            }
         }
     }
     panic!("the feed ended or stalled before the event looked for; got {seen:?}");
