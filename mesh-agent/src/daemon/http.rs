@@ -50,6 +50,18 @@ impl Accept for TcpListener {
     async fn accept_io(&self) -> io::Result<TcpStream> {
         let (s, _) = self.accept().await?;
         let _ = s.set_nodelay(true);
+        // A peer that vanished (a laptop closed on the dashboard) is found by the
+        // kernel within a minute, and its connection slot freed, instead of after the
+        // retransmission timeout of a quarter of an hour. The user timeout also ends
+        // a connection whose reader stopped reading (an event stream nobody drains).
+        let sock = socket2::SockRef::from(&s);
+        let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(60)));
+        let _ = sock.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(30))
+                .with_interval(Duration::from_secs(10))
+                .with_retries(3),
+        );
         Ok(s)
     }
 }
