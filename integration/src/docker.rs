@@ -70,31 +70,16 @@ fn dockerd_bin() -> Option<PathBuf> {
 /// dockerd. Tests that need Docker never pass silently; and where
 /// `MESH_REQUIRE_DOCKER=1` (CI's test command sets it), a skip is a failure.
 pub fn skip_unless_docker(test: &str) -> bool {
-    let skip = skip_reason(test);
-    if skip && std::env::var("MESH_REQUIRE_DOCKER").is_ok_and(|v| v == "1") {
-        panic!("{test} cannot run here, and MESH_REQUIRE_DOCKER=1 asks that it does");
-    }
-    skip
-}
-
-fn skip_reason(test: &str) -> bool {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED {test}: needs root (dockerd, network namespaces); run the tests as root, as CI does"
-        );
-        return true;
-    }
-    if dockerd_bin().is_none() {
-        eprintln!(
-            "SKIPPED {test}: no dockerd (/usr/sbin/dockerd or on PATH): install docker.io (scripts/test-all.sh does)"
-        );
-        return true;
-    }
-    if !docker_cli().exists() {
-        eprintln!("SKIPPED {test}: no docker CLI: install docker.io (scripts/test-all.sh does)");
-        return true;
-    }
-    false
+    let why = if !is_root() {
+        "needs root (dockerd, network namespaces); run the tests as root, as CI does"
+    } else if dockerd_bin().is_none() {
+        "no dockerd (/usr/sbin/dockerd or on PATH): install docker.io (scripts/test-all.sh does)"
+    } else if !docker_cli().exists() {
+        "no docker CLI: install docker.io (scripts/test-all.sh does)"
+    } else {
+        return false;
+    };
+    crate::skip::skip(test, "MESH_REQUIRE_DOCKER", why)
 }
 
 /// Runs `cmd` with its output captured, killing it after `deadline`: a wedged dockerd

@@ -41,12 +41,7 @@ pub fn skip_unless_ebpf(test: &str) -> bool {
     } else {
         None
     };
-    let Some(why) = why else { return false };
-    if std::env::var("MESH_REQUIRE_EBPF").is_ok_and(|v| v == "1") {
-        panic!("{test} cannot run here ({why}), and MESH_REQUIRE_EBPF=1 asks that it does");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-    true
+    why.is_some_and(|why| crate::skip::skip(test, "MESH_REQUIRE_EBPF", why))
 }
 
 fn unique() -> String {

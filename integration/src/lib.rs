@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod load;
 pub mod netns;
 pub mod ports;
+pub mod skip;
 
 pub use netns::{Netns, is_root, skip_unless_root};
 pub use serde_json::{Value, json};

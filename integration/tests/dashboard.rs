@@ -197,11 +197,7 @@ fn skip_unless_browser(test: &str) -> bool {
     } else {
         return false;
     };
-    if std::env::var("MESH_REQUIRE_BROWSER").is_ok_and(|v| v == "1") {
-        panic!("{test} cannot run here ({why}), and MESH_REQUIRE_BROWSER=1 asks that it does");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-    true
+    integration::skip::skip(test, "MESH_REQUIRE_BROWSER", &why)
 }
 
 /// Moves the calling thread into `ns`'s network namespace: the WebDriver client then

@@ -32,11 +32,10 @@ fn tool(test: &str, tool: &str, require: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        if std::env::var(require).is_ok_and(|v| v == "1") {
-            panic!("{test}: {tool} is not installed, and {require}=1 asks for it");
-        }
-        eprintln!(
-            "SKIPPED {test}: {tool} is not installed (Debian: apt-get install prometheus / systemd)"
+        integration::skip::skip(
+            test,
+            require,
+            &format!("{tool} is not installed (Debian: apt-get install prometheus / systemd)"),
         );
     }
     found

@@ -20,12 +20,11 @@ fn deb() -> Option<PathBuf> {
 fn skip_without_deb(test: &str) -> Option<PathBuf> {
     let found = deb();
     if found.is_none() {
-        let why =
-            "no .deb in target/debian: run scripts/package.sh --dev (scripts/test-all.sh does)";
-        if std::env::var("MESH_REQUIRE_PACKAGE").is_ok_and(|v| v == "1") {
-            panic!("{test}: {why}, and MESH_REQUIRE_PACKAGE=1 asks for it");
-        }
-        eprintln!("SKIPPED {test}: {why}");
+        integration::skip::skip(
+            test,
+            "MESH_REQUIRE_PACKAGE",
+            "no .deb in target/debian: run scripts/package.sh --dev (scripts/test-all.sh does)",
+        );
     }
     found
 }
