@@ -1,8 +1,8 @@
 //! `GET /v1/events`: the event feed as server-sent events. Each event's `id` is
 //! `<run>.<seq>`, so a client that reconnects with `Last-Event-ID` gets only what it
-//! missed, and is told how many of those the feed no longer keeps (`event: lagged`). A stream is bounded in number and in
-//! lifetime, ends at shutdown, and is kept open through proxies by a comment every
-//! 15 s.
+//! missed, and is told how many of those the feed no longer keeps (`event: lagged`).
+//! Streams are bounded in number and in lifetime, end at shutdown, and are kept open
+//! through proxies by a comment every 15 s.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
