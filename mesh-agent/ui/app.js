@@ -342,6 +342,8 @@ async function follow() {
         clearTimeout(silence);
         silence = setTimeout(() => abort.abort(), STREAM_SILENCE_MS);
         buffer += value;
+        // An event is a few hundred bytes; a block this long is not one.
+        if (buffer.length > 1 << 20) throw new Error("an event stream block over 1 MiB");
         let end;
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const block = buffer.slice(0, end);
