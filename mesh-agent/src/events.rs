@@ -6,11 +6,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use mesh_api::{EventKind, EventLevel, EventView};
 use mesh_core::Change;
 use mesh_gossip::membership_log::Line;
+use mesh_gossip::transport::wall_ms;
 use tokio::sync::broadcast;
 
 pub const RECENT: usize = 200;
@@ -66,9 +66,7 @@ impl Default for EventFeed {
         EventFeed {
             inner: Default::default(),
             live: broadcast::channel(LIVE).0,
-            boot: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            boot: wall_ms(),
         }
     }
 }
@@ -112,9 +110,7 @@ impl EventFeed {
         let mut recent = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         recent.next += 1;
         event.seq = recent.next;
-        event.at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        event.at_ms = wall_ms();
         if recent.events.len() == RECENT {
             recent.events.pop_front();
         }

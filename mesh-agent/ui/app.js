@@ -51,9 +51,13 @@ class ApiError extends Error {
   }
 }
 
+// Every call carries the token, the event stream's included.
+function authHeaders() {
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
 async function api(method, path) {
-  const headers = {};
-  if (token) headers.Authorization = "Bearer " + token;
+  const headers = authHeaders();
   const response = await fetch(path, {
     method,
     headers,
@@ -321,8 +325,7 @@ function setStream(state) {
 async function follow() {
   for (;;) {
     try {
-      const headers = {};
-      if (token) headers.Authorization = "Bearer " + token;
+      const headers = authHeaders();
       if (lastEventId !== null) headers["Last-Event-ID"] = lastEventId;
       const abort = new AbortController();
       let silence = setTimeout(() => abort.abort(), STREAM_SILENCE_MS);

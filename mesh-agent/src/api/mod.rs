@@ -1,6 +1,6 @@
-//! The HTTP/JSON API under `/v1`, plus `/healthz`, `/metrics` and the dashboard at `/ui`. Reads come from the
-//! current snapshot and the planes' status; writes go to the table. Bodies and
-//! answers are the typed views of `mesh-api`.
+//! The HTTP/JSON API under `/v1`, plus `/healthz`, `/metrics` and the dashboard at
+//! `/ui`. Reads come from the current snapshot and the planes' status; writes go to
+//! the table. Bodies and answers are the typed views of `mesh-api`.
 
 mod auth;
 pub(crate) mod error;

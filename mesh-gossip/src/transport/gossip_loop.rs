@@ -207,8 +207,11 @@ impl GossipLoop {
             version: self.config.version.clone(),
         });
         let members = self.node.members();
+        // Once a second and per sync, so a set: a large cluster has many members.
+        let known: std::collections::HashSet<&str> =
+            members.iter().map(|(id, _)| id.name.as_str()).collect();
         self.versions
-            .retain(|host| host == me.name || members.iter().any(|(id, _)| id.name == host));
+            .retain(|host| host == me.name || known.contains(host));
         self.roster_tx.send_replace(Roster {
             members: self.node.membership(),
             versions: self.versions.notes(),
