@@ -1,8 +1,8 @@
 //! The nftables plane at scale: how long the kernel takes to install a table of many
 //! services from empty, and then a one-task change on top, through the real plane
-//! (`NftPlane::apply`) in a network namespace of its own. kube-proxy's nftables mode
-//! changes only what changed; until ours does too, the second figure shows the cost
-//! of re-rendering the whole table.
+//! (`NftPlane::apply`) in a network namespace of its own. Each one-task change is
+//! timed through both writers the plane has: a netlink batch (what it uses) and
+//! `nft -f` of the same edits, which is how the writer was chosen.
 
 use std::time::Instant;
 
@@ -31,10 +31,22 @@ pub struct NftScaleResults {
     pub ruleset_bytes: usize,
     /// From empty to the whole table, ms.
     pub from_empty_ms: f64,
-    /// One task turning unhealthy on top, ms.
+    /// One task of a service turning unhealthy on top, written over netlink, ms: the
+    /// median of [`FLIPS`] such changes (each of another service).
     pub one_change_ms: f64,
+    /// As many such changes written by `nft -f`, ms (median).
+    #[serde(default)]
+    pub one_change_nft_ms: f64,
     /// The same plan again (nothing to do), ms.
     pub unchanged_ms: f64,
+}
+
+/// One-task changes timed per writer.
+const FLIPS: usize = 7;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn plan(replica: &Replica) -> Plan {
@@ -81,22 +93,56 @@ pub fn run(services: usize, tasks: usize) -> Result<NftScaleResults> {
         let from_empty_ms = time(started);
         anyhow::ensure!(report.errors.is_empty(), "apply failed: {:?}", report.errors.first());
 
-        r.set_health("s0", "s0.0", Health::Unhealthy, 1);
-        let changed = plan(&r);
-        let started = Instant::now();
-        let report = plane.apply(&changed, &Plan::diff(&full, &changed), Instant::now()).await;
-        let one_change_ms = time(started);
-        anyhow::ensure!(report.errors.is_empty(), "apply failed: {:?}", report.errors.first());
-
-        let started = Instant::now();
-        plane.apply(&changed, &[], Instant::now()).await;
-        let unchanged_ms = time(started);
+        // Each change takes one task of another service down (and, past the last
+        // service, back up).
+        let mut current = full.clone();
+        let mut clock = 1;
+        let mut flip = |r: &mut Replica, i: usize| {
+            let service = format!("s{}", i % services);
+            let task = format!("{service}.0");
+            let health = if (i / services).is_multiple_of(2) {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            };
+            clock += 1;
+            r.set_health(&service, &task, health, clock);
+            plan(r)
+        };
+        let mut times = (Vec::new(), Vec::new());
+        for i in 0..2 * FLIPS {
+            if i == FLIPS {
+                plane.write_changes_with_nft();
+            }
+            let next = flip(&mut r, i);
+            // The diff is the driver's work, not the plane's.
+            let diff = Plan::diff(&current, &next);
+            let started = Instant::now();
+            let report = plane.apply(&next, &diff, Instant::now()).await;
+            let ms = time(started);
+            anyhow::ensure!(report.errors.is_empty(), "apply failed: {:?}", report.errors.first());
+            if i < FLIPS {
+                times.0.push(ms);
+            } else {
+                times.1.push(ms);
+            }
+            current = next;
+        }
+        let (one_change_ms, one_change_nft_ms) = (median(times.0), median(times.1));
+        let changed = current;
+        let mut unchanged = Vec::new();
+        for _ in 0..FLIPS {
+            let started = Instant::now();
+            plane.apply(&changed, &[], Instant::now()).await;
+            unchanged.push(time(started));
+        }
+        let unchanged_ms = median(unchanged);
 
         let frontends = plane.detail();
         plane.shutdown(std::time::Duration::ZERO).await;
         eprintln!(
             "  nftables, {services} services x {tasks} tasks ({frontends}; {ruleset_bytes} bytes): \
-             from empty {from_empty_ms:.0} ms, one change {one_change_ms:.0} ms, unchanged {unchanged_ms:.2} ms"
+             from empty {from_empty_ms:.0} ms, one change {one_change_ms:.1} ms (nft -f: {one_change_nft_ms:.1} ms), unchanged {unchanged_ms:.2} ms"
         );
         Ok(NftScaleResults {
             run: RunInfo::collect(),
@@ -106,6 +152,7 @@ pub fn run(services: usize, tasks: usize) -> Result<NftScaleResults> {
             ruleset_bytes,
             from_empty_ms,
             one_change_ms,
+            one_change_nft_ms,
             unchanged_ms,
         })
     })

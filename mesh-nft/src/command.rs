@@ -70,6 +70,14 @@ impl Program {
         }
     }
 
+    /// The network namespace it runs in, when it is run with `ip netns exec`.
+    pub fn netns(&self) -> Option<&str> {
+        match self.leading.as_slice() {
+            [netns, exec, ns, ..] if netns == "netns" && exec == "exec" => Some(ns),
+            _ => None,
+        }
+    }
+
     /// Another program, run the same way (in the same namespace).
     pub fn sibling(&self, program: &str) -> Self {
         match self.leading.split_last() {

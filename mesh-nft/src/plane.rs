@@ -26,12 +26,18 @@ use tracing::{info, warn};
 
 use crate::command::CommandError;
 use crate::conntrack::Conntrack;
+use crate::edit::script;
 use crate::forward_accept::ForwardAccept;
+use crate::netlink::Netlink;
 use crate::nft::Nft;
 use crate::ruleset::{BackendKey, BackendOwner, Ruleset, TABLE};
 
 pub struct NftPlane {
     nft: Nft,
+    /// Writes each change; `None` where the socket cannot be had (then `nft` does).
+    netlink: Option<Netlink>,
+    /// Changes written so far, over netlink and by `nft`.
+    written: (u64, u64),
     /// `None` when the tool is missing: flows of a gone task then keep their NAT
     /// until conntrack times them out, and status says so.
     conntrack: Option<Conntrack>,
@@ -95,12 +101,21 @@ impl NftPlane {
                 "net.ipv4.ip_forward is 0: connections from other machines cannot reach tasks on other hosts through nftables; set it to 1 (sysctl -w net.ipv4.ip_forward=1)"
             );
         }
+        let netlink = match Netlink::open(nft.program().netns()) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                warn!(error = %e, "changes to the nftables table go through the nft tool, which is slower");
+                None
+            }
+        };
         let mut forward_accept = ForwardAccept::beside(nft.program());
         forward_accept.ensure().await;
         Ok(NftPlane {
             forward_accept,
             forward_check_at: Instant::now() + FORWARD_CHECK,
             nft,
+            netlink,
+            written: (0, 0),
             conntrack,
             forwarding,
             installed: None,
@@ -112,6 +127,12 @@ impl NftPlane {
             adopted,
             adoption: Adoption::new(adopted, Instant::now()),
         })
+    }
+
+    /// Sends changes through the `nft` tool instead of netlink: for comparing the
+    /// two writers (bench and tests).
+    pub fn write_changes_with_nft(&mut self) {
+        self.netlink = None;
     }
 
     /// Decides, for each backend that left the table, when its flows are forgotten;
@@ -193,15 +214,40 @@ impl NftPlane {
             })
             .collect();
         let update = rules.update(plan, &keys);
-        if update.script.is_empty() {
+        if update.edits.is_empty() {
             return Some(Ok(Vec::new()));
         }
         let started = Instant::now();
-        if let Err(e) = self.nft.apply(&update.script).await {
-            return Some(Err(e.to_string()));
+        // A new task map's declaration is nft's own encoding: that change goes
+        // through nft (it happens once per 16 frontends).
+        let written = match (&self.netlink, update.new_maps) {
+            (Some(netlink), false) => {
+                let (netlink, edits) = (netlink.clone(), update.edits.clone());
+                tokio::task::spawn_blocking(move || netlink.apply(&edits))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map(|()| "netlink")
+            }
+            _ => self
+                .nft
+                .apply(&script(&update.edits))
+                .await
+                .map_err(|e| e.to_string())
+                .map(|()| "nft"),
+        };
+        let via = match written {
+            Ok(via) => via,
+            Err(e) => return Some(Err(e)),
+        };
+        match via {
+            "netlink" => self.written.0 += 1,
+            _ => self.written.1 += 1,
         }
         info!(
             frontends = keys.len(),
+            edits = update.edits.len(),
+            via,
             took_ms = started.elapsed().as_millis() as u64,
             "nftables table updated"
         );
@@ -267,6 +313,12 @@ impl Dataplane for NftPlane {
                 self.frontends
             )
         };
+        if self.written != (0, 0) {
+            d.push_str(&format!(
+                "; changes written: {} over netlink, {} by nft",
+                self.written.0, self.written.1
+            ));
+        }
         if self.conntrack.is_none() {
             d.push_str("; conntrack tool missing: flows of removed tasks are not moved");
         }
@@ -446,6 +498,8 @@ mod tests {
         let addr = |p: u16| -> std::net::SocketAddr { format!("10.0.0.1:{p}").parse().unwrap() };
         let mut plane = NftPlane {
             nft: Nft::default(),
+            netlink: None,
+            written: (0, 0),
             conntrack: None,
             installed: None,
             stale: false,
@@ -612,6 +666,50 @@ mod tests {
         );
     }
 
+    /// An edit the kernel refuses fails the batch with an error that names the edit,
+    /// and nothing of the batch is kept.
+    #[tokio::test]
+    async fn a_refused_netlink_batch_names_its_edit_and_changes_nothing() {
+        let Some(ns) = Ns::new_named("refused") else {
+            return;
+        };
+        let nft = Nft::in_netns(&ns.0);
+        let mut plane = NftPlane::open(nft.clone(), Conntrack::in_netns(&ns.0), false)
+            .await
+            .expect("open");
+        let all = plan(&["web.1", "web.2", "web.3"]);
+        assert!(
+            plane
+                .apply(&all, &[], Instant::now())
+                .await
+                .errors
+                .is_empty()
+        );
+        let before = nft
+            .run(&["list", "table", "inet", TABLE], "")
+            .await
+            .unwrap();
+        let netlink = plane.netlink.clone().expect("a netlink socket");
+        let err = netlink
+            .apply(&[
+                crate::edit::Edit::AddChain("svc_extra".into()),
+                crate::edit::Edit::DeleteChain("svc_not_there".into()),
+            ])
+            .expect_err("no such chain");
+        let text = err.to_string();
+        assert!(
+            text.contains("delete chain inet mesh svc_not_there") && text.contains("No such file"),
+            "{text}"
+        );
+        assert_eq!(
+            before,
+            nft.run(&["list", "table", "inet", TABLE], "")
+                .await
+                .unwrap(),
+            "the chain of the refused batch was not kept"
+        );
+    }
+
     /// The kernel's view of a table, for comparing two: every chain's rules and every
     /// map's elements, without handles, elements sorted.
     async fn kernel_view(nft: &Nft) -> String {
@@ -710,23 +808,41 @@ mod tests {
         format!("{chains:#?}\n{maps:#?}")
     }
 
-    /// Changes applied one by one end where a whole table written from the final
-    /// plan ends, in the real kernel, over a random run of service and task changes.
+    /// Changes applied one by one through netlink end where a whole table written
+    /// by `nft` from the final plan ends, in the real kernel, over a random run of
+    /// service and task changes: the netlink messages mean what nft's text means.
     #[tokio::test]
-    async fn incremental_changes_end_where_a_full_replace_does() {
-        let (Some(a), Some(b)) = (Ns::new_named("inc"), Ns::new_named("full")) else {
+    async fn netlink_changes_end_where_a_full_replace_does() {
+        incremental_changes_end_where_a_full_replace_does("netlink").await;
+    }
+
+    /// The same run with every change written by `nft`.
+    #[tokio::test]
+    async fn nft_changes_end_where_a_full_replace_does() {
+        incremental_changes_end_where_a_full_replace_does("nft").await;
+    }
+
+    async fn incremental_changes_end_where_a_full_replace_does(writer: &str) {
+        let (Some(a), Some(b)) = (
+            Ns::new_named(&format!("inc-{writer}")),
+            Ns::new_named(&format!("full-{writer}")),
+        ) else {
             return;
         };
         let (nft_a, nft_b) = (Nft::in_netns(&a.0), Nft::in_netns(&b.0));
         let mut plane = NftPlane::open(nft_a.clone(), Conntrack::in_netns(&a.0), false)
             .await
             .expect("open");
+        match writer {
+            "nft" => plane.write_changes_with_nft(),
+            _ => assert!(plane.netlink.is_some(), "a netlink socket in {}", a.0),
+        }
         let host = Host::on("h1", PlaneKind::Nftables, Features::NONE, true);
         let mut r = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
         let mut rng = mesh_core::mutate::Mutator::new(0x6d65_7368);
         let mut prev = Plan::default();
         let mut snap_prev = r.snapshot();
-        for step in 0..60u64 {
+        for step in 0..150u64 {
             let pick = rng.next_u64();
             let svc = format!("s{}", pick % 4);
             let task = format!("{svc}.{}", (pick >> 8) % 4);
@@ -798,5 +914,11 @@ mod tests {
             snap_prev = snap;
         }
         assert!(plane.frontends > 0, "the run exercised some frontends");
+        match writer {
+            "nft" => assert_eq!(plane.written.0, 0, "{:?}", plane.written),
+            // New task maps go through nft; the rest through netlink.
+            _ => assert!(plane.written.0 > plane.written.1, "{:?}", plane.written),
+        }
+        eprintln!("{writer}: {}", plane.detail());
     }
 }

@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use mesh_core::plan::PlaneKind;
 use mesh_core::{ClientIp, FrontendKey, Listen, Plan, Protocol};
 
+use crate::edit::{DnatRule, Edit, Family, TaskMap, dispatch_key, dispatch_map, task_element};
 use crate::names::frontend_chain;
 
 /// The table's name, in family `inet` (IPv4 and IPv6 in one table).
@@ -77,6 +78,9 @@ pub struct Ruleset {
     free: std::collections::BTreeSet<u32>,
     /// One past the highest slot ever given.
     next_slot: u32,
+    /// The task maps the table has. A map stays when its last element goes: the
+    /// next frontend of its group fills it again.
+    maps: std::collections::BTreeSet<TaskMap>,
     /// Each DNAT chain, with how many frontend chains jump to it.
     refs: BTreeMap<BackendKey, (usize, BackendOwner)>,
 }
@@ -84,108 +88,42 @@ pub struct Ruleset {
 /// What one [`Ruleset::update`] changed.
 #[derive(Debug, Default)]
 pub struct Update {
-    /// The nft commands, one transaction; empty when nothing changed.
-    pub script: String,
+    /// The edits, one transaction; empty when nothing changed.
+    pub edits: Vec<Edit>,
+    /// The edits make a task map: only `nft` writes a map's declaration (see
+    /// [`crate::netlink`]).
+    pub new_maps: bool,
     /// Backends no frontend sends to any more, with whose task they were.
     pub gone: Vec<(BackendKey, BackendOwner)>,
     /// Backends that came back (or came new): flows to them must not be forgotten.
     pub added: Vec<BackendKey>,
 }
 
-/// The map a frontend's element lives in, and the element's key.
-fn element(key: &FrontendKey) -> (&'static str, String) {
-    match key.listen {
-        Listen::Published => ("published", format!("{} . {}", key.protocol, key.port)),
-        Listen::Vip(ip @ IpAddr::V4(_)) => {
-            ("vip4", format!("{ip} . {} . {}", key.protocol, key.port))
-        }
-        Listen::Vip(ip @ IpAddr::V6(_)) => {
-            ("vip6", format!("{ip} . {} . {}", key.protocol, key.port))
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
-    fn nfproto(self) -> &'static str {
-        match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        }
-    }
-
-    /// The address family's word in `dnat ip to` and `ip daddr`.
-    fn nat(self) -> &'static str {
-        match self {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        }
-    }
-
-    /// The task map of the group that holds `slot`, for one protocol.
-    fn map(self, protocol: Protocol, slot: u32) -> String {
-        let v = match self {
-            Family::V4 => 4,
-            Family::V6 => 6,
-        };
-        format!("tasks_{protocol}{v}_{}", slot / GROUP)
-    }
-
-    fn declaration(self, protocol: Protocol) -> String {
-        // `typeof` because the counter's type has no fixed-size name to declare. The
-        // port is the protocol's own (`tcp dport`), not `th dport`: nft 1.0.6 reads a
-        // `th` type back from the kernel and then refuses a rule that matched tcp.
-        format!(
-            "typeof numgen inc mod 2 : {} daddr . {protocol} dport",
-            self.nat()
-        )
-    }
-}
-
-fn element_text(key: u32, addr: &SocketAddr) -> String {
-    format!("{key} : {} . {}", addr.ip(), addr.port())
-}
-
 impl Dispatch {
-    /// The frontend chain's one rule per family with tasks: mark for masquerade, then
-    /// DNAT to the task the counter picks. The tasks sit in the group's map, not in a
-    /// chain each: a table of 10,000 services has no 100,000 task chains to load.
-    fn rules(&self) -> Vec<String> {
-        // Written as `nft list` prints it, which leaves out a zero offset.
-        let offset = match self.base() {
-            0 => String::new(),
-            b => format!(" offset {b}"),
-        };
-        // `client_ip = keep` goes to this host's tasks only, so no hop needs the
-        // source rewritten: the task sees the client.
-        // Every connection is marked in conntrack, so a host firewall can let the
-        // plane's forwarded connections through (see `forward_accept`).
-        let masquerade = match self.client_ip {
-            ClientIp::Keep => String::new(),
-            ClientIp::Any => format!("meta mark set meta mark | {MASQUERADE_MARK:#010x} "),
-        };
-        let mark = format!("ct mark set ct mark | {FORWARD_MARK:#010x} {masquerade}");
+    /// The frontend chain's one rule per family with tasks. The tasks sit in the
+    /// group's map, not in a chain each: a table of 10,000 services has no 100,000
+    /// task chains to load.
+    fn rules(&self) -> Vec<DnatRule> {
         Family::BOTH
             .into_iter()
             .filter(|f| !self.addrs(*f).is_empty())
-            .map(|family| {
-                format!(
-                    "meta nfproto {} meta l4proto {} {mark}dnat {} to numgen inc mod {}{offset} map @{}",
-                    family.nfproto(),
-                    self.protocol,
-                    family.nat(),
-                    self.addrs(family).len(),
-                    family.map(self.protocol, self.slot)
-                )
+            .map(|family| DnatRule {
+                map: self.map(family),
+                modulus: self.addrs(family).len() as u32,
+                offset: self.base(),
+                // `client_ip = keep` goes to this host's tasks only, so no hop needs
+                // the source rewritten: the task sees the client.
+                masquerade: self.client_ip == ClientIp::Any,
             })
             .collect()
+    }
+
+    fn map(&self, family: Family) -> TaskMap {
+        TaskMap {
+            family,
+            protocol: self.protocol,
+            group: self.slot / GROUP,
+        }
     }
 
     fn addrs(&self, family: Family) -> &[SocketAddr] {
@@ -228,6 +166,11 @@ impl Ruleset {
             if let Some(mut d) = dispatch_for(plan, key) {
                 d.slot = r.take_slot();
                 r.reference(&d, true);
+                for family in Family::BOTH {
+                    if !d.addrs(family).is_empty() {
+                        r.maps.insert(d.map(family));
+                    }
+                }
                 r.frontends.insert(*key, d);
             }
         }
@@ -268,14 +211,14 @@ impl Ruleset {
     }
 
     /// Moves this ruleset to `plan` at the frontends in `keys` (those the plan diff
-    /// names), returning the commands that make the kernel's table follow. Each
-    /// command touches one frontend or one task, so the cost is what changed.
+    /// names), returning the edits that make the kernel's table follow. Each edit
+    /// touches one frontend or one task map, so the cost is what changed.
     pub fn update(&mut self, plan: &Plan, keys: &[FrontendKey]) -> Update {
-        let mut maps = std::collections::BTreeSet::new();
-        let mut chains_refill = String::new();
-        let mut elements_out = String::new();
-        let mut elements_in = String::new();
-        let mut chains_gone = String::new();
+        let mut maps_add = Vec::new();
+        let mut elements_out = Vec::new();
+        let mut chains_refill = Vec::new();
+        let mut elements_in = Vec::new();
+        let mut chains_gone = Vec::new();
         let mut up = Update::default();
         let mut seen = std::collections::BTreeSet::new();
         let mut came = Vec::new();
@@ -295,7 +238,6 @@ impl Ruleset {
             if old == new {
                 continue;
             }
-            let (map, elem) = element(key);
             if let Some(n) = &new {
                 came.extend(self.reference(n, true));
             }
@@ -305,7 +247,7 @@ impl Ruleset {
             // The task map's elements: only those whose task changed leave or come.
             // Both lists run from the same base (a frontend keeps its slot), so an
             // element is compared with the one at its own position.
-            let slot = new.as_ref().or(old.as_ref()).map_or(0, |d| d.slot);
+            let either = new.as_ref().or(old.as_ref()).expect("one side differs");
             for family in Family::BOTH {
                 let before = old.as_ref().map(|o| o.elements(family)).unwrap_or_default();
                 let after = new.as_ref().map(|n| n.elements(family)).unwrap_or_default();
@@ -317,60 +259,50 @@ impl Ruleset {
                         continue;
                     }
                     if let Some((k, _)) = b {
-                        gone.push(k.to_string());
+                        gone.push(*k);
                     }
-                    if let Some((k, addr)) = a {
-                        added.push(element_text(*k, addr));
+                    if let Some(a) = a {
+                        added.push(*a);
                     }
                 }
-                let map = family.map(key.protocol, slot);
+                let map = either.map(family);
                 if !gone.is_empty() {
-                    let _ = writeln!(
-                        elements_out,
-                        "delete element inet {TABLE} {map} {{ {} }}",
-                        gone.join(", ")
-                    );
+                    elements_out.push(Edit::DeleteTasks { map, keys: gone });
                 }
                 if !added.is_empty() {
-                    let _ = writeln!(
-                        elements_in,
-                        "add element inet {TABLE} {map} {{ {} }}",
-                        added.join(", ")
-                    );
-                    maps.insert((map, family.declaration(key.protocol)));
+                    if self.maps.insert(map) {
+                        maps_add.push(Edit::AddMap(map));
+                    }
+                    elements_in.push(Edit::AddTasks { map, tasks: added });
                 }
             }
             match (&old, &new) {
                 (Some(o), Some(n)) if o.chain == n.chain => {
                     let rules = n.rules();
                     if o.rules() != rules {
-                        let _ = writeln!(chains_refill, "flush chain inet {TABLE} {}", n.chain);
-                        for rule in rules {
-                            let _ =
-                                writeln!(chains_refill, "add rule inet {TABLE} {} {rule}", n.chain);
-                        }
+                        chains_refill.push(Edit::FlushChain(n.chain.clone()));
+                        chains_refill.extend(rules.into_iter().map(|rule| Edit::AddRule {
+                            chain: n.chain.clone(),
+                            rule,
+                        }));
                     }
                 }
                 _ => {
                     if let Some(o) = &old {
-                        let _ = writeln!(
-                            elements_out,
-                            "delete element inet {TABLE} {map} {{ {elem} }}"
-                        );
-                        let _ = writeln!(chains_gone, "flush chain inet {TABLE} {}", o.chain);
-                        let _ = writeln!(chains_gone, "delete chain inet {TABLE} {}", o.chain);
+                        elements_out.push(Edit::DeleteFrontend(*key));
+                        chains_gone.push(Edit::FlushChain(o.chain.clone()));
+                        chains_gone.push(Edit::DeleteChain(o.chain.clone()));
                     }
                     if let Some(n) = &new {
-                        let _ = writeln!(chains_refill, "add chain inet {TABLE} {}", n.chain);
-                        for rule in n.rules() {
-                            let _ =
-                                writeln!(chains_refill, "add rule inet {TABLE} {} {rule}", n.chain);
-                        }
-                        let _ = writeln!(
-                            elements_in,
-                            "add element inet {TABLE} {map} {{ {elem} : goto {} }}",
-                            n.chain
-                        );
+                        chains_refill.push(Edit::AddChain(n.chain.clone()));
+                        chains_refill.extend(n.rules().into_iter().map(|rule| Edit::AddRule {
+                            chain: n.chain.clone(),
+                            rule,
+                        }));
+                        elements_in.push(Edit::AddFrontend {
+                            key: *key,
+                            chain: n.chain.clone(),
+                        });
                     }
                 }
             }
@@ -404,15 +336,11 @@ impl Ruleset {
         }
         // Order matters inside the transaction: a map or chain exists before anything
         // names it, an element leaves before another takes its key, and a chain is
-        // deleted only once nothing jumps to it.
-        // A task map exists before a rule names it (`add map` of an existing map is a
-        // no-op); its elements change with the rules that count over them, in the same
-        // transaction, so no packet sees a counter and a map that disagree.
-        let mut maps_add = String::new();
-        for (name, declaration) in maps {
-            let _ = writeln!(maps_add, "add map inet {TABLE} {name} {{ {declaration}; }}");
-        }
-        up.script = [
+        // deleted only once nothing jumps to it. A task map's elements change with
+        // the rules that count over them, in the same transaction, so no packet sees
+        // a counter and a map that disagree.
+        up.new_maps = !maps_add.is_empty();
+        up.edits = [
             maps_add,
             elements_out,
             chains_refill,
@@ -462,29 +390,27 @@ impl Ruleset {
         let mut vip4 = Vec::new();
         let mut vip6 = Vec::new();
         for (key, d) in &self.frontends {
-            let (map, elem) = element(key);
-            let list = match map {
+            let list = match dispatch_map(key) {
                 "published" => &mut published,
                 "vip4" => &mut vip4,
                 _ => &mut vip6,
             };
-            list.push(format!("{elem} : goto {}", d.chain));
+            list.push(format!("{} : goto {}", dispatch_key(key), d.chain));
         }
-        let mut tasks: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+        let mut tasks: BTreeMap<TaskMap, Vec<String>> = BTreeMap::new();
         for d in self.frontends.values() {
             for family in Family::BOTH {
                 for (k, a) in d.elements(family) {
                     tasks
-                        .entry(family.map(d.protocol, d.slot))
-                        .or_insert_with(|| (family.declaration(d.protocol), Vec::new()))
-                        .1
-                        .push(element_text(k, &a));
+                        .entry(d.map(family))
+                        .or_default()
+                        .push(task_element(k, &a));
                 }
             }
         }
-        for (name, (declaration, elements)) in tasks {
-            let _ = writeln!(out, "\tmap {name} {{");
-            let _ = writeln!(out, "\t\t{declaration}");
+        for (map, elements) in tasks {
+            let _ = writeln!(out, "\tmap {} {{", map.name());
+            let _ = writeln!(out, "\t\t{}", map.declaration());
             let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
             let _ = writeln!(out, "\t}}");
         }
