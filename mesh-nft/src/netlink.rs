@@ -60,6 +60,9 @@ const NFT_CT_MARK: u32 = 3;
 const NFT_GOTO: i32 = -4;
 const NFT_NAT_DNAT: u32 = 1;
 
+/// Elements per message: each is at most 52 bytes, and a nest's length is 16 bits.
+const ELEMENTS_PER_MESSAGE: usize = 512;
+
 /// The largest batch sent; a bigger change goes to `nft` (it is as big as a whole
 /// table, and then parsing is not what costs).
 const MAX_BATCH: usize = 64 << 20;
@@ -213,26 +216,33 @@ fn encode(edits: &[Edit]) -> Result<Batch, NetlinkError> {
         match edit {
             Edit::AddMap(_) => return Err(NetlinkError::Unsupported(edit.to_string())),
             Edit::DeleteTasks { map, keys } => {
-                set_head(&mut a, &map.name());
-                a.nest(3, |a| {
-                    for k in keys {
-                        // The counter's value is a host-order number.
-                        a.nest(1, |a| a.data(1, &k.to_ne_bytes()));
-                    }
-                });
-                b.nft(i, NFT_MSG_DELSETELEM, 0, a);
+                // An attribute's length is 16 bits: long lists go in several messages.
+                for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+                    let mut a = Attrs::default();
+                    set_head(&mut a, &map.name());
+                    a.nest(3, |a| {
+                        for k in chunk {
+                            // The counter's value is a host-order number.
+                            a.nest(1, |a| a.data(1, &k.to_ne_bytes()));
+                        }
+                    });
+                    b.nft(i, NFT_MSG_DELSETELEM, 0, a);
+                }
             }
             Edit::AddTasks { map, tasks } => {
-                set_head(&mut a, &map.name());
-                a.nest(3, |a| {
-                    for (k, addr) in tasks {
-                        a.nest(1, |a| {
-                            a.data(1, &k.to_ne_bytes());
-                            a.data(2, &task_value(addr));
-                        });
-                    }
-                });
-                b.nft(i, NFT_MSG_NEWSETELEM, NLM_F_CREATE, a);
+                for chunk in tasks.chunks(ELEMENTS_PER_MESSAGE) {
+                    let mut a = Attrs::default();
+                    set_head(&mut a, &map.name());
+                    a.nest(3, |a| {
+                        for (k, addr) in chunk {
+                            a.nest(1, |a| {
+                                a.data(1, &k.to_ne_bytes());
+                                a.data(2, &task_value(addr));
+                            });
+                        }
+                    });
+                    b.nft(i, NFT_MSG_NEWSETELEM, NLM_F_CREATE, a);
+                }
             }
             Edit::AddChain(chain) => {
                 a.str(1, TABLE);

@@ -710,6 +710,54 @@ mod tests {
         );
     }
 
+    /// A frontend with more tasks than fit one netlink message: its elements go in
+    /// several messages of one batch, and the table ends as a full replace does.
+    #[tokio::test]
+    async fn a_large_frontend_changes_over_netlink_in_several_messages() {
+        let (Some(a), Some(b)) = (Ns::new_named("large-inc"), Ns::new_named("large-full")) else {
+            return;
+        };
+        let (nft_a, nft_b) = (Nft::in_netns(&a.0), Nft::in_netns(&b.0));
+        let mut plane = NftPlane::open(nft_a.clone(), Conntrack::in_netns(&a.0), false)
+            .await
+            .expect("open");
+        let host = Host::on("h1", PlaneKind::Nftables, Features::NONE, true);
+        let mut r = Replica::new("h1", 1, VipPool::default(), ReplicaConfig::default());
+        r.create_service(
+            ServiceSpec::new("big", vec![PortSpec::tcp(Some(8080), 80)]),
+            0,
+        )
+        .unwrap();
+        for t in 0..2500u32 {
+            let id = format!("big.{t}");
+            let ip = std::net::Ipv4Addr::from(0x0a01_0000 + t);
+            r.add_task(TaskSpec::new("big", &id, ip.into()), TaskSource::Api, 0)
+                .unwrap();
+            r.set_health("big", &id, Health::Healthy, 0);
+        }
+        let before = Plan::from_snapshot(&r.snapshot(), &host);
+        assert!(
+            plane
+                .apply(&before, &[], Instant::now())
+                .await
+                .errors
+                .is_empty()
+        );
+        // The first task goes: every element after it moves down one key.
+        r.set_health("big", "big.0", Health::Unhealthy, 1);
+        let after = Plan::from_snapshot(&r.snapshot(), &host);
+        let report = plane
+            .apply(&after, &Plan::diff(&before, &after), Instant::now())
+            .await;
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert_eq!(plane.written, (1, 0), "written over netlink");
+        nft_b
+            .apply(&Ruleset::from_plan(&after).render())
+            .await
+            .expect("full replace");
+        assert_eq!(kernel_view(&nft_a).await, kernel_view(&nft_b).await);
+    }
+
     /// The kernel's view of a table, for comparing two: every chain's rules and every
     /// map's elements, without handles, elements sorted.
     async fn kernel_view(nft: &Nft) -> String {
