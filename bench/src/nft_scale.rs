@@ -129,6 +129,11 @@ pub fn run(services: usize, tasks: usize) -> Result<NftScaleResults> {
             current = next;
         }
         let (one_change_ms, one_change_nft_ms) = (median(times.0), median(times.1));
+        anyhow::ensure!(
+            plane.detail().contains(&format!("{FLIPS} over netlink, {FLIPS} by nft")),
+            "the changes did not go through the writer each was timed for: {}",
+            plane.detail()
+        );
         let changed = current;
         let mut unchanged = Vec::new();
         for _ in 0..FLIPS {

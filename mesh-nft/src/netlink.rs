@@ -60,7 +60,7 @@ const NFT_CT_MARK: u32 = 3;
 const NFT_GOTO: i32 = -4;
 const NFT_NAT_DNAT: u32 = 1;
 
-/// Elements per message: each is at most 52 bytes, and a nest's length is 16 bits.
+/// Elements per message: each is at most 44 bytes, and a nest's length is 16 bits.
 const ELEMENTS_PER_MESSAGE: usize = 512;
 
 /// The largest batch sent; a bigger change goes to `nft` (it is as big as a whole
@@ -396,10 +396,11 @@ fn dnat_rule(a: &mut Attrs, rule: &DnatRule) {
     });
 }
 
-/// A netlink socket to nf_tables, in the namespace the plane works in.
+/// A netlink socket to nf_tables, in the namespace the plane works in. Clones share
+/// the socket; a lock keeps one batch and its errors apart from another's.
 #[derive(Clone)]
 pub struct Netlink {
-    fd: Arc<OwnedFd>,
+    fd: Arc<std::sync::Mutex<OwnedFd>>,
 }
 
 impl Netlink {
@@ -437,26 +438,33 @@ impl Netlink {
                 })?
             }
         };
-        Ok(Netlink { fd: Arc::new(fd) })
+        Ok(Netlink {
+            fd: Arc::new(std::sync::Mutex::new(fd)),
+        })
     }
 
     /// Sends `edits` as one transaction and waits until the kernel has committed it
     /// or refused it. Blocking: call it off the async runtime.
     pub fn apply(&self, edits: &[Edit]) -> Result<(), NetlinkError> {
         let batch = encode(edits)?;
-        let fd = self.fd.as_raw_fd();
+        let socket = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = socket.as_raw_fd();
         // A send larger than the socket's buffer is refused; the buffer is grown to
         // the batch (FORCE: past the sysctl limit, which a root agent may do).
         let want = (batch.buf.len() + 4096).max(1 << 20) as libc::c_int;
         // SAFETY: setsockopt with a valid fd and an int option.
-        unsafe {
+        let grown = unsafe {
             libc::setsockopt(
                 fd,
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUFFORCE,
                 (&want as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
+            )
+        };
+        if grown != 0 && batch.buf.len() > 200 * 1024 {
+            // Without CAP_NET_ADMIN the default buffer (about 212 KB) is the limit.
+            return Err(NetlinkError::TooLarge(batch.buf.len()));
         }
         // Errors a previous batch left unread are not this batch's.
         let _ = drain(fd, &mut |_, _| {});
@@ -533,30 +541,43 @@ fn socket() -> Result<OwnedFd, NetlinkError> {
 /// messages were lost to a full receive buffer.
 fn drain(fd: i32, each: &mut dyn FnMut(u32, i32)) -> bool {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut lost = false;
     loop {
         // SAFETY: recv into a buffer we own, of its length.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
         if n < 0 {
-            return io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS);
+            match io::Error::last_os_error().raw_os_error() {
+                // Some replies were dropped; read on to the ones still queued.
+                Some(libc::ENOBUFS) => {
+                    lost = true;
+                    continue;
+                }
+                Some(libc::EINTR) => continue,
+                _ => return lost,
+            }
         }
         if n == 0 {
-            return false;
+            return lost;
         }
         let mut at = 0usize;
         let n = n as usize;
         while at + 16 <= n {
             let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
             let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-            if len < 16 || at + len > n {
+            if len < 16 {
                 break;
             }
             // struct nlmsgerr: the error, then the header of the message it is about.
-            if kind == NLMSG_ERROR && len >= 16 + 4 + 16 {
+            // Read even from a reply cut short by the buffer: the error comes first.
+            if kind == NLMSG_ERROR && len >= 16 + 4 + 16 && at + 36 <= n {
                 let errno = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4"));
                 let seq = u32::from_ne_bytes(buf[at + 28..at + 32].try_into().expect("4"));
                 each(seq, -errno);
             }
             at += (len + 3) & !3;
+            if at > n {
+                break;
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::command::CommandError;
 use crate::conntrack::Conntrack;
 use crate::edit::script;
 use crate::forward_accept::ForwardAccept;
-use crate::netlink::Netlink;
+use crate::netlink::{Netlink, NetlinkError};
 use crate::nft::Nft;
 use crate::ruleset::{BackendKey, BackendOwner, Ruleset, TABLE};
 
@@ -192,6 +192,11 @@ impl NftPlane {
             .unwrap_or_default();
         self.forget_at.retain(|k, _| !next.contains_key(k));
         self.installed = Some(rules);
+        // A fresh socket with each whole table: one held across the deletion of a
+        // named namespace would write to the old one while nft writes to the new.
+        if self.netlink.is_some() {
+            self.netlink = Netlink::open(self.nft.program().netns()).ok();
+        }
         Ok(gone)
     }
 
@@ -220,22 +225,32 @@ impl NftPlane {
         let started = Instant::now();
         // A new task map's declaration is nft's own encoding: that change goes
         // through nft (it happens once per 16 frontends).
-        let written = match (&self.netlink, update.new_maps) {
-            (Some(netlink), false) => {
-                let (netlink, edits) = (netlink.clone(), update.edits.clone());
-                tokio::task::spawn_blocking(move || netlink.apply(&edits))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                    .map(|()| "netlink")
-            }
-            _ => self
+        let mut written = Err(String::new());
+        if let (Some(netlink), false) = (&self.netlink, update.new_maps) {
+            let (netlink, edits) = (netlink.clone(), update.edits.clone());
+            written = match tokio::task::spawn_blocking(move || netlink.apply(&edits)).await {
+                Ok(Ok(())) => Ok("netlink"),
+                // The kernel read the batch and refused it: nft would be refused too.
+                Ok(Err(e @ NetlinkError::Refused { .. })) => return Some(Err(e.to_string())),
+                // Nothing reached the kernel (too big, no buffer): nft writes it.
+                Ok(Err(e)) => {
+                    warn!(error = %e, "a change could not go over netlink; nft writes it");
+                    Err(String::new())
+                }
+                Err(e) => {
+                    warn!(error = %e, "a change could not go over netlink; nft writes it");
+                    Err(String::new())
+                }
+            };
+        }
+        if written.is_err() {
+            written = self
                 .nft
                 .apply(&script(&update.edits))
                 .await
                 .map_err(|e| e.to_string())
-                .map(|()| "nft"),
-        };
+                .map(|()| "nft");
+        }
         let via = match written {
             Ok(via) => via,
             Err(e) => return Some(Err(e)),
