@@ -7,6 +7,7 @@
 //! drives hundreds of nodes with virtual time; the agent drives one over UDP and TCP
 //! ([`transport`]), with its table as the replica's one owner.
 
+pub mod accusation;
 pub mod anti_entropy;
 pub mod broadcast;
 pub mod crypto;

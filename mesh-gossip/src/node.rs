@@ -13,6 +13,7 @@ use mesh_core::Delta;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+use crate::accusation::Accusations;
 use crate::broadcast::{DeltaHandler, Inbox, encode, inbox};
 use crate::events::GossipEvent;
 use crate::identity::NodeIdentity;
@@ -32,7 +33,7 @@ pub struct GossipConfig {
     pub indirect_probes: usize,
     /// Extra time a suspect gets to refute before it is declared down. Default:
     /// 4·max(1, log10(n+1))·probe_period, n being the cluster's size but at least
-    /// `cluster_size`: 2.46 s with the defaults (foca's LAN value is the same formula
+    /// `cluster_size`: 1.48 s with the defaults (foca's LAN value is the same formula
     /// with a fixed 1 s period).
     pub suspect_to_down_after: Option<Duration>,
     pub gossip_interval: Duration,
@@ -46,8 +47,8 @@ pub struct GossipConfig {
     pub retransmit_mult: f64,
     /// How long a member must stay suspect before its tasks stop taking new
     /// connections, in a cluster of up to 10 hosts: a suspicion raised by lost packets
-    /// is usually refuted sooner. It grows with log10 of the cluster's size, as the time
-    /// a refutation takes to spread does.
+    /// is usually refuted sooner. It grows by half per tenfold of the cluster's size
+    /// ([`grace_ms`]).
     pub suspect_grace: Duration,
 }
 
@@ -56,21 +57,23 @@ impl Default for GossipConfig {
     fn default() -> Self {
         Self {
             cluster_size: 16,
-            // Tuned with `mesh-bench withdrawal` (bench/RESULTS.md): a dead host is
-            // probed sooner, and five indirect paths keep a lossy link from looking
-            // like a dead host. Twice foca's LAN probing rate; still a few hundred
-            // bytes a second per host. The ack gets 300 ms, more than foca's advice of
-            // under half the period: on a busy host a 250 ms ack was the likelier
-            // false suspicion, and the indirect probes still get 200 ms.
-            probe_period: Duration::from_millis(500),
-            probe_rtt: Duration::from_millis(300),
+            // Tuned with `mesh-bench withdrawal` (bench/RESULTS.md) for a dead host
+            // withdrawn in under 3 s at up to 1,000 hosts: probing every 300 ms finds
+            // it sooner and bounds how long a host that missed the suspicion waits for
+            // the down. Three times foca's LAN probing rate; still about a kilobyte a
+            // second per host. The ack gets 200 ms, more than foca's advice of under
+            // half the period: on a busy host a short ack is the likelier false
+            // suspicion, and the buddy system (crate::accusation) lets the accused
+            // refute that within a round trip.
+            probe_period: Duration::from_millis(300),
+            probe_rtt: Duration::from_millis(200),
             indirect_probes: 5,
             suspect_to_down_after: None,
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: 3,
             max_packet_size: 1_300,
             retransmit_mult: 6.0,
-            suspect_grace: Duration::from_millis(500),
+            suspect_grace: Duration::from_millis(350),
         }
     }
 }
@@ -106,6 +109,18 @@ impl GossipConfig {
     }
 }
 
+/// How long a suspicion is held before its tasks are withdrawn, in a cluster of
+/// `members`: `base` up to 10 hosts, then half as much again per tenfold. The grace
+/// covers the lag between the suspicion reaching a host and the refutation reaching
+/// it. The accused hears of its suspicion at once (the buddy system, see
+/// [`crate::accusation`]), so that lag is the spread of two epidemics started a round
+/// trip apart, which widens slowly with the cluster's size; without the buddy system
+/// the accused first had to hear of it by gossip, and the grace grew as log10(n).
+pub fn grace_ms(base: Duration, members: usize) -> u64 {
+    let tens = (members.max(1) as f64).log10() - 1.0;
+    (base.as_millis() as f64 * (1.0 + tens.max(0.0) / 2.0)) as u64
+}
+
 /// What a node wants done after an input.
 #[derive(Default)]
 pub struct Outbox {
@@ -134,6 +149,7 @@ struct Io<'a> {
     outbox: &'a mut Outbox,
     inbox: &'a Mutex<Inbox>,
     health: &'a mut LocalHealth,
+    accusations: &'a mut Accusations,
 }
 
 impl Io<'_> {
@@ -156,6 +172,7 @@ impl Runtime<NodeIdentity> for Io<'_> {
                 self.event(GossipEvent::MemberDown(id.name.clone()))
             }
             Notification::ProbeFailed(_, member) => {
+                self.accusations.probe_failed(member);
                 self.health.failed_since_last_probe = true;
                 if self
                     .health
@@ -195,6 +212,8 @@ pub struct GossipNode {
     health: LocalHealth,
     /// Members seen suspect, since when (ms), and whether the table was told.
     suspects: std::collections::HashMap<String, (u64, bool)>,
+    /// Members our probes accused, told so directly.
+    accusations: Accusations,
 }
 
 impl GossipNode {
@@ -218,6 +237,7 @@ impl GossipNode {
             outbox: Outbox::default(),
             health: LocalHealth::default(),
             suspects: std::collections::HashMap::new(),
+            accusations: Accusations::default(),
         }
     }
 
@@ -250,8 +270,10 @@ impl GossipNode {
             outbox: &mut self.outbox,
             inbox: &self.inbox,
             health: &mut self.health,
+            accusations: &mut self.accusations,
         };
         let out = f(&mut self.foca, &mut io);
+        self.tell_suspects(false);
         let events =
             std::mem::take(&mut self.inbox.lock().unwrap_or_else(|p| p.into_inner()).events);
         self.outbox.events.extend(events);
@@ -301,14 +323,27 @@ impl GossipNode {
         });
     }
 
+    /// Sends each member our probe just accused (or, with `retell`, one told fewer
+    /// than [`crate::accusation::TELLS`] times) the news that it is suspect.
+    fn tell_suspects(&mut self, retell: bool) {
+        let due = self
+            .accusations
+            .due(self.foca.iter_membership_state(), retell);
+        for m in due {
+            let datagram = crate::accusation::encode(self.foca.identity(), &m);
+            if !datagram.is_empty() {
+                self.outbox.sends.push((m.id().addr, datagram));
+            }
+        }
+    }
+
     /// Looks at which members foca holds suspect, at `now_ms`: one suspect for
     /// `suspect_grace` becomes a `MemberSuspect` event; one the table was told of that
     /// is alive again becomes a `MemberUp`. Foca raises no event for either, so the
     /// driver calls this every few hundred milliseconds. O(members).
     pub fn poll_suspects(&mut self, now_ms: u64) {
-        let members = self.foca.iter_membership_state().len() as f64 + 1.0;
-        let grace =
-            (self.config.suspect_grace.as_millis() as f64 * members.log10().max(1.0)) as u64;
+        let members = self.foca.iter_membership_state().len() + 1;
+        let grace = grace_ms(self.config.suspect_grace, members);
         let mut seen = std::collections::HashSet::new();
         for m in self.foca.iter_membership_state() {
             let name = &m.id().name;
@@ -339,6 +374,7 @@ impl GossipNode {
             }
         }
         self.suspects.retain(|n, _| seen.contains(n));
+        self.tell_suspects(true);
     }
 
     /// Announces to one member declared down (`pick` chooses which), as Serf's
@@ -402,5 +438,20 @@ impl GossipNode {
 
     pub fn health_score(&self) -> u32 {
         self.health.score
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grace_is_flat_to_ten_hosts_then_grows_by_half_per_tenfold() {
+        let base = Duration::from_millis(350);
+        assert_eq!(grace_ms(base, 0), 350);
+        assert_eq!(grace_ms(base, 3), 350);
+        assert_eq!(grace_ms(base, 10), 350);
+        assert_eq!(grace_ms(base, 100), 525);
+        assert_eq!(grace_ms(base, 1000), 700);
     }
 }
