@@ -60,8 +60,8 @@ impl Default for GossipConfig {
             // Tuned with `mesh-bench withdrawal` (bench/RESULTS.md) for a dead host
             // withdrawn in under 3 s at up to 1,000 hosts: probing every 300 ms finds
             // it sooner and bounds how long a host that missed the suspicion waits for
-            // the down. Three times foca's LAN probing rate; still about a kilobyte a
-            // second per host. The ack gets 200 ms, more than foca's advice of under
+            // the down. Three times foca's LAN probing rate; about 1.5 KB a second
+            // per host at 100 hosts (1.2 KB before). The ack gets 200 ms, more than foca's advice of under
             // half the period: on a busy host a short ack is the likelier false
             // suspicion, and the buddy system (crate::accusation) lets the accused
             // refute that within a round trip.

@@ -67,7 +67,8 @@ impl TaskMap {
 
 /// A frontend chain's rule for one family: mark the connection (and, unless the
 /// client's address is kept, the packet for masquerade), then DNAT to the task the
-/// counter picks from the frontend's slot of its task map.
+/// counter picks from the frontend's slot of its task map. The connection's mark lets
+/// a host firewall pass the plane's forwarded connections (see `forward_accept`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnatRule {
     pub map: TaskMap,
