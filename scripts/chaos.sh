@@ -22,7 +22,8 @@ set -e
 table() {
     echo "| phase | requests | failed | slow (>= 1 s) | slowest (ms) | notes |"
     echo "| --- | --- | --- | --- | --- | --- |"
-    grep '^CHAOS |' "$out" | sed -e 's/^CHAOS //' -e 's/$/ |/' || true
+    # A test's progress dot may precede a row on its line.
+    sed -n 's/^.*CHAOS | \(.*\)$/| \1 |/p' "$out"
 }
 table
 if [ -n "$long" ]; then
