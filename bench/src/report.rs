@@ -77,15 +77,25 @@ fn find(s: &[Summary], w: Workload, t: Target) -> Option<&Summary> {
 fn dataplane(out: &mut String, d: &DataplaneResults) {
     let _ = writeln!(out, "## Data plane\n");
     run_line(out, "Measured", &d.run);
+    // A run made before the eBPF target existed says nothing of it.
+    let ebpf = d.summary.iter().any(|x| x.target == Target::MeshEbpf);
+    let (ebpf_order, ebpf_text) = if ebpf {
+        (
+            " mesh-ebpf,",
+            " mesh-ebpf is mesh with `--dataplane ebpf`, the client (in the programs' cgroup) \
+             connecting to VIPs: each connect is rewritten to the backend, so its path is \
+             direct's; its agent runs in a namespace off the path, without health checks.",
+        )
+    } else {
+        ("", " This run had no mesh-ebpf target.")
+    };
     let _ = writeln!(
         out,
-        "{} repetitions, interleaved (direct, mesh, mesh-nft, mesh-ebpf, haproxy, nginx, direct, …), {} s measured \
+        "{} repetitions, interleaved (direct, mesh, mesh-nft,{ebpf_order} haproxy, nginx, direct, …), {} s measured \
          after 1 s warm-up, each trial in fresh namespaces. LB on CPU 1, with the LB namespace's \
          receive processing steered there too (RPS); client and backend on CPU 0. mesh-nft is mesh \
-         with `--dataplane nftables`: the LB namespace's kernel DNATs and no process touches a byte. \
-         mesh-ebpf is mesh with `--dataplane ebpf`, the client (in the programs' cgroup) connecting \
-         to VIPs: each connect is rewritten to the backend, so its path is direct's; its agent runs \
-         in a namespace off the path, without health checks. \
+         with `--dataplane nftables`: the LB namespace's kernel DNATs and no process touches a byte.\
+         {ebpf_text} \
          LB cost is CPU 1's busy time from /proc/stat (process and softirq alike). \
          Latency ran open-loop at {} connections/s (half of direct's median CRR at 32).\n",
         d.reps,
