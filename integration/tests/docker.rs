@@ -390,11 +390,14 @@ fn the_task_set_is_exact_after_dockerd_restarts_and_after_the_agent_restarts() {
     eventually("the containers run again", || {
         (want(&host).len() == 3).then_some(())
     });
+    // The tasks kept while the engine was away may already equal the restarted
+    // containers (same addresses) before the source has reconnected: wait for both.
     eventually(
-        "the agent's set is exactly the running containers again",
+        "the agent is connected again and its set is exactly the running containers",
         || {
             let w = want(&host);
-            (w.len() == 3 && have(&agent) == w).then_some(())
+            let (_, s) = agent.http("GET", "/v1/status", None);
+            (w.len() == 3 && s["docker"]["connected"] == true && have(&agent) == w).then_some(())
         },
     );
     let (_, s) = agent.http("GET", "/v1/status", None);
