@@ -46,6 +46,11 @@ impl Accusations {
         members: impl Iterator<Item = &'a Member<NodeIdentity>>,
         retell: bool,
     ) -> Vec<Member<NodeIdentity>> {
+        // Called after every input: most find nothing to do, and skip the O(members)
+        // walk.
+        if self.told.is_empty() || (!retell && self.fresh.is_empty()) {
+            return Vec::new();
+        }
         let fresh = std::mem::take(&mut self.fresh);
         let mut out = Vec::new();
         let mut suspect = std::collections::HashSet::new();
