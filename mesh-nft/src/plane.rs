@@ -225,35 +225,26 @@ impl NftPlane {
         let started = Instant::now();
         // A new task map's declaration is nft's own encoding: that change goes
         // through nft (it happens once per 16 frontends).
-        let mut written = Err(String::new());
+        let mut via = None;
         if let (Some(netlink), false) = (&self.netlink, update.new_maps) {
             let (netlink, edits) = (netlink.clone(), update.edits.clone());
-            written = match tokio::task::spawn_blocking(move || netlink.apply(&edits)).await {
-                Ok(Ok(())) => Ok("netlink"),
-                // The kernel read the batch and refused it: nft would be refused too.
-                Ok(Err(e @ NetlinkError::Refused { .. })) => return Some(Err(e.to_string())),
-                // Nothing reached the kernel (too big, no buffer): nft writes it.
-                Ok(Err(e)) => {
-                    warn!(error = %e, "a change could not go over netlink; nft writes it");
-                    Err(String::new())
-                }
-                Err(e) => {
-                    warn!(error = %e, "a change could not go over netlink; nft writes it");
-                    Err(String::new())
-                }
-            };
-        }
-        if written.is_err() {
-            written = self
-                .nft
-                .apply(&script(&update.edits))
+            let sent = tokio::task::spawn_blocking(move || netlink.apply(&edits))
                 .await
-                .map_err(|e| e.to_string())
-                .map(|()| "nft");
+                .unwrap_or_else(|e| Err(NetlinkError::Socket(std::io::Error::other(e))));
+            match sent {
+                Ok(()) => via = Some("netlink"),
+                // The kernel read the batch and refused it: nft would be refused too.
+                Err(e @ NetlinkError::Refused { .. }) => return Some(Err(e.to_string())),
+                // Nothing reached the kernel (too big, no socket buffer): nft writes it.
+                Err(e) => warn!(error = %e, "a change could not go over netlink; nft writes it"),
+            }
         }
-        let via = match written {
-            Ok(via) => via,
-            Err(e) => return Some(Err(e)),
+        let via = match via {
+            Some(via) => via,
+            None => match self.nft.apply(&script(&update.edits)).await {
+                Ok(()) => "nft",
+                Err(e) => return Some(Err(e.to_string())),
+            },
         };
         match via {
             "netlink" => self.written.0 += 1,
