@@ -494,7 +494,7 @@ impl Netlink {
                     .origin
                     .iter()
                     .find(|(s, _)| *s == seq)
-                    .map(|(_, i)| edits[*i].to_string())
+                    .map(|(_, i)| shorten(edits[*i].to_string()))
                     .unwrap_or_else(|| format!("message {seq} of the batch"));
                 Err(NetlinkError::Refused {
                     edit,
@@ -503,6 +503,20 @@ impl Netlink {
             }
         }
     }
+}
+
+/// An edit as an error names it: a list of thousands of elements is cut short.
+fn shorten(mut text: String) -> String {
+    const MAX: usize = 300;
+    if text.len() > MAX {
+        let cut = (0..=MAX)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 fn socket() -> Result<OwnedFd, NetlinkError> {
@@ -587,6 +601,16 @@ mod tests {
     use super::*;
     use crate::edit::TaskMap;
     use mesh_core::Protocol;
+
+    #[test]
+    fn an_edit_named_in_an_error_is_cut_short() {
+        assert_eq!(
+            shorten("add chain inet mesh x".into()),
+            "add chain inet mesh x"
+        );
+        let long = shorten("é".repeat(400));
+        assert!(long.len() <= 304 && long.ends_with('…'), "{long}");
+    }
 
     #[test]
     fn attributes_are_padded_and_nests_carry_their_length() {
