@@ -46,6 +46,18 @@ pub enum CommandError {
     },
 }
 
+/// Cuts `text` to at most `max` bytes (at a character boundary), marking the cut.
+pub(crate) fn cut_short(text: &mut String, max: usize) {
+    if text.len() > max {
+        let cut = (0..=max)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
+    }
+}
+
 /// A program, and what runs it (nothing, or `ip netns exec NS`).
 #[derive(Debug, Clone)]
 pub struct Program {
@@ -142,14 +154,7 @@ impl Program {
                 })??;
         if !out.status.success() {
             let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            if stderr.len() > MAX_ERROR {
-                let cut = (0..=MAX_ERROR)
-                    .rev()
-                    .find(|i| stderr.is_char_boundary(*i))
-                    .unwrap_or(0);
-                stderr.truncate(cut);
-                stderr.push('…');
-            }
+            cut_short(&mut stderr, MAX_ERROR);
             return Err(CommandError::Failed {
                 program: self.program.clone(),
                 args: joined,

@@ -507,15 +507,7 @@ impl Netlink {
 
 /// An edit as an error names it: a list of thousands of elements is cut short.
 fn shorten(mut text: String) -> String {
-    const MAX: usize = 300;
-    if text.len() > MAX {
-        let cut = (0..=MAX)
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        text.truncate(cut);
-        text.push('…');
-    }
+    crate::command::cut_short(&mut text, 300);
     text
 }
 
