@@ -1,8 +1,8 @@
 //! The nftables plane at scale: how long the kernel takes to install a table of many
 //! services from empty, and then a one-task change on top, through the real plane
 //! (`NftPlane::apply`) in a network namespace of its own. Each one-task change is
-//! timed through both writers the plane has: a netlink batch (what it uses) and
-//! `nft -f` of the same edits, which is how the writer was chosen.
+//! timed through both writers the plane has: netlink batches (what it uses), and
+//! as many like changes through `nft -f`; that comparison chose the writer.
 
 use std::time::Instant;
 

@@ -23,6 +23,7 @@ pub mod replica;
 pub mod service;
 pub mod snapshot;
 pub mod task;
+pub mod text;
 pub mod vip;
 
 pub use balance::{BackendSet, Balance};

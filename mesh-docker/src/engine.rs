@@ -293,13 +293,7 @@ fn container(c: ContainerInspectResponse) -> Result<Container, String> {
         .unwrap_or_default()
         .trim_start_matches('/')
         .to_string();
-    if name.len() > MAX_NAME {
-        let cut = (0..=MAX_NAME)
-            .rev()
-            .find(|i| name.is_char_boundary(*i))
-            .unwrap_or(0);
-        name.truncate(cut);
-    }
+    mesh_core::text::truncate_at_char(&mut name, MAX_NAME);
     Ok(Container {
         id,
         name,

@@ -48,12 +48,7 @@ pub enum CommandError {
 
 /// Cuts `text` to at most `max` bytes (at a character boundary), marking the cut.
 pub(crate) fn cut_short(text: &mut String, max: usize) {
-    if text.len() > max {
-        let cut = (0..=max)
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        text.truncate(cut);
+    if mesh_core::text::truncate_at_char(text, max) {
         text.push('…');
     }
 }

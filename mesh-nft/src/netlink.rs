@@ -126,7 +126,9 @@ impl Attrs {
         self.0
             .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
         inner(self);
-        let len = (self.0.len() - at) as u16;
+        // Callers keep nests under 64 KiB (see ELEMENTS_PER_MESSAGE); a longer one
+        // would wrap its length and corrupt the batch.
+        let len = u16::try_from(self.0.len() - at).expect("a nest under 64 KiB");
         self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
 

@@ -226,9 +226,11 @@ impl NftPlane {
         // A new task map's declaration is nft's own encoding: that change goes
         // through nft (it happens once per 16 frontends).
         let mut via = None;
+        // Shared with the blocking thread, and kept here for nft if needed.
+        let edits = std::sync::Arc::new(update.edits);
         if let (Some(netlink), false) = (&self.netlink, update.new_maps) {
-            let (netlink, edits) = (netlink.clone(), update.edits.clone());
-            let sent = tokio::task::spawn_blocking(move || netlink.apply(&edits))
+            let (netlink, sending) = (netlink.clone(), edits.clone());
+            let sent = tokio::task::spawn_blocking(move || netlink.apply(&sending))
                 .await
                 .unwrap_or_else(|e| Err(NetlinkError::Socket(std::io::Error::other(e))));
             match sent {
@@ -241,7 +243,7 @@ impl NftPlane {
         }
         let via = match via {
             Some(via) => via,
-            None => match self.nft.apply(&script(&update.edits)).await {
+            None => match self.nft.apply(&script(&edits)).await {
                 Ok(()) => "nft",
                 Err(e) => return Some(Err(e.to_string())),
             },
@@ -252,7 +254,7 @@ impl NftPlane {
         }
         info!(
             frontends = keys.len(),
-            edits = update.edits.len(),
+            edits = edits.len(),
             via,
             took_ms = started.elapsed().as_millis() as u64,
             "nftables table updated"
