@@ -115,6 +115,9 @@ enum Command {
         /// Indirect probes after a direct probe went unanswered (default: the agent's).
         #[arg(long)]
         indirect_probes: Option<usize>,
+        /// How often pending updates are gossiped, in ms (default: the agent's).
+        #[arg(long)]
+        gossip_interval_ms: Option<u64>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -324,6 +327,7 @@ fn run(cli: Cli) -> Result<()> {
             suspect_grace_ms,
             retransmit_mult,
             indirect_probes,
+            gossip_interval_ms,
             out,
         } => {
             let mut timers = withdrawal::Timers::default();
@@ -332,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             timers.suspect_grace_ms = suspect_grace_ms.unwrap_or(timers.suspect_grace_ms);
             timers.retransmit_mult = retransmit_mult.unwrap_or(timers.retransmit_mult);
             timers.indirect_probes = indirect_probes.unwrap_or(timers.indirect_probes);
+            timers.gossip_interval_ms = gossip_interval_ms.unwrap_or(timers.gossip_interval_ms);
             anyhow::ensure!(
                 timers.probe_rtt_ms < timers.probe_period_ms,
                 "--probe-rtt-ms ({}) must be shorter than --probe-period-ms ({})",
@@ -344,8 +349,10 @@ fn run(cli: Cli) -> Result<()> {
                 timers.retransmit_mult
             );
             anyhow::ensure!(
-                timers.probe_period_ms > 0 && timers.indirect_probes > 0,
-                "--probe-period-ms and --indirect-probes must be at least 1"
+                timers.probe_period_ms > 0
+                    && timers.indirect_probes > 0
+                    && timers.gossip_interval_ms > 0,
+                "--probe-period-ms, --indirect-probes and --gossip-interval-ms must be at least 1"
             );
             let results = withdrawal::run(&sizes, &losses, quiet_secs, timers)?;
             write_json(&out, "withdrawal.json", &results)

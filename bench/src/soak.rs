@@ -28,6 +28,13 @@ pub struct Sample {
     /// API calls of the churn that failed or timed out (the agent's limit is 30 s).
     #[serde(default)]
     pub api_errors: u64,
+    /// Live heap allocations and the allocator's free bytes, from the agent's
+    /// `mesh_heap_*` metrics: RSS that grows while these stay flat is the allocator's
+    /// keeping, not a leak. Absent in runs from before they existed.
+    #[serde(default)]
+    pub heap_in_use_kib: Option<u64>,
+    #[serde(default)]
+    pub heap_free_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +201,10 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
     while started.elapsed() < Duration::from_secs(minutes * 60) {
         if Instant::now() >= next_sample {
             agent.process.check_alive(&agent_log(&agent))?;
+            let metrics = api
+                .call("GET", "/metrics", "")
+                .map(|(_, text)| text)
+                .unwrap_or_default();
             samples.push(Sample {
                 minute: started.elapsed().as_secs() / 60,
                 rss_kib: proc_status(pid, "VmRSS:"),
@@ -202,12 +213,16 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
                 failed_requests: failed.load(Ordering::Relaxed),
                 task_changes: changes,
                 api_errors,
+                heap_in_use_kib: gauge(&metrics, "mesh_heap_in_use_bytes").map(|b| b / 1024),
+                heap_free_kib: gauge(&metrics, "mesh_heap_free_bytes").map(|b| b / 1024),
             });
             let s = samples.last().expect("pushed");
             eprintln!(
-                "  soak minute {}: rss {} KiB, {} fds, {} requests ({} failed), {} task changes, {} API errors",
+                "  soak minute {}: rss {} KiB (heap {:?} KiB in use, {:?} KiB free), {} fds, {} requests ({} failed), {} task changes, {} API errors",
                 s.minute,
                 s.rss_kib,
+                s.heap_in_use_kib,
+                s.heap_free_kib,
                 s.fds,
                 s.requests,
                 s.failed_requests,
@@ -260,6 +275,14 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
         run: run_info,
         minutes,
         samples,
+    })
+}
+
+/// The value of an unlabelled gauge in Prometheus text.
+fn gauge(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse::<f64>().ok().map(|v| v as u64)
     })
 }
 

@@ -48,6 +48,8 @@ pub struct Timers {
     pub retransmit_mult: f64,
     #[serde(default)]
     pub indirect_probes: usize,
+    #[serde(default)]
+    pub gossip_interval_ms: u64,
 }
 
 impl Default for Timers {
@@ -59,6 +61,7 @@ impl Default for Timers {
             suspect_grace_ms: g.suspect_grace.as_millis() as u64,
             retransmit_mult: g.retransmit_mult,
             indirect_probes: g.indirect_probes,
+            gossip_interval_ms: g.gossip_interval.as_millis() as u64,
         }
     }
 }
@@ -71,6 +74,7 @@ impl Timers {
             suspect_grace: Duration::from_millis(self.suspect_grace_ms),
             retransmit_mult: self.retransmit_mult,
             indirect_probes: self.indirect_probes,
+            gossip_interval: Duration::from_millis(self.gossip_interval_ms),
             ..GossipConfig::default()
         }
     }

@@ -36,6 +36,9 @@ pub struct GossipConfig {
     /// `cluster_size`: 1.48 s with the defaults (foca's LAN value is the same formula
     /// with a fixed 1 s period).
     pub suspect_to_down_after: Option<Duration>,
+    /// How often a node with updates to pass on sends them to `gossip_fanout`
+    /// members. foca sends nothing when it has nothing new, so a quiet cluster pays
+    /// nothing for a short interval; a change (a suspicion above all) spreads by it.
     pub gossip_interval: Duration,
     pub gossip_fanout: usize,
     /// Largest datagram foca builds; leave room for the encryption envelope.
@@ -69,7 +72,10 @@ impl Default for GossipConfig {
             probe_rtt: Duration::from_millis(200),
             indirect_probes: 5,
             suspect_to_down_after: None,
-            gossip_interval: Duration::from_millis(200),
+            // 100 ms, not 200: at 1,000 hosts the last host heard of a suspicion
+            // about 0.6 s sooner (withdrawal p99 3.39 s → 2.79 s over the same 20
+            // crashes in the simulator); idle traffic is unchanged.
+            gossip_interval: Duration::from_millis(100),
             gossip_fanout: 3,
             max_packet_size: 1_300,
             retransmit_mult: 6.0,

@@ -81,6 +81,8 @@ struct SimNode {
     addr: SocketAddr,
     /// Bumped at every restart; events of an older incarnation are dropped.
     incarnation: u64,
+    /// The generation of the identity the node last ran as, renewals included.
+    generation: u64,
     gossip: Option<GossipNode>,
     /// Owned here, as the agent's table owns it: the node only reports events.
     replica: Option<Replica>,
@@ -132,6 +134,7 @@ impl Sim {
                 name: format!("n{i}"),
                 addr,
                 incarnation: 0,
+                generation: 0,
                 gossip: None,
                 replica: None,
                 bytes_sent: 0,
@@ -144,7 +147,12 @@ impl Sim {
     fn boot(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.incarnation += 1;
-        let generation = node.incarnation;
+        // Above every identity the node ever had, as the agent's wall-clock
+        // generation is: a node declared down falsely renews itself to generation + 1,
+        // and a restart that reused that generation would be taken for the identity
+        // its peers hold down, and ignored.
+        let generation = self.now_ms.max(node.generation + 1);
+        node.generation = generation;
         let identity = NodeIdentity {
             name: node.name.clone(),
             addr: node.addr,
@@ -411,6 +419,9 @@ impl Sim {
 
     /// kill -9: the node stops, its pending timers die with it.
     pub fn crash(&mut self, i: usize) {
+        if let Some(g) = &self.nodes[i].gossip {
+            self.nodes[i].generation = self.nodes[i].generation.max(g.identity().generation);
+        }
         self.nodes[i].gossip = None;
         self.nodes[i].replica = None;
         self.nodes[i].incarnation += 1;
@@ -495,6 +506,14 @@ impl Sim {
             self.run_for(step_ms);
         }
         None
+    }
+
+    /// The generation node `i` runs as (renewals included); None while it is down.
+    pub fn generation(&self, i: usize) -> Option<u64> {
+        self.nodes[i]
+            .gossip
+            .as_ref()
+            .map(|g| g.identity().generation)
     }
 
     /// Members node `i` sees alive (including suspect), not counting itself.

@@ -193,3 +193,55 @@ fn five_hundred_nodes_survive_loss_partitions_crashes_and_restarts() {
         sim.now_ms / 1000
     );
 }
+
+/// A host that was declared down while alive renews itself (generation + 1). When it
+/// is later restarted, its new identity must be above every one it had: one equal to
+/// an identity its peers hold down is ignored by them, and the host stays out of the
+/// cluster until it hears of that verdict and renews again. The simulator gave a
+/// restart its boot count as the generation, and a host with two renewals behind it
+/// came back as the identity its peers had just declared down.
+#[test]
+fn a_restart_after_false_downs_comes_back_above_every_earlier_identity() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 3,
+        seed: 11,
+        ..SimConfig::default()
+    });
+    let formed = sim.until(100, 60_000, |s| {
+        s.up_nodes().iter().all(|i| s.known_members(*i) == 2)
+    });
+    assert!(formed.is_some(), "3 nodes formed");
+    let first = sim.generation(2).expect("n2 is up");
+    // Two false downs: n2 is cut off until the others declare it down, then healed
+    // until they take its renewed identity back.
+    for round in 0..2 {
+        sim.partition(&[2], &[0, 1]);
+        let down = sim.until(100, 60_000, |s| {
+            s.known_members(0) == 1 && s.known_members(1) == 1
+        });
+        assert!(down.is_some(), "round {round}: n2 declared down");
+        sim.heal();
+        let back = sim.until(100, 60_000, |s| {
+            s.up_nodes().iter().all(|i| s.known_members(*i) == 2)
+        });
+        assert!(back.is_some(), "round {round}: n2 back");
+    }
+    let renewed = sim.generation(2).expect("n2 is up");
+    assert!(
+        renewed >= first + 2,
+        "n2 renewed itself after each false down: generation {first} → {renewed}"
+    );
+    sim.crash(2);
+    let down = sim.until(100, 60_000, |s| s.known_members(0) == 1);
+    assert!(down.is_some(), "the crash of n2 detected");
+    sim.restart(2);
+    let restarted = sim.generation(2).expect("n2 is up again");
+    assert!(
+        restarted > renewed,
+        "the restarted n2 runs as generation {restarted}, not above its renewed {renewed}"
+    );
+    let back = sim.until(100, 60_000, |s| {
+        s.up_nodes().iter().all(|i| s.known_members(*i) == 2)
+    });
+    assert!(back.is_some(), "the restarted n2 rejoined");
+}

@@ -9,6 +9,7 @@ mod dns;
 mod docker;
 mod errors;
 mod gossip;
+mod heap;
 mod http;
 mod planes;
 
@@ -147,11 +148,13 @@ pub fn check(settings: &Settings) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// `process_*` (CPU, memory, descriptors, start time) and `mesh_build_info`.
+/// `process_*` (CPU, memory, descriptors, start time), `mesh_heap_*` and
+/// `mesh_build_info`.
 fn process_metrics(prom: &prometheus::Registry) -> Result<(), prometheus::Error> {
     prom.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;
+    prom.register(Box::new(heap::HeapCollector::new()?))?;
     let info = prometheus::IntGaugeVec::new(
         prometheus::Opts::new(
             "mesh_build_info",
