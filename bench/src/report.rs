@@ -393,9 +393,14 @@ fn withdrawal(out: &mut String, w: &WithdrawalResults) {
         "Timers: probe every {} ms, {} ms for the ack, {} indirect probes, a host whose probe \
          fails tells the suspect at once (Lifeguard's buddy system), a grace of {} ms up to \
          10 hosts and half as much again per tenfold, each update passed on \
-         ⌈{}·log10(n+1)⌉ times. Where a row has fewer than 100 crashes, its p99 is its \
-         slowest.\n",
-        t.probe_period_ms, t.probe_rtt_ms, t.indirect_probes, t.suspect_grace_ms, t.retransmit_mult
+         ⌈{}·log10(n+1)⌉ times, pending updates gossiped every {} ms. Where a row has fewer \
+         than 100 crashes, its p99 is its slowest.\n",
+        t.probe_period_ms,
+        t.probe_rtt_ms,
+        t.indirect_probes,
+        t.suspect_grace_ms,
+        t.retransmit_mult,
+        t.gossip_interval_ms
     );
     let _ = writeln!(
         out,
