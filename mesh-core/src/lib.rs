@@ -14,6 +14,7 @@ pub mod hash;
 pub mod health;
 pub mod io_error;
 pub mod log_limit;
+pub mod maglev;
 pub mod member;
 pub mod mutate;
 pub mod name;
