@@ -178,9 +178,9 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
     raise_fd_limit();
     check(&settings)?;
     let mut store = DataDir::open(&settings.data_dir)?;
-    // A generation that grows with every start: peers replace this host's previous
-    // incarnation with it.
-    let generation = wall_ms();
+    // A generation that grows with every start, even across a clock that went back:
+    // peers replace this host's previous incarnation with it.
+    let generation = store.next_generation(wall_ms())?;
     let replica = restore(&settings, &mut store, generation)?;
     let prom = prometheus::Registry::new();
     process_metrics(&prom)?;

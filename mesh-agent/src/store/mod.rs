@@ -18,6 +18,10 @@
 //!
 //! The directory is locked (`flock` on `lock`) for the life of the agent, so a second
 //! agent pointed at it is refused before it reads or writes anything.
+//!
+//! A third file, `generation`, holds the generation this host last started as, so
+//! the next start is above it even when the clock went back (see
+//! [`DataDir::next_generation`]).
 
 mod log;
 
@@ -37,6 +41,7 @@ use log::{Log, LogEntry};
 const STATE: &str = "state.json";
 const WAL: &str = "state.wal";
 const LOCK: &str = "lock";
+const GENERATION: &str = "generation";
 /// Format 2 (the single-file store) is still read; format 3 adds the log position.
 const FORMAT: u32 = 3;
 
@@ -232,6 +237,58 @@ impl DataDir {
         self.log.entries() >= live.max(1024) as u64
     }
 
+    /// The generation to start as: the wall clock in ms, but above the generation
+    /// of every earlier start, which is kept in `generation`. Peers take the higher
+    /// generation of a host for the newer one, for its gossip identity and its tasks.
+    /// A host whose clock went back (an unsynced RTC at boot) would otherwise come
+    /// back below its old self, and peers would ignore it until they forgot the old
+    /// one, an hour later. A file that does not parse is replaced, with a warning:
+    /// the clock is right far more often than not.
+    pub fn next_generation(&mut self, now_ms: u64) -> Result<u64, StoreError> {
+        let path = self.dir.join(GENERATION);
+        let last = match fs::read_to_string(&path) {
+            Ok(text) => match text.trim().parse::<u64>() {
+                Ok(g) => Some(g),
+                Err(_) => {
+                    let mut content = text.trim().to_string();
+                    mesh_core::text::truncate_at_char(&mut content, 40);
+                    tracing::warn!(
+                        file = %path.display(),
+                        content = %content,
+                        "not a generation (a number of ms); starting from the clock"
+                    );
+                    None
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
+        let generation = match last {
+            Some(last) if last >= now_ms => {
+                tracing::warn!(
+                    last,
+                    clock = now_ms,
+                    "the clock is behind this host's previous start; starting just above it"
+                );
+                last.saturating_add(1)
+            }
+            _ => now_ms,
+        };
+        let tmp = self.dir.join(format!(".{GENERATION}.tmp"));
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            writeln!(f, "{generation}")?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|source| StoreError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(generation)
+    }
+
     /// Rewrites the complete copy and empties the log.
     pub fn compact<'a>(
         &mut self,
@@ -268,6 +325,25 @@ impl DataDir {
 mod tests {
     use super::*;
     use mesh_core::replica::services::Stamp;
+
+    #[test]
+    fn each_start_is_above_the_last_even_when_the_clock_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DataDir::open(dir.path()).unwrap();
+        assert_eq!(store.next_generation(5_000).unwrap(), 5_000);
+        assert_eq!(store.next_generation(9_000).unwrap(), 9_000);
+        // The clock went back two seconds.
+        assert_eq!(store.next_generation(7_000).unwrap(), 9_001);
+        assert_eq!(store.next_generation(9_001).unwrap(), 9_002);
+        assert_eq!(
+            fs::read_to_string(dir.path().join(GENERATION)).unwrap().trim(),
+            "9002"
+        );
+        // A file that is not a number is replaced; the clock decides.
+        fs::write(dir.path().join(GENERATION), "not a number\n").unwrap();
+        assert_eq!(store.next_generation(8_000).unwrap(), 8_000);
+        assert_eq!(store.next_generation(8_000).unwrap(), 8_001);
+    }
 
     fn task(id: &str) -> TaskSpec {
         TaskSpec::new("web", id, "10.0.0.1".parse().unwrap())
