@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 # docker-compose for the Compose example; clang-19, libbpf-dev and linux-libc-dev
 # compile the eBPF plane's C programs, and bpftool shows what is attached; chromium and
 # chromium-driver run the dashboard's browser test; prometheus gives promtool, which checks
-# the alert rules in deploy/; systemd gives systemd-analyze, which verifies deploy/mesh.service.
+# the alert rules in deploy/; systemd gives systemd-analyze, which verifies deploy/mesh.service;
+# faketime gives libfaketime, which starts an agent with its clock an hour ahead.
 packages=(bind9-dnsutils nftables conntrack dnsmasq-base docker.io busybox-static docker-compose
-  clang-19 libbpf-dev linux-libc-dev bpftool chromium chromium-driver prometheus systemd)
+  clang-19 libbpf-dev linux-libc-dev bpftool chromium chromium-driver prometheus systemd faketime)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -46,7 +47,7 @@ set +e
 # The same holds for the browser and promtool, which the packages above also provide.
 if [ "$(id -u)" = 0 ]; then
   export MESH_REQUIRE_DOCKER=1 MESH_REQUIRE_EBPF=1 MESH_REQUIRE_BROWSER=1 MESH_REQUIRE_PROMTOOL=1 \
-    MESH_REQUIRE_SYSTEMD=1
+    MESH_REQUIRE_SYSTEMD=1 MESH_REQUIRE_FAKETIME=1
 fi
 cargo test --workspace --locked --no-fail-fast "${features[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -186,7 +186,10 @@ pub fn run(mesh_bin: &Path, minutes: u64) -> Result<SoakResults> {
                     // are expected where a backend's listener closes with accepted
                     // connections queued (the flapping), and nothing else should fail.
                     if failed.fetch_add(1, Ordering::Relaxed) < 50 {
-                        eprintln!("  soak: request failed at {:?}: {why}", started_at.elapsed());
+                        eprintln!(
+                            "  soak: request failed at {:?}: {why}",
+                            started_at.elapsed()
+                        );
                     }
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -180,6 +180,26 @@ impl Agent {
         agent
     }
 
+    /// Starts host `name` on loopback under `prefix`, with only `args` (no
+    /// `--bind`: the caller chooses the gossip address, which a restart keeps).
+    pub fn start_named_under(
+        prefix: &[&str],
+        name: &str,
+        config: Option<&str>,
+        args: &[&str],
+    ) -> Agent {
+        let mut agent = Self::start_with_name(None, name);
+        agent.prefix = prefix.iter().map(|a| a.to_string()).collect();
+        agent.base_args = args.iter().map(|a| a.to_string()).collect();
+        agent.spawn(config, &[]);
+        agent
+    }
+
+    /// The command later starts run under (none: `&[]`).
+    pub fn set_prefix(&mut self, prefix: &[&str]) {
+        self.prefix = prefix.iter().map(|a| a.to_string()).collect();
+    }
+
     /// The agent's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

@@ -551,3 +551,89 @@ fn node_ls_shows_every_hosts_version_on_every_host() {
         );
     }
 }
+
+/// Host `host`'s generation as `agent` sees it, while it is alive there.
+fn alive_generation(agent: &Agent, host: &str) -> Option<u64> {
+    let (_, nodes) = agent.http("GET", "/v1/nodes", None);
+    nodes
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == host && n["status"] == "alive")?["generation"]
+        .as_u64()
+}
+
+/// A host whose clock was an hour ahead when it last started (an RTC set wrong at
+/// boot, put right later by NTP) is restarted with its clock right. Its peers know it
+/// by the generation of that start, an hour in the future, and take the higher
+/// generation of a host for the newer one: a start from the clock alone comes back
+/// below its old self, on the same gossip address, and peers ignore it until they
+/// forget the old one an hour later. The data dir's `generation` file keeps every
+/// start above the last.
+#[test]
+fn a_host_restarted_after_its_clock_went_back_rejoins() {
+    let test = "a_host_restarted_after_its_clock_went_back_rejoins";
+    // libfaketime itself, preloaded by `env`, which execs the agent: the `faketime`
+    // command would stay the parent, and a kill -9 would miss the agent.
+    let Some(lib) = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|arch| arch.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists())
+    else {
+        integration::skip::skip(
+            test,
+            "MESH_REQUIRE_FAKETIME",
+            "libfaketime is not installed",
+        );
+        return;
+    };
+    let key = keygen();
+    let config = "[cluster]\nanti_entropy = \"1s\"\n";
+    let first = Agent::start_named("host1", Some(config), &["--cluster-key", &key]);
+    let (_, nodes) = first.http("GET", "/v1/nodes", None);
+    let seed = nodes[0]["address"].as_str().unwrap().to_string();
+    let bind = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "--no-vips",
+        "--bind",
+        &bind,
+        "--cluster-key",
+        &key,
+        "--join",
+        &seed,
+    ];
+    let preload = format!("LD_PRELOAD={}", lib.display());
+    let ahead = [
+        "env",
+        &preload,
+        "FAKETIME=+1h",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",
+    ];
+    let mut second = Agent::start_named_under(&ahead, "host2", Some(config), &args);
+    let before = eventually("host1 sees host2 alive, started an hour ahead", || {
+        alive_generation(&first, "host2")
+    });
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        before > now_ms + 30 * 60 * 1000,
+        "host2's first start ran with its clock an hour ahead: generation {before}, now {now_ms}"
+    );
+    second.kill9();
+    eventually("host1 no longer sees host2 alive", || {
+        alive_generation(&first, "host2").is_none().then_some(())
+    });
+    second.set_prefix(&[]);
+    second.spawn(Some(config), &[]);
+    let after = eventually("host1 sees the restarted host2 alive", || {
+        alive_generation(&first, "host2").filter(|g| *g > before)
+    });
+    assert!(
+        second.log().contains("the clock is behind"),
+        "the restart says its clock was behind; generation {before} → {after}; log:\n{}",
+        second.log()
+    );
+}

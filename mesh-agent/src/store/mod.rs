@@ -336,7 +336,9 @@ mod tests {
         assert_eq!(store.next_generation(7_000).unwrap(), 9_001);
         assert_eq!(store.next_generation(9_001).unwrap(), 9_002);
         assert_eq!(
-            fs::read_to_string(dir.path().join(GENERATION)).unwrap().trim(),
+            fs::read_to_string(dir.path().join(GENERATION))
+                .unwrap()
+                .trim(),
             "9002"
         );
         // A file that is not a number is replaced; the clock decides.
