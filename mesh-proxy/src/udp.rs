@@ -235,10 +235,10 @@ async fn reply_loop(
             Ok(Reply::Sent(n)) => n,
             // The client's socket buffer is full: wait for room, with a copy of
             // this one datagram, as the rare case it is.
-            Ok(Reply::Blocked(datagram)) => match socket.send_to(&datagram, client).await {
-                Ok(n) => n,
-                Err(_) => 0,
-            },
+            Ok(Reply::Blocked(datagram)) => socket
+                .send_to(&datagram, client)
+                .await
+                .unwrap_or_default(),
             Ok(Reply::Nothing) => continue,
             Err(e) => {
                 // ICMP errors mean the task is unreachable; anything else is ours.
