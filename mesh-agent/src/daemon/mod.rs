@@ -216,6 +216,7 @@ pub async fn start(settings: Settings) -> Result<RunningAgent, AgentError> {
         Some(bound) => dns::serve(bound, table.subscribe(), stop.clone(), &mut tasks),
         None => Vec::new(),
     };
+    tasks.spawn(heap::trim_every(heap::TRIM_EVERY, stop.clone()));
     let prober_table = table.clone();
     let prober_stop = stop.clone();
     tasks.spawn(async move {
