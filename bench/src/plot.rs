@@ -64,7 +64,8 @@ pub fn all(dir: &Path, inputs: &Inputs) -> Result<()> {
     Ok(())
 }
 
-/// The agent's memory (MiB, left axis) and descriptors (right axis) per minute.
+/// The agent's memory (RSS and, where sampled, heap in use, MiB, left axis) and
+/// descriptors (right axis) per minute.
 fn soak(path: &Path, s: &SoakResults) -> Result<()> {
     let minutes = s.samples.last().map_or(1, |x| x.minute.max(1)) as f64;
     let rss_top = s.samples.iter().map(|x| x.rss_kib).max().unwrap_or(1) as f64 / 1024.0 * 1.3;
@@ -104,12 +105,26 @@ fn soak(path: &Path, s: &SoakResults) -> Result<()> {
         .iter()
         .map(|x| (x.minute as f64, x.fds as f64))
         .collect();
-    let (c1, c2) = (COLORS[2], COLORS[3]);
+    let heap: Vec<(f64, f64)> = s
+        .samples
+        .iter()
+        .filter_map(|x| Some((x.minute as f64, x.heap_in_use_kib? as f64 / 1024.0)))
+        .collect();
+    let (c1, c2, c3) = (COLORS[2], COLORS[3], COLORS[1]);
     chart
         .draw_series(LineSeries::new(rss, c1.stroke_width(2)))
         .map_err(err)?
         .label("RSS")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c1.stroke_width(2)));
+    if !heap.is_empty() {
+        chart
+            .draw_series(LineSeries::new(heap, c3.stroke_width(2)))
+            .map_err(err)?
+            .label("heap in use")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], c3.stroke_width(2))
+            });
+    }
     chart
         .draw_secondary_series(LineSeries::new(fds, c2.stroke_width(2)))
         .map_err(err)?

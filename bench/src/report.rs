@@ -466,7 +466,8 @@ fn soak(out: &mut String, s: &SoakResults) {
          average. One backend of four is down for 5 of every 30 steps, so its task flaps \
          unhealthy and back. Two clients make HTTP requests through the published port \
          without pause, and a one-datagram UDP flow starts every 10 ms. Memory (VmRSS) and \
-         open descriptors are read from /proc every minute.\n"
+         open descriptors are read from /proc every minute, and the heap (in use, and free \
+         but kept by the allocator) from the agent's `mesh_heap_*` metrics.\n"
     );
     // Minute 0 is read as the clients start, before any churn; the comparison starts
     // once it runs.
@@ -493,6 +494,30 @@ fn soak(out: &mut String, s: &SoakResults) {
         mib(min_rss),
         mib(max_rss)
     );
+    let heap = |f: fn(&crate::soak::Sample) -> Option<u64>| -> Option<[u64; 4]> {
+        let all: Vec<u64> = warm.iter().filter_map(|x| f(x)).collect();
+        Some([
+            f(first)?,
+            f(last)?,
+            *all.iter().min()?,
+            *all.iter().max()?,
+        ])
+    };
+    for (name, row) in [
+        ("heap in use", heap(|x| x.heap_in_use_kib)),
+        ("heap free (kept by the allocator)", heap(|x| x.heap_free_kib)),
+    ] {
+        if let Some([a, b, lo, hi]) = row {
+            let _ = writeln!(
+                out,
+                "| {name} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                mib(a),
+                mib(b),
+                mib(lo),
+                mib(hi)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "| descriptors | {} | {} | {} | {} |",
