@@ -12,7 +12,7 @@ if [ "${1:-}" = --long ]; then
     export MESH_CHAOS_LONG=1
     long=1
 fi
-cargo build -q --bins
+cargo build -q --bins --features mesh-agent/ebpf
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 set +e
