@@ -121,9 +121,7 @@ fn soak(path: &Path, s: &SoakResults) -> Result<()> {
             .draw_series(LineSeries::new(heap, c3.stroke_width(2)))
             .map_err(err)?
             .label("heap in use")
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], c3.stroke_width(2))
-            });
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c3.stroke_width(2)));
     }
     chart
         .draw_secondary_series(LineSeries::new(fds, c2.stroke_width(2)))

@@ -496,16 +496,14 @@ fn soak(out: &mut String, s: &SoakResults) {
     );
     let heap = |f: fn(&crate::soak::Sample) -> Option<u64>| -> Option<[u64; 4]> {
         let all: Vec<u64> = warm.iter().filter_map(|x| f(x)).collect();
-        Some([
-            f(first)?,
-            f(last)?,
-            *all.iter().min()?,
-            *all.iter().max()?,
-        ])
+        Some([f(first)?, f(last)?, *all.iter().min()?, *all.iter().max()?])
     };
     for (name, row) in [
         ("heap in use", heap(|x| x.heap_in_use_kib)),
-        ("heap free (kept by the allocator)", heap(|x| x.heap_free_kib)),
+        (
+            "heap free (kept by the allocator)",
+            heap(|x| x.heap_free_kib),
+        ),
     ] {
         if let Some([a, b, lo, hi]) = row {
             let _ = writeln!(

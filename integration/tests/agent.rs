@@ -512,7 +512,10 @@ fn tcp_api_needs_the_bearer_token_and_metrics_have_their_own_address() {
         .lines()
         .find_map(|l| l.strip_prefix("mesh_heap_in_use_bytes "))
         .and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(in_use.is_some_and(|b| b > 0.0), "mesh_heap_in_use_bytes: {text}");
+    assert!(
+        in_use.is_some_and(|b| b > 0.0),
+        "mesh_heap_in_use_bytes: {text}"
+    );
     assert!(text.contains("mesh_heap_free_bytes "), "{text}");
 }
 

@@ -233,12 +233,11 @@ async fn reply_loop(
         };
         let reply = match read {
             Ok(Reply::Sent(n)) => n,
-            // The client's socket buffer is full: wait for room, with a copy of
-            // this one datagram, as the rare case it is.
-            Ok(Reply::Blocked(datagram)) => socket
-                .send_to(&datagram, client)
-                .await
-                .unwrap_or_default(),
+            // The published port's send buffer is full: wait for room, with a copy
+            // of this one datagram, as the rare case it is.
+            Ok(Reply::Blocked(datagram)) => {
+                socket.send_to(&datagram, client).await.unwrap_or_default()
+            }
             Ok(Reply::Nothing) => continue,
             Err(e) => {
                 // ICMP errors mean the task is unreachable; anything else is ours.
@@ -256,7 +255,7 @@ async fn reply_loop(
 enum Reply {
     /// Passed on to the client: this many bytes.
     Sent(usize),
-    /// Read, but the client's socket would block.
+    /// Read, but sending it from the published port would block.
     Blocked(Vec<u8>),
     /// The readiness was spurious.
     Nothing,

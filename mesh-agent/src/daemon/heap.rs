@@ -12,9 +12,9 @@
 use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
-use tokio_util::sync::CancellationToken;
 use prometheus::proto::MetricFamily;
 use prometheus::{IntGauge, Opts};
+use tokio_util::sync::CancellationToken;
 
 pub struct HeapCollector {
     in_use: IntGauge,
@@ -89,8 +89,8 @@ fn trim() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
 
-/// (in use, free) in bytes. mallinfo2 sums every arena, under each arena's lock, in
-/// microseconds; a scrape calls it once.
+/// (in use, free) in bytes. mallinfo2 sums every arena, under each arena's lock; a
+/// scrape calls it once.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn heap() -> Option<(usize, usize)> {
     // SAFETY: mallinfo2 takes no arguments, returns a plain struct by value, and is
