@@ -73,8 +73,9 @@ impl Default for GossipConfig {
             indirect_probes: 5,
             suspect_to_down_after: None,
             // 100 ms, not 200: at 1,000 hosts the last host heard of a suspicion
-            // about 0.6 s sooner (withdrawal p99 3.39 s → 2.79 s over the same 20
-            // crashes in the simulator); idle traffic is unchanged.
+            // sooner (withdrawal p99 3.39 s → 2.79 s over the same 20 crashes in
+            // the simulator). A host with nothing new sends nothing more; with
+            // changes, 100 hosts send 1.68 KB/s each instead of 1.45.
             gossip_interval: Duration::from_millis(100),
             gossip_fanout: 3,
             max_packet_size: 1_300,

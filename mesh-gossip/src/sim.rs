@@ -36,7 +36,8 @@ pub struct SimConfig {
     /// wheel has 1 ms steps, and the task waits for the scheduler), and without it
     /// every host's probe timers stay in lockstep from boot to the end of a run. In
     /// lockstep, 3 of 40 crashes at 100 hosts went 3 s without a single ping of the
-    /// crashed host, against a few hundred ms with 3 ms of lateness.
+    /// crashed host, and the slowest withdrawal took 3.68 s; with up to 3 ms of
+    /// lateness the slowest of the same 40 took 1.99 s.
     pub timer_late_ms: u64,
     pub gossip: GossipConfig,
     pub replica: ReplicaConfig,
