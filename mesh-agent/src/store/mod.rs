@@ -274,19 +274,24 @@ impl DataDir {
             }
             _ => now_ms,
         };
-        let tmp = self.dir.join(format!(".{GENERATION}.tmp"));
+        self.replace(GENERATION, format!("{generation}\n").as_bytes())?;
+        Ok(generation)
+    }
+
+    /// Replaces file `name` with `contents` atomically and durably: a temp file,
+    /// fsync, rename, fsync of the directory. A crash leaves the old file or the new.
+    fn replace(&self, name: &str, contents: &[u8]) -> Result<(), StoreError> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
         let write = || -> io::Result<()> {
             let mut f = File::create(&tmp)?;
-            writeln!(f, "{generation}")?;
+            f.write_all(contents)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
+            // The rename is durable only once the directory entry is.
             File::open(&self.dir)?.sync_all()
         };
-        write().map_err(|source| StoreError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(generation)
+        write().map_err(|source| StoreError::Write { path, source })
     }
 
     /// Rewrites the complete copy and empties the log.
@@ -302,20 +307,11 @@ impl DataDir {
             records: records.collect::<Vec<_>>(),
             tasks,
         };
-        let tmp = self.dir.join(format!(".{STATE}.tmp"));
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            let text = serde_json::to_vec_pretty(&state).map_err(io::Error::other)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            // The rename is durable only once the directory entry is.
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|source| StoreError::Write {
+        let text = serde_json::to_vec_pretty(&state).map_err(|e| StoreError::Write {
             path: path.clone(),
-            source,
+            source: io::Error::other(e),
         })?;
+        self.replace(STATE, &text)?;
         self.log.truncate();
         Ok(())
     }
