@@ -498,6 +498,7 @@ fn tcp_api_needs_the_bearer_token_and_metrics_have_their_own_address() {
         "process_open_fds ",
         "mesh_build_info{",
         r#"mesh_gossip_members_by_state{state="alive"} 1"#,
+        "mesh_gossip_broadcast_backlog ",
         r#"mesh_dataplane_apply_seconds_count{plane="userspace"}"#,
         &format!(
             r#"mesh_connect_seconds_count{{frontend="published",port="{port}",protocol="tcp",service="web"}} 5"#

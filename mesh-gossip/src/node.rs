@@ -19,8 +19,21 @@ use crate::events::GossipEvent;
 use crate::identity::NodeIdentity;
 
 /// Subjects remembered to tell news from echoes; a forgotten one is passed on once
-/// more at worst.
+/// more at worst. The capacity bounds a burst; the span bounds a steady churn.
 const SEEN_CAPACITY: usize = 65_536;
+/// Each subject is remembered for 5 to 10 minutes. A delta is done circulating in
+/// seconds: at 1,000 hosts a host passes it on 18 times, to 3 members every 100 ms,
+/// and a full 1.3 KB packet carries about ten deltas, so even a backlog of 1,000
+/// deltas is sent in about a minute.
+const SEEN_SPAN_MS: u64 = 300_000;
+
+/// Most deltas foca holds to pass on (about 300 bytes each). foca keeps a delta until
+/// it has been sent its number of times, and only a newer delta about the same
+/// subject replaces it: with no one to send to, or a churn faster than gossip, the
+/// backlog would grow without end (the soak's one agent grew by ~470 bytes per task
+/// change), and each addition scans it. Beyond the bound, changes are left to
+/// anti-entropy, which delivers every one within a few sync rounds.
+pub const MAX_BROADCAST_BACKLOG: usize = 4_096;
 
 #[derive(Debug, Clone)]
 pub struct GossipConfig {
@@ -225,7 +238,7 @@ pub struct GossipNode {
 
 impl GossipNode {
     pub fn new(identity: NodeIdentity, config: &GossipConfig, rng_seed: u64) -> Self {
-        let inbox = inbox(SEEN_CAPACITY);
+        let inbox = inbox(SEEN_CAPACITY, SEEN_SPAN_MS);
         let handler = DeltaHandler {
             inbox: inbox.clone(),
         };
@@ -281,9 +294,10 @@ impl GossipNode {
         };
         let out = f(&mut self.foca, &mut io);
         self.tell_suspects(false);
-        let events =
-            std::mem::take(&mut self.inbox.lock().unwrap_or_else(|p| p.into_inner()).events);
-        self.outbox.events.extend(events);
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.relay = self.foca.custom_broadcast_backlog() < MAX_BROADCAST_BACKLOG;
+        self.outbox.events.extend(std::mem::take(&mut inbox.events));
+        drop(inbox);
         out
     }
 
@@ -318,16 +332,30 @@ impl GossipNode {
     }
 
     /// Disseminates local writes (already applied to the table), sending at once.
-    pub fn publish(&mut self, deltas: &[Delta]) {
-        if deltas.is_empty() {
-            return;
+    /// Returns how many were left to anti-entropy because the backlog was full
+    /// ([`MAX_BROADCAST_BACKLOG`]). A host with no member to tell gossips nothing:
+    /// whoever joins later gets the table by anti-entropy.
+    pub fn publish(&mut self, deltas: &[Delta]) -> usize {
+        if deltas.is_empty() || self.foca.num_members() == 0 {
+            return 0;
         }
         self.run(|foca, io| {
+            let mut deferred = 0;
             for d in deltas {
-                let _ = foca.add_broadcast(&encode(d));
+                if foca.custom_broadcast_backlog() >= MAX_BROADCAST_BACKLOG {
+                    deferred += 1;
+                } else {
+                    let _ = foca.add_broadcast(&encode(d));
+                }
             }
             let _ = foca.gossip(&mut *io);
-        });
+            deferred
+        })
+    }
+
+    /// Deltas foca holds to pass on.
+    pub fn broadcast_backlog(&self) -> usize {
+        self.foca.custom_broadcast_backlog()
     }
 
     /// Sends each member our probe just accused (or, with `retell`, one told fewer
@@ -344,11 +372,30 @@ impl GossipNode {
         }
     }
 
+    /// The driver's periodic call, every few hundred milliseconds: suspicions are
+    /// timed (below), and news seen long ago is forgotten ([`crate::broadcast::Seen`]).
+    pub fn tick(&mut self, now_ms: u64) {
+        self.poll_suspects(now_ms);
+        self.inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen
+            .age(now_ms);
+    }
+
+    /// Subjects remembered to tell news from echoes.
+    pub fn seen_subjects(&self) -> usize {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen
+            .len()
+    }
+
     /// Looks at which members foca holds suspect, at `now_ms`: one suspect for
     /// `suspect_grace` becomes a `MemberSuspect` event; one the table was told of that
-    /// is alive again becomes a `MemberUp`. Foca raises no event for either, so the
-    /// driver calls this every few hundred milliseconds. O(members).
-    pub fn poll_suspects(&mut self, now_ms: u64) {
+    /// is alive again becomes a `MemberUp`. Foca raises no event for either. O(members).
+    fn poll_suspects(&mut self, now_ms: u64) {
         let members = self.foca.iter_membership_state().len() + 1;
         let grace = grace_ms(self.config.suspect_grace, members);
         let mut seen = std::collections::HashSet::new();
@@ -406,8 +453,11 @@ impl GossipNode {
     /// Tells the cluster we are leaving (`leave` is the table's `Delta::Leave`): our
     /// tasks are withdrawn everywhere at once.
     pub fn leave(&mut self, leave: Delta) {
-        self.publish(&[leave]);
         self.run(|foca, io| {
+            // Past the backlog's bound too: no anti-entropy follows a leave. Two
+            // rounds of gossip before foca's own reach twice the members.
+            let _ = foca.add_broadcast(&encode(&leave));
+            let _ = foca.gossip(&mut *io);
             let _ = foca.gossip(&mut *io);
             let _ = foca.leave_cluster(&mut *io);
         });
@@ -460,5 +510,57 @@ mod tests {
         assert_eq!(grace_ms(base, 10), 350);
         assert_eq!(grace_ms(base, 100), 525);
         assert_eq!(grace_ms(base, 1000), 700);
+    }
+
+    fn id(name: &str, port: u16) -> NodeIdentity {
+        NodeIdentity {
+            name: name.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            generation: 1,
+        }
+    }
+
+    fn deleted(i: usize) -> Delta {
+        Delta::Task {
+            origin: "a".into(),
+            generation: 1,
+            version: i as u64 + 1,
+            key: ("web".into(), format!("t{i}")),
+            value: None,
+        }
+    }
+
+    #[test]
+    fn a_host_alone_holds_no_backlog() {
+        let mut a = GossipNode::new(id("a", 1), &GossipConfig::default(), 1);
+        a.start(&[]);
+        for i in 0..10_000 {
+            assert_eq!(a.publish(&[deleted(i)]), 0);
+        }
+        assert_eq!(a.broadcast_backlog(), 0);
+    }
+
+    #[test]
+    fn the_backlog_stops_at_its_bound_and_the_rest_is_left_to_anti_entropy() {
+        let mut a = GossipNode::new(id("a", 1), &GossipConfig::default(), 1);
+        a.start(&[]);
+        a.apply_membership(vec![foca::Member::alive(id("b", 2))]);
+        // A burst faster than gossip: each round of sends passes on about ten.
+        let burst: Vec<Delta> = (0..10_000).map(deleted).collect();
+        let deferred = a.publish(&burst);
+        assert!(
+            a.broadcast_backlog() <= MAX_BROADCAST_BACKLOG,
+            "backlog {}",
+            a.broadcast_backlog()
+        );
+        assert!(deferred > 0, "nothing was left to anti-entropy");
+        assert_eq!(deferred + a.broadcast_backlog(), 10_000);
+        // A leave goes out whatever the backlog.
+        let _ = a.take_outbox();
+        a.leave(Delta::Leave {
+            origin: "a".into(),
+            generation: 1,
+        });
+        assert!(!a.take_outbox().sends.is_empty());
     }
 }

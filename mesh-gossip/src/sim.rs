@@ -319,7 +319,7 @@ impl Sim {
                 }
                 let now = self.now_ms;
                 if let Some(g) = self.nodes[node].gossip.as_mut() {
-                    g.poll_suspects(now);
+                    g.tick(now);
                 }
                 self.flush(node);
                 self.schedule(SUSPECT_POLL_MS, Event::Suspects { node, incarnation });

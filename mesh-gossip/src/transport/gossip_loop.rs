@@ -119,8 +119,11 @@ impl GossipLoop {
                         }
                     }
                 }
-                Some(d) = inputs.deltas.recv() => self.node.publish(&d),
-                _ = suspects.tick() => self.node.poll_suspects(super::wall_ms()),
+                Some(d) = inputs.deltas.recv() => {
+                    let deferred = self.node.publish(&d);
+                    self.metrics.dropped_deltas.inc_by(deferred as u64);
+                }
+                _ = suspects.tick() => self.node.tick(super::wall_ms()),
                 Some(r) = inputs.learned.recv() => {
                     self.node.apply_membership(r.members);
                     for note in r.versions {
@@ -244,6 +247,9 @@ impl GossipLoop {
         self.metrics
             .members
             .set(views.iter().filter(|v| v.status.is_member()).count() as i64);
+        self.metrics
+            .broadcast_backlog
+            .set(self.node.broadcast_backlog() as i64);
         for state in [
             MemberStatus::Alive,
             MemberStatus::Suspect,

@@ -17,6 +17,9 @@ pub struct GossipMetrics {
     pub last_sync: IntGauge,
     /// Local deltas dropped because gossip was behind; anti-entropy repairs them.
     pub dropped_deltas: IntCounter,
+    /// Deltas waiting to be passed on by gossip (bounded, see
+    /// [`crate::node::MAX_BROADCAST_BACKLOG`]).
+    pub broadcast_backlog: IntGauge,
 }
 
 impl GossipMetrics {
@@ -44,7 +47,13 @@ impl GossipMetrics {
             "When the last anti-entropy exchange completed (seconds since the epoch; 0: never)",
         )?;
         prom.register(Box::new(last_sync.clone()))?;
+        let broadcast_backlog = IntGauge::new(
+            "mesh_gossip_broadcast_backlog",
+            "Changes waiting to be passed on by gossip (at most 4096; beyond, anti-entropy carries them)",
+        )?;
+        prom.register(Box::new(broadcast_backlog.clone()))?;
         Ok(Self {
+            broadcast_backlog,
             members_by_state,
             last_sync,
             auth_failures: counter(
