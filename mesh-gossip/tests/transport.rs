@@ -177,3 +177,50 @@ async fn three_nodes_replicate_a_wrong_key_is_refused_and_leave_withdraws() {
     })
     .await;
 }
+
+/// A host alone gossips nothing (it has no one to tell, and keeps no backlog for
+/// later): what it wrote meanwhile reaches a host that joins afterwards by
+/// anti-entropy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_lone_host_wrote_reaches_a_host_that_joins_later() {
+    let key = generate_key();
+    let a = node("a", vec![], &key).await;
+    let deltas = {
+        let mut r = a.replica.lock().unwrap();
+        let mut d = r
+            .create_service(
+                ServiceSpec::new("web", vec![PortSpec::tcp(Some(8080), 80)]),
+                1,
+            )
+            .unwrap();
+        for i in 0..200 {
+            let spec = TaskSpec {
+                service: "web".into(),
+                id: Some(format!("web.{i}")),
+                ip: "10.0.0.1".parse().unwrap(),
+                port: None,
+                state: TaskState::Active,
+                observed: None,
+            };
+            d.extend(r.add_task(spec, mesh_core::TaskSource::Api, 2).unwrap().1);
+            d.extend(r.set_health("web", &format!("web.{i}"), Health::Healthy, 2));
+            // Half are deleted again.
+            if i % 2 == 1 {
+                d.extend(r.remove_task("web", &format!("web.{i}"), 3).unwrap());
+            }
+        }
+        d
+    };
+    a.handle.deltas.try_send(deltas).unwrap();
+    let backlog = || {
+        a.prom
+            .gather()
+            .iter()
+            .find(|f| f.get_name() == "mesh_gossip_broadcast_backlog")
+            .map(|f| f.get_metric()[0].get_gauge().get_value())
+    };
+    let b = node("b", vec![a.handle.local_addr], &key).await;
+    eventually("a's 100 live tasks routed on b", || routed(&b) == 100).await;
+    eventually("a's backlog gauge published", || backlog().is_some()).await;
+    assert!(backlog().unwrap() <= 4096.0);
+}
