@@ -49,6 +49,37 @@ pub struct BackendValue {
     pub pad: [u8; 2],
 }
 
+/// `struct revnat_key`: a socket (by cookie) and the task it was sent to. Its
+/// presence says the programs chose that task for that socket.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevnatKey {
+    pub cookie: u64,
+    pub ip: [u8; 16],
+    pub port: [u8; 2],
+    pub pad: [u8; 6],
+}
+
+/// `struct revnat`: the VIP and port the socket asked for.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevnatValue {
+    pub ip: [u8; 16],
+    pub port: [u8; 2],
+    pub pad: [u8; 2],
+}
+
+impl RevnatKey {
+    pub fn new(cookie: u64, task: SocketAddr) -> RevnatKey {
+        RevnatKey {
+            cookie,
+            ip: wide(task.ip()),
+            port: task.port().to_be_bytes(),
+            pad: [0; 6],
+        }
+    }
+}
+
 // SAFETY: plain `repr(C)` data of integers and byte arrays with no implicit padding
 // (checked by the size test below); any bit pattern is a valid value.
 unsafe impl aya::Pod for FrontendKey {}
@@ -56,6 +87,10 @@ unsafe impl aya::Pod for FrontendKey {}
 unsafe impl aya::Pod for FrontendValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for BackendValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RevnatKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RevnatValue {}
 
 fn wide(ip: IpAddr) -> [u8; 16] {
     match ip {
@@ -142,10 +177,16 @@ mod tests {
 
     #[test]
     fn the_layouts_match_the_c_structs() {
-        // sizeof in sock_lb.bpf.c: frontend_key 20, frontend 1032, backend 20.
+        // sizeof in sock_lb.bpf.c: frontend_key 20, frontend 1032, backend 20,
         assert_eq!(std::mem::size_of::<FrontendKey>(), 20);
         assert_eq!(std::mem::size_of::<FrontendValue>(), 8 + 4 * MAX_SLOTS);
         assert_eq!(std::mem::size_of::<BackendValue>(), 20);
+        // revnat_key 32, revnat 20.
+        assert_eq!(std::mem::size_of::<RevnatKey>(), 32);
+        assert_eq!(std::mem::size_of::<RevnatValue>(), 20);
+        let k = RevnatKey::new(7, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!((k.cookie, k.port), (7, [0x1f, 0x90]));
+        assert_eq!(&k.ip[10..], &[0xff, 0xff, 10, 0, 0, 2]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`table`]: the pure reconciler (what the maps hold, what to write);
 //! - [`mounts`]: bpffs and the cgroup v2 hierarchy;
 //! - [`programs`]: loading, attaching and pinning with aya;
+//! - [`sockets`]: listing and aborting the sockets connected to a task (sock_diag);
 //! - [`plane`]: the [`mesh_dataplane::Dataplane`] that ties them together.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod layout;
 pub mod mounts;
 pub mod plane;
 pub mod programs;
+pub mod sockets;
 pub mod table;
 
 pub use config::EbpfConfig;

@@ -3,10 +3,14 @@
 //! previous run left in the pinned maps) covers every frontend, and each later apply
 //! only the frontends the plan diff names, so the same plan twice writes nothing.
 //!
-//! There is no NAT and no per-packet state, so what a drain means differs from the
-//! other planes: a task that leaves a frontend gets no new connections, and its
-//! established connections go on until they end (nothing cuts them at
-//! `drain_timeout`). An unconnected UDP socket picks again on its next datagram.
+//! There is no NAT and no per-packet state: a task that leaves a frontend gets no new
+//! connections, and an unconnected UDP socket picks again on its next datagram. The
+//! sockets already connected to it are ended as the other planes end their flows
+//! ([`Departures`]): a drained or removed task's at `drain_timeout`, a connected UDP
+//! socket to an unhealthy or removed task at once. They are found with sock_diag
+//! ([`crate::sockets`]) and only those the programs balanced (by `mesh_revnat`) are
+//! aborted; the owner sees `ECONNABORTED`, or a disconnected UDP socket, and connects
+//! again. Only sockets in the agent's network namespace can be reached this way.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -15,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mesh_core::plan::{Features, PlaneKind};
-use mesh_core::{FrontendKey, Listen, Plan, PlanChange};
+use mesh_core::{FrontendKey, Listen, Plan, PlanChange, Protocol};
 use mesh_dataplane::{
-    Adoption, ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target,
+    Adoption, ApplyReport, Capabilities, Dataplane, Departure, Departures, PlaneError, PlaneStats,
+    Target,
 };
 use prometheus::IntCounterVec;
 use tracing::{info, warn};
@@ -25,7 +30,18 @@ use tracing::{info, warn};
 use crate::config::EbpfConfig;
 use crate::layout::{self, BackendValue, FrontendValue, MAX_BACKENDS, MAX_FRONTENDS};
 use crate::programs::{PROGRAMS, Programs};
+use crate::sockets::SockDiag;
 use crate::table::{Table, Writes};
+
+/// A task a frontend balances over, as the plane installed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owner {
+    addr: SocketAddr,
+    service: String,
+    task: String,
+    /// The service's when installed: a deleted service's connections drain for it.
+    drain_timeout: Duration,
+}
 
 pub struct EbpfPlane {
     /// `None` once shut down.
@@ -48,7 +64,11 @@ pub struct EbpfPlane {
     seen: BTreeMap<u32, u64>,
     /// Each served frontend's tasks (address, service, task), for the counter's
     /// labels; kept per frontend so an apply touches only what changed.
-    owners: BTreeMap<FrontendKey, Vec<(SocketAddr, String, String)>>,
+    owners: BTreeMap<FrontendKey, Vec<Owner>>,
+    /// Tasks that left every frontend, whose sockets are ended at a deadline.
+    departures: Departures<(SocketAddr, Protocol)>,
+    /// Sockets ended so far, and failures to end one.
+    ended: (u64, u64),
     count_at: Instant,
     /// Maps a previous run pinned are served unchanged while the restored tasks get
     /// their first probe.
@@ -110,6 +130,8 @@ impl EbpfPlane {
             connections,
             seen,
             owners: BTreeMap::new(),
+            departures: Departures::default(),
+            ended: (0, 0),
             count_at: Instant::now() + COUNT_EVERY,
             adoption: Adoption::new(adopted, Instant::now()),
         })
@@ -124,7 +146,7 @@ impl EbpfPlane {
             .owners
             .values()
             .flatten()
-            .map(|(addr, service, task)| (*addr, (service.as_str(), task.as_str())))
+            .map(|o| (o.addr, (o.service.as_str(), o.task.as_str())))
             .collect();
         // Ids no longer in the table drop out of `seen`.
         let mut seen = BTreeMap::new();
@@ -143,6 +165,47 @@ impl EbpfPlane {
             }
         }
         self.seen = seen;
+    }
+
+    /// Aborts the sockets the programs sent to each of `tasks`. Other sockets to
+    /// the same address (a client that dialled the task itself) are left alone.
+    fn end(&mut self, tasks: Vec<(SocketAddr, Protocol)>) {
+        let Some(programs) = self.programs.as_ref() else {
+            return;
+        };
+        if tasks.is_empty() {
+            return;
+        }
+        // Clients in containers have their sockets in namespaces of their own.
+        let (mut namespaces, errors) = SockDiag::every_namespace();
+        for e in errors {
+            warn!(error = %e, "cannot list the sockets of a network namespace; its connections to tasks that left go on");
+            self.ended.1 += 1;
+        }
+        for (task, protocol) in tasks {
+            let mut ended = 0u64;
+            for diag in &mut namespaces {
+                let sockets = match diag.connected_to(protocol, task) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%task, %protocol, error = %e, "cannot list the sockets connected to a task that left");
+                        self.ended.1 += 1;
+                        continue;
+                    }
+                };
+                for s in sockets.iter().filter(|s| programs.balanced(s.cookie, task)) {
+                    match diag.destroy(s) {
+                        Ok(()) => ended += 1,
+                        Err(e) => {
+                            warn!(%task, %protocol, local = %s.local, error = %e, "cannot end a socket connected to a task that left");
+                            self.ended.1 += 1;
+                        }
+                    }
+                }
+            }
+            self.ended.0 += ended;
+            info!(%task, %protocol, sockets = ended, "sockets balanced to a task that left were ended");
+        }
     }
 
     /// The cgroup the programs are attached to.
@@ -264,6 +327,13 @@ impl Dataplane for EbpfPlane {
             layout::MAX_FLOWS,
             layout::MAX_REVNAT,
         );
+        out.push_str(&format!(
+            "; sockets ended after their task left: {}",
+            self.ended.0
+        ));
+        if self.ended.1 > 0 {
+            out.push_str(&format!(" ({} failures, see the log)", self.ended.1));
+        }
         if let Some(e) = &self.failed {
             out.push_str(&format!("; last write failed: {e}"));
         }
@@ -310,22 +380,55 @@ impl Dataplane for EbpfPlane {
             .filter(|k| matches!(k.listen, Listen::Vip(_)))
             .map(|k| (k, wanted(plan, &k)))
             .collect();
+        let mut left = Vec::new();
         for (k, tasks) in &wanted {
             self.problems.remove(k);
-            match (tasks, plan.frontends.get(k)) {
-                (Some(_), Some(f)) => {
-                    let owners = f
-                        .backends
-                        .iter()
-                        .map(|b| (b.addr, f.service.clone(), b.task.clone()))
-                        .collect();
-                    self.owners.insert(*k, owners);
-                }
-                _ => {
-                    self.owners.remove(k);
-                }
+            let owners: Vec<Owner> = match (tasks, plan.frontends.get(k)) {
+                (Some(_), Some(f)) => f
+                    .backends
+                    .iter()
+                    .map(|b| Owner {
+                        addr: b.addr,
+                        service: f.service.clone(),
+                        task: b.task.clone(),
+                        drain_timeout: f.policy.drain_timeout,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let before = if owners.is_empty() {
+                self.owners.remove(k)
+            } else {
+                self.owners.insert(*k, owners.clone())
+            };
+            for o in &owners {
+                self.departures.cancel(&(o.addr, k.protocol));
             }
+            left.extend(
+                before
+                    .into_iter()
+                    .flatten()
+                    .filter(|o| !owners.iter().any(|n| n.addr == o.addr))
+                    .map(|o| (k.protocol, o)),
+            );
         }
+        // A task that left one frontend may still be served by another.
+        let gone: Vec<Departure<(SocketAddr, Protocol)>> =
+            left.into_iter()
+                .filter(|(protocol, o)| {
+                    !self.owners.iter().any(|(k, os)| {
+                        k.protocol == *protocol && os.iter().any(|n| n.addr == o.addr)
+                    })
+                })
+                .map(|(protocol, o)| Departure {
+                    key: (o.addr, protocol),
+                    protocol,
+                    service: o.service,
+                    task: o.task,
+                    drain_timeout: o.drain_timeout,
+                })
+                .collect();
+        let at_once = self.departures.schedule(plan, gone, now);
         let (writes, problems) = self.table.sync(wanted);
         for p in problems {
             let service = plan.frontends.get(&p.frontend).map(|f| f.service.clone());
@@ -353,6 +456,8 @@ impl Dataplane for EbpfPlane {
                 self.failed = Some(e);
             }
         }
+        // After the write: a socket ended now must not be balanced to the task again.
+        self.end(at_once);
         self.report()
     }
 
@@ -364,10 +469,14 @@ impl Dataplane for EbpfPlane {
 
     fn next_deadline(&self) -> Option<Instant> {
         let count = self.connections.as_ref().map(|_| self.count_at);
-        [count, self.adoption.deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            count,
+            self.adoption.deadline(),
+            self.departures.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     async fn on_deadline(&mut self, now: Instant) -> ApplyReport {
@@ -379,6 +488,8 @@ impl Dataplane for EbpfPlane {
             self.count();
             self.count_at = now + COUNT_EVERY;
         }
+        let due = self.departures.take_due(now);
+        self.end(due);
         self.report()
     }
 

@@ -10,12 +10,13 @@
 //! - `links/`: one link per program. While a link is pinned its program stays
 //!   attached; removing the pin detaches it.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 use mesh_core::error::chain;
 
-use crate::layout::{BackendValue, FrontendKey, FrontendValue};
+use crate::layout::{BackendValue, FrontendKey, FrontendValue, RevnatKey, RevnatValue};
 
 /// The programs, by function name, and what each does.
 pub const PROGRAMS: [(&str, &str); 8] = [
@@ -49,6 +50,8 @@ pub struct Programs {
     pub backends: HashMap<MapData, u32, BackendValue>,
     /// New connections and UDP flows per backend id, per CPU.
     pub picks: PerCpuArray<MapData, u64>,
+    /// The task each balanced socket was sent to (LRU): which sockets are ours to end.
+    pub revnat: HashMap<MapData, RevnatKey, RevnatValue>,
     pin_dir: PathBuf,
 }
 
@@ -144,6 +147,11 @@ impl Programs {
                 .ok_or("the eBPF object has no map mesh_picks")?,
         )
         .map_err(|e| format!("mesh_picks: {}", chain(&e)))?;
+        let revnat = HashMap::try_from(
+            ebpf.take_map("mesh_revnat")
+                .ok_or("the eBPF object has no map mesh_revnat")?,
+        )
+        .map_err(|e| format!("mesh_revnat: {}", chain(&e)))?;
         Ok((
             Programs {
                 _ebpf: ebpf,
@@ -151,10 +159,16 @@ impl Programs {
                 frontends,
                 backends,
                 picks,
+                revnat,
                 pin_dir: pin_dir.to_path_buf(),
             },
             adopted,
         ))
+    }
+
+    /// Whether the programs sent the socket with `cookie` to `task`.
+    pub fn balanced(&self, cookie: u64, task: SocketAddr) -> bool {
+        self.revnat.get(&RevnatKey::new(cookie, task), 0).is_ok()
     }
 
     /// The connections and UDP flows the programs sent to backend `id`, over all CPUs.

@@ -452,3 +452,144 @@ fn an_ipv6_vip_is_balanced_at_connect_and_getpeername_returns_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("refused"), "{err}");
 }
+
+/// The sockets the programs balanced to a task that left end as the other planes'
+/// flows do: a drained task's TCP connections at `drain_timeout`, a connected UDP
+/// socket to a removed task at once. The clients are in another network namespace
+/// than the agent, as containers are.
+#[test]
+fn sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once() {
+    let test = "sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once";
+    if skip_unless_ebpf(test) {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
+    let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
+    let udp = |ns: &Netns, name: &str, ip: &str| {
+        let mut child = ns
+            .command(backend_bin())
+            .args(["--udp", name, "5301", ip])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut port)
+            .unwrap();
+        ChildGuard(child)
+    };
+    let _u1 = udp(&h1.ns, "u.1", &h1.ip);
+    let _u2 = udp(&h2.ns, "u.2", &h2.ip);
+    let cfg = format!(
+        "[[service]]\nname = \"web\"\nports = [{{ target = 8000 }}]\ndrain_timeout = \"2s\"\n\
+         health = {{ check = \"none\" }}\n\
+         [[task]]\nservice = \"web\"\nid = \"web.1\"\nip = \"{h1}\"\nport = 8001\n\
+         [[task]]\nservice = \"web\"\nid = \"web.2\"\nip = \"{h2}\"\nport = 8002\n\
+         [[service]]\nname = \"u\"\nports = [{{ target = 5301, protocol = \"udp\" }}]\n\
+         health = {{ check = \"none\" }}\n\
+         [[task]]\nservice = \"u\"\nid = \"u.1\"\nip = \"{h1}\"\n\
+         [[task]]\nservice = \"u\"\nid = \"u.2\"\nip = \"{h2}\"\n{}",
+        config(&cg, &pins),
+        h1 = h1.ip,
+        h2 = h2.ip,
+    );
+    let bind = format!("{}:7946", h1.ip);
+    let args = ["--dataplane", "ebpf", "--bind", bind.as_str(), "--insecure"];
+    let agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg), &args);
+    agent.wait_routable("web", 2);
+    agent.wait_routable("u", 2);
+    agent.wait_applied();
+    let ended = || -> u64 {
+        let status = agent.cli_json(&["status"]);
+        let detail = status["planes"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "ebpf"))
+            .and_then(|p| p["detail"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        detail
+            .split_once("sockets ended after their task left: ")
+            .and_then(|(_, n)| n.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count of ended sockets in {detail:?}"))
+    };
+    assert_eq!(ended(), 0);
+
+    // Two held connections through the VIP: round robin gives one to each task.
+    let web = format!("{}:8000", vip_of(&agent, "web"));
+    let hold = || {
+        let mut cmd = cg.command(&c.client.ns, backend_bin());
+        cmd.args(["--held", &web, "stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = ChildGuard(cmd.spawn().unwrap());
+        let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "connected");
+        (child, out)
+    };
+    let held = [hold(), hold()];
+
+    // Drain web.1: its connection goes on until drain_timeout, then is aborted.
+    assert_ok(agent.cli(&["task", "drain", "web", "web.1"]));
+    eventually("web.1's connection ended", || (ended() >= 1).then_some(()));
+    let outcomes: std::collections::BTreeSet<String> = held
+        .into_iter()
+        .map(|(mut child, mut out)| {
+            let mut input = child.0.stdin.take().unwrap();
+            writeln!(input, "go").unwrap();
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            line.trim().to_string()
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["fail connection_aborted", "ok web.2"]
+            .map(String::from)
+            .into(),
+        "the drained task's connection is aborted, the other one answers"
+    );
+    assert_eq!(ended(), 1, "only the drained task's socket is ended");
+
+    // A connected UDP socket: removing its task disconnects it at once; without
+    // that it would go on talking to the removed task, which still answers.
+    let u = format!("{}:5301", vip_of(&agent, "u"));
+    let mut flow = cg.command(&c.client.ns, backend_bin());
+    flow.args(["--udp-flow", &u])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut flow = ChildGuard(flow.spawn().unwrap());
+    let mut input = flow.0.stdin.take().unwrap();
+    let mut output = std::io::BufReader::new(flow.0.stdout.take().unwrap());
+    let mut ask = move || {
+        writeln!(input, "q").unwrap();
+        input.flush().unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    let first = ask();
+    assert!(first.starts_with("u."), "{first}");
+    assert_ok(agent.cli(&["task", "rm", "u", &first]));
+    eventually("the connected UDP socket ended", || {
+        (ended() >= 2).then_some(())
+    });
+    assert_eq!(
+        ask(),
+        "none",
+        "the socket no longer reaches the removed task"
+    );
+    assert_eq!(ended(), 2);
+    assert!(
+        agent
+            .log()
+            .contains("sockets balanced to a task that left were ended"),
+        "the log says so"
+    );
+}

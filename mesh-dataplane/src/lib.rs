@@ -9,10 +9,12 @@
 
 pub mod addresses;
 pub mod adoption;
+pub mod departures;
 pub mod driver;
 pub mod plane;
 
 pub use addresses::{AddressPlane, has_net_admin};
 pub use adoption::Adoption;
+pub use departures::{Departure, Departures};
 pub use driver::{Driver, DriverHandle, PlaneClient, PlaneReport, PlaneState, PlaneStatus};
 pub use plane::{ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target};

@@ -12,15 +12,14 @@
 //! connections go on until `drain_timeout` (then their entries are deleted, and the
 //! next packet is refused), an unhealthy task's TCP connections go on.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mesh_core::plan::{Features, PlaneKind};
-use mesh_core::task::TaskState;
-use mesh_core::{FrontendKey, Plan, PlanChange, Protocol};
+use mesh_core::{FrontendKey, Plan, PlanChange};
 use mesh_dataplane::{
-    Adoption, ApplyReport, Capabilities, Dataplane, PlaneError, PlaneStats, Target,
+    Adoption, ApplyReport, Capabilities, Dataplane, Departure, Departures, PlaneError, PlaneStats,
+    Target,
 };
 use tracing::{info, warn};
 
@@ -47,7 +46,7 @@ pub struct NftPlane {
     /// apply replaces the whole table.
     stale: bool,
     /// Backends that left the table whose flows are forgotten at a deadline.
-    forget_at: BTreeMap<BackendKey, Instant>,
+    forget_at: Departures<BackendKey>,
     frontends: usize,
     /// Leave the table in the kernel at shutdown (`--keep-dataplane`): connections
     /// keep flowing while the agent is upgraded.
@@ -120,7 +119,7 @@ impl NftPlane {
             forwarding,
             installed: None,
             stale: false,
-            forget_at: BTreeMap::new(),
+            forget_at: Departures::default(),
             frontends: 0,
             keep,
             failed: None,
@@ -135,35 +134,22 @@ impl NftPlane {
         self.netlink = None;
     }
 
-    /// Decides, for each backend that left the table, when its flows are forgotten;
-    /// returns those to forget now.
+    /// Decides, for each backend that left the table, when its flows are forgotten
+    /// ([`Departures`]); returns those to forget now.
     fn schedule(
         &mut self,
         plan: &Plan,
         gone: Vec<(BackendKey, BackendOwner)>,
         now: Instant,
     ) -> Vec<BackendKey> {
-        let mut now_list = Vec::new();
-        for (key, owner) in gone {
-            let tasks = plan.services.get(&owner.service);
-            let state = tasks.and_then(|t| t.tasks.get(&owner.task)).copied();
-            let at = now + owner.drain_timeout;
-            match (key.1, state) {
-                // Drained: its flows go on for drain_timeout, whatever the protocol.
-                (_, Some(TaskState::Draining)) => {
-                    self.forget_at.insert(key, at);
-                }
-                // Unhealthy or withdrawn, or removed: a UDP flow moves at once.
-                (Protocol::Udp, _) => now_list.push(key),
-                // A removed task's connections drain.
-                (Protocol::Tcp, None) => {
-                    self.forget_at.insert(key, at);
-                }
-                // An unhealthy task's connections go on, as in userspace.
-                (Protocol::Tcp, Some(TaskState::Active)) => {}
-            }
-        }
-        now_list
+        let gone = gone.into_iter().map(|(key, owner)| Departure {
+            key,
+            protocol: key.1,
+            service: owner.service,
+            task: owner.task,
+            drain_timeout: owner.drain_timeout,
+        });
+        self.forget_at.schedule(plan, gone, now)
     }
 
     /// Sends the whole table; returns the backends that left it.
@@ -190,7 +176,7 @@ impl NftPlane {
                     .collect()
             })
             .unwrap_or_default();
-        self.forget_at.retain(|k, _| !next.contains_key(k));
+        self.forget_at.retain(|k| !next.contains_key(k));
         self.installed = Some(rules);
         // A fresh socket with each whole table: one held across the deletion of a
         // named namespace would write to the old one while nft writes to the new.
@@ -260,7 +246,7 @@ impl NftPlane {
             "nftables table updated"
         );
         for b in &update.added {
-            self.forget_at.remove(b);
+            self.forget_at.cancel(b);
         }
         Some(Ok(update.gone))
     }
@@ -387,7 +373,7 @@ impl Dataplane for NftPlane {
 
     fn next_deadline(&self) -> Option<Instant> {
         // A failed apply is retried at the next plan change.
-        let forget = self.forget_at.values().min().copied();
+        let forget = self.forget_at.next_deadline();
         [
             forget,
             self.adoption.deadline(),
@@ -404,15 +390,7 @@ impl Dataplane for NftPlane {
             // whole table.
             self.apply(&plan, &[], now).await;
         }
-        let due: Vec<BackendKey> = self
-            .forget_at
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &due {
-            self.forget_at.remove(k);
-        }
+        let due = self.forget_at.take_due(now);
         self.forget(due).await;
         if self.forward_check_at <= now {
             self.forward_accept.ensure().await;
@@ -441,12 +419,15 @@ impl Dataplane for NftPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::Health;
+    use std::collections::BTreeMap;
+
     use mesh_core::plan::Host;
     use mesh_core::replica::{Replica, ReplicaConfig};
     use mesh_core::service::{PortSpec, ServiceSpec};
+    use mesh_core::task::TaskState;
     use mesh_core::task::{TaskSource, TaskSpec};
     use mesh_core::vip::VipPool;
+    use mesh_core::{Health, Protocol};
 
     /// A network namespace of our own, removed when dropped (also after a panic).
     struct Ns(String);
@@ -511,7 +492,7 @@ mod tests {
             conntrack: None,
             installed: None,
             stale: false,
-            forget_at: BTreeMap::new(),
+            forget_at: Departures::default(),
             frontends: 0,
             keep: false,
             forwarding: true,
@@ -549,11 +530,15 @@ mod tests {
         );
         let later = now + Duration::from_secs(30);
         assert_eq!(
-            plane.forget_at,
-            BTreeMap::from([
+            plane
+                .forget_at
+                .waiting()
+                .map(|(k, at)| (*k, *at))
+                .collect::<Vec<_>>(),
+            vec![
                 ((addr(3), Protocol::Tcp), later),
                 ((addr(5), Protocol::Tcp), later),
-            ]),
+            ],
             "removed and drained TCP connections go on for drain_timeout; unhealthy ones stay"
         );
         assert_eq!(plane.next_deadline(), Some(later));
