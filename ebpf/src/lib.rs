@@ -11,9 +11,11 @@
 //! - [`mounts`]: bpffs and the cgroup v2 hierarchy;
 //! - [`programs`]: loading, attaching and pinning with aya;
 //! - [`sockets`]: listing and aborting the sockets connected to a task (sock_diag);
+//! - [`endings`]: the thread that ends the sockets balanced to tasks that left;
 //! - [`plane`]: the [`mesh_dataplane::Dataplane`] that ties them together.
 
 pub mod config;
+pub mod endings;
 pub mod layout;
 pub mod mounts;
 pub mod plane;

@@ -7,10 +7,10 @@
 //! connections, and an unconnected UDP socket picks again on its next datagram. The
 //! sockets already connected to it are ended as the other planes end their flows
 //! ([`Departures`]): a drained or removed task's at `drain_timeout`, a connected UDP
-//! socket to an unhealthy or removed task at once. They are found with sock_diag
-//! ([`crate::sockets`]) and only those the programs balanced (by `mesh_revnat`) are
-//! aborted; the owner sees `ECONNABORTED`, or a disconnected UDP socket, and connects
-//! again. Only sockets in the agent's network namespace can be reached this way.
+//! socket to an unhealthy or removed task at once. They are found with sock_diag in
+//! every network namespace a process is in, and only those the programs balanced (by
+//! `mesh_revnat`) are aborted, on a thread of their own ([`crate::endings`]); the
+//! owner sees `ECONNABORTED`, or a disconnected UDP socket, and connects again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -28,9 +28,9 @@ use prometheus::IntCounterVec;
 use tracing::{info, warn};
 
 use crate::config::EbpfConfig;
+use crate::endings::Endings;
 use crate::layout::{self, BackendValue, FrontendValue, MAX_BACKENDS, MAX_FRONTENDS};
 use crate::programs::{PROGRAMS, Programs};
-use crate::sockets::SockDiag;
 use crate::table::{Table, Writes};
 
 /// A task a frontend balances over, as the plane installed it.
@@ -67,8 +67,12 @@ pub struct EbpfPlane {
     owners: BTreeMap<FrontendKey, Vec<Owner>>,
     /// Tasks that left every frontend, whose sockets are ended at a deadline.
     departures: Departures<(SocketAddr, Protocol)>,
-    /// Sockets ended so far, and failures to end one.
-    ended: (u64, u64),
+    /// Ends them; `None` once shut down, or where the thread could not start.
+    endings: Option<Endings>,
+    /// Tasks whose sockets were due to end at an apply whose write failed: ended
+    /// after the next write that succeeds, so that they are not balanced to the
+    /// task again.
+    ending_after_write: Vec<(SocketAddr, Protocol)>,
     count_at: Instant,
     /// Maps a previous run pinned are served unchanged while the restored tasks get
     /// their first probe.
@@ -105,6 +109,14 @@ impl EbpfPlane {
                 true
             }
         };
+        let endings = match programs.revnat.take().map(Endings::start) {
+            Some(Ok(e)) => Some(e),
+            Some(Err(e)) => {
+                warn!(error = %e, "cannot start the thread that ends sockets to tasks that left; their connections go on");
+                None
+            }
+            None => None,
+        };
         // What a previous run counted is not this run's to report.
         let seen = table
             .backends()
@@ -131,7 +143,8 @@ impl EbpfPlane {
             seen,
             owners: BTreeMap::new(),
             departures: Departures::default(),
-            ended: (0, 0),
+            endings,
+            ending_after_write: Vec::new(),
             count_at: Instant::now() + COUNT_EVERY,
             adoption: Adoption::new(adopted, Instant::now()),
         })
@@ -167,44 +180,10 @@ impl EbpfPlane {
         self.seen = seen;
     }
 
-    /// Aborts the sockets the programs sent to each of `tasks`. Other sockets to
-    /// the same address (a client that dialled the task itself) are left alone.
+    /// Ends, on the endings thread, the sockets the programs sent to each of `tasks`.
     fn end(&mut self, tasks: Vec<(SocketAddr, Protocol)>) {
-        let Some(programs) = self.programs.as_ref() else {
-            return;
-        };
-        if tasks.is_empty() {
-            return;
-        }
-        // Clients in containers have their sockets in namespaces of their own.
-        let (mut namespaces, errors) = SockDiag::every_namespace();
-        for e in errors {
-            warn!(error = %e, "cannot list the sockets of a network namespace; its connections to tasks that left go on");
-            self.ended.1 += 1;
-        }
-        for (task, protocol) in tasks {
-            let mut ended = 0u64;
-            for diag in &mut namespaces {
-                let sockets = match diag.connected_to(protocol, task) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(%task, %protocol, error = %e, "cannot list the sockets connected to a task that left");
-                        self.ended.1 += 1;
-                        continue;
-                    }
-                };
-                for s in sockets.iter().filter(|s| programs.balanced(s.cookie, task)) {
-                    match diag.destroy(s) {
-                        Ok(()) => ended += 1,
-                        Err(e) => {
-                            warn!(%task, %protocol, local = %s.local, error = %e, "cannot end a socket connected to a task that left");
-                            self.ended.1 += 1;
-                        }
-                    }
-                }
-            }
-            self.ended.0 += ended;
-            info!(%task, %protocol, sockets = ended, "sockets balanced to a task that left were ended");
+        if let Some(endings) = &self.endings {
+            endings.end(tasks);
         }
     }
 
@@ -327,12 +306,10 @@ impl Dataplane for EbpfPlane {
             layout::MAX_FLOWS,
             layout::MAX_REVNAT,
         );
-        out.push_str(&format!(
-            "; sockets ended after their task left: {}",
-            self.ended.0
-        ));
-        if self.ended.1 > 0 {
-            out.push_str(&format!(" ({} failures, see the log)", self.ended.1));
+        let (ended, failed) = self.endings.as_ref().map_or((0, 0), Endings::counts);
+        out.push_str(&format!("; sockets ended after their task left: {ended}"));
+        if failed > 0 {
+            out.push_str(&format!(" ({failed} failures, see the log)"));
         }
         if let Some(e) = &self.failed {
             out.push_str(&format!("; last write failed: {e}"));
@@ -449,15 +426,19 @@ impl Dataplane for EbpfPlane {
                 self.first = false;
                 self.stale = false;
                 self.failed = None;
+                // After the write: a client whose socket ends now connects again, and
+                // must not be balanced to the task again.
+                let mut due = std::mem::take(&mut self.ending_after_write);
+                due.extend(at_once);
+                self.end(due);
             }
             Err(e) => {
                 warn!(error = %e, "eBPF map write failed; the next apply reads the maps and reconciles everything");
                 self.stale = true;
                 self.failed = Some(e);
+                self.ending_after_write.extend(at_once);
             }
         }
-        // After the write: a socket ended now must not be balanced to the task again.
-        self.end(at_once);
         self.report()
     }
 
@@ -494,6 +475,8 @@ impl Dataplane for EbpfPlane {
     }
 
     async fn shutdown(&mut self, _grace: Duration) {
+        // Stops the endings thread (it finishes the socket at hand).
+        self.endings = None;
         self.count();
         let Some(programs) = self.programs.take() else {
             return;

@@ -10,7 +10,6 @@
 //! - `links/`: one link per program. While a link is pinned its program stays
 //!   attached; removing the pin detaches it.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
@@ -51,7 +50,8 @@ pub struct Programs {
     /// New connections and UDP flows per backend id, per CPU.
     pub picks: PerCpuArray<MapData, u64>,
     /// The task each balanced socket was sent to (LRU): which sockets are ours to end.
-    pub revnat: HashMap<MapData, RevnatKey, RevnatValue>,
+    /// Taken by the plane for its [`crate::endings::Endings`].
+    pub revnat: Option<HashMap<MapData, RevnatKey, RevnatValue>>,
     pin_dir: PathBuf,
 }
 
@@ -159,16 +159,11 @@ impl Programs {
                 frontends,
                 backends,
                 picks,
-                revnat,
+                revnat: Some(revnat),
                 pin_dir: pin_dir.to_path_buf(),
             },
             adopted,
         ))
-    }
-
-    /// Whether the programs sent the socket with `cookie` to `task`.
-    pub fn balanced(&self, cookie: u64, task: SocketAddr) -> bool {
-        self.revnat.get(&RevnatKey::new(cookie, task), 0).is_ok()
     }
 
     /// The connections and UDP flows the programs sent to backend `id`, over all CPUs.

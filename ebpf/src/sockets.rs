@@ -17,7 +17,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_core::Protocol;
 
@@ -29,13 +29,13 @@ const NLMSG_HDR: usize = 16;
 const REQ_LEN: usize = 56;
 /// `struct inet_diag_msg` (without attributes).
 const MSG_LEN: usize = 72;
-/// Every TCP state but LISTEN (and every UDP socket, which diag reports as CLOSE or
-/// ESTABLISHED).
-const STATES: u32 = !(1 << 10);
-/// A dump that takes longer than this is abandoned.
+/// Every TCP state but LISTEN, TIME_WAIT and NEW_SYN_RECV (no owner to tell), and
+/// every UDP socket (diag reports them as CLOSE or ESTABLISHED).
+const STATES: u32 = !((1 << 10) | (1 << 6) | (1 << 12));
+/// A dump, or a destroy's answer, that takes longer than this in all is abandoned.
 const TIMEOUT: Duration = Duration::from_secs(5);
-/// Most sockets one dump returns; a host with more is listed only this far.
-const MAX_SOCKETS: usize = 1 << 20;
+/// Most messages one dump may bring; a host with more sockets is listed only this far.
+const MAX_MESSAGES: usize = 1 << 20;
 
 /// One socket connected to a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +60,8 @@ pub struct SockDiag {
 
 /// Most network namespaces [`SockDiag::every_namespace`] opens.
 const MAX_NAMESPACES: usize = 4096;
+/// Most namespace errors [`SockDiag::every_namespace`] reports.
+const MAX_ERRORS: usize = 8;
 
 impl SockDiag {
     /// One socket per network namespace a process on the host is in (read from
@@ -70,11 +72,17 @@ impl SockDiag {
 
         let mut seen = std::collections::BTreeSet::new();
         let (mut out, mut errors) = (Vec::new(), Vec::new());
+        // Our own namespace needs no entering (and a sandbox may forbid setns).
+        match SockDiag::open() {
+            Ok(d) => out.push(d),
+            Err(e) => errors.push(format!("sock_diag: {e}")),
+        }
+        if let Ok(own) = std::fs::metadata("/proc/self/ns/net") {
+            seen.insert((own.dev(), own.ino()));
+        }
         let Ok(procs) = std::fs::read_dir("/proc") else {
-            return match SockDiag::open() {
-                Ok(d) => (vec![d], errors),
-                Err(e) => (Vec::new(), vec![format!("sock_diag: {e}")]),
-            };
+            errors.push("cannot read /proc: only this namespace is listed".into());
+            return (out, errors);
         };
         for entry in procs.flatten() {
             if !entry
@@ -86,9 +94,18 @@ impl SockDiag {
                 continue;
             }
             let path = entry.path().join("ns/net");
-            // The process may exit at any moment: skip what is gone.
-            let Ok(ns) = std::fs::File::open(&path) else {
-                continue;
+            let ns = match std::fs::File::open(&path) {
+                Ok(ns) => ns,
+                // The process exited meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Another user's process, without CAP_SYS_PTRACE, say: reported, up
+                // to a few.
+                Err(e) => {
+                    if errors.len() < MAX_ERRORS {
+                        errors.push(format!("{}: {e}", path.display()));
+                    }
+                    continue;
+                }
             };
             let Ok(meta) = ns.metadata() else { continue };
             if !seen.insert((meta.dev(), meta.ino())) {
@@ -102,7 +119,10 @@ impl SockDiag {
             }
             match SockDiag::open_in(ns) {
                 Ok(d) => out.push(d),
-                Err(e) => errors.push(format!("{}: {e}", path.display())),
+                Err(e) if errors.len() < MAX_ERRORS => {
+                    errors.push(format!("{}: {e}", path.display()))
+                }
+                Err(_) => {}
             }
         }
         (out, errors)
@@ -112,15 +132,17 @@ impl SockDiag {
     /// belongs to the namespace it was made in, so a short-lived thread enters `ns`,
     /// makes it, and ends; the caller's thread never changes namespace.
     pub fn open_in(ns: std::fs::File) -> io::Result<Self> {
-        std::thread::spawn(move || {
-            // SAFETY: setns on a thread of our own, which ends right after.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            SockDiag::open()
-        })
-        .join()
-        .map_err(|_| io::Error::other("the namespace thread panicked"))?
+        std::thread::Builder::new()
+            .name("mesh-netns".into())
+            .spawn(move || {
+                // SAFETY: setns on a thread of our own, which ends right after.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                SockDiag::open()
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the namespace thread panicked"))?
     }
 
     pub fn open() -> io::Result<Self> {
@@ -154,24 +176,49 @@ impl SockDiag {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Connected to the kernel: the kernel then refuses datagrams other sockets
+        // send us, so a process with CAP_NET_ADMIN in a namespace we list cannot
+        // forge answers.
+        let kernel = kernel_addr();
+        // SAFETY: connect with a valid sockaddr_nl of the right size.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&kernel as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Self { fd, seq: 0 })
     }
 
-    /// The sockets of `protocol` connected to `peer`, in both address families (an
-    /// IPv4 peer may be reached from an IPv6 socket).
+    /// The sockets of `protocol` connected to `peer`.
     pub fn connected_to(
         &mut self,
         protocol: Protocol,
         peer: SocketAddr,
     ) -> io::Result<Vec<Connected>> {
-        let families: &[u8] = match peer.ip() {
-            IpAddr::V4(_) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
-            IpAddr::V6(_) => &[libc::AF_INET6 as u8],
-        };
+        self.connected_to_any(protocol, &[peer])
+    }
+
+    /// The sockets of `protocol` connected to any of `peers`: one listing per address
+    /// family, whatever the number of peers (an IPv4 peer may be reached from an IPv6
+    /// socket, through a mapped address).
+    pub fn connected_to_any(
+        &mut self,
+        protocol: Protocol,
+        peers: &[SocketAddr],
+    ) -> io::Result<Vec<Connected>> {
+        let mut families = vec![libc::AF_INET6 as u8];
+        if peers.iter().any(SocketAddr::is_ipv4) {
+            families.push(libc::AF_INET as u8);
+        }
         let mut out = Vec::new();
-        for &family in families {
+        for family in families {
             self.dump(family, protocol, |c| {
-                if same_peer(c.peer, peer) {
+                if peers.iter().any(|p| same_peer(c.peer, *p)) {
                     out.push(c);
                 }
             })?;
@@ -192,8 +239,9 @@ impl SockDiag {
         );
         self.send(&req)?;
         let mut buf = vec![0u8; 8192];
+        let deadline = Instant::now() + TIMEOUT;
         loop {
-            let n = self.recv(&mut buf)?;
+            let n = self.recv(&mut buf, deadline)?;
             for (ty, seq, body) in messages(&buf[..n]) {
                 if seq != self.seq || ty != libc::NLMSG_ERROR as u16 {
                     continue;
@@ -228,9 +276,16 @@ impl SockDiag {
         self.send(&req)?;
         let mut buf = vec![0u8; 64 * 1024];
         let mut seen = 0usize;
+        let deadline = Instant::now() + TIMEOUT;
         loop {
-            let n = self.recv(&mut buf)?;
+            let n = self.recv(&mut buf, deadline)?;
             for (ty, seq, body) in messages(&buf[..n]) {
+                seen += 1;
+                if seen > MAX_MESSAGES {
+                    return Err(io::Error::other(format!(
+                        "more than {MAX_MESSAGES} sockets listed"
+                    )));
+                }
                 if seq != self.seq {
                     continue;
                 }
@@ -244,12 +299,6 @@ impl SockDiag {
                         return Err(io::Error::from_raw_os_error(-errno));
                     }
                     SOCK_DIAG_BY_FAMILY => {
-                        seen += 1;
-                        if seen > MAX_SOCKETS {
-                            return Err(io::Error::other(format!(
-                                "more than {MAX_SOCKETS} sockets listed"
-                            )));
-                        }
                         if let Some(c) = parse(body, protocol) {
                             each(c);
                         }
@@ -261,10 +310,7 @@ impl SockDiag {
     }
 
     fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: an all-zero sockaddr_nl is valid; family set below (pid 0: the
-        // kernel).
-        let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        to.nl_family = libc::AF_NETLINK as u16;
+        let to = kernel_addr();
         // SAFETY: msg and to are valid for the lengths given.
         let n = unsafe {
             libc::sendto(
@@ -282,19 +328,56 @@ impl SockDiag {
         Ok(())
     }
 
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is valid for writes of its length.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.kind() == io::ErrorKind::WouldBlock {
-                io::Error::new(io::ErrorKind::TimedOut, "sock_diag did not answer")
-            } else {
-                e
-            });
+    /// One datagram from the kernel, by `deadline`.
+    fn recv(&self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        loop {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "sock_diag did not finish in time",
+                ));
+            }
+            // SAFETY: an all-zero sockaddr_nl is a valid buffer for the sender.
+            let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+            // SAFETY: buf and from are valid for writes of the lengths given.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_nl).cast(),
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "sock_diag did not answer",
+                        ));
+                    }
+                    _ => return Err(e),
+                }
+            }
+            // Only the kernel speaks to us (the socket is connected to it).
+            if from.nl_pid != 0 {
+                continue;
+            }
+            return Ok(n as usize);
         }
-        Ok(n as usize)
     }
+}
+
+fn kernel_addr() -> libc::sockaddr_nl {
+    // SAFETY: an all-zero sockaddr_nl is valid; pid 0 is the kernel.
+    let mut a: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    a.nl_family = libc::AF_NETLINK as u16;
+    a
 }
 
 fn same_peer(listed: SocketAddr, wanted: SocketAddr) -> bool {
@@ -506,6 +589,54 @@ mod tests {
             client.recv(&mut [0u8; 8]).map_err(|e| e.raw_os_error()),
             Err(Some(libc::ECONNABORTED))
         );
+    }
+
+    /// Another socket in the namespace (a process with CAP_NET_ADMIN there) cannot
+    /// send us forged answers: ours is connected to the kernel.
+    #[test]
+    fn no_other_socket_can_send_to_ours() {
+        let diag = SockDiag::open().unwrap();
+        // SAFETY: an all-zero sockaddr_nl is valid; getsockname fills it.
+        let mut ours: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: valid descriptor and buffer.
+        let rc = unsafe {
+            libc::getsockname(
+                diag.fd.as_raw_fd(),
+                (&mut ours as *mut libc::sockaddr_nl).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_ne!(ours.nl_pid, 0, "the kernel gave our socket a port id");
+        // SAFETY: plain socket(2), owned at once.
+        let forger = unsafe {
+            OwnedFd::from_raw_fd(libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            ))
+        };
+        let fake = request(libc::NLMSG_DONE as u16, 0, 1, 2, Protocol::Tcp, None);
+        // SAFETY: valid buffer and address.
+        let n = unsafe {
+            libc::sendto(
+                forger.as_raw_fd(),
+                fake.as_ptr().cast(),
+                fake.len(),
+                0,
+                (&ours as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        if n >= 0 || err.raw_os_error() == Some(libc::EPERM) {
+            // EPERM: not root, so the kernel refused for lack of CAP_NET_ADMIN
+            // before it got to the connection; as root it must be the connection.
+            assert!(n < 0 && !root(), "a forged datagram reached our socket");
+            return;
+        }
+        assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED), "{err}");
     }
 
     #[test]

@@ -521,9 +521,9 @@ fn sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once() 
 
     // Two held connections through the VIP: round robin gives one to each task.
     let web = format!("{}:8000", vip_of(&agent, "web"));
-    let hold = || {
+    let hold = |to: &str| {
         let mut cmd = cg.command(&c.client.ns, backend_bin());
-        cmd.args(["--held", &web, "stdin"])
+        cmd.args(["--held", to, "stdin"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut child = ChildGuard(cmd.spawn().unwrap());
@@ -533,7 +533,9 @@ fn sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once() 
         assert_eq!(line.trim(), "connected");
         (child, out)
     };
-    let held = [hold(), hold()];
+    // And one dialled to web.1's own address, which the programs did not balance.
+    let direct = format!("{}:8001", h1.ip);
+    let held = [hold(&web), hold(&web), hold(&direct)];
 
     // Drain web.1: its connection goes on until drain_timeout, then is aborted.
     assert_ok(agent.cli(&["task", "drain", "web", "web.1"]));
@@ -550,10 +552,10 @@ fn sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once() 
         .collect();
     assert_eq!(
         outcomes,
-        ["fail connection_aborted", "ok web.2"]
+        ["fail connection_aborted", "ok web.1", "ok web.2"]
             .map(String::from)
             .into(),
-        "the drained task's connection is aborted, the other one answers"
+        "the drained task's balanced connection is aborted; the other one, and the one dialled to web.1 itself, answer"
     );
     assert_eq!(ended(), 1, "only the drained task's socket is ended");
 
@@ -589,7 +591,7 @@ fn sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once() 
     assert!(
         agent
             .log()
-            .contains("sockets balanced to a task that left were ended"),
+            .contains("sockets balanced to tasks that left were ended"),
         "the log says so"
     );
 }

@@ -23,7 +23,18 @@ pub struct DeltaKey(pub Delta);
 
 impl Invalidates for DeltaKey {
     fn invalidates(&self, other: &Self) -> bool {
+        // A host's leave also replaces its pending task deltas of that generation or
+        // before: the leave withdraws them all. foca sends the entries with the most
+        // sends left first, the larger first among equals, so a small leave behind a
+        // full backlog of fresh deltas would otherwise go out last.
         self.0.supersedes(&other.0)
+            || matches!(
+                (&self.0, &other.0),
+                (
+                    Delta::Leave { origin, generation },
+                    Delta::Task { origin: o, generation: g, .. },
+                ) if origin == o && generation >= g
+            )
     }
 }
 
@@ -49,10 +60,17 @@ fn subject(d: &Delta) -> Subject {
 pub struct Seen {
     current: HashMap<Subject, Freshness>,
     previous: HashMap<Subject, Freshness>,
+    /// The latest leave of each host, kept out of the rotation: no anti-entropy
+    /// repairs a leave taken for news again, and a host's restart (a newer
+    /// generation) is what must supersede it. One entry per host, cleared only if
+    /// there were ever `capacity` of them.
+    leaves: HashMap<String, u64>,
     capacity: usize,
     span_ms: u64,
     /// When `current` was begun; `None` until the first [`Seen::age`].
     begun_ms: Option<u64>,
+    /// The time of the last [`Seen::age`].
+    now_ms: u64,
 }
 
 impl Seen {
@@ -60,15 +78,17 @@ impl Seen {
         Self {
             current: HashMap::new(),
             previous: HashMap::new(),
+            leaves: HashMap::new(),
             capacity: capacity.max(1),
             span_ms,
             begun_ms: None,
+            now_ms: 0,
         }
     }
 
     /// Subjects remembered now.
     pub fn len(&self) -> usize {
-        self.current.len() + self.previous.len()
+        self.current.len() + self.previous.len() + self.leaves.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,25 +97,37 @@ impl Seen {
 
     /// Called with the time now and then: begins a new generation once the current
     /// one is `span_ms` old.
+    /// A clock that went back begins the span again rather than stopping it.
     pub fn age(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
         match self.begun_ms {
-            Some(begun) if now_ms.saturating_sub(begun) < self.span_ms => {}
-            Some(_) => {
-                self.rotate();
-                self.begun_ms = Some(now_ms);
-            }
+            Some(begun) if now_ms >= begun && now_ms - begun < self.span_ms => {}
+            Some(begun) if now_ms < begun => self.begun_ms = Some(now_ms),
+            Some(_) => self.rotate(now_ms),
             None => self.begun_ms = Some(now_ms),
         }
     }
 
-    fn rotate(&mut self) {
+    fn rotate(&mut self, now_ms: u64) {
         // The dropped maps take their allocations with them; a fresh map grows only
-        // as far as the next span needs.
+        // as far as the next span needs. A rotation because `current` was full
+        // begins a span too, so what it keeps is kept a whole span.
         self.previous = std::mem::take(&mut self.current);
+        self.begun_ms = Some(now_ms);
     }
 
     /// Records `d`; returns whether it is newer than anything seen about its subject.
     pub fn observe(&mut self, d: &Delta) -> bool {
+        if let Delta::Leave { origin, generation } = d {
+            if self.leaves.get(origin).is_some_and(|g| g >= generation) {
+                return false;
+            }
+            if self.leaves.len() >= self.capacity {
+                self.leaves.clear();
+            }
+            self.leaves.insert(origin.clone(), *generation);
+            return true;
+        }
         let key = subject(d);
         let fresh = d.freshness();
         let known = self.current.get(&key).or_else(|| self.previous.get(&key));
@@ -103,7 +135,7 @@ impl Seen {
             return false;
         }
         if self.current.len() >= self.capacity {
-            self.rotate();
+            self.rotate(self.now_ms);
         }
         self.current.insert(key, fresh);
         true
@@ -158,7 +190,9 @@ impl BroadcastHandler<NodeIdentity> for DeltaHandler {
         inbox
             .events
             .push(GossipEvent::Delta(Box::new(delta.clone())));
-        Ok(inbox.relay.then_some(DeltaKey(delta)))
+        // A leave is relayed whatever the backlog: no anti-entropy carries it.
+        let relay = inbox.relay || matches!(delta, Delta::Leave { .. });
+        Ok(relay.then_some(DeltaKey(delta)))
     }
 
     fn should_add_broadcast_data(&self, _member: &NodeIdentity) -> bool {
@@ -191,6 +225,62 @@ mod tests {
             });
         }
         assert!(seen.current.len() <= 2 && seen.previous.len() <= 2);
+        assert!(seen.leaves.len() <= 2);
+        for i in 0..10 {
+            seen.observe(&task(&format!("t{i}"), 1));
+        }
+        assert!(seen.current.len() <= 2 && seen.previous.len() <= 2);
+    }
+
+    #[test]
+    fn a_leave_is_remembered_past_the_spans_until_a_newer_one() {
+        let mut seen = Seen::new(65_536, 1_000);
+        seen.age(0);
+        assert!(seen.observe(&leave(4)));
+        for t in 1..10 {
+            seen.age(t * 1_000);
+        }
+        assert!(
+            !seen.observe(&leave(4)),
+            "an old leave echoed late is no news"
+        );
+        assert!(!seen.observe(&leave(3)));
+        assert!(seen.observe(&leave(5)), "the next generation's leave is");
+    }
+
+    #[test]
+    fn a_clock_that_went_back_does_not_stop_forgetting() {
+        let mut seen = Seen::new(65_536, 1_000);
+        seen.age(10_000);
+        assert!(seen.observe(&task("t", 1)));
+        // Back by 9.5 s: the span begins again from there, and two spans on the
+        // subject is forgotten.
+        seen.age(500);
+        seen.age(1_500);
+        seen.age(2_500);
+        assert!(seen.is_empty(), "{} subjects still held", seen.len());
+    }
+
+    #[test]
+    fn a_leave_replaces_its_hosts_pending_task_deltas_of_that_generation() {
+        let leave = DeltaKey(leave(1));
+        assert!(leave.invalidates(&DeltaKey(task("t", 9))));
+        let newer = DeltaKey(Delta::Task {
+            origin: "a".into(),
+            generation: 2,
+            version: 1,
+            key: ("web".into(), "t".into()),
+            value: None,
+        });
+        assert!(!leave.invalidates(&newer), "a restarted host's deltas stay");
+        let other = DeltaKey(Delta::Task {
+            origin: "b".into(),
+            generation: 1,
+            version: 1,
+            key: ("web".into(), "t".into()),
+            value: None,
+        });
+        assert!(!leave.invalidates(&other), "another host's deltas stay");
     }
 
     fn task(id: &str, version: u64) -> Delta {

@@ -21,18 +21,24 @@ use crate::identity::NodeIdentity;
 /// Subjects remembered to tell news from echoes; a forgotten one is passed on once
 /// more at worst. The capacity bounds a burst; the span bounds a steady churn.
 const SEEN_CAPACITY: usize = 65_536;
-/// Each subject is remembered for 5 to 10 minutes. A delta is done circulating in
-/// seconds: at 1,000 hosts a host passes it on 18 times, to 3 members every 100 ms,
-/// and a full 1.3 KB packet carries about ten deltas, so even a backlog of 1,000
-/// deltas is sent in about a minute.
+/// Each subject is remembered for 5 to 10 minutes. A delta usually stops circulating
+/// within seconds: at 1,000 hosts a host passes it on 19 times, piggybacked on every
+/// message it sends (3 members every 100 ms, plus probes), about ten deltas to a full
+/// 1.3 KB packet; a full backlog of [`MAX_BROADCAST_BACKLOG`] drains in about 4
+/// minutes. One that outlives the span is taken for news once more and passed on
+/// again; the replica refuses it as stale. Leaves are kept apart and never forgotten
+/// this way ([`crate::broadcast::Seen`]).
 const SEEN_SPAN_MS: u64 = 300_000;
 
 /// Most deltas foca holds to pass on (about 300 bytes each). foca keeps a delta until
 /// it has been sent its number of times, and only a newer delta about the same
 /// subject replaces it: with no one to send to, or a churn faster than gossip, the
 /// backlog would grow without end (the soak's one agent grew by ~470 bytes per task
-/// change), and each addition scans it. Beyond the bound, changes are left to
-/// anti-entropy, which delivers every one within a few sync rounds.
+/// change), and each addition scans it. Beyond the bound, new changes are left to
+/// anti-entropy (a push-pull with a random member every few seconds, so O(log n)
+/// rounds to reach everyone). The bound is checked before each addition, so a
+/// packet's worth of relayed news, or a leave, may go a little past it. A host that
+/// becomes alone keeps what it held, up to the bound, until it has members again.
 pub const MAX_BROADCAST_BACKLOG: usize = 4_096;
 
 #[derive(Debug, Clone)]
@@ -294,8 +300,9 @@ impl GossipNode {
         };
         let out = f(&mut self.foca, &mut io);
         self.tell_suspects(false);
+        let relay = self.foca.custom_broadcast_backlog() < MAX_BROADCAST_BACKLOG;
         let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
-        inbox.relay = self.foca.custom_broadcast_backlog() < MAX_BROADCAST_BACKLOG;
+        inbox.relay = relay;
         self.outbox.events.extend(std::mem::take(&mut inbox.events));
         drop(inbox);
         out
@@ -358,6 +365,11 @@ impl GossipNode {
         self.foca.custom_broadcast_backlog()
     }
 
+    /// Whether any member is active (alive or suspect): gossip has someone to tell.
+    pub fn has_members(&self) -> bool {
+        self.foca.num_members() > 0
+    }
+
     /// Sends each member our probe just accused (or, with `retell`, one told fewer
     /// than [`crate::accusation::TELLS`] times) the news that it is suspect.
     fn tell_suspects(&mut self, retell: bool) {
@@ -381,15 +393,6 @@ impl GossipNode {
             .unwrap_or_else(|p| p.into_inner())
             .seen
             .age(now_ms);
-    }
-
-    /// Subjects remembered to tell news from echoes.
-    pub fn seen_subjects(&self) -> usize {
-        self.inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .seen
-            .len()
     }
 
     /// Looks at which members foca holds suspect, at `now_ms`: one suspect for
@@ -454,8 +457,10 @@ impl GossipNode {
     /// tasks are withdrawn everywhere at once.
     pub fn leave(&mut self, leave: Delta) {
         self.run(|foca, io| {
-            // Past the backlog's bound too: no anti-entropy follows a leave. Two
-            // rounds of gossip before foca's own reach twice the members.
+            // Past the backlog's bound too: no anti-entropy follows a leave. It
+            // replaces our own pending task deltas ([`crate::broadcast::DeltaKey`]),
+            // so it goes out first. Two rounds of gossip before foca's own reach
+            // twice the members.
             let _ = foca.add_broadcast(&encode(&leave));
             let _ = foca.gossip(&mut *io);
             let _ = foca.gossip(&mut *io);
@@ -555,12 +560,31 @@ mod tests {
         );
         assert!(deferred > 0, "nothing was left to anti-entropy");
         assert_eq!(deferred + a.broadcast_backlog(), 10_000);
-        // A leave goes out whatever the backlog.
+        // A leave goes out first whatever the backlog: b, a real node, hears it from
+        // the first datagrams a sends.
+        let mut b = GossipNode::new(id("b", 2), &GossipConfig::default(), 2);
+        b.start(&[]);
         let _ = a.take_outbox();
-        a.leave(Delta::Leave {
+        let leave = Delta::Leave {
             origin: "a".into(),
             generation: 1,
+        };
+        a.leave(leave.clone());
+        for (to, data) in a.take_outbox().sends {
+            if to == id("b", 2).addr {
+                let _ = b.handle_data(&data);
+            }
+        }
+        let heard = b.take_outbox().events;
+        let first = heard.iter().find_map(|e| match e {
+            GossipEvent::Delta(d) => Some(d.as_ref()),
+            _ => None,
         });
-        assert!(!a.take_outbox().sends.is_empty());
+        assert_eq!(first, Some(&leave), "the leave is the first thing b hears");
+        assert!(
+            a.broadcast_backlog() <= 1,
+            "the leave replaced a's own pending deltas: {} left",
+            a.broadcast_backlog()
+        );
     }
 }

@@ -69,6 +69,7 @@ impl GossipLoop {
         let mut next_sync = tokio::time::Instant::now() + ae;
         let mut unanswered = 0u32;
         let mut ticks = 0u64;
+        let mut was_alone = true;
         loop {
             let next_timer = self
                 .timers
@@ -165,6 +166,14 @@ impl GossipLoop {
                 }
             }
             self.flush().await;
+            // A host alone gossips none of its writes: the first member to appear
+            // gets them, and gives its own, by anti-entropy at once rather than at
+            // the next round.
+            let alone = !self.node.has_members();
+            if was_alone && !alone {
+                self.sync_with_random_member();
+            }
+            was_alone = alone;
         }
     }
 
@@ -184,7 +193,15 @@ impl GossipLoop {
         for event in out.events {
             match &event {
                 GossipEvent::Delta(d) => {
-                    if let Delta::Leave { origin, .. } = d.as_ref() {
+                    // A leave from before the host's restart (a lower generation than
+                    // the one we know) says nothing about the host now.
+                    if let Delta::Leave { origin, generation } = d.as_ref()
+                        && !self
+                            .node
+                            .members()
+                            .iter()
+                            .any(|(id, _)| id.name == *origin && id.generation > *generation)
+                    {
                         self.left.insert(origin.clone());
                     }
                 }

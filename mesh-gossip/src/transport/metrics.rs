@@ -49,7 +49,7 @@ impl GossipMetrics {
         prom.register(Box::new(last_sync.clone()))?;
         let broadcast_backlog = IntGauge::new(
             "mesh_gossip_broadcast_backlog",
-            "Changes waiting to be passed on by gossip (at most 4096; beyond, anti-entropy carries them)",
+            "Changes waiting to be passed on by gossip (new ones stop at 4096; beyond, anti-entropy carries them)",
         )?;
         prom.register(Box::new(broadcast_backlog.clone()))?;
         Ok(Self {
