@@ -51,6 +51,21 @@ fn alternates(seq: &[String]) -> bool {
     seq.windows(2).all(|w| w[0] != w[1])
 }
 
+/// A UDP echo task on port 5301 of `ip`, answering with its name.
+fn udp_echo(ns: &Netns, name: &str, ip: &str) -> ChildGuard {
+    let mut child = ns
+        .command(backend_bin())
+        .args(["--udp", name, "5301", ip])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    ChildGuard(child)
+}
+
 fn bpftool_cgroup(cg: &Cgroup) -> String {
     let out = std::process::Command::new("bpftool")
         .args(["cgroup", "show"])
@@ -263,21 +278,8 @@ fn udp_to_a_vip_moves_when_its_task_is_removed_and_answers_come_from_the_vip() {
     let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
     let cg = Cgroup::new();
     let pins = PinDir::new();
-    let udp = |ns: &Netns, name: &str, ip: &str| {
-        let mut child = ns
-            .command(backend_bin())
-            .args(["--udp", name, "5301", ip])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut port = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut port)
-            .unwrap();
-        ChildGuard(child)
-    };
-    let _u1 = udp(&h1.ns, "u.1", &h1.ip);
-    let _u2 = udp(&h2.ns, "u.2", &h2.ip);
+    let _u1 = udp_echo(&h1.ns, "u.1", &h1.ip);
+    let _u2 = udp_echo(&h2.ns, "u.2", &h2.ip);
     let cfg = format!(
         "[[service]]\nname = \"u\"\nports = [{{ target = 5301, protocol = \"udp\" }}]\n\
          health = {{ check = \"none\" }}\n\
@@ -469,21 +471,8 @@ fn sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once() 
     let pins = PinDir::new();
     let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
     let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
-    let udp = |ns: &Netns, name: &str, ip: &str| {
-        let mut child = ns
-            .command(backend_bin())
-            .args(["--udp", name, "5301", ip])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut port = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut port)
-            .unwrap();
-        ChildGuard(child)
-    };
-    let _u1 = udp(&h1.ns, "u.1", &h1.ip);
-    let _u2 = udp(&h2.ns, "u.2", &h2.ip);
+    let _u1 = udp_echo(&h1.ns, "u.1", &h1.ip);
+    let _u2 = udp_echo(&h2.ns, "u.2", &h2.ip);
     let cfg = format!(
         "[[service]]\nname = \"web\"\nports = [{{ target = 8000 }}]\ndrain_timeout = \"2s\"\n\
          health = {{ check = \"none\" }}\n\

@@ -265,22 +265,23 @@ mod tests {
     fn a_leave_replaces_its_hosts_pending_task_deltas_of_that_generation() {
         let leave = DeltaKey(leave(1));
         assert!(leave.invalidates(&DeltaKey(task("t", 9))));
-        let newer = DeltaKey(Delta::Task {
-            origin: "a".into(),
-            generation: 2,
-            version: 1,
-            key: ("web".into(), "t".into()),
-            value: None,
-        });
-        assert!(!leave.invalidates(&newer), "a restarted host's deltas stay");
-        let other = DeltaKey(Delta::Task {
-            origin: "b".into(),
-            generation: 1,
-            version: 1,
-            key: ("web".into(), "t".into()),
-            value: None,
-        });
-        assert!(!leave.invalidates(&other), "another host's deltas stay");
+        let of = |origin: &str, generation| {
+            DeltaKey(Delta::Task {
+                origin: origin.into(),
+                generation,
+                version: 1,
+                key: ("web".into(), "t".into()),
+                value: None,
+            })
+        };
+        assert!(
+            !leave.invalidates(&of("a", 2)),
+            "a restarted host's deltas stay"
+        );
+        assert!(
+            !leave.invalidates(&of("b", 1)),
+            "another host's deltas stay"
+        );
     }
 
     fn task(id: &str, version: u64) -> Delta {

@@ -472,17 +472,14 @@ mod tests {
         Plan::from_snapshot(&r.snapshot(), &host)
     }
 
-    /// What happens to the flows of each kind of backend that leaves the table.
+    /// The plane hands each backend that left the table to [`Departures`] (whose own
+    /// test covers every kind) with its owner's service, task and drain_timeout.
     #[test]
-    fn flows_of_a_gone_task_move_drain_or_stay_as_in_userspace() {
-        use std::sync::Arc;
-
-        use mesh_core::plan::ServiceTasks;
-
+    fn a_backend_that_left_is_scheduled_with_its_owners_drain_timeout() {
         let owner = |task: &str| BackendOwner {
             service: "s".into(),
             task: task.into(),
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(7),
         };
         let addr = |p: u16| -> std::net::SocketAddr { format!("10.0.0.1:{p}").parse().unwrap() };
         let mut plane = NftPlane {
@@ -502,46 +499,20 @@ mod tests {
             adopted: false,
             adoption: Adoption::default(),
         };
-        let mut plan = Plan::default();
-        plan.services.insert(
-            "s".into(),
-            Arc::new(ServiceTasks {
-                drain_timeout: Duration::from_secs(30),
-                tasks: BTreeMap::from([
-                    ("unhealthy-udp".to_string(), TaskState::Active),
-                    ("unhealthy-tcp".to_string(), TaskState::Active),
-                    ("drained-tcp".to_string(), TaskState::Draining),
-                ]),
-            }),
-        );
+        // Both tasks are gone from the plan: removed.
         let gone = vec![
             ((addr(1), Protocol::Udp), owner("removed-udp")),
-            ((addr(2), Protocol::Udp), owner("unhealthy-udp")),
             ((addr(3), Protocol::Tcp), owner("removed-tcp")),
-            ((addr(4), Protocol::Tcp), owner("unhealthy-tcp")),
-            ((addr(5), Protocol::Tcp), owner("drained-tcp")),
         ];
         let now = Instant::now();
-        let at_once = plane.schedule(&plan, gone, now);
-        assert_eq!(
-            at_once,
-            vec![(addr(1), Protocol::Udp), (addr(2), Protocol::Udp)],
-            "UDP flows move at once"
-        );
-        let later = now + Duration::from_secs(30);
-        assert_eq!(
-            plane
-                .forget_at
-                .waiting()
-                .map(|(k, at)| (*k, *at))
-                .collect::<Vec<_>>(),
-            vec![
-                ((addr(3), Protocol::Tcp), later),
-                ((addr(5), Protocol::Tcp), later),
-            ],
-            "removed and drained TCP connections go on for drain_timeout; unhealthy ones stay"
-        );
+        let at_once = plane.schedule(&Plan::default(), gone, now);
+        assert_eq!(at_once, vec![(addr(1), Protocol::Udp)]);
+        let later = now + Duration::from_secs(7);
         assert_eq!(plane.next_deadline(), Some(later));
+        assert_eq!(
+            plane.forget_at.take_due(later),
+            vec![(addr(3), Protocol::Tcp)]
+        );
     }
 
     #[tokio::test]
