@@ -521,6 +521,26 @@ fn soak(out: &mut String, s: &SoakResults) {
         "| descriptors | {} | {} | {} | {} |",
         first.fds, last.fds, min_fds, max_fds
     );
+    // Task tombstones are kept 30 minutes, so the heap may grow until then; what it
+    // does after is the leak test.
+    let half = warm.iter().find(|x| x.minute >= s.minutes / 2);
+    if let (Some(h), Some(a), Some(b)) = (
+        half,
+        half.and_then(|h| h.heap_in_use_kib),
+        last.heap_in_use_kib,
+    ) && last.minute > h.minute
+    {
+        let per_min = (b as f64 - a as f64) / (last.minute - h.minute) as f64;
+        let _ = writeln!(
+            out,
+            "\nHeap in use from minute {} to minute {}: {:.1} to {:.1} MiB, {:+.1} KiB a minute.",
+            h.minute,
+            last.minute,
+            mib(a),
+            mib(b),
+            per_min
+        );
+    }
     let _ = writeln!(
         out,
         "\n{} task changes, {} API calls of the churn that failed or timed out, and {} HTTP \

@@ -144,6 +144,9 @@ fn end(tasks: &BTreeSet<(SocketAddr, Protocol)>, revnat: &Revnat, counts: &Count
                 }
             };
             for s in sockets {
+                if counts.stop.load(Ordering::Relaxed) {
+                    return ended;
+                }
                 if revnat.get(&RevnatKey::new(s.cookie, s.peer), 0).is_err() {
                     continue;
                 }
