@@ -74,6 +74,8 @@ pub struct EbpfPlane {
     /// task again.
     ending_after_write: Vec<(SocketAddr, Protocol)>,
     count_at: Instant,
+    /// The kernel refused a batch read once (said in the log once).
+    batch_refused: bool,
     /// Maps a previous run pinned are served unchanged while the restored tasks get
     /// their first probe.
     adoption: Adoption,
@@ -146,6 +148,7 @@ impl EbpfPlane {
             endings,
             ending_after_write: Vec::new(),
             count_at: Instant::now() + COUNT_EVERY,
+            batch_refused: false,
             adoption: Adoption::new(adopted, Instant::now()),
         })
     }
@@ -161,11 +164,27 @@ impl EbpfPlane {
             .flatten()
             .map(|o| (o.addr, (o.service.as_str(), o.task.as_str())))
             .collect();
+        // One batch read for every id in use; id by id where the kernel has none.
+        let end = self
+            .table
+            .backends()
+            .map(|(id, _)| id + 1)
+            .max()
+            .unwrap_or(0);
+        let batch = programs.all_picks(end);
+        if batch.is_none() && !self.batch_refused {
+            self.batch_refused = true;
+            warn!("the kernel refused a batch read of mesh_picks; counters are read one by one");
+        }
         // Ids no longer in the table drop out of `seen`.
         let mut seen = BTreeMap::new();
         for (id, addr) in self.table.backends() {
             let before = self.seen.get(&id).copied().unwrap_or(0);
-            let Some(now) = programs.picks(id) else {
+            let read = match &batch {
+                Some(all) => all.get(id as usize).copied(),
+                None => programs.picks(id),
+            };
+            let Some(now) = read else {
                 seen.insert(id, before);
                 continue;
             };

@@ -172,6 +172,75 @@ impl Programs {
         Some(values.iter().copied().fold(0u64, u64::wrapping_add))
     }
 
+    /// The counts of backend ids `0..end`, over all CPUs, read in one system call
+    /// (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6): a read per id is a call per id, 65,536 of
+    /// them every two seconds at the map's size. aya 0.14 has no batch operations,
+    /// so the call is made here. `None` where the kernel refuses it (the caller then
+    /// reads id by id).
+    pub fn all_picks(&self, end: u32) -> Option<Vec<u64>> {
+        use std::os::fd::{AsFd, AsRawFd};
+
+        use aya::maps::IterableMap;
+
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        /// `union bpf_attr`'s `batch` member.
+        #[repr(C)]
+        struct Batch {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        let end = end.min(self.picks.len());
+        if end == 0 {
+            return Some(Vec::new());
+        }
+        let cpus = aya::util::nr_cpus().ok()?;
+        let mut keys = vec![0u32; end as usize];
+        // Each element is the value (8 bytes) for every possible CPU.
+        let mut values = vec![0u64; end as usize * cpus];
+        let mut out_batch = 0u32;
+        let fd = self.picks.map().fd().as_fd().as_raw_fd();
+        let mut attr = Batch {
+            in_batch: 0,
+            out_batch: &mut out_batch as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: end,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the kernel writes at most `count` keys and values into buffers
+        // sized for `count` elements, and one key into out_batch.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut Batch,
+                std::mem::size_of::<Batch>(),
+            )
+        };
+        // ENOENT: the map ended before `count` (not here, but harmless).
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
+            return None;
+        }
+        let mut out = vec![0u64; end as usize];
+        for (i, key) in keys.iter().take(attr.count as usize).enumerate() {
+            let sum = values[i * cpus..(i + 1) * cpus]
+                .iter()
+                .fold(0u64, |a, b| a.wrapping_add(*b));
+            if let Some(slot) = out.get_mut(*key as usize) {
+                *slot = sum;
+            }
+        }
+        Some(out)
+    }
+
     /// Zeroes the count of `id`, which is about to name another task.
     pub fn reset_picks(&mut self, id: u32) -> Result<(), String> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;

@@ -181,6 +181,12 @@ fn ebpf_balances_vips_at_connect_keeps_the_client_address_and_survives_the_agent
         let (one, two) = (count("web.1"), count("web.2"));
         (one + two == 9.0 && one >= 4.0 && two >= 4.0).then_some(())
     });
+    // Read in one batch per round, not id by id.
+    assert!(
+        !agent.log().contains("refused a batch read"),
+        "{}",
+        agent.log()
+    );
 
     // A drained task gets no new connections, and an undrained one gets them again.
     assert_ok(agent.cli(&["task", "drain", "web", "web.1"]));
