@@ -62,8 +62,8 @@ pub struct EbpfPlane {
     connections: Option<IntCounterVec>,
     /// The count of each backend id last added to `connections`.
     seen: BTreeMap<u32, u64>,
-    /// Each served frontend's tasks (address, service, task), for the counter's
-    /// labels; kept per frontend so an apply touches only what changed.
+    /// Each served frontend's tasks, for the counter's labels and to tell which
+    /// tasks left; kept per frontend so an apply touches only what changed.
     owners: BTreeMap<FrontendKey, Vec<Owner>>,
     /// Tasks that left every frontend, whose sockets are ended at a deadline.
     departures: Departures<(SocketAddr, Protocol)>,
@@ -449,6 +449,12 @@ impl Dataplane for EbpfPlane {
                 // must not be balanced to the task again.
                 let mut due = std::mem::take(&mut self.ending_after_write);
                 due.extend(at_once);
+                // One held back by a failed write may have come back since.
+                due.retain(|(addr, protocol)| {
+                    !self.owners.iter().any(|(k, os)| {
+                        k.protocol == *protocol && os.iter().any(|o| o.addr == *addr)
+                    })
+                });
                 self.end(due);
             }
             Err(e) => {

@@ -54,7 +54,8 @@ fn subject(d: &Delta) -> Subject {
 /// old, whichever comes first. So a subject is remembered for between one and two
 /// spans, and memory follows the rate of change rather than the table's history:
 /// without the span, every task id ever deleted stayed here until `capacity`
-/// distinct subjects had gone by (about 470 bytes each, hours at a steady churn).
+/// distinct subjects had gone by: hours at a steady churn, and tens of megabytes
+/// at the bound.
 /// The span must outlast a delta's dissemination: a subject forgotten while its
 /// delta still circulates is taken for news and passed on once more.
 pub struct Seen {
