@@ -5,7 +5,9 @@
 //! - a UDP flow to a removed, unhealthy or withdrawn task moves at once (its next
 //!   datagram picks another task);
 //! - an unhealthy or withdrawn task's TCP connections go on: the task may be slow
-//!   rather than dead, and cutting them would turn a flap into failed requests.
+//!   rather than dead, and cutting them would turn a flap into failed requests. Such
+//!   a task is watched: drained or removed later, its connections end
+//!   `drain_timeout` after that.
 //!
 //! Sans-IO: the plane says what left and when, and asks what is due.
 
@@ -29,15 +31,19 @@ pub struct Departure<K> {
 }
 
 /// The flows waiting for their end, by key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Departures<K: Ord> {
     at: BTreeMap<K, Instant>,
+    /// Tasks that left while active (unhealthy, withdrawn) and whose connections go
+    /// on, until the task is drained or removed, or comes back.
+    watched: BTreeMap<K, Departure<K>>,
 }
 
 impl<K: Ord> Default for Departures<K> {
     fn default() -> Self {
         Self {
             at: BTreeMap::new(),
+            watched: BTreeMap::new(),
         }
     }
 }
@@ -53,7 +59,9 @@ impl<K: Ord + Clone> Departures<K> {
         now: Instant,
     ) -> Vec<K> {
         let mut at_once = Vec::new();
-        for d in gone {
+        // The watched first: drained or removed since they left, they drain now.
+        let watched = std::mem::take(&mut self.watched);
+        for d in watched.into_values().chain(gone) {
             let state = plan
                 .services
                 .get(&d.service)
@@ -65,7 +73,9 @@ impl<K: Ord + Clone> Departures<K> {
                     self.at.insert(d.key, at);
                 }
                 (Protocol::Udp, _) => at_once.push(d.key),
-                (Protocol::Tcp, Some(TaskState::Active)) => {}
+                (Protocol::Tcp, Some(TaskState::Active)) => {
+                    self.watched.insert(d.key.clone(), d);
+                }
             }
         }
         at_once
@@ -74,11 +84,13 @@ impl<K: Ord + Clone> Departures<K> {
     /// `key` is served again: its flows stay.
     pub fn cancel(&mut self, key: &K) {
         self.at.remove(key);
+        self.watched.remove(key);
     }
 
     /// Keeps only the keys `keep` says are still gone.
     pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
         self.at.retain(|k, _| keep(k));
+        self.watched.retain(|k, _| keep(k));
     }
 
     /// When the next end is due.
@@ -163,6 +175,65 @@ mod tests {
         d.cancel(&5);
         assert!(d.take_due(later - Duration::from_millis(1)).is_empty());
         assert_eq!(d.take_due(later), vec![3, 6]);
+        assert_eq!(d.next_deadline(), None);
+    }
+
+    /// An unhealthy task's connections go on; drained or removed afterwards, they
+    /// end `drain_timeout` after that, as if it had left then.
+    #[test]
+    fn an_unhealthy_task_drained_or_removed_later_drains_then() {
+        let tasks = |state: Option<TaskState>| {
+            let mut plan = Plan::default();
+            plan.services.insert(
+                "s".into(),
+                Arc::new(ServiceTasks {
+                    drain_timeout: Duration::from_secs(30),
+                    tasks: state
+                        .map(|s| BTreeMap::from([("t".to_string(), s)]))
+                        .unwrap_or_default(),
+                }),
+            );
+            plan
+        };
+        let gone = Departure {
+            key: 1u16,
+            protocol: Protocol::Tcp,
+            service: "s".into(),
+            task: "t".into(),
+            drain_timeout: Duration::from_secs(30),
+        };
+        let now = Instant::now();
+        for later_state in [Some(TaskState::Draining), None] {
+            let mut d = Departures::default();
+            assert!(
+                d.schedule(&tasks(Some(TaskState::Active)), [gone.clone()], now)
+                    .is_empty()
+            );
+            assert_eq!(
+                d.next_deadline(),
+                None,
+                "an unhealthy task's connections go on"
+            );
+            // Other applies while it stays unhealthy change nothing.
+            d.schedule(
+                &tasks(Some(TaskState::Active)),
+                [],
+                now + Duration::from_secs(5),
+            );
+            assert_eq!(d.next_deadline(), None);
+            let then = now + Duration::from_secs(60);
+            d.schedule(&tasks(later_state), [], then);
+            assert_eq!(
+                d.next_deadline(),
+                Some(then + Duration::from_secs(30)),
+                "{later_state:?} later: its connections drain from then"
+            );
+        }
+        // Back in the table: no longer watched.
+        let mut d = Departures::default();
+        d.schedule(&tasks(Some(TaskState::Active)), [gone.clone()], now);
+        d.cancel(&1);
+        d.schedule(&tasks(None), [], now);
         assert_eq!(d.next_deadline(), None);
     }
 }
