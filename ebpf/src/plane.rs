@@ -237,6 +237,17 @@ fn read_table(programs: &Programs) -> (Table, Writes) {
     Table::adopt(frontends, backends)
 }
 
+/// Whether some frontend of `protocol` balances over the task at `addr`.
+fn serves(
+    owners: &BTreeMap<FrontendKey, Vec<Owner>>,
+    addr: SocketAddr,
+    protocol: Protocol,
+) -> bool {
+    owners
+        .iter()
+        .any(|(k, os)| k.protocol == protocol && os.iter().any(|o| o.addr == addr))
+}
+
 fn map_key(key: &FrontendKey) -> Option<layout::FrontendKey> {
     match key.listen {
         Listen::Vip(ip) => Some(layout::FrontendKey::new(ip, key.port, key.protocol)),
@@ -409,21 +420,17 @@ impl Dataplane for EbpfPlane {
             );
         }
         // A task that left one frontend may still be served by another.
-        let gone: Vec<Departure<(SocketAddr, Protocol)>> =
-            left.into_iter()
-                .filter(|(protocol, o)| {
-                    !self.owners.iter().any(|(k, os)| {
-                        k.protocol == *protocol && os.iter().any(|n| n.addr == o.addr)
-                    })
-                })
-                .map(|(protocol, o)| Departure {
-                    key: (o.addr, protocol),
-                    protocol,
-                    service: o.service,
-                    task: o.task,
-                    drain_timeout: o.drain_timeout,
-                })
-                .collect();
+        let gone: Vec<Departure<(SocketAddr, Protocol)>> = left
+            .into_iter()
+            .filter(|(protocol, o)| !serves(&self.owners, o.addr, *protocol))
+            .map(|(protocol, o)| Departure {
+                key: (o.addr, protocol),
+                protocol,
+                service: o.service,
+                task: o.task,
+                drain_timeout: o.drain_timeout,
+            })
+            .collect();
         let at_once = self.departures.schedule(plan, gone, now);
         let (writes, problems) = self.table.sync(wanted);
         for p in problems {
@@ -450,11 +457,7 @@ impl Dataplane for EbpfPlane {
                 let mut due = std::mem::take(&mut self.ending_after_write);
                 due.extend(at_once);
                 // One held back by a failed write may have come back since.
-                due.retain(|(addr, protocol)| {
-                    !self.owners.iter().any(|(k, os)| {
-                        k.protocol == *protocol && os.iter().any(|o| o.addr == *addr)
-                    })
-                });
+                due.retain(|(addr, protocol)| !serves(&self.owners, *addr, *protocol));
                 self.end(due);
             }
             Err(e) => {

@@ -194,15 +194,6 @@ impl SockDiag {
         Ok(Self { fd, seq: 0 })
     }
 
-    /// The sockets of `protocol` connected to `peer`.
-    pub fn connected_to(
-        &mut self,
-        protocol: Protocol,
-        peer: SocketAddr,
-    ) -> io::Result<Vec<Connected>> {
-        self.connected_to_any(protocol, &[peer])
-    }
-
     /// The sockets of `protocol` connected to any of `peers`: one listing per address
     /// family, whatever the number of peers (an IPv4 peer may be reached from an IPv6
     /// socket, through a mapped address).
@@ -246,11 +237,7 @@ impl SockDiag {
                 if seq != self.seq || ty != libc::NLMSG_ERROR as u16 {
                     continue;
                 }
-                let errno = body
-                    .get(..4)
-                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                    .unwrap_or(0);
-                return match -errno {
+                return match errno(body) {
                     0 | libc::ENOENT => Ok(()),
                     e => Err(io::Error::from_raw_os_error(e)),
                 };
@@ -292,11 +279,7 @@ impl SockDiag {
                 match ty {
                     t if t == libc::NLMSG_DONE as u16 => return Ok(()),
                     t if t == libc::NLMSG_ERROR as u16 => {
-                        let errno = body
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                            .unwrap_or(0);
-                        return Err(io::Error::from_raw_os_error(-errno));
+                        return Err(io::Error::from_raw_os_error(errno(body)));
                     }
                     SOCK_DIAG_BY_FAMILY => {
                         if let Some(c) = parse(body, protocol) {
@@ -371,6 +354,12 @@ impl SockDiag {
             return Ok(n as usize);
         }
     }
+}
+
+/// The error of an `NLMSG_ERROR` message, as a positive errno (0: an acknowledgement).
+fn errno(body: &[u8]) -> i32 {
+    body.get(..4)
+        .map_or(0, |b| -i32::from_ne_bytes(b.try_into().expect("4 bytes")))
 }
 
 fn kernel_addr() -> libc::sockaddr_nl {
@@ -523,7 +512,7 @@ mod tests {
         let (mut spared_server, _) = listener.accept().unwrap();
 
         let mut diag = SockDiag::open().unwrap();
-        let listed = diag.connected_to(Protocol::Tcp, addr).unwrap();
+        let listed = diag.connected_to_any(Protocol::Tcp, &[addr]).unwrap();
         let mine = |s: &TcpStream| s.local_addr().unwrap();
         assert!(
             listed.iter().any(|c| c.local == mine(&doomed))
@@ -554,7 +543,7 @@ mod tests {
         spared_server.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"y", "the other connection is untouched");
         assert!(
-            diag.connected_to(Protocol::Tcp, addr)
+            diag.connected_to_any(Protocol::Tcp, &[addr])
                 .unwrap()
                 .iter()
                 .all(|c| c.local != mine(&doomed)),
@@ -569,7 +558,7 @@ mod tests {
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client.connect(addr).unwrap();
         let mut diag = SockDiag::open().unwrap();
-        let listed = diag.connected_to(Protocol::Udp, addr).unwrap();
+        let listed = diag.connected_to_any(Protocol::Udp, &[addr]).unwrap();
         let target = listed
             .iter()
             .find(|c| c.local == client.local_addr().unwrap())
