@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use mesh_core::io_error::is_local_exhaustion;
 use mesh_core::log_limit::LogLimit;
 use prometheus::IntGauge;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::route::{ListenerShared, Route, TaskLease};
+use crate::route::{Clock, ListenerShared, Route, TaskLease};
 use crate::sockopt::unmap;
 
 const MAX_DATAGRAM: usize = 65_536;
@@ -41,7 +42,9 @@ impl Drop for Flow {
 
 impl Flow {
     fn still_valid(&self, route: &Route) -> bool {
+        // A reader that ended on a local error left nobody to pass replies on.
         !self.failed.load(Ordering::Relaxed)
+            && !self.reader.is_finished()
             && !self.lease.0.kill.is_cancelled()
             && route
                 .backends
@@ -201,7 +204,7 @@ async fn open_flow(
         backend.slot.metrics.bytes_out.clone(),
         last_seen.clone(),
         failed.clone(),
-        shared.clone(),
+        shared.clock,
     ));
     shared.metrics.accepts.inc();
     shared.metrics.udp_flows.inc();
@@ -224,12 +227,15 @@ async fn reply_loop(
     bytes_out: prometheus::IntCounter,
     last_seen: Arc<AtomicU64>,
     failed: Arc<AtomicBool>,
-    shared: Arc<ListenerShared>,
+    clock: Clock,
 ) {
     loop {
-        let read = match upstream.readable().await {
-            Ok(()) => recv_reply(&upstream, &socket, client),
-            Err(e) => Err(e),
+        let (read, closed) = match upstream.ready(Interest::READABLE).await {
+            Ok(ready) => (
+                recv_reply(&upstream, &socket, client),
+                ready.is_read_closed(),
+            ),
+            Err(e) => (Err(e), false),
         };
         let reply = match read {
             Ok(Reply::Sent(n)) => n,
@@ -238,7 +244,19 @@ async fn reply_loop(
             Ok(Reply::Blocked(datagram)) => {
                 socket.send_to(&datagram, client).await.unwrap_or_default()
             }
-            Ok(Reply::Nothing) => continue,
+            // A shut-down socket stays "ready" for good, with nothing to read: this
+            // loop would spin. Only a bug shuts it down, but the flow ends rather
+            // than burn a core.
+            Ok(Reply::Nothing) if closed => {
+                warn!(client = %unmap(client), "UDP flow's upstream socket was shut down; ending the flow");
+                return;
+            }
+            // Readiness alone never yields to the scheduler: a loop that keeps
+            // finding nothing still gives other tasks their turn.
+            Ok(Reply::Nothing) => {
+                tokio::task::coop::consume_budget().await;
+                continue;
+            }
             Err(e) => {
                 // ICMP errors mean the task is unreachable; anything else is ours.
                 if !is_local_exhaustion(&e) {
@@ -248,7 +266,7 @@ async fn reply_loop(
             }
         };
         bytes_out.inc_by(reply as u64);
-        last_seen.store(shared.clock.now_ms(), Ordering::Relaxed);
+        last_seen.store(clock.now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -292,4 +310,52 @@ fn recv_reply(
             Err(_) => Ok(Reply::Sent(0)),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flow's upstream socket shut down under it (once, by a stray shutdown(2) on a
+    /// reused descriptor number) stays ready with nothing to read: the reply loop must
+    /// end, not spin.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reply_loop_ends_when_its_upstream_socket_is_shut_down() {
+        let published = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let task = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let upstream = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        upstream.connect(task.local_addr().unwrap()).await.unwrap();
+        let failed = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(reply_loop(
+            upstream.clone(),
+            published.clone(),
+            published.local_addr().unwrap(),
+            prometheus::IntCounter::new("bytes_out", "test").unwrap(),
+            Arc::new(AtomicU64::new(0)),
+            failed.clone(),
+            Clock::new(),
+        ));
+        // The loop is running: a reply passes through.
+        task.send_to(b"hi", upstream.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(30), published.recv(&mut buf))
+            .await
+            .expect("the reply came through")
+            .unwrap();
+        assert_eq!(&buf[..n], b"hi");
+
+        socket2::SockRef::from(&*upstream)
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("the reply loop ended")
+            .unwrap();
+        assert!(
+            !failed.load(Ordering::Relaxed),
+            "a local fault is not the task's"
+        );
+    }
 }
