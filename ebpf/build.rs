@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["sock_lb"];
+const PROGRAMS: &[&str] = &["sock_lb", "port_lb"];
 
 fn main() {
     println!("cargo::rerun-if-changed=bpf");

@@ -19,6 +19,12 @@ pub struct EbpfConfig {
     /// The bpffs directory for this agent's maps and links. Two agents on one host
     /// need two directories.
     pub pin_dir: PathBuf,
+    /// Interfaces whose traffic to published ports gets the TC fast path: a flow
+    /// whose Maglev pick is a task on this host goes to it in the kernel, keeping the
+    /// client's address. List the uplinks clients arrive on, and the bridges of
+    /// containers whose replies must be translated back. Empty (the default): none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
 }
 
 impl Default for EbpfConfig {
@@ -26,6 +32,7 @@ impl Default for EbpfConfig {
         Self {
             cgroup: None,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            interfaces: Vec::new(),
         }
     }
 }
@@ -45,6 +52,23 @@ impl EbpfConfig {
             return Err(format!(
                 "ebpf.cgroup {c:?} must be an absolute path to a cgroup v2 directory"
             ));
+        }
+        for (i, name) in self.interfaces.iter().enumerate() {
+            // IFNAMSIZ is 16 with the NUL; a name is also a file name in the pin dir.
+            let valid = !name.is_empty()
+                && name.len() < 16
+                && !name.contains(['/', '@'])
+                && !name.chars().any(char::is_whitespace)
+                && name != "."
+                && name != "..";
+            if !valid {
+                return Err(format!(
+                    "ebpf.interfaces[{i}] {name:?} is not an interface name (1 to 15 characters, no '/', '@' or spaces)"
+                ));
+            }
+            if self.interfaces[..i].contains(name) {
+                return Err(format!("ebpf.interfaces names {name:?} twice"));
+            }
         }
         Ok(())
     }
@@ -67,5 +91,22 @@ mod tests {
         };
         assert!(c.check().unwrap_err().contains("ebpf.cgroup"));
         assert!(EbpfConfig::default().check().is_ok());
+    }
+
+    #[test]
+    fn bad_interface_names_are_refused_by_index() {
+        for bad in ["", "a/b", "veth@x", "sixteen-chars-xx", "a b", ".."] {
+            let c = EbpfConfig {
+                interfaces: vec!["eth0".into(), bad.into()],
+                ..EbpfConfig::default()
+            };
+            let e = c.check().unwrap_err();
+            assert!(e.contains("ebpf.interfaces[1]"), "{bad:?}: {e}");
+        }
+        let c = EbpfConfig {
+            interfaces: vec!["eth0".into(), "eth0".into()],
+            ..EbpfConfig::default()
+        };
+        assert!(c.check().unwrap_err().contains("twice"));
     }
 }

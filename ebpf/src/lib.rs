@@ -4,12 +4,16 @@
 //! no NAT, the task sees the client's own address, and nothing is in the path after
 //! the connect. Replies and `getpeername()` show the VIP.
 //!
-//! - `bpf/sock_lb.bpf.c`: the programs, compiled by `build.rs` with clang when the
-//!   `bpf` feature is on;
-//! - [`layout`]: the maps' byte layouts;
+//! Published ports get a fast path at the TC hook (tcx) on the interfaces
+//! `ebpf.interfaces` names: a flow whose Maglev pick is a task on this host is taken
+//! to it in the kernel, keeping the client's address.
+//!
+//! - `bpf/sock_lb.bpf.c` and `bpf/port_lb.bpf.c`: the programs, compiled by
+//!   `build.rs` with clang when the `bpf` feature is on;
+//! - [`layout`] and [`port_layout`]: the maps' byte layouts;
 //! - [`table`]: the pure reconciler (what the maps hold, what to write);
 //! - [`mounts`]: bpffs and the cgroup v2 hierarchy;
-//! - [`programs`]: loading, attaching and pinning with aya;
+//! - [`programs`] and [`ports`]: loading, attaching and pinning with aya;
 //! - [`sockets`]: listing and aborting the sockets connected to a task (sock_diag);
 //! - [`endings`]: the thread that ends the sockets balanced to tasks that left;
 //! - [`plane`]: the [`mesh_dataplane::Dataplane`] that ties them together.
@@ -19,6 +23,8 @@ pub mod endings;
 pub mod layout;
 pub mod mounts;
 pub mod plane;
+pub mod port_layout;
+pub mod ports;
 pub mod programs;
 pub mod sockets;
 pub mod table;

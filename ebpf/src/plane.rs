@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::config::EbpfConfig;
 use crate::endings::Endings;
 use crate::layout::{self, BackendValue, FrontendValue, MAX_BACKENDS, MAX_FRONTENDS};
+use crate::ports::Ports;
 use crate::programs::{PROGRAMS, Programs};
 use crate::table::{Table, Writes};
 
@@ -79,6 +80,11 @@ pub struct EbpfPlane {
     /// Maps a previous run pinned are served unchanged while the restored tasks get
     /// their first probe.
     adoption: Adoption,
+    /// The TC fast path of published ports, on `ebpf.interfaces`.
+    ports: Option<Ports>,
+    /// The service and task of each published port's task address, for the
+    /// fast path's counts.
+    port_labels: BTreeMap<SocketAddr, (String, String)>,
 }
 
 /// How often the programs' counts reach the metrics.
@@ -101,6 +107,12 @@ impl EbpfPlane {
         crate::mounts::ensure_bpffs(&config.pin_dir)?;
         let cgroup = crate::mounts::cgroup(config.cgroup.as_deref())?;
         let (mut programs, adopted) = Programs::open(&config.pin_dir, &cgroup)?;
+        let ports = if config.interfaces.is_empty() {
+            None
+        } else {
+            let maps = config.pin_dir.join(crate::programs::MAPS);
+            Some(Ports::open(&config.pin_dir, &maps, &config.interfaces)?)
+        };
         let (table, cleanup) = read_table(&programs);
         // The programs are attached and pinned by now: a failed cleanup is not worth
         // leaving them behind for. The first apply reads the maps again.
@@ -150,6 +162,8 @@ impl EbpfPlane {
             count_at: Instant::now() + COUNT_EVERY,
             batch_refused: false,
             adoption: Adoption::new(adopted, Instant::now()),
+            ports,
+            port_labels: BTreeMap::new(),
         })
     }
 
@@ -197,6 +211,13 @@ impl EbpfPlane {
             }
         }
         self.seen = seen;
+        if let Some(ports) = self.ports.as_mut() {
+            for (addr, n) in ports.new_flows() {
+                if let Some((service, task)) = self.port_labels.get(&addr) {
+                    counter.with_label_values(&[service, task]).inc_by(n);
+                }
+            }
+        }
     }
 
     /// Ends, on the endings thread, the sockets the programs sent to each of `tasks`.
@@ -288,7 +309,7 @@ fn remove<K: aya::Pod, V: aya::Pod>(
     key: &K,
 ) -> Result<(), aya::maps::MapError> {
     match map.remove(key) {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) if crate::programs::not_found(&e) => Ok(()),
         other => other,
     }
 }
@@ -340,6 +361,10 @@ impl Dataplane for EbpfPlane {
         out.push_str(&format!("; sockets ended after their task left: {ended}"));
         if failed > 0 {
             out.push_str(&format!(" ({failed} failures, see the log)"));
+        }
+        if let Some(ports) = &self.ports {
+            out.push_str("; ");
+            out.push_str(&ports.detail());
         }
         if let Some(e) = &self.failed {
             out.push_str(&format!("; last write failed: {e}"));
@@ -467,6 +492,7 @@ impl Dataplane for EbpfPlane {
                 self.ending_after_write.extend(at_once);
             }
         }
+        self.sync_ports(plan);
         self.report()
     }
 
@@ -494,6 +520,9 @@ impl Dataplane for EbpfPlane {
             self.apply(&plan, &[], now).await;
         }
         if now >= self.count_at {
+            if let Some(Err(e)) = self.ports.as_mut().map(Ports::refresh_addresses) {
+                warn!(error = %e, "cannot bring this host's addresses to the eBPF published-port path");
+            }
             self.count();
             self.count_at = now + COUNT_EVERY;
         }
@@ -506,6 +535,7 @@ impl Dataplane for EbpfPlane {
         // Stops the endings thread (it finishes the socket at hand).
         self.endings = None;
         self.count();
+        self.ports = None;
         let Some(programs) = self.programs.take() else {
             return;
         };
@@ -523,6 +553,28 @@ impl Dataplane for EbpfPlane {
 }
 
 impl EbpfPlane {
+    /// Brings the TC fast path to the plan's published ports. It compares each port
+    /// with what it installed, so an unchanged plan writes nothing.
+    fn sync_ports(&mut self, plan: &Plan) {
+        let Some(ports) = self.ports.as_mut() else {
+            return;
+        };
+        self.port_labels = plan
+            .frontends
+            .iter()
+            .filter(|(k, _)| k.listen == Listen::Published)
+            .flat_map(|(_, f)| {
+                f.backends
+                    .iter()
+                    .map(|b| (b.addr, (f.service.clone(), b.task.clone())))
+            })
+            .collect();
+        if let Err(e) = ports.sync(plan) {
+            warn!(error = %e, "eBPF published-port write failed; the next apply tries again");
+            self.failed = Some(e);
+        }
+    }
+
     /// The frontends that are not served as wanted. A failed write is in `detail`
     /// and the log: it is about the maps, not one frontend.
     fn report(&self) -> ApplyReport {

@@ -35,8 +35,8 @@ pub const PROGRAMS: [(&str, &str); 8] = [
     ("mesh_getpeername6", "getpeername() returns the VIP"),
 ];
 
-/// The map directory of this layout.
-const MAPS: &str = "maps-v1";
+/// The map directory of this layout; `port_lb`'s maps are pinned there too.
+pub const MAPS: &str = "maps-v1";
 const LINKS: &str = "links";
 
 pub struct Programs {
@@ -254,7 +254,8 @@ impl Programs {
     /// once the agent's own descriptors close.
     pub fn remove(self) -> Result<(), String> {
         let mut errors = Vec::new();
-        for dir in [LINKS, MAPS] {
+        // Links first: a map goes only when no program holds it.
+        for dir in [LINKS, crate::ports::PORT_LINKS, MAPS] {
             let path = self.pin_dir.join(dir);
             if let Err(e) = std::fs::remove_dir_all(&path)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -269,6 +270,16 @@ impl Programs {
         } else {
             Err(errors.join("; "))
         }
+    }
+}
+
+/// Whether a map operation failed only because the key is not there: aya 0.14
+/// reports a delete's ENOENT as a failed system call, not as `KeyNotFound`.
+pub fn not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

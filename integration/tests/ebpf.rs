@@ -590,3 +590,394 @@ fn sockets_balanced_to_a_task_that_left_are_ended_at_drain_timeout_or_at_once() 
         "the log says so"
     );
 }
+
+/// The tcx links pinned under `pins`/port-links that the kernel holds: (pin name,
+/// the start of the program's name). bpftool 7.1 shows a tcx link only as "type 11
+/// prog N", so the program is looked up by its id.
+fn tcx_links(pins: &PinDir) -> Vec<(String, String)> {
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool (apt-get install bpftool)");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut out = Vec::new();
+    let dir = pins.path.join("port-links");
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let link = bpftool(&["link", "show", "pinned", entry.path().to_str().unwrap()]);
+        if !link.contains("type 11") {
+            continue;
+        }
+        let Some(id) = link.split_whitespace().skip_while(|w| *w != "prog").nth(1) else {
+            continue;
+        };
+        let prog = bpftool(&["prog", "show", "id", id]);
+        let name = prog
+            .split_whitespace()
+            .skip_while(|w| *w != "name")
+            .nth(1)
+            .unwrap_or_default();
+        // The kernel keeps 15 characters of a name; compare what both sides have.
+        let short: String = name.chars().take(14).collect();
+        out.push((entry.file_name().to_string_lossy().to_string(), short));
+    }
+    out.sort();
+    out
+}
+
+/// A published port on host1 with a task on host1 and one on host2 (each host's
+/// agent registers its own). A flow whose Maglev pick is host1's task is taken to it
+/// by the TC program, and the task sees the client's own address; a flow picked for
+/// host2's task is left to the userspace plane, which hops (host2's task sees host1).
+#[test]
+fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() {
+    let test = "a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address";
+    if skip_unless_ebpf(test) {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
+    let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
+    // idle_timeout is a userspace-only option: the userspace plane serves the port
+    // beside the TC path, and its hops show host1's address.
+    let service = "[[service]]\nname = \"web\"\nports = [{ target = 8000, published = 8080 }]\n\
+                   idle_timeout = \"1h\"\n\
+                   health = { check = \"tcp\", interval = \"200ms\" }\n";
+    let task = |id: &str, ip: &str, port: u16| {
+        format!("[[task]]\nservice = \"web\"\nid = \"{id}\"\nip = \"{ip}\"\nport = {port}\n")
+    };
+    let cfg1 = format!(
+        "{service}{}{}interfaces = [\"eth0\"]\n",
+        task("web.1", &h1.ip, 8001),
+        config(&cg, &pins)
+    );
+    let bind1 = format!("{}:7946", h1.ip);
+    let args1 = [
+        "--dataplane",
+        "ebpf",
+        "--bind",
+        bind1.as_str(),
+        "--insecure",
+    ];
+    let mut agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
+    let cfg2 = format!("{service}{}", task("web.2", &h2.ip, 8002));
+    let bind2 = format!("{}:7946", h2.ip);
+    let args2 = [
+        "--dataplane",
+        "userspace",
+        "--bind",
+        bind2.as_str(),
+        "--insecure",
+        "--no-vips",
+        "--join",
+        bind1.as_str(),
+    ];
+    let _agent2 = Agent::start_entered(&h2.ns, "host2", Some(&cfg2), &args2);
+    agent.wait_routable("web", 2);
+    agent.wait_applied();
+
+    let attached = tcx_links(&pins);
+    assert_eq!(
+        attached,
+        [
+            (
+                "mesh_port_egress@eth0".to_string(),
+                "mesh_port_egre".to_string()
+            ),
+            (
+                "mesh_port_ingress@eth0".to_string(),
+                "mesh_port_ingr".to_string()
+            )
+        ],
+        "a tcx link per program on host1's eth0"
+    );
+    let status = agent.cli_json(&["status"]);
+    let ebpf = status["planes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "ebpf"))
+        .unwrap_or_else(|| panic!("an ebpf plane in {status}"));
+    let detail = ebpf["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("published ports at tcx on eth0") && detail.contains("mesh_ports 1/"),
+        "{detail}"
+    );
+
+    // Each connect comes from a new client port, so Maglev spreads them: about half
+    // pick web.1 and are taken in the kernel; the others reach the userspace plane,
+    // which balances them over both tasks from host1's address.
+    let addr = format!("{}:8080", h1.ip);
+    let mut answers: Vec<(String, String)> = Vec::new();
+    for _ in 0..40 {
+        let out = c
+            .client
+            .ns
+            .command(backend_bin())
+            .args(["--who", &addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "GET {addr}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let (task, client) = text.split_once(' ').expect("task and client");
+        answers.push((task.to_string(), client.to_string()));
+    }
+    let kernel: Vec<&(String, String)> = answers
+        .iter()
+        .filter(|(_, ip)| *ip == c.client.ip)
+        .collect();
+    assert!(
+        answers
+            .iter()
+            .all(|(_, ip)| *ip == c.client.ip || *ip == h1.ip),
+        "every answer came by the kernel or the userspace hop: {answers:?}"
+    );
+    assert!(
+        kernel.iter().all(|(task, _)| task == "web.1"),
+        "only host1's own task is reached in the kernel: {answers:?}"
+    );
+    assert!(
+        !kernel.is_empty() && kernel.len() < answers.len(),
+        "Maglev sends some flows to each task: {answers:?}"
+    );
+    assert!(
+        answers.iter().any(|(task, _)| task == "web.2"),
+        "host2's task is reached by the hop: {answers:?}"
+    );
+    // The kernel's flows are counted under the other planes' name, with the userspace
+    // plane's own: web.1 got every kernel flow plus its share of the hops.
+    let by_userspace = answers.len() - kernel.len();
+    eventually("mesh_connections_total counts the kernel's flows", || {
+        let n = agent.metric(
+            "mesh_connections_total",
+            &[("service", "web"), ("task", "web.1")],
+        ) + agent.metric(
+            "mesh_connections_total",
+            &[("service", "web"), ("task", "web.2")],
+        );
+        (n == (kernel.len() + by_userspace) as f64).then_some(())
+    });
+
+    // SIGTERM removes the programs from the interface and every pin.
+    assert!(agent.stop().success());
+    let left: Vec<_> = std::fs::read_dir(&pins.path)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "pins left: {left:?}");
+}
+
+/// The Maglev ring of `port` (TCP) in the `mesh_ports` map pinned under `pins`: the
+/// task index of each slot. The map has no BTF, so bpftool prints its bytes; the
+/// value is `count`, `pad`, 256 backends of 8 bytes, then the ring (u16 each).
+fn ring_of(pins: &PinDir, port: u16) -> Vec<u16> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pins.path.join("maps-v1/mesh_ports"))
+        .output()
+        .expect("bpftool");
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool map dump: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let bytes = |v: &serde_json::Value| -> Vec<u8> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect()
+    };
+    let [hi, lo] = port.to_be_bytes();
+    entries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| bytes(&e["key"]) == [hi, lo, 6, 0])
+        .map(|e| {
+            bytes(&e["value"])[8 + 8 * 256..]
+                .chunks_exact(2)
+                .take(16381)
+                .map(|c| u16::from_ne_bytes([c[0], c[1]]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Two hosts, both with the TC path: their rings agree, so a flow's pick is the same
+/// on either; UDP is taken too, with the reply from the published port; and a TCP
+/// connection taken in the kernel keeps its task while the ring changes and after a
+/// kill -9 of the agent, whose successor adopts the pinned state.
+#[test]
+fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() {
+    let test = "published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent";
+    if skip_unless_ebpf(test) {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    let (cg1, cg2) = (Cgroup::new(), Cgroup::new());
+    let (pins1, pins2) = (PinDir::new(), PinDir::new());
+    let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
+    let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
+    let _b3 = Backend::start_in_at(&h1.ns, "web.3", &h1.ip, 8003);
+    let _u1 = udp_echo(&h1.ns, "echo.1", &h1.ip);
+    let _u2 = udp_echo(&h2.ns, "echo.2", &h2.ip);
+    // idle_timeout keeps the userspace plane beside the TC path (see above).
+    let services = "[[service]]\nname = \"web\"\nports = [{ target = 8000, published = 8080 }]\n\
+                    idle_timeout = \"1h\"\n\
+                    health = { check = \"tcp\", interval = \"200ms\" }\n\
+                    [[service]]\nname = \"echo\"\n\
+                    ports = [{ target = 5301, published = 5300, protocol = \"udp\" }]\n\
+                    idle_timeout = \"1h\"\nhealth = { check = \"none\" }\n";
+    let tasks = |n: u8, ip: &str| {
+        format!(
+            "[[task]]\nservice = \"web\"\nid = \"web.{n}\"\nip = \"{ip}\"\nport = 800{n}\n\
+             [[task]]\nservice = \"echo\"\nid = \"echo.{n}\"\nip = \"{ip}\"\n"
+        )
+    };
+    let cfg1 = format!(
+        "{services}{}{}interfaces = [\"eth0\"]\n",
+        tasks(1, &h1.ip),
+        config(&cg1, &pins1)
+    );
+    let cfg2 = format!(
+        "{services}{}{}interfaces = [\"eth0\"]\n",
+        tasks(2, &h2.ip),
+        config(&cg2, &pins2)
+    );
+    let bind1 = format!("{}:7946", h1.ip);
+    let bind2 = format!("{}:7946", h2.ip);
+    let args1 = [
+        "--dataplane",
+        "ebpf",
+        "--bind",
+        bind1.as_str(),
+        "--insecure",
+    ];
+    let args2 = [
+        "--dataplane",
+        "ebpf",
+        "--bind",
+        bind2.as_str(),
+        "--insecure",
+        "--join",
+        bind1.as_str(),
+    ];
+    let mut agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
+    let agent2 = Agent::start_entered(&h2.ns, "host2", Some(&cfg2), &args2);
+    for a in [&agent, &agent2] {
+        a.wait_routable("web", 2);
+        a.wait_routable("echo", 2);
+        a.wait_applied();
+    }
+
+    // Both hosts built the same ring for the port: a flow picks the same task on
+    // either.
+    let ring = eventually("host1 and host2 hold the same ring for 8080", || {
+        let (r1, r2) = (ring_of(&pins1, 8080), ring_of(&pins2, 8080));
+        (!r1.is_empty() && r1 == r2).then_some(r1)
+    });
+    assert!(
+        ring.contains(&0) && ring.contains(&1),
+        "both tasks own slots"
+    );
+
+    // UDP: each query from a new socket. A connected client socket accepts only
+    // answers from host1:5300, so every answer proves the reply was translated back.
+    let udp = format!("{}:5300", h1.ip);
+    let out = c
+        .client
+        .ns
+        .command(backend_bin())
+        .args(["--udp-ask", &udp, "20"])
+        .output()
+        .unwrap();
+    let answers = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "20 answers from {udp}: {answers}");
+    assert!(
+        answers.contains("echo.1:") && answers.contains("echo.2:"),
+        "the kernel's (echo.1) and the hop's (echo.2): {answers}"
+    );
+
+    // Held connections, each with its own client port: about half are taken in the
+    // kernel to web.1, the others go through host1's userspace plane.
+    let addr = format!("{}:8080", h1.ip);
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        let mut cmd = c.client.ns.command(backend_bin());
+        cmd.args(["--held", &addr, "stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = ChildGuard(cmd.spawn().unwrap());
+        let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "connected");
+        held.push((child, out));
+    }
+    // A third task changes the ring on both hosts.
+    let web3 = format!("{}:8003", h1.ip);
+    assert_ok(agent.cli(&["task", "add", "web", &web3, "--id", "web.3"]));
+    eventually("the ring changed for web.3", || {
+        let r = ring_of(&pins1, 8080);
+        (r.contains(&2) && r == ring_of(&pins2, 8080)).then_some(())
+    });
+    // Then the agent dies. The kernel's connections go on with their task; the
+    // userspace plane's die with it.
+    agent.kill9();
+    let mut finished = Vec::new();
+    for (child, out) in &mut held {
+        writeln!(child.0.stdin.as_mut().unwrap()).unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        finished.push(line.trim().to_string());
+    }
+    let ok: Vec<&String> = finished.iter().filter(|l| l.starts_with("ok ")).collect();
+    assert!(
+        !ok.is_empty() && ok.iter().all(|l| *l == "ok web.1"),
+        "the kernel's connections finished on web.1, where they began: {finished:?}"
+    );
+    assert!(!pins1.contents().is_empty(), "the pins outlive the agent");
+    // New connections are still taken in the kernel where the pick is host1's.
+    let after: Vec<String> = (0..12)
+        .filter_map(|_| {
+            let out = c
+                .client
+                .ns
+                .command(backend_bin())
+                .args(["--who", &addr])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+        .collect();
+    assert!(
+        !after.is_empty()
+            && after.iter().all(|a| *a == format!("web.1 {}", c.client.ip)
+                || *a == format!("web.3 {}", c.client.ip)),
+        "with no agent, host1's own tasks are still reached in the kernel: {after:?}"
+    );
+
+    // A restarted agent adopts the pinned maps, replaces its links and goes on.
+    agent.spawn(Some(&cfg1), &[]);
+    agent.wait_routable("web", 3);
+    agent.wait_applied();
+    assert_eq!(tcx_links(&pins1).len(), 2, "one link per program, not two");
+    let out = c
+        .client
+        .ns
+        .command(backend_bin())
+        .args(["--udp-ask", &udp, "6"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "UDP after the restart");
+}

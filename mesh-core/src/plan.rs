@@ -9,7 +9,7 @@
 //! from the snapshot diff, and [`Plan::diff`] skips shared subtrees, so both cost
 //! O(what changed) however many services there are.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -192,6 +192,9 @@ impl Policy {
 pub struct PlanBackend {
     pub task: String,
     pub addr: SocketAddr,
+    /// Whether this host runs the task: a kernel plane may take a flow to it directly,
+    /// and hand a flow for another host's task to the plane that hops.
+    pub local: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -359,6 +362,12 @@ fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
     } else {
         Vec::new()
     };
+    let local: BTreeSet<&str> = entry
+        .tasks
+        .iter()
+        .filter(|t| t.node == host.node)
+        .map(|t| t.id.as_str())
+        .collect();
     let published = Placement::new(policy, host.plane, &host.features);
     let vip = Placement::new(policy, host.vip_plane, &host.vip_features);
     for port in &spec.ports {
@@ -380,6 +389,7 @@ fn contribution(name: &str, entry: &ServiceEntry, host: &Host) -> Contribution {
                         .backends
                         .into_iter()
                         .map(|b| PlanBackend {
+                            local: local.contains(b.task.as_str()),
                             task: b.task,
                             addr: b.addr,
                         })
@@ -685,6 +695,18 @@ mod tests {
             "keep: this host's task only"
         );
         assert_eq!(backends(&plan, 82), ["any.1", "any.2"]);
+        // Each backend says whether this host runs it, for a kernel fast path.
+        let any = FrontendKey {
+            listen: Listen::Published,
+            port: 82,
+            protocol: Protocol::Tcp,
+        };
+        let local: Vec<bool> = plan.frontends[&any]
+            .backends
+            .iter()
+            .map(|b| b.local)
+            .collect();
+        assert_eq!(local, [true, false], "any.1 runs on h1, any.2 on h2");
         let keep = &plan
             .frontends
             .values()

@@ -1,0 +1,337 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Published ports at the TC hook (tcx), for IPv4: the Maglev fast path.
+//
+// A packet arriving on an attached interface for a published port of this host is
+// given a task by the frontend's Maglev ring, which every agent builds the same way
+// from the same task list, so every host picks the same task for the same client
+// address and port. The choice is kept in an LRU flow map, so a flow keeps its task
+// while the ring changes (see forward() for when it picks again).
+//
+// - A task on this host: the destination is rewritten to the task (DNAT) and the
+//   packet goes on up the stack; the task sees the client's own address. The reply
+//   is rewritten back to the published address and port (on ingress, for a task
+//   behind a bridge this program is attached to; on egress, for a task in the
+//   host's own network namespace).
+// - A task on another host: the packet is left alone, for the plane that serves the
+//   port to take and hop (the userspace plane or nftables).
+//
+// Every address and port in a map is in network byte order. The agent fills the maps
+// (ebpf/src/port_layout.rs mirrors these layouts).
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+// The most tasks one published port balances over, and the Maglev ring's size (a
+// prime above 100 times MAX_SLOTS would be better; 16381 keeps a change's
+// reassignment near 1% up to about 160 tasks).
+#define MAX_SLOTS 256
+#define RING 16381
+
+struct port_key {
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct port_backend {
+	__u32 ip;
+	__u16 port;
+	// 1: a task on this host, taken here; 0: another host's, left to the other plane.
+	__u8 local;
+	__u8 pad;
+};
+
+// A published port's whole state in one value, so the agent switches it with one
+// map update: a packet sees the old ring or the new one, never a mix.
+struct port_frontend {
+	__u32 count;
+	__u32 pad;
+	struct port_backend backends[MAX_SLOTS];
+	// Maglev ring: an index into backends for each of RING slots.
+	__u16 ring[RING];
+	__u16 pad2;
+};
+
+// One direction of a flow. For the flow map: the client's packet as it arrived. For
+// the reverse map: the task's reply as the task sends it.
+struct flow_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct nat {
+	__u32 ip;
+	__u16 port;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct port_key);
+	__type(value, struct port_frontend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct flow_key);
+	__type(value, struct port_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct flow_key);
+	__type(value, struct nat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_revnat SEC(".maps");
+
+// This host's IPv4 addresses, kept by the agent: only packets to one of them are
+// published-port traffic (a routed packet that happens to use the port is someone
+// else's). bpf_fib_lookup would say so too, but it is for GPL programs only.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_host_addrs SEC(".maps");
+
+// New flows taken here, per task address, per CPU: read by the agent into
+// mesh_connections_total.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nat);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_picks SEC(".maps");
+
+// The same mixing on every host (murmur3's finalizer over the client's address,
+// port and the protocol): hosts must agree on the slot, not on anything secret.
+static __always_inline __u32 mix(__u32 h)
+{
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 flow_hash(__u32 saddr, __u16 sport, __u16 dport, __u8 proto)
+{
+	__u32 h = mix(bpf_ntohl(saddr) ^ 0x6d657368);
+	h = mix(h ^ (((__u32)bpf_ntohs(sport) << 16) | bpf_ntohs(dport)));
+	return mix(h ^ proto);
+}
+
+static __always_inline int still_there(const struct port_frontend *fe, const struct port_backend *b)
+{
+	__u32 n = fe->count;
+	for (__u32 i = 0; i < MAX_SLOTS; i++) {
+		if (i >= n)
+			break;
+		if (fe->backends[i].ip == b->ip && fe->backends[i].port == b->port)
+			return 1;
+	}
+	return 0;
+}
+
+struct headers {
+	__u32 l3;
+	__u32 l4;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	// A TCP packet that opens a connection (SYN without ACK).
+	__u8 opens;
+};
+
+// The IPv4 TCP or UDP packet's addresses and ports; 0 for anything else (IPv6, ARP,
+// fragments after the first, which carry no ports).
+static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	struct iphdr ip;
+	h->l3 = sizeof(struct ethhdr);
+	if (bpf_skb_load_bytes(skb, h->l3, &ip, sizeof(ip)) < 0)
+		return 0;
+	if (ip.ihl < 5 || (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return 0;
+	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
+		return 0;
+	h->l4 = h->l3 + ip.ihl * 4;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, h->l4, ports, sizeof(ports)) < 0)
+		return 0;
+	h->saddr = ip.saddr;
+	h->daddr = ip.daddr;
+	h->sport = ports[0];
+	h->dport = ports[1];
+	h->proto = ip.protocol;
+	if (ip.protocol == IPPROTO_TCP) {
+		__u8 flags;
+		if (bpf_skb_load_bytes(skb, h->l4 + 13, &flags, 1) < 0)
+			return 0;
+		h->opens = (flags & 0x12) == 0x02;
+	}
+	return 1;
+}
+
+static __always_inline __u32 l4_csum_off(const struct headers *h)
+{
+	return h->l4 + (h->proto == IPPROTO_TCP ? 16 : 6);
+}
+
+// Rewrites one address (at l3 + ip_off) and one port (at l4 + port_off), with
+// the IP and TCP/UDP checksums.
+static __always_inline int rewrite(struct __sk_buff *skb, const struct headers *h, __u32 ip_off,
+				   __u32 old_ip, __u32 new_ip, __u32 port_off, __u16 old_port,
+				   __u16 new_port)
+{
+	__u32 csum = l4_csum_off(h);
+	// A UDP datagram without a checksum keeps none.
+	__u64 mangled = h->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	if (bpf_l4_csum_replace(skb, csum, old_ip, new_ip, BPF_F_PSEUDO_HDR | mangled | 4) < 0)
+		return -1;
+	if (old_port != new_port &&
+	    bpf_l4_csum_replace(skb, csum, old_port, new_port, mangled | 2) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, h->l3 + 10, old_ip, new_ip, 4) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, h->l3 + ip_off, &new_ip, 4, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, h->l4 + port_off, &new_port, 2, 0) < 0)
+		return -1;
+	return 0;
+}
+
+// A task's reply to a flow this program took: from the published address and port.
+static __always_inline int reverse(struct __sk_buff *skb, const struct headers *h)
+{
+	struct flow_key rk = {
+		.saddr = h->saddr,
+		.daddr = h->daddr,
+		.sport = h->sport,
+		.dport = h->dport,
+		.proto = h->proto,
+	};
+	struct nat *to = bpf_map_lookup_elem(&mesh_port_revnat, &rk);
+	if (!to)
+		return 0;
+	struct nat was = *to;
+	rewrite(skb, h, 12, h->saddr, was.ip, 0, h->sport, was.port);
+	return 1;
+}
+
+static __always_inline void count(const struct port_backend *b)
+{
+	struct nat k = { .ip = b->ip, .port = b->port };
+	__u64 *n = bpf_map_lookup_elem(&mesh_port_picks, &k);
+	if (n) {
+		*n += 1;
+		return;
+	}
+	__u64 one = 1;
+	bpf_map_update_elem(&mesh_port_picks, &k, &one, BPF_NOEXIST);
+}
+
+static __always_inline void forward(struct __sk_buff *skb, const struct headers *h)
+{
+	struct port_key pk = { .port = h->dport, .proto = h->proto };
+	struct port_frontend *fe = bpf_map_lookup_elem(&mesh_ports, &pk);
+	if (!fe)
+		return;
+	if (!bpf_map_lookup_elem(&mesh_host_addrs, &h->daddr))
+		return;
+	struct flow_key fk = {
+		.saddr = h->saddr,
+		.daddr = h->daddr,
+		.sport = h->sport,
+		.dport = h->dport,
+		.proto = h->proto,
+	};
+	struct port_backend b;
+	struct port_backend *was = bpf_map_lookup_elem(&mesh_port_flows, &fk);
+	// A flow keeps its task while the ring changes. One whose task left the port
+	// picks again, except inside a TCP connection: a drained task finishes the
+	// connections it has, and a connection to a task that is gone ends anyway.
+	int keep = was && (still_there(fe, was) || (h->proto == IPPROTO_TCP && !h->opens));
+	if (keep) {
+		b = *was;
+	} else {
+		__u32 n = fe->count;
+		if (n == 0 || n > MAX_SLOTS)
+			return;
+		__u32 slot = flow_hash(h->saddr, h->sport, h->dport, h->proto) % RING;
+		// The compiler knows slot < RING and drops a plain bound; the verifier
+		// does not know it, so hide the value before checking.
+		asm volatile("" : "+r"(slot));
+		if (slot >= RING)
+			return;
+		__u32 at = fe->ring[slot];
+		asm volatile("" : "+r"(at));
+		if (at >= MAX_SLOTS)
+			return;
+		b = fe->backends[at];
+		bpf_map_update_elem(&mesh_port_flows, &fk, &b, BPF_ANY);
+		if (b.local)
+			count(&b);
+	}
+	if (!b.local)
+		return;
+	struct flow_key rk = {
+		.saddr = b.ip,
+		.daddr = h->saddr,
+		.sport = b.port,
+		.dport = h->sport,
+		.proto = h->proto,
+	};
+	struct nat back = { .ip = h->daddr, .port = h->dport };
+	bpf_map_update_elem(&mesh_port_revnat, &rk, &back, BPF_ANY);
+	rewrite(skb, h, 16, h->daddr, b.ip, 2, h->dport, b.port);
+}
+
+SEC("classifier")
+int mesh_port_ingress(struct __sk_buff *skb)
+{
+	struct headers h = {};
+	if (!parse(skb, &h))
+		return TC_ACT_OK;
+	if (!reverse(skb, &h))
+		forward(skb, &h);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int mesh_port_egress(struct __sk_buff *skb)
+{
+	struct headers h = {};
+	if (parse(skb, &h))
+		reverse(skb, &h);
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Apache-2.0";

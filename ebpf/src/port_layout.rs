@@ -1,0 +1,218 @@
+//! The map layouts of `bpf/port_lb.bpf.c`, byte for byte, and the building of a
+//! published port's value: its tasks and their Maglev ring. Addresses and ports are
+//! in network byte order, as the program reads them from packets.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use mesh_core::Protocol;
+use mesh_core::maglev;
+
+/// The most tasks one published port balances over (`MAX_SLOTS`).
+pub const MAX_SLOTS: usize = 256;
+/// The Maglev ring's size (`RING`), the one `mesh_core::maglev` recommends.
+pub const RING: usize = maglev::DEFAULT_SIZE as usize;
+/// Entries of `mesh_ports`.
+pub const MAX_PORTS: usize = 1024;
+/// Entries of the LRU maps `mesh_port_flows` and `mesh_port_revnat`.
+pub const MAX_PORT_FLOWS: u32 = 131072;
+
+/// `struct port_key`: a published port and its protocol.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct port_backend`: a task's IPv4 address, and whether this host runs it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PortBackend {
+    pub ip: [u8; 4],
+    pub port: [u8; 2],
+    pub local: u8,
+    pub pad: u8,
+}
+
+/// `struct port_frontend`: a published port's tasks and Maglev ring, in one value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortFrontend {
+    pub count: u32,
+    pub pad: u32,
+    pub backends: [PortBackend; MAX_SLOTS],
+    pub ring: [u16; RING],
+    pub pad2: u16,
+}
+
+/// `struct nat`: a task's address, as `mesh_port_picks` counts it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nat {
+    pub ip: [u8; 4],
+    pub port: [u8; 2],
+    pub pad: [u8; 2],
+}
+
+// SAFETY: plain `repr(C)` data of integers and byte arrays with no implicit padding
+// (checked by the size test below); any bit pattern is a valid value.
+unsafe impl aya::Pod for PortKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PortBackend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PortFrontend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Nat {}
+
+impl PortKey {
+    pub fn new(port: u16, protocol: Protocol) -> PortKey {
+        PortKey {
+            port: port.to_be_bytes(),
+            proto: match protocol {
+                Protocol::Tcp => 6,
+                Protocol::Udp => 17,
+            },
+            pad: 0,
+        }
+    }
+}
+
+impl Nat {
+    pub fn new(addr: SocketAddr) -> Option<Nat> {
+        let IpAddr::V4(ip) = addr.ip() else {
+            return None;
+        };
+        Some(Nat {
+            ip: ip.octets(),
+            port: addr.port().to_be_bytes(),
+            pad: [0; 2],
+        })
+    }
+}
+
+/// One task of a published port, as the plan gives it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortTask {
+    /// Its stable name, the same on every host: the Maglev key.
+    pub task: String,
+    pub addr: SocketAddr,
+    /// Whether this host runs it, and the packet can go to it from here.
+    pub local: bool,
+}
+
+impl PortFrontend {
+    /// The value for `tasks` (IPv4 ones; at most [`MAX_SLOTS`], the first by name).
+    /// `None` when no IPv4 task is left: the port is then not taken here at all.
+    pub fn build(tasks: &[PortTask]) -> Option<Box<PortFrontend>> {
+        let mut tasks: Vec<&PortTask> = tasks.iter().filter(|t| t.addr.is_ipv4()).collect();
+        tasks.sort();
+        tasks.truncate(MAX_SLOTS);
+        if tasks.is_empty() {
+            return None;
+        }
+        let keys: Vec<&[u8]> = tasks.iter().map(|t| t.task.as_bytes()).collect();
+        let ring = maglev::table(&keys, RING as u32).ok()?;
+        let mut value = Box::new(PortFrontend {
+            count: tasks.len() as u32,
+            pad: 0,
+            backends: [PortBackend::default(); MAX_SLOTS],
+            ring: [0; RING],
+            pad2: 0,
+        });
+        for (slot, t) in value.backends.iter_mut().zip(&tasks) {
+            let IpAddr::V4(ip) = t.addr.ip() else {
+                continue;
+            };
+            *slot = PortBackend {
+                ip: ip.octets(),
+                port: t.addr.port().to_be_bytes(),
+                // A loopback task cannot take a packet that arrived from outside:
+                // the other plane reaches it.
+                local: u8::from(t.local && !ip.is_loopback() && ip != Ipv4Addr::UNSPECIFIED),
+                pad: 0,
+            };
+        }
+        for (entry, owner) in value.ring.iter_mut().zip(ring) {
+            *entry = owner as u16;
+        }
+        Some(value)
+    }
+
+    /// The tasks, in slot order.
+    pub fn tasks(&self) -> impl Iterator<Item = (SocketAddr, bool)> + '_ {
+        self.backends
+            .iter()
+            .take(self.count.min(MAX_SLOTS as u32) as usize)
+            .map(|b| {
+                (
+                    SocketAddr::new(IpAddr::from(b.ip), u16::from_be_bytes(b.port)),
+                    b.local == 1,
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_c_structs() {
+        assert_eq!(std::mem::size_of::<PortKey>(), 4);
+        assert_eq!(std::mem::size_of::<PortBackend>(), 8);
+        assert_eq!(std::mem::size_of::<Nat>(), 8);
+        assert_eq!(
+            std::mem::size_of::<PortFrontend>(),
+            8 + 8 * MAX_SLOTS + 2 * RING + 2
+        );
+    }
+
+    fn task(name: &str, addr: &str, local: bool) -> PortTask {
+        PortTask {
+            task: name.into(),
+            addr: addr.parse().unwrap(),
+            local,
+        }
+    }
+
+    #[test]
+    fn every_host_builds_the_same_ring_whatever_it_runs() {
+        let on_h1 = [
+            task("web.2", "10.0.0.2:80", false),
+            task("web.1", "10.0.0.1:80", true),
+        ];
+        let on_h2 = [
+            task("web.1", "10.0.0.1:80", false),
+            task("web.2", "10.0.0.2:80", true),
+        ];
+        let (a, b) = (
+            PortFrontend::build(&on_h1).unwrap(),
+            PortFrontend::build(&on_h2).unwrap(),
+        );
+        assert_eq!(a.ring, b.ring);
+        assert_eq!(a.count, 2);
+        let owned = a.ring.iter().filter(|i| **i == 0).count();
+        assert!(
+            owned.abs_diff(RING / 2) <= 1,
+            "each task owns half: {owned}"
+        );
+        assert_eq!(
+            a.tasks().collect::<Vec<_>>(),
+            [
+                ("10.0.0.1:80".parse().unwrap(), true),
+                ("10.0.0.2:80".parse().unwrap(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_and_loopback_tasks_are_left_to_the_other_plane() {
+        assert!(PortFrontend::build(&[task("a", "[fd00::1]:80", true)]).is_none());
+        let v = PortFrontend::build(&[task("a", "127.0.0.1:80", true)]).unwrap();
+        assert!(
+            !v.tasks().next().unwrap().1,
+            "a loopback task is not taken here"
+        );
+    }
+}

@@ -1,0 +1,348 @@
+//! [`Ports`]: published ports at the TC hook. Loads `port_lb.bpf.o`, attaches its two
+//! programs through tcx to each configured interface (ingress and egress), pins the
+//! links, and keeps `mesh_ports` equal to the plan's published frontends.
+//!
+//! This is a fast path beside the plane that serves a published port (userspace or
+//! nftables), not a replacement: a flow whose Maglev pick is this host's task is
+//! taken to it in the kernel, with the client's address kept; any other packet goes
+//! on to that plane, which hops to other hosts and serves this host's own clients
+//! (their packets never cross an interface's TC hook).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use mesh_core::error::chain;
+use mesh_core::{Listen, Plan};
+
+use crate::port_layout::{Nat, PortFrontend, PortKey, PortTask};
+
+/// The programs, by function name, and what each does.
+pub const PORT_PROGRAMS: [(&str, &str); 2] = [
+    (
+        "mesh_port_ingress",
+        "a published port's flow to a task on this host goes to it (DNAT); a task's reply from behind this interface comes from the published port",
+    ),
+    (
+        "mesh_port_egress",
+        "a host task's reply leaves from the published port",
+    ),
+];
+
+/// The link directory: one pin per program and interface, `NAME@INTERFACE`.
+pub const PORT_LINKS: &str = "port-links";
+
+#[cfg(feature = "bpf")]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/port_lb.bpf.o"));
+
+pub struct Ports {
+    /// Holds the programs' file descriptors for as long as the plane runs.
+    _ebpf: aya::Ebpf,
+    ports: HashMap<MapData, PortKey, PortFrontend>,
+    picks: PerCpuHashMap<MapData, Nat, u64>,
+    /// This host's IPv4 addresses, which the programs take published-port traffic for.
+    host_addrs: HashMap<MapData, [u8; 4], u8>,
+    /// What `host_addrs` holds.
+    addrs: BTreeSet<Ipv4Addr>,
+    interfaces: Vec<String>,
+    /// What `mesh_ports` holds, by key: the tasks of each published port.
+    installed: BTreeMap<PortKey, Vec<PortTask>>,
+    /// Each task's count last read, for the deltas added to the metrics.
+    seen: BTreeMap<SocketAddr, u64>,
+}
+
+impl Ports {
+    /// Loads the programs and attaches them to `interfaces`, pinning maps in
+    /// `maps_dir` and links in `pin_dir`/[`PORT_LINKS`]. What a previous run left
+    /// there is replaced without a gap: each new link is in place before the old one
+    /// goes, and the pinned maps (their flows) are kept.
+    pub fn open(pin_dir: &Path, maps_dir: &Path, interfaces: &[String]) -> Result<Ports, String> {
+        #[cfg(feature = "bpf")]
+        {
+            Self::load(OBJECT, pin_dir, maps_dir, interfaces)
+        }
+        #[cfg(not(feature = "bpf"))]
+        {
+            let _ = (pin_dir, maps_dir, interfaces);
+            Err(crate::programs::NOT_BUILT.to_string())
+        }
+    }
+
+    #[cfg_attr(not(feature = "bpf"), allow(dead_code))]
+    fn load(
+        object: &[u8],
+        pin_dir: &Path,
+        maps_dir: &Path,
+        interfaces: &[String],
+    ) -> Result<Ports, String> {
+        use aya::programs::links::FdLink;
+        use aya::programs::{SchedClassifier, TcAttachType};
+
+        let links_dir = pin_dir.join(PORT_LINKS);
+        std::fs::create_dir_all(&links_dir)
+            .map_err(|e| format!("cannot create {}: {e}", links_dir.display()))?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(maps_dir)
+            .load(object)
+            .map_err(|e| format!("loading the eBPF object port_lb: {}", chain(&e)))?;
+        let mut wanted = Vec::new();
+        for (name, hook) in [
+            (PORT_PROGRAMS[0].0, TcAttachType::Ingress),
+            (PORT_PROGRAMS[1].0, TcAttachType::Egress),
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {}", chain(&e)))?;
+            program
+                .load()
+                .map_err(|e| format!("the kernel refused {name}: {}", chain(&e)))?;
+            for interface in interfaces {
+                // tcx (Linux 6.6): a link per program, which a pin keeps attached.
+                let id = program.attach(interface, hook).map_err(|e| {
+                    format!(
+                        "attaching {name} to interface {interface} (ebpf.interfaces): {}",
+                        chain(&e)
+                    )
+                })?;
+                let link: FdLink = program
+                    .take_link(id)
+                    .map_err(|e| format!("{name}: {}", chain(&e)))?
+                    .try_into()
+                    .map_err(|_| {
+                        format!(
+                            "{name} on {interface} was attached through netlink, not tcx: the kernel is older than 6.6"
+                        )
+                    })?;
+                let pin_name = format!("{name}@{interface}");
+                let pin = links_dir.join(&pin_name);
+                match std::fs::remove_file(&pin) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("cannot replace {}: {e}", pin.display())),
+                }
+                link.pin(&pin)
+                    .map_err(|e| format!("pinning {}: {}", pin.display(), chain(&e)))?;
+                wanted.push(pin_name);
+            }
+        }
+        // Interfaces no longer configured lose their programs.
+        for entry in std::fs::read_dir(&links_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !wanted.iter().any(|w| entry.file_name().to_str() == Some(w)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let ports: HashMap<MapData, PortKey, PortFrontend> = HashMap::try_from(
+            ebpf.take_map("mesh_ports")
+                .ok_or("the eBPF object has no map mesh_ports")?,
+        )
+        .map_err(|e| format!("mesh_ports: {}", chain(&e)))?;
+        let picks = PerCpuHashMap::try_from(
+            ebpf.take_map("mesh_port_picks")
+                .ok_or("the eBPF object has no map mesh_port_picks")?,
+        )
+        .map_err(|e| format!("mesh_port_picks: {}", chain(&e)))?;
+        let host_addrs = HashMap::try_from(
+            ebpf.take_map("mesh_host_addrs")
+                .ok_or("the eBPF object has no map mesh_host_addrs")?,
+        )
+        .map_err(|e| format!("mesh_host_addrs: {}", chain(&e)))?;
+        // What a previous run installed: kept until the first sync rewrites it.
+        let installed = ports
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                let tasks = v
+                    .tasks()
+                    .map(|(addr, local)| PortTask {
+                        task: String::new(),
+                        addr,
+                        local,
+                    })
+                    .collect();
+                (k, tasks)
+            })
+            .collect();
+        let mut ports = Ports {
+            _ebpf: ebpf,
+            ports,
+            picks,
+            host_addrs,
+            addrs: BTreeSet::new(),
+            interfaces: interfaces.to_vec(),
+            installed,
+            seen: BTreeMap::new(),
+        };
+        ports.seen = ports.read_picks();
+        ports.addrs = ports
+            .host_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .map(Ipv4Addr::from)
+            .collect();
+        ports.refresh_addresses()?;
+        Ok(ports)
+    }
+
+    /// Makes `mesh_ports` hold the plan's published TCP and UDP ports. Returns the
+    /// first write that failed; the next sync tries everything again.
+    pub fn sync(&mut self, plan: &Plan) -> Result<(), String> {
+        let mut result = self.refresh_addresses();
+        let mut wanted: BTreeMap<PortKey, Vec<PortTask>> = BTreeMap::new();
+        for (key, f) in &plan.frontends {
+            if key.listen != Listen::Published {
+                continue;
+            }
+            let tasks = f
+                .backends
+                .iter()
+                .map(|b| PortTask {
+                    task: b.task.clone(),
+                    addr: b.addr,
+                    local: b.local,
+                })
+                .collect();
+            wanted.insert(PortKey::new(key.port, key.protocol), tasks);
+        }
+        for (key, tasks) in &wanted {
+            if self.installed.get(key) == Some(tasks) {
+                continue;
+            }
+            let write = match PortFrontend::build(tasks) {
+                Some(value) => self
+                    .ports
+                    .insert(key, *value, 0)
+                    .map_err(|e| format!("writing port {} to mesh_ports: {e}", port(key))),
+                None => remove(&mut self.ports, key),
+            };
+            match write {
+                Ok(()) => {
+                    self.installed.insert(*key, tasks.clone());
+                }
+                Err(e) => {
+                    self.installed.remove(key);
+                    result = result.and(Err(e));
+                }
+            }
+        }
+        let gone: Vec<PortKey> = self
+            .installed
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            match remove(&mut self.ports, &key) {
+                Ok(()) => {
+                    self.installed.remove(&key);
+                }
+                Err(e) => result = result.and(Err(e)),
+            }
+        }
+        result
+    }
+
+    /// Makes `mesh_host_addrs` hold this host's IPv4 addresses now. Called at every
+    /// sync and every few seconds, so an address added to an interface is served
+    /// within that time.
+    pub fn refresh_addresses(&mut self) -> Result<(), String> {
+        let now = host_ipv4s().map_err(|e| format!("listing this host's addresses: {e}"))?;
+        for ip in now.difference(&self.addrs) {
+            self.host_addrs
+                .insert(ip.octets(), 1, 0)
+                .map_err(|e| format!("writing {ip} to mesh_host_addrs: {e}"))?;
+        }
+        for ip in self.addrs.difference(&now) {
+            match self.host_addrs.remove(&ip.octets()) {
+                Ok(()) => {}
+                Err(e) if crate::programs::not_found(&e) => {}
+                Err(e) => return Err(format!("removing {ip} from mesh_host_addrs: {e}")),
+            }
+        }
+        self.addrs = now;
+        Ok(())
+    }
+
+    /// The flows taken to each task since the last call.
+    pub fn new_flows(&mut self) -> Vec<(SocketAddr, u64)> {
+        let now = self.read_picks();
+        let out = now
+            .iter()
+            .filter_map(|(addr, n)| {
+                let delta = n.wrapping_sub(self.seen.get(addr).copied().unwrap_or(0));
+                (delta > 0).then_some((*addr, delta))
+            })
+            .collect();
+        self.seen = now;
+        out
+    }
+
+    fn read_picks(&self) -> BTreeMap<SocketAddr, u64> {
+        self.picks
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, values)| {
+                let addr = SocketAddr::new(k.ip.into(), u16::from_be_bytes(k.port));
+                (addr, values.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+            })
+            .collect()
+    }
+
+    /// For `mesh status`.
+    pub fn detail(&self) -> String {
+        format!(
+            "published ports at tcx on {} ({}): mesh_ports {}/{}, mesh_port_flows and mesh_port_revnat (LRU, {} each)",
+            self.interfaces.join(", "),
+            PORT_PROGRAMS.map(|(n, _)| n).join(", "),
+            self.installed.len(),
+            crate::port_layout::MAX_PORTS,
+            crate::port_layout::MAX_PORT_FLOWS,
+        )
+    }
+}
+
+fn port(key: &PortKey) -> String {
+    let proto = if key.proto == 17 { "udp" } else { "tcp" };
+    format!("{}/{proto}", u16::from_be_bytes(key.port))
+}
+
+fn remove(map: &mut HashMap<MapData, PortKey, PortFrontend>, key: &PortKey) -> Result<(), String> {
+    match map.remove(key) {
+        Ok(()) => Ok(()),
+        Err(e) if crate::programs::not_found(&e) => Ok(()),
+        Err(e) => Err(format!("removing port {} from mesh_ports: {e}", port(key))),
+    }
+}
+
+/// The IPv4 addresses of this network namespace's interfaces (getifaddrs(3)).
+fn host_ipv4s() -> std::io::Result<BTreeSet<Ipv4Addr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = BTreeSet::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let entry = unsafe { &*at };
+        if !entry.ifa_addr.is_null()
+            // SAFETY: ifa_addr points to a sockaddr whose family says its type.
+            && i32::from(unsafe { (*entry.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+            out.insert(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+        at = entry.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
+}
