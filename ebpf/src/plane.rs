@@ -104,6 +104,10 @@ impl EbpfPlane {
             // Said before anything on the host is touched.
             return Err(crate::programs::NOT_BUILT.to_string());
         }
+        // Checked before anything is attached, so a typo leaves the host as it was.
+        for name in &config.interfaces {
+            crate::ports::check_interface(name)?;
+        }
         crate::mounts::ensure_bpffs(&config.pin_dir)?;
         let cgroup = crate::mounts::cgroup(config.cgroup.as_deref())?;
         let (mut programs, adopted) = Programs::open(&config.pin_dir, &cgroup)?;
@@ -111,7 +115,16 @@ impl EbpfPlane {
             None
         } else {
             let maps = config.pin_dir.join(crate::programs::MAPS);
-            Some(Ports::open(&config.pin_dir, &maps, &config.interfaces)?)
+            match Ports::open(&config.pin_dir, &maps, &config.interfaces) {
+                Ok(ports) => Some(ports),
+                Err(e) => {
+                    // Nothing half-attached stays behind a plane that did not start.
+                    if let Err(more) = programs.remove() {
+                        warn!(error = %more, "could not remove every eBPF pin");
+                    }
+                    return Err(e);
+                }
+            }
         };
         let (table, cleanup) = read_table(&programs);
         // The programs are attached and pinned by now: a failed cleanup is not worth

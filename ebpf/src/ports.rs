@@ -320,6 +320,21 @@ fn remove(map: &mut HashMap<MapData, PortKey, PortFrontend>, key: &PortKey) -> R
     }
 }
 
+/// Whether `name` is an interface of this network namespace, as an error that names
+/// the setting.
+pub fn check_interface(name: &str) -> Result<(), String> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| format!("ebpf.interfaces: {name:?} is not an interface name"))?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+        return Err(format!(
+            "ebpf.interfaces names {name:?}, which is not an interface here ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// The IPv4 addresses of this network namespace's interfaces (getifaddrs(3)).
 fn host_ipv4s() -> std::io::Result<BTreeSet<Ipv4Addr>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();

@@ -770,6 +770,42 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "pins left: {left:?}");
+
+    // A name that is no interface here stops the agent before anything is attached.
+    let bad = tempfile::tempdir().unwrap();
+    let bad_cfg = bad.path().join("mesh.toml");
+    std::fs::write(
+        &bad_cfg,
+        format!("{}interfaces = [\"eth0\", \"nope0\"]\n", config(&cg, &pins)),
+    )
+    .unwrap();
+    let data = bad.path().join("data");
+    let api = format!("unix:{}", bad.path().join("mesh.sock").display());
+    let err = agent_refuses_entered(
+        &h1.ns,
+        &[
+            "--config",
+            bad_cfg.to_str().unwrap(),
+            "--dataplane",
+            "ebpf",
+            "--bind",
+            "127.0.0.1:0",
+            "--insecure",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api",
+            &api,
+        ],
+    );
+    assert!(
+        err.contains("ebpf.interfaces") && err.contains("\"nope0\""),
+        "{err}"
+    );
+    assert!(
+        pins.contents().is_empty(),
+        "nothing attached: {:?}",
+        pins.contents()
+    );
 }
 
 /// The Maglev ring of `port` (TCP) in the `mesh_ports` map pinned under `pins`: the
