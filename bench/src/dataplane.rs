@@ -184,7 +184,7 @@ pub fn run(o: &Options) -> Result<DataplaneResults> {
 
 fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Result<Trial> {
     let mut topo = Topology::create()?;
-    if target == Target::MeshEbpf {
+    if matches!(target, Target::MeshEbpf | Target::MeshTc) {
         let agent_ns = integration::netns::Netns::new();
         agent_ns.run("ip", &["link", "set", "lo", "up"]);
         topo.ebpf = Some((

@@ -24,6 +24,7 @@ const COLORS: [RGBColor; Target::ORDER.len()] = [
     RGBColor(31, 119, 180),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
+    RGBColor(188, 189, 34),
     RGBColor(214, 39, 40),
     RGBColor(255, 152, 150),
     RGBColor(44, 160, 44),

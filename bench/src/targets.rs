@@ -40,6 +40,12 @@ pub enum Target {
     #[value(name = "mesh-ebpf")]
     #[serde(rename = "mesh-ebpf")]
     MeshEbpf,
+    /// mesh with `--dataplane ebpf` and its TC programs on the LB namespace's two
+    /// interfaces, the client connecting to the published ports: the TC program DNATs
+    /// each flow to the backend (a task of this host), and translates the replies.
+    #[value(name = "mesh-tc")]
+    #[serde(rename = "mesh-tc")]
+    MeshTc,
     Haproxy,
     /// HAProxy with `option splice-auto` instead of forced splice: its own heuristic,
     /// which splices only when buffers fill. Not a default target; for checking that
@@ -58,6 +64,7 @@ impl fmt::Display for Target {
             Target::Mesh => "mesh",
             Target::MeshNft => "mesh-nft",
             Target::MeshEbpf => "mesh-ebpf",
+            Target::MeshTc => "mesh-tc",
             Target::Haproxy => "haproxy",
             Target::HaproxySpliceAuto => "haproxy-splice-auto",
             Target::Nginx => "nginx",
@@ -82,12 +89,13 @@ impl Target {
         Target::Nginx,
     ];
     /// Every target, in report order.
-    pub const ORDER: [Target; 8] = [
+    pub const ORDER: [Target; 9] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
         Target::MeshNft,
         Target::MeshEbpf,
+        Target::MeshTc,
         Target::Haproxy,
         Target::HaproxySpliceAuto,
         Target::Nginx,
@@ -138,6 +146,42 @@ impl Target {
                 // `ip netns exec`: the agent must see bpffs and the cgroup hierarchy,
                 // which the latter's private /sys hides.
                 let mut c = integration::ebpf::nsenter(agent_ns);
+                c.args(["taskset", "-c", LB_CPU, &bin]).args([
+                    "agent",
+                    "--config",
+                    &cfg,
+                    "--no-vips",
+                    "--dataplane",
+                    "ebpf",
+                ]);
+                c
+            }
+            Target::MeshTc => {
+                let (cgroup, pins, _) = topo
+                    .ebpf
+                    .as_ref()
+                    .context("the mesh-tc target needs the topology's cgroup")?;
+                // Every service is given a userspace-only option (max_connections),
+                // so the userspace plane serves the ports beside the TC path rather
+                // than nftables, whose table would turn conntrack on.
+                let cfg = format!(
+                    "{}\n{}interfaces = [\"to-client\", \"to-backend\"]\n",
+                    mesh_config(dir, false, false)
+                        .replace(
+                            "[[service]]\nname = \"http\"",
+                            "[[service]]\nname = \"http\"\nmax_connections = 7000"
+                        )
+                        .replace(
+                            "[[service]]\nname = \"iperf\"",
+                            "[[service]]\nname = \"iperf\"\nmax_connections = 7000"
+                        ),
+                    integration::ebpf::config(cgroup, pins)
+                );
+                let cfg = write(dir, "mesh.toml", &cfg)?;
+                let bin = mesh_bin.to_string_lossy().to_string();
+                // In the LB namespace, whose interfaces the programs attach to;
+                // nsenter, so that the agent sees bpffs and the cgroup hierarchy.
+                let mut c = integration::ebpf::nsenter(&topo.lb);
                 c.args(["taskset", "-c", LB_CPU, &bin]).args([
                     "agent",
                     "--config",

@@ -8,11 +8,10 @@
 // address and port. The choice is kept in an LRU flow map, so a flow keeps its task
 // while the ring changes (see forward() for when it picks again).
 //
-// - A task on this host: the destination is rewritten to the task (DNAT) and the
-//   packet goes on up the stack; the task sees the client's own address. The reply
-//   is rewritten back to the published address and port (on ingress, for a task
-//   behind a bridge this program is attached to; on egress, for a task in the
-//   host's own network namespace).
+// - A task on this host: on ingress, the destination is rewritten to the task (DNAT)
+//   and the packet goes on up the stack; the task sees the client's own address. On
+//   egress, the task's reply is rewritten back to the published address and port
+//   (after netfilter, so conntrack sees the flow as the task does).
 // - A task on another host: the packet is left alone, for the plane that serves the
 //   port to take and hop (the userspace plane or nftables).
 //
@@ -61,6 +60,8 @@ struct port_frontend {
 	__u16 ring[RING];
 	__u16 pad2;
 };
+_Static_assert(sizeof(struct port_frontend) == 8 + 8 * MAX_SLOTS + 2 * RING + 2,
+	       "ebpf/src/port_layout.rs mirrors this layout");
 
 // One direction of a flow. For the flow map: the client's packet as it arrived. For
 // the reverse map: the task's reply as the task sends it.
@@ -115,12 +116,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_host_addrs SEC(".maps");
 
-// New flows taken here, per task address, per CPU: read by the agent into
-// mesh_connections_total.
+// New flows taken here, per published port and task, per CPU: read by the agent
+// into mesh_connections_total.
+struct pick_key {
+	__u32 ip;
+	__u16 port;
+	__u16 published;
+	__u8 proto;
+	__u8 pad[3];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct nat);
+	__type(key, struct pick_key);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_port_picks SEC(".maps");
@@ -229,6 +238,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct headers *
 }
 
 // A task's reply to a flow this program took: from the published address and port.
+// 1: rewritten; 0: not a reply of ours; -1: the rewrite failed half-way.
 static __always_inline int reverse(struct __sk_buff *skb, const struct headers *h)
 {
 	struct flow_key rk = {
@@ -242,13 +252,19 @@ static __always_inline int reverse(struct __sk_buff *skb, const struct headers *
 	if (!to)
 		return 0;
 	struct nat was = *to;
-	rewrite(skb, h, 12, h->saddr, was.ip, 0, h->sport, was.port);
+	if (rewrite(skb, h, 12, h->saddr, was.ip, 0, h->sport, was.port) < 0)
+		return -1;
 	return 1;
 }
 
-static __always_inline void count(const struct port_backend *b)
+static __always_inline void count(const struct port_backend *b, const struct headers *h)
 {
-	struct nat k = { .ip = b->ip, .port = b->port };
+	struct pick_key k = {
+		.ip = b->ip,
+		.port = b->port,
+		.published = h->dport,
+		.proto = h->proto,
+	};
 	__u64 *n = bpf_map_lookup_elem(&mesh_port_picks, &k);
 	if (n) {
 		*n += 1;
@@ -258,14 +274,15 @@ static __always_inline void count(const struct port_backend *b)
 	bpf_map_update_elem(&mesh_port_picks, &k, &one, BPF_NOEXIST);
 }
 
-static __always_inline void forward(struct __sk_buff *skb, const struct headers *h)
+// 1: taken to a task of this host; 0: left alone; -1: the rewrite failed half-way.
+static __always_inline int forward(struct __sk_buff *skb, const struct headers *h)
 {
 	struct port_key pk = { .port = h->dport, .proto = h->proto };
 	struct port_frontend *fe = bpf_map_lookup_elem(&mesh_ports, &pk);
 	if (!fe)
-		return;
+		return 0;
 	if (!bpf_map_lookup_elem(&mesh_host_addrs, &h->daddr))
-		return;
+		return 0;
 	struct flow_key fk = {
 		.saddr = h->saddr,
 		.daddr = h->daddr,
@@ -275,33 +292,37 @@ static __always_inline void forward(struct __sk_buff *skb, const struct headers 
 	};
 	struct port_backend b;
 	struct port_backend *was = bpf_map_lookup_elem(&mesh_port_flows, &fk);
-	// A flow keeps its task while the ring changes. One whose task left the port
-	// picks again, except inside a TCP connection: a drained task finishes the
-	// connections it has, and a connection to a task that is gone ends anyway.
-	int keep = was && (still_there(fe, was) || (h->proto == IPPROTO_TCP && !h->opens));
-	if (keep) {
+	int inside = h->proto == IPPROTO_TCP && !h->opens;
+	// Inside a TCP connection the flow keeps its task, even one that left the port:
+	// a drained task finishes the connections it has, and a connection to a task
+	// that is gone ends anyway. A connection this program did not open (one that
+	// began before it was attached, or whose entry was evicted) is not its to take.
+	// Otherwise a flow picks again once its task has left the port.
+	if (was && (inside || still_there(fe, was))) {
 		b = *was;
 	} else {
+		if (inside)
+			return 0;
 		__u32 n = fe->count;
 		if (n == 0 || n > MAX_SLOTS)
-			return;
+			return 0;
 		__u32 slot = flow_hash(h->saddr, h->sport, h->dport, h->proto) % RING;
 		// The compiler knows slot < RING and drops a plain bound; the verifier
 		// does not know it, so hide the value before checking.
 		asm volatile("" : "+r"(slot));
 		if (slot >= RING)
-			return;
+			return 0;
 		__u32 at = fe->ring[slot];
 		asm volatile("" : "+r"(at));
 		if (at >= MAX_SLOTS)
-			return;
+			return 0;
 		b = fe->backends[at];
 		bpf_map_update_elem(&mesh_port_flows, &fk, &b, BPF_ANY);
 		if (b.local)
-			count(&b);
+			count(&b, h);
 	}
 	if (!b.local)
-		return;
+		return 0;
 	struct flow_key rk = {
 		.saddr = b.ip,
 		.daddr = h->saddr,
@@ -310,28 +331,35 @@ static __always_inline void forward(struct __sk_buff *skb, const struct headers 
 		.proto = h->proto,
 	};
 	struct nat back = { .ip = h->daddr, .port = h->dport };
-	bpf_map_update_elem(&mesh_port_revnat, &rk, &back, BPF_ANY);
-	rewrite(skb, h, 16, h->daddr, b.ip, 2, h->dport, b.port);
+	// Written when missing or different, not per packet: an LRU update takes a lock.
+	// Two live flows cannot share a key (the task would see one 4-tuple for both),
+	// so a different value is a stale entry, which the new flow replaces.
+	struct nat *cur = bpf_map_lookup_elem(&mesh_port_revnat, &rk);
+	if (!cur || cur->ip != back.ip || cur->port != back.port)
+		bpf_map_update_elem(&mesh_port_revnat, &rk, &back, BPF_ANY);
+	if (rewrite(skb, h, 16, h->daddr, b.ip, 2, h->dport, b.port) < 0)
+		return -1;
+	return 1;
 }
 
+// Returning TC_ACT_UNSPEC (tcx's "next") lets the programs after this one run, tcx
+// and legacy tc alike; a packet whose rewrite failed half-way is dropped.
 SEC("classifier")
 int mesh_port_ingress(struct __sk_buff *skb)
 {
 	struct headers h = {};
 	if (!parse(skb, &h))
-		return TC_ACT_OK;
-	if (!reverse(skb, &h))
-		forward(skb, &h);
-	return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
+	return forward(skb, &h) < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 
 SEC("classifier")
 int mesh_port_egress(struct __sk_buff *skb)
 {
 	struct headers h = {};
-	if (parse(skb, &h))
-		reverse(skb, &h);
-	return TC_ACT_OK;
+	if (!parse(skb, &h))
+		return TC_ACT_UNSPEC;
+	return reverse(skb, &h) < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 
 char LICENSE[] SEC("license") = "Apache-2.0";

@@ -21,8 +21,8 @@ pub struct EbpfConfig {
     pub pin_dir: PathBuf,
     /// Interfaces whose traffic to published ports gets the TC fast path: a flow
     /// whose Maglev pick is a task on this host goes to it in the kernel, keeping the
-    /// client's address. List the uplinks clients arrive on, and the bridges of
-    /// containers whose replies must be translated back. Empty (the default): none.
+    /// client's address. List the Ethernet uplinks clients arrive on (not container
+    /// bridges). Empty (the default): none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<String>,
 }

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::config::EbpfConfig;
 use crate::endings::Endings;
 use crate::layout::{self, BackendValue, FrontendValue, MAX_BACKENDS, MAX_FRONTENDS};
+use crate::port_layout::PortKey;
 use crate::ports::Ports;
 use crate::programs::{PROGRAMS, Programs};
 use crate::table::{Table, Writes};
@@ -84,7 +85,10 @@ pub struct EbpfPlane {
     ports: Option<Ports>,
     /// The service and task of each published port's task address, for the
     /// fast path's counts.
-    port_labels: BTreeMap<SocketAddr, (String, String)>,
+    port_labels: BTreeMap<(PortKey, SocketAddr), (String, String)>,
+    /// The plan whose published ports could not all be written: tried again at the
+    /// next count, not only at the next plan change.
+    ports_retry: Option<Plan>,
 }
 
 /// How often the programs' counts reach the metrics.
@@ -111,10 +115,11 @@ impl EbpfPlane {
         crate::mounts::ensure_bpffs(&config.pin_dir)?;
         let cgroup = crate::mounts::cgroup(config.cgroup.as_deref())?;
         let (mut programs, adopted) = Programs::open(&config.pin_dir, &cgroup)?;
+        let maps = config.pin_dir.join(crate::programs::MAPS);
         let ports = if config.interfaces.is_empty() {
+            crate::ports::remove_pins(&config.pin_dir, &maps);
             None
         } else {
-            let maps = config.pin_dir.join(crate::programs::MAPS);
             match Ports::open(&config.pin_dir, &maps, &config.interfaces) {
                 Ok(ports) => Some(ports),
                 Err(e) => {
@@ -177,6 +182,7 @@ impl EbpfPlane {
             adoption: Adoption::new(adopted, Instant::now()),
             ports,
             port_labels: BTreeMap::new(),
+            ports_retry: None,
         })
     }
 
@@ -225,8 +231,8 @@ impl EbpfPlane {
         }
         self.seen = seen;
         if let Some(ports) = self.ports.as_mut() {
-            for (addr, n) in ports.new_flows() {
-                if let Some((service, task)) = self.port_labels.get(&addr) {
+            for (key, n) in ports.new_flows() {
+                if let Some((service, task)) = self.port_labels.get(&key) {
                     counter.with_label_values(&[service, task]).inc_by(n);
                 }
             }
@@ -533,7 +539,9 @@ impl Dataplane for EbpfPlane {
             self.apply(&plan, &[], now).await;
         }
         if now >= self.count_at {
-            if let Some(Err(e)) = self.ports.as_mut().map(Ports::refresh_addresses) {
+            if let Some(plan) = self.ports_retry.take() {
+                self.sync_ports(&plan);
+            } else if let Some(Err(e)) = self.ports.as_mut().map(Ports::refresh_addresses) {
                 warn!(error = %e, "cannot bring this host's addresses to the eBPF published-port path");
             }
             self.count();
@@ -576,15 +584,20 @@ impl EbpfPlane {
             .frontends
             .iter()
             .filter(|(k, _)| k.listen == Listen::Published)
-            .flat_map(|(_, f)| {
+            .flat_map(|(k, f)| {
+                let port = PortKey::new(k.port, k.protocol);
                 f.backends
                     .iter()
-                    .map(|b| (b.addr, (f.service.clone(), b.task.clone())))
+                    .map(move |b| ((port, b.addr), (f.service.clone(), b.task.clone())))
             })
             .collect();
-        if let Err(e) = ports.sync(plan) {
-            warn!(error = %e, "eBPF published-port write failed; the next apply tries again");
-            self.failed = Some(e);
+        match ports.sync(plan) {
+            Ok(()) => self.ports_retry = None,
+            Err(e) => {
+                warn!(error = %e, "eBPF published-port write failed; it is tried again in 2 s");
+                self.failed = Some(e);
+                self.ports_retry = Some(plan.clone());
+            }
         }
     }
 

@@ -46,13 +46,16 @@ pub struct PortFrontend {
     pub pad2: u16,
 }
 
-/// `struct nat`: a task's address, as `mesh_port_picks` counts it.
+/// `struct pick_key`: a task's address and the published port it was taken for, as
+/// `mesh_port_picks` counts them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Nat {
+pub struct PickKey {
     pub ip: [u8; 4],
     pub port: [u8; 2],
-    pub pad: [u8; 2],
+    pub published: [u8; 2],
+    pub proto: u8,
+    pub pad: [u8; 3],
 }
 
 // SAFETY: plain `repr(C)` data of integers and byte arrays with no implicit padding
@@ -63,7 +66,7 @@ unsafe impl aya::Pod for PortBackend {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PortFrontend {}
 // SAFETY: as above.
-unsafe impl aya::Pod for Nat {}
+unsafe impl aya::Pod for PickKey {}
 
 impl PortKey {
     pub fn new(port: u16, protocol: Protocol) -> PortKey {
@@ -78,16 +81,17 @@ impl PortKey {
     }
 }
 
-impl Nat {
-    pub fn new(addr: SocketAddr) -> Option<Nat> {
-        let IpAddr::V4(ip) = addr.ip() else {
-            return None;
-        };
-        Some(Nat {
-            ip: ip.octets(),
-            port: addr.port().to_be_bytes(),
-            pad: [0; 2],
-        })
+impl PickKey {
+    /// The published port (as a `mesh_ports` key) and the task's address.
+    pub fn parts(&self) -> (PortKey, SocketAddr) {
+        (
+            PortKey {
+                port: self.published,
+                proto: self.proto,
+                pad: 0,
+            },
+            SocketAddr::new(IpAddr::from(self.ip), u16::from_be_bytes(self.port)),
+        )
     }
 }
 
@@ -159,9 +163,11 @@ mod tests {
 
     #[test]
     fn layouts_match_the_c_structs() {
+        // `RING` and `MAX_SLOTS` in port_lb.bpf.c, which checks its own size.
+        assert_eq!((RING, MAX_SLOTS), (16381, 256));
         assert_eq!(std::mem::size_of::<PortKey>(), 4);
         assert_eq!(std::mem::size_of::<PortBackend>(), 8);
-        assert_eq!(std::mem::size_of::<Nat>(), 8);
+        assert_eq!(std::mem::size_of::<PickKey>(), 12);
         assert_eq!(
             std::mem::size_of::<PortFrontend>(),
             8 + 8 * MAX_SLOTS + 2 * RING + 2

@@ -9,14 +9,15 @@
 //! (their packets never cross an interface's TC hook).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use mesh_core::error::chain;
+use mesh_core::plan::Features;
 use mesh_core::{Listen, Plan};
 
-use crate::port_layout::{Nat, PortFrontend, PortKey, PortTask};
+use crate::port_layout::{PickKey, PortFrontend, PortKey, PortTask};
 
 /// The programs, by function name, and what each does.
 pub const PORT_PROGRAMS: [(&str, &str); 2] = [
@@ -40,16 +41,18 @@ pub struct Ports {
     /// Holds the programs' file descriptors for as long as the plane runs.
     _ebpf: aya::Ebpf,
     ports: HashMap<MapData, PortKey, PortFrontend>,
-    picks: PerCpuHashMap<MapData, Nat, u64>,
+    picks: PerCpuHashMap<MapData, PickKey, u64>,
     /// This host's IPv4 addresses, which the programs take published-port traffic for.
     host_addrs: HashMap<MapData, [u8; 4], u8>,
     /// What `host_addrs` holds.
     addrs: BTreeSet<Ipv4Addr>,
+    /// The plan's VIPs: addresses of this host, but not published ports'.
+    vips: BTreeSet<Ipv4Addr>,
     interfaces: Vec<String>,
     /// What `mesh_ports` holds, by key: the tasks of each published port.
     installed: BTreeMap<PortKey, Vec<PortTask>>,
     /// Each task's count last read, for the deltas added to the metrics.
-    seen: BTreeMap<SocketAddr, u64>,
+    seen: BTreeMap<(PortKey, SocketAddr), u64>,
 }
 
 impl Ports {
@@ -175,6 +178,7 @@ impl Ports {
             picks,
             host_addrs,
             addrs: BTreeSet::new(),
+            vips: BTreeSet::new(),
             interfaces: interfaces.to_vec(),
             installed,
             seen: BTreeMap::new(),
@@ -193,10 +197,21 @@ impl Ports {
     /// Makes `mesh_ports` hold the plan's published TCP and UDP ports. Returns the
     /// first write that failed; the next sync tries everything again.
     pub fn sync(&mut self, plan: &Plan) -> Result<(), String> {
+        self.vips = plan
+            .frontends
+            .keys()
+            .filter_map(|k| match k.listen {
+                Listen::Vip(IpAddr::V4(ip)) => Some(ip),
+                _ => None,
+            })
+            .collect();
         let mut result = self.refresh_addresses();
         let mut wanted: BTreeMap<PortKey, Vec<PortTask>> = BTreeMap::new();
         for (key, f) in &plan.frontends {
-            if key.listen != Listen::Published {
+            // A service that asks for PROXY headers, a connection limit, an idle
+            // timeout or least-conn is the userspace plane's alone: the kernel path
+            // would skip what it asked for.
+            if key.listen != Listen::Published || f.policy.needs() != Features::NONE {
                 continue;
             }
             let tasks = f
@@ -252,7 +267,14 @@ impl Ports {
     /// sync and every few seconds, so an address added to an interface is served
     /// within that time.
     pub fn refresh_addresses(&mut self) -> Result<(), String> {
-        let now = host_ipv4s().map_err(|e| format!("listing this host's addresses: {e}"))?;
+        // Loopback addresses cannot come from outside (a packet that claims one is
+        // spoofed), and a VIP:port is the VIP's, even where a port of the same
+        // number is published.
+        let now: BTreeSet<Ipv4Addr> = host_ipv4s()
+            .map_err(|e| format!("listing this host's addresses: {e}"))?
+            .into_iter()
+            .filter(|ip| !ip.is_loopback() && !self.vips.contains(ip))
+            .collect();
         for ip in now.difference(&self.addrs) {
             self.host_addrs
                 .insert(ip.octets(), 1, 0)
@@ -269,13 +291,15 @@ impl Ports {
         Ok(())
     }
 
-    /// The flows taken to each task since the last call.
-    pub fn new_flows(&mut self) -> Vec<(SocketAddr, u64)> {
+    /// The flows taken to each task of each published port since the last call.
+    pub fn new_flows(&mut self) -> Vec<((PortKey, SocketAddr), u64)> {
         let now = self.read_picks();
         let out = now
             .iter()
             .filter_map(|(addr, n)| {
-                let delta = n.wrapping_sub(self.seen.get(addr).copied().unwrap_or(0));
+                // Less than before: the LRU forgot the task's count and began again.
+                let before = self.seen.get(addr).copied().unwrap_or(0);
+                let delta = if *n >= before { n - before } else { *n };
                 (delta > 0).then_some((*addr, delta))
             })
             .collect();
@@ -283,13 +307,15 @@ impl Ports {
         out
     }
 
-    fn read_picks(&self) -> BTreeMap<SocketAddr, u64> {
+    fn read_picks(&self) -> BTreeMap<(PortKey, SocketAddr), u64> {
         self.picks
             .iter()
             .filter_map(Result::ok)
             .map(|(k, values)| {
-                let addr = SocketAddr::new(k.ip.into(), u16::from_be_bytes(k.port));
-                (addr, values.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+                (
+                    k.parts(),
+                    values.iter().fold(0u64, |a, b| a.wrapping_add(*b)),
+                )
             })
             .collect()
     }
@@ -307,6 +333,24 @@ impl Ports {
     }
 }
 
+/// The maps `port_lb` pins, by name.
+const PORT_MAPS: [&str; 5] = [
+    "mesh_ports",
+    "mesh_port_flows",
+    "mesh_port_revnat",
+    "mesh_host_addrs",
+    "mesh_port_picks",
+];
+
+/// Detaches what a previous run with `ebpf.interfaces` left (its links), and frees
+/// its maps: for an agent whose list is now empty.
+pub fn remove_pins(pin_dir: &Path, maps_dir: &Path) {
+    let _ = std::fs::remove_dir_all(pin_dir.join(PORT_LINKS));
+    for name in PORT_MAPS {
+        let _ = std::fs::remove_file(maps_dir.join(name));
+    }
+}
+
 fn port(key: &PortKey) -> String {
     let proto = if key.proto == 17 { "udp" } else { "tcp" };
     format!("{}/{proto}", u16::from_be_bytes(key.port))
@@ -320,8 +364,9 @@ fn remove(map: &mut HashMap<MapData, PortKey, PortFrontend>, key: &PortKey) -> R
     }
 }
 
-/// Whether `name` is an interface of this network namespace, as an error that names
-/// the setting.
+/// Whether `name` is an Ethernet interface of this network namespace, as an error
+/// that names the setting. The program reads an Ethernet header first: on a layer-3
+/// device (WireGuard, tun, ipip) or loopback it would read the wrong bytes.
 pub fn check_interface(name: &str) -> Result<(), String> {
     let c = std::ffi::CString::new(name)
         .map_err(|_| format!("ebpf.interfaces: {name:?} is not an interface name"))?;
@@ -330,6 +375,42 @@ pub fn check_interface(name: &str) -> Result<(), String> {
         return Err(format!(
             "ebpf.interfaces names {name:?}, which is not an interface here ({})",
             std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a plain socket, closed by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!(
+            "ebpf.interfaces: cannot ask about {name:?}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a descriptor just opened and owned by nothing else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SIOCGIFHWADDR,
+            &mut req,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "ebpf.interfaces: cannot ask about {name:?}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the union member SIOCGIFHWADDR wrote.
+    let family = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
+    if family != libc::ARPHRD_ETHER {
+        return Err(format!(
+            "ebpf.interfaces names {name:?}, which is not an Ethernet interface (link type {family}); the TC path reads Ethernet frames"
         ));
     }
     Ok(())
@@ -360,4 +441,26 @@ fn host_ipv4s() -> std::io::Result<BTreeSet<Ipv4Addr>> {
     // SAFETY: the list getifaddrs returned, freed once.
     unsafe { libc::freeifaddrs(list) };
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ethernet_interfaces_that_exist_are_accepted() {
+        let lo = check_interface("lo").unwrap_err();
+        assert!(
+            lo.contains("\"lo\"") && lo.contains("not an Ethernet interface"),
+            "{lo}"
+        );
+        let missing = check_interface("mesh-nope0").unwrap_err();
+        assert!(missing.contains("not an interface here"), "{missing}");
+    }
+
+    #[test]
+    fn this_hosts_addresses_include_loopback() {
+        // The listing the map is filtered from: it sees at least 127.0.0.1.
+        assert!(host_ipv4s().unwrap().contains(&Ipv4Addr::LOCALHOST));
+    }
 }

@@ -629,7 +629,8 @@ fn tcx_links(pins: &PinDir) -> Vec<(String, String)> {
 /// A published port on host1 with a task on host1 and one on host2 (each host's
 /// agent registers its own). A flow whose Maglev pick is host1's task is taken to it
 /// by the TC program, and the task sees the client's own address; a flow picked for
-/// host2's task is left to the userspace plane, which hops (host2's task sees host1).
+/// host2's task is left to nftables, which hops (host2's task sees host1). A service
+/// with a userspace-only option is not taken in the kernel at all.
 #[test]
 fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() {
     let test = "a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address";
@@ -640,19 +641,31 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
     let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
     let cg = Cgroup::new();
     let pins = PinDir::new();
+    // nftables serves the ports beside the TC path, and hops to host2 by forwarding.
+    let forward = h1
+        .ns
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .unwrap();
+    assert!(forward.success());
     let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
     let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
-    // idle_timeout is a userspace-only option: the userspace plane serves the port
-    // beside the TC path, and its hops show host1's address.
-    let service = "[[service]]\nname = \"web\"\nports = [{ target = 8000, published = 8080 }]\n\
-                   idle_timeout = \"1h\"\n\
-                   health = { check = \"tcp\", interval = \"200ms\" }\n";
-    let task = |id: &str, ip: &str, port: u16| {
-        format!("[[task]]\nservice = \"web\"\nid = \"{id}\"\nip = \"{ip}\"\nport = {port}\n")
+    // `slow` asks for an idle timeout, which only the userspace plane keeps.
+    let services = "[[service]]\nname = \"web\"\nports = [{ target = 8000, published = 8080 }]\n\
+                    health = { check = \"tcp\", interval = \"200ms\" }\n\
+                    [[service]]\nname = \"slow\"\nports = [{ target = 8000, published = 8090 }]\n\
+                    idle_timeout = \"1h\"\n\
+                    health = { check = \"tcp\", interval = \"200ms\" }\n";
+    let tasks = |n: u8, ip: &str| {
+        format!(
+            "[[task]]\nservice = \"web\"\nid = \"web.{n}\"\nip = \"{ip}\"\nport = 800{n}\n\
+             [[task]]\nservice = \"slow\"\nid = \"slow.{n}\"\nip = \"{ip}\"\nport = 800{n}\n"
+        )
     };
     let cfg1 = format!(
-        "{service}{}{}interfaces = [\"eth0\"]\n",
-        task("web.1", &h1.ip, 8001),
+        "{services}{}{}interfaces = [\"eth0\"]\n",
+        tasks(1, &h1.ip),
         config(&cg, &pins)
     );
     let bind1 = format!("{}:7946", h1.ip);
@@ -664,7 +677,7 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
         "--insecure",
     ];
     let mut agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
-    let cfg2 = format!("{service}{}", task("web.2", &h2.ip, 8002));
+    let cfg2 = format!("{services}{}", tasks(2, &h2.ip));
     let bind2 = format!("{}:7946", h2.ip);
     let args2 = [
         "--dataplane",
@@ -678,6 +691,7 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
     ];
     let _agent2 = Agent::start_entered(&h2.ns, "host2", Some(&cfg2), &args2);
     agent.wait_routable("web", 2);
+    agent.wait_routable("slow", 2);
     agent.wait_applied();
 
     let attached = tcx_links(&pins);
@@ -703,66 +717,83 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
     let detail = ebpf["detail"].as_str().unwrap_or_default();
     assert!(
         detail.contains("published ports at tcx on eth0") && detail.contains("mesh_ports 1/"),
-        "{detail}"
+        "only web's port is taken in the kernel: {detail}"
+    );
+    assert!(
+        ring_of(&pins, 8090).is_empty(),
+        "slow's port is not in mesh_ports"
     );
 
     // Each connect comes from a new client port, so Maglev spreads them: about half
-    // pick web.1 and are taken in the kernel; the others reach the userspace plane,
-    // which balances them over both tasks from host1's address.
-    let addr = format!("{}:8080", h1.ip);
-    let mut answers: Vec<(String, String)> = Vec::new();
-    for _ in 0..40 {
-        let out = c
-            .client
-            .ns
-            .command(backend_bin())
-            .args(["--who", &addr])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "GET {addr}: {}",
-            String::from_utf8_lossy(&out.stderr)
+    // pick web.1 and are taken in the kernel; nftables takes the others and balances
+    // them over both tasks, forwarding to host2 from host1's address.
+    let get = |port: u16| -> Vec<(String, String)> {
+        let addr = format!("{}:{port}", h1.ip);
+        (0..40)
+            .map(|_| {
+                let out = c
+                    .client
+                    .ns
+                    .command(backend_bin())
+                    .args(["--who", &addr])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "GET {addr}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                let (task, client) = text.split_once(' ').expect("task and client");
+                (task.to_string(), client.to_string())
+            })
+            .collect()
+    };
+    let answers = get(8080);
+    let on = |task: &str| answers.iter().filter(|(t, _)| t == task).count();
+    assert!(
+        on("web.1") > 0 && on("web.2") > 0,
+        "both tasks answer: {answers:?}"
+    );
+    for (task, client) in &answers {
+        let want = if task == "web.1" {
+            &c.client.ip
+        } else {
+            &h1.ip
+        };
+        assert_eq!(
+            client, want,
+            "{task} saw the client as {client}: {answers:?}"
         );
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let (task, client) = text.split_once(' ').expect("task and client");
-        answers.push((task.to_string(), client.to_string()));
     }
-    let kernel: Vec<&(String, String)> = answers
-        .iter()
-        .filter(|(_, ip)| *ip == c.client.ip)
-        .collect();
-    assert!(
-        answers
-            .iter()
-            .all(|(_, ip)| *ip == c.client.ip || *ip == h1.ip),
-        "every answer came by the kernel or the userspace hop: {answers:?}"
-    );
-    assert!(
-        kernel.iter().all(|(task, _)| task == "web.1"),
-        "only host1's own task is reached in the kernel: {answers:?}"
-    );
-    assert!(
-        !kernel.is_empty() && kernel.len() < answers.len(),
-        "Maglev sends some flows to each task: {answers:?}"
-    );
-    assert!(
-        answers.iter().any(|(task, _)| task == "web.2"),
-        "host2's task is reached by the hop: {answers:?}"
-    );
-    // The kernel's flows are counted under the other planes' name, with the userspace
-    // plane's own: web.1 got every kernel flow plus its share of the hops.
-    let by_userspace = answers.len() - kernel.len();
-    eventually("mesh_connections_total counts the kernel's flows", || {
+    // Only the kernel's flows count here (nftables keeps its own counters): some of
+    // web.1's, none of web.2's.
+    let kernel = eventually("mesh_connections_total counts the kernel's flows", || {
         let n = agent.metric(
             "mesh_connections_total",
             &[("service", "web"), ("task", "web.1")],
-        ) + agent.metric(
-            "mesh_connections_total",
-            &[("service", "web"), ("task", "web.2")],
         );
-        (n == (kernel.len() + by_userspace) as f64).then_some(())
+        (n >= 1.0).then_some(n)
     });
+    assert!(
+        kernel <= on("web.1") as f64,
+        "{kernel} kernel flows, {} on web.1",
+        on("web.1")
+    );
+    assert_eq!(
+        agent.metric(
+            "mesh_connections_total",
+            &[("service", "web"), ("task", "web.2")]
+        ),
+        0.0,
+        "host2's task is never taken in the kernel"
+    );
+    // The userspace plane serves `slow`: every task sees host1's address.
+    let slow = get(8090);
+    assert!(
+        slow.iter().all(|(_, client)| *client == h1.ip),
+        "no flow of slow's is taken in the kernel: {slow:?}"
+    );
 
     // SIGTERM removes the programs from the interface and every pin.
     assert!(agent.stop().success());
@@ -865,13 +896,19 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
     let _b3 = Backend::start_in_at(&h1.ns, "web.3", &h1.ip, 8003);
     let _u1 = udp_echo(&h1.ns, "echo.1", &h1.ip);
     let _u2 = udp_echo(&h2.ns, "echo.2", &h2.ip);
-    // idle_timeout keeps the userspace plane beside the TC path (see above).
+    // nftables serves the ports beside the TC path, and hops to host2 by forwarding.
+    let forward = h1
+        .ns
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .unwrap();
+    assert!(forward.success());
     let services = "[[service]]\nname = \"web\"\nports = [{ target = 8000, published = 8080 }]\n\
-                    idle_timeout = \"1h\"\n\
                     health = { check = \"tcp\", interval = \"200ms\" }\n\
                     [[service]]\nname = \"echo\"\n\
                     ports = [{ target = 5301, published = 5300, protocol = \"udp\" }]\n\
-                    idle_timeout = \"1h\"\nhealth = { check = \"none\" }\n";
+                    health = { check = \"none\" }\n";
     let tasks = |n: u8, ip: &str| {
         format!(
             "[[task]]\nservice = \"web\"\nid = \"web.{n}\"\nip = \"{ip}\"\nport = 800{n}\n\
@@ -939,14 +976,22 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
     assert!(out.status.success(), "20 answers from {udp}: {answers}");
     assert!(
         answers.contains("echo.1:") && answers.contains("echo.2:"),
-        "the kernel's (echo.1) and the hop's (echo.2): {answers}"
+        "both tasks answer: {answers}"
     );
+    // Only the kernel's UDP flows count here (nftables keeps its own counters).
+    eventually("the kernel took some of echo.1's flows", || {
+        let n = agent.metric(
+            "mesh_connections_total",
+            &[("service", "echo"), ("task", "echo.1")],
+        );
+        (n >= 1.0).then_some(())
+    });
 
     // Held connections, each with its own client port: about half are taken in the
-    // kernel to web.1, the others go through host1's userspace plane.
+    // kernel to web.1, the others by nftables.
     let addr = format!("{}:8080", h1.ip);
     let mut held = Vec::new();
-    for _ in 0..24 {
+    for _ in 0..48 {
         let mut cmd = c.client.ns.command(backend_bin());
         cmd.args(["--held", &addr, "stdin"])
             .stdin(Stdio::piped())
@@ -965,8 +1010,8 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
         let r = ring_of(&pins1, 8080);
         (r.contains(&2) && r == ring_of(&pins2, 8080)).then_some(())
     });
-    // Then the agent dies. The kernel's connections go on with their task; the
-    // userspace plane's die with it.
+    // Then the agent dies. Both kernel planes' connections go on, each with its task:
+    // a kernel flow whose ring slot moved to web.3 would be reset by web.3.
     agent.kill9();
     let mut finished = Vec::new();
     for (child, out) in &mut held {
@@ -975,33 +1020,35 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
         out.read_line(&mut line).unwrap();
         finished.push(line.trim().to_string());
     }
-    let ok: Vec<&String> = finished.iter().filter(|l| l.starts_with("ok ")).collect();
     assert!(
-        !ok.is_empty() && ok.iter().all(|l| *l == "ok web.1"),
-        "the kernel's connections finished on web.1, where they began: {finished:?}"
+        finished
+            .iter()
+            .all(|l| *l == "ok web.1" || *l == "ok web.2"),
+        "every held connection finished, on the task it began with: {finished:?}"
     );
     assert!(!pins1.contents().is_empty(), "the pins outlive the agent");
-    // New connections are still taken in the kernel where the pick is host1's.
-    let after: Vec<String> = (0..12)
-        .filter_map(|_| {
-            let out = c
-                .client
-                .ns
-                .command(backend_bin())
-                .args(["--who", &addr])
-                .output()
-                .ok()?;
-            out.status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        })
-        .collect();
-    assert!(
-        !after.is_empty()
-            && after.iter().all(|a| *a == format!("web.1 {}", c.client.ip)
-                || *a == format!("web.3 {}", c.client.ip)),
-        "with no agent, host1's own tasks are still reached in the kernel: {after:?}"
-    );
+    // New connections are still served with no agent: host1's own tasks see the
+    // client, host2's sees host1.
+    for _ in 0..12 {
+        let out = c
+            .client
+            .ns
+            .command(backend_bin())
+            .args(["--who", &addr])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let ok = [
+            format!("web.1 {}", c.client.ip),
+            format!("web.3 {}", c.client.ip),
+            format!("web.2 {}", h1.ip),
+        ];
+        assert!(
+            out.status.success() && ok.contains(&text),
+            "with no agent: {text:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // A restarted agent adopts the pinned maps, replaces its links and goes on.
     agent.spawn(Some(&cfg1), &[]);
