@@ -161,20 +161,13 @@ impl Target {
                     .ebpf
                     .as_ref()
                     .context("the mesh-tc target needs the topology's cgroup")?;
-                // Every service is given a userspace-only option (max_connections),
-                // so the userspace plane serves the ports beside the TC path rather
-                // than nftables, whose table would turn conntrack on.
+                // No service asks for a userspace-only option, so the TC path takes
+                // them all (the backend is this host's task). nftables serves the
+                // ports beside it, as `--dataplane ebpf` does, and its table turns
+                // conntrack on in the LB namespace.
                 let cfg = format!(
                     "{}\n{}interfaces = [\"to-client\", \"to-backend\"]\n",
-                    mesh_config(dir, false, false)
-                        .replace(
-                            "[[service]]\nname = \"http\"",
-                            "[[service]]\nname = \"http\"\nmax_connections = 7000"
-                        )
-                        .replace(
-                            "[[service]]\nname = \"iperf\"",
-                            "[[service]]\nname = \"iperf\"\nmax_connections = 7000"
-                        ),
+                    mesh_config(dir, true, false),
                     integration::ebpf::config(cgroup, pins)
                 );
                 let cfg = write(dir, "mesh.toml", &cfg)?;
