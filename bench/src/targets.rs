@@ -137,24 +137,11 @@ impl Target {
                     mesh_config(dir, true, false),
                     integration::ebpf::config(cgroup, pins)
                 );
-                let cfg = write(dir, "mesh.toml", &cfg)?;
-                let bin = mesh_bin.to_string_lossy().to_string();
                 // In a namespace of its own, off the path: the socket programs act on
                 // the client's connects wherever the agent runs, and the nftables
                 // table it makes for published ports would otherwise turn on
-                // conntrack for every packet the LB namespace forwards. nsenter, not
-                // `ip netns exec`: the agent must see bpffs and the cgroup hierarchy,
-                // which the latter's private /sys hides.
-                let mut c = integration::ebpf::nsenter(agent_ns);
-                c.args(["taskset", "-c", LB_CPU, &bin]).args([
-                    "agent",
-                    "--config",
-                    &cfg,
-                    "--no-vips",
-                    "--dataplane",
-                    "ebpf",
-                ]);
-                c
+                // conntrack for every packet the LB namespace forwards.
+                ebpf_agent(agent_ns, mesh_bin, &write(dir, "mesh.toml", &cfg)?)
             }
             Target::MeshTc => {
                 let (cgroup, pins, _) = topo
@@ -170,20 +157,8 @@ impl Target {
                     mesh_config(dir, true, false),
                     integration::ebpf::config(cgroup, pins)
                 );
-                let cfg = write(dir, "mesh.toml", &cfg)?;
-                let bin = mesh_bin.to_string_lossy().to_string();
-                // In the LB namespace, whose interfaces the programs attach to;
-                // nsenter, so that the agent sees bpffs and the cgroup hierarchy.
-                let mut c = integration::ebpf::nsenter(&topo.lb);
-                c.args(["taskset", "-c", LB_CPU, &bin]).args([
-                    "agent",
-                    "--config",
-                    &cfg,
-                    "--no-vips",
-                    "--dataplane",
-                    "ebpf",
-                ]);
-                c
+                // In the LB namespace, whose interfaces the programs attach to.
+                ebpf_agent(&topo.lb, mesh_bin, &write(dir, "mesh.toml", &cfg)?)
             }
             Target::Mesh | Target::MeshBefore | Target::MeshNft => {
                 let nft = self == Target::MeshNft;
@@ -218,6 +193,19 @@ impl Target {
         };
         Running::spawn(&self.to_string(), cmd, &log).map(Some)
     }
+}
+
+/// `mesh agent --dataplane ebpf` on the LB CPU in `ns`. nsenter, not `ip netns exec`:
+/// the agent must see bpffs and the cgroup hierarchy, which the latter's private /sys
+/// hides.
+fn ebpf_agent(ns: &integration::netns::Netns, mesh_bin: &Path, cfg: &str) -> std::process::Command {
+    let mut c = integration::ebpf::nsenter(ns);
+    c.args(["taskset", "-c", LB_CPU])
+        .arg(mesh_bin)
+        .args(["agent", "--config"])
+        .arg(cfg)
+        .args(["--no-vips", "--dataplane", "ebpf"]);
+    c
 }
 
 /// The VIP addresses of the echo, HTTP and iperf services, from the agent's API once

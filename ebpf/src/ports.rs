@@ -18,6 +18,7 @@ use mesh_core::plan::Features;
 use mesh_core::{Listen, Plan};
 
 use crate::port_layout::{PickKey, PortFrontend, PortKey, PortTask};
+use crate::programs::take_map;
 
 /// The programs, by function name, and what each does.
 pub const PORT_PROGRAMS: [(&str, &str); 2] = [
@@ -141,21 +142,9 @@ impl Ports {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        let ports: HashMap<MapData, PortKey, PortFrontend> = HashMap::try_from(
-            ebpf.take_map("mesh_ports")
-                .ok_or("the eBPF object has no map mesh_ports")?,
-        )
-        .map_err(|e| format!("mesh_ports: {}", chain(&e)))?;
-        let picks = PerCpuHashMap::try_from(
-            ebpf.take_map("mesh_port_picks")
-                .ok_or("the eBPF object has no map mesh_port_picks")?,
-        )
-        .map_err(|e| format!("mesh_port_picks: {}", chain(&e)))?;
-        let host_addrs = HashMap::try_from(
-            ebpf.take_map("mesh_host_addrs")
-                .ok_or("the eBPF object has no map mesh_host_addrs")?,
-        )
-        .map_err(|e| format!("mesh_host_addrs: {}", chain(&e)))?;
+        let ports: HashMap<MapData, PortKey, PortFrontend> = take_map(&mut ebpf, "mesh_ports")?;
+        let picks = take_map(&mut ebpf, "mesh_port_picks")?;
+        let host_addrs = take_map(&mut ebpf, "mesh_host_addrs")?;
         // What a previous run installed: kept until the first sync rewrites it.
         let installed = ports
             .iter()

@@ -132,26 +132,10 @@ impl Programs {
                 .map_err(|e| format!("pinning {}: {}", pin.display(), chain(&e)))?;
         }
         remove_other_layouts(pin_dir, &links_dir);
-        let frontends = HashMap::try_from(
-            ebpf.take_map("mesh_frontends")
-                .ok_or("the eBPF object has no map mesh_frontends")?,
-        )
-        .map_err(|e| format!("mesh_frontends: {}", chain(&e)))?;
-        let backends = HashMap::try_from(
-            ebpf.take_map("mesh_backends")
-                .ok_or("the eBPF object has no map mesh_backends")?,
-        )
-        .map_err(|e| format!("mesh_backends: {}", chain(&e)))?;
-        let picks = PerCpuArray::try_from(
-            ebpf.take_map("mesh_picks")
-                .ok_or("the eBPF object has no map mesh_picks")?,
-        )
-        .map_err(|e| format!("mesh_picks: {}", chain(&e)))?;
-        let revnat = HashMap::try_from(
-            ebpf.take_map("mesh_revnat")
-                .ok_or("the eBPF object has no map mesh_revnat")?,
-        )
-        .map_err(|e| format!("mesh_revnat: {}", chain(&e)))?;
+        let frontends = take_map(&mut ebpf, "mesh_frontends")?;
+        let backends = take_map(&mut ebpf, "mesh_backends")?;
+        let picks = take_map(&mut ebpf, "mesh_picks")?;
+        let revnat = take_map(&mut ebpf, "mesh_revnat")?;
         Ok((
             Programs {
                 _ebpf: ebpf,
@@ -271,6 +255,17 @@ impl Programs {
             Err(errors.join("; "))
         }
     }
+}
+
+/// Takes map `name` out of `ebpf` as the typed map `M`, or says what is wrong.
+pub fn take_map<M>(ebpf: &mut aya::Ebpf, name: &str) -> Result<M, String>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| format!("the eBPF object has no map {name}"))?;
+    M::try_from(map).map_err(|e| format!("{name}: {}", chain(&e)))
 }
 
 /// Whether a map operation failed only because the key is not there: aya 0.14

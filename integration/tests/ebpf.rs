@@ -66,6 +66,32 @@ fn udp_echo(ns: &Netns, name: &str, ip: &str) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// Starts an agent with `--dataplane ebpf` and `config` (its own data directory and
+/// API socket) in `ns`, which must refuse to start: what it said.
+fn ebpf_agent_refuses(ns: &Netns, config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.toml");
+    std::fs::write(&path, config).unwrap();
+    let data = dir.path().join("data");
+    let api = format!("unix:{}", dir.path().join("mesh.sock").display());
+    agent_refuses_entered(
+        ns,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--dataplane",
+            "ebpf",
+            "--bind",
+            "127.0.0.1:0",
+            "--insecure",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api",
+            &api,
+        ],
+    )
+}
+
 fn bpftool_cgroup(cg: &Cgroup) -> String {
     let out = std::process::Command::new("bpftool")
         .args(["cgroup", "show"])
@@ -106,27 +132,7 @@ fn ebpf_balances_vips_at_connect_keeps_the_client_address_and_survives_the_agent
 
     // A second agent on the same pin directory would detach these programs: it is
     // refused, and the first goes on.
-    let other = tempfile::tempdir().unwrap();
-    let other_cfg = other.path().join("mesh.toml");
-    std::fs::write(&other_cfg, config(&cg, &pins)).unwrap();
-    let data = other.path().join("data");
-    let api = format!("unix:{}", other.path().join("mesh.sock").display());
-    let err = agent_refuses_entered(
-        &h1.ns,
-        &[
-            "--config",
-            other_cfg.to_str().unwrap(),
-            "--dataplane",
-            "ebpf",
-            "--bind",
-            "127.0.0.1:0",
-            "--insecure",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--api",
-            &api,
-        ],
-    );
+    let err = ebpf_agent_refuses(&h1.ns, &config(&cg, &pins));
     assert!(
         err.contains("another mesh agent uses ebpf.pin_dir"),
         "{err}"
@@ -803,30 +809,9 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
     assert!(left.is_empty(), "pins left: {left:?}");
 
     // A name that is no interface here stops the agent before anything is attached.
-    let bad = tempfile::tempdir().unwrap();
-    let bad_cfg = bad.path().join("mesh.toml");
-    std::fs::write(
-        &bad_cfg,
-        format!("{}interfaces = [\"eth0\", \"nope0\"]\n", config(&cg, &pins)),
-    )
-    .unwrap();
-    let data = bad.path().join("data");
-    let api = format!("unix:{}", bad.path().join("mesh.sock").display());
-    let err = agent_refuses_entered(
+    let err = ebpf_agent_refuses(
         &h1.ns,
-        &[
-            "--config",
-            bad_cfg.to_str().unwrap(),
-            "--dataplane",
-            "ebpf",
-            "--bind",
-            "127.0.0.1:0",
-            "--insecure",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--api",
-            &api,
-        ],
+        &format!("{}interfaces = [\"eth0\", \"nope0\"]\n", config(&cg, &pins)),
     );
     assert!(
         err.contains("ebpf.interfaces") && err.contains("\"nope0\""),
