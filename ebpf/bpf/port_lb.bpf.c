@@ -178,7 +178,7 @@ struct headers {
 };
 
 // The IPv4 TCP or UDP packet's addresses and ports; 0 for anything else (IPv6, ARP,
-// fragments after the first, which carry no ports).
+// any fragment: only the first carries ports, and the rest would go elsewhere).
 static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
 {
 	if (skb->protocol != bpf_htons(ETH_P_IP))

@@ -3,7 +3,10 @@
 //! previous run left in the pinned maps) covers every frontend, and each later apply
 //! only the frontends the plan diff names, so the same plan twice writes nothing.
 //!
-//! There is no NAT and no per-packet state: a task that leaves a frontend gets no new
+//! With `ebpf.interfaces`, it also keeps the TC fast path of published ports
+//! ([`Ports`]) equal to the plan, beside the plane that serves those ports.
+//!
+//! For VIPs there is no NAT and no per-packet state: a task that leaves a frontend gets no new
 //! connections, and an unconnected UDP socket picks again on its next datagram. The
 //! sockets already connected to it are ended as the other planes end their flows
 //! ([`Departures`]): a drained or removed task's at `drain_timeout`, a connected UDP

@@ -24,7 +24,7 @@ use crate::programs::take_map;
 pub const PORT_PROGRAMS: [(&str, &str); 2] = [
     (
         "mesh_port_ingress",
-        "a published port's flow to a task on this host goes to it (DNAT); a task's reply from behind this interface comes from the published port",
+        "a published port's flow whose pick is a task on this host goes to it (DNAT)",
     ),
     (
         "mesh_port_egress",
@@ -47,8 +47,10 @@ pub struct Ports {
     host_addrs: HashMap<MapData, [u8; 4], u8>,
     /// What `host_addrs` holds.
     addrs: BTreeSet<Ipv4Addr>,
-    /// The plan's VIPs: addresses of this host, but not published ports'.
-    vips: BTreeSet<Ipv4Addr>,
+    /// The plan's VIPs: addresses of this host, but not published ports'. `None`
+    /// before the first sync, when the addresses are left as a previous run wrote
+    /// them (none, on a first start).
+    vips: Option<BTreeSet<Ipv4Addr>>,
     interfaces: Vec<String>,
     /// What `mesh_ports` holds, by key: the tasks of each published port.
     installed: BTreeMap<PortKey, Vec<PortTask>>,
@@ -167,7 +169,7 @@ impl Ports {
             picks,
             host_addrs,
             addrs: BTreeSet::new(),
-            vips: BTreeSet::new(),
+            vips: None,
             interfaces: interfaces.to_vec(),
             installed,
             seen: BTreeMap::new(),
@@ -179,21 +181,21 @@ impl Ports {
             .filter_map(Result::ok)
             .map(Ipv4Addr::from)
             .collect();
-        ports.refresh_addresses()?;
         Ok(ports)
     }
 
     /// Makes `mesh_ports` hold the plan's published TCP and UDP ports. Returns the
     /// first write that failed; the next sync tries everything again.
     pub fn sync(&mut self, plan: &Plan) -> Result<(), String> {
-        self.vips = plan
-            .frontends
-            .keys()
-            .filter_map(|k| match k.listen {
-                Listen::Vip(IpAddr::V4(ip)) => Some(ip),
-                _ => None,
-            })
-            .collect();
+        self.vips = Some(
+            plan.frontends
+                .keys()
+                .filter_map(|k| match k.listen {
+                    Listen::Vip(IpAddr::V4(ip)) => Some(ip),
+                    _ => None,
+                })
+                .collect(),
+        );
         let mut result = self.refresh_addresses();
         let mut wanted: BTreeMap<PortKey, Vec<PortTask>> = BTreeMap::new();
         for (key, f) in &plan.frontends {
@@ -256,13 +258,16 @@ impl Ports {
     /// sync and every few seconds, so an address added to an interface is served
     /// within that time.
     pub fn refresh_addresses(&mut self) -> Result<(), String> {
+        let Some(vips) = &self.vips else {
+            return Ok(());
+        };
         // Loopback addresses cannot come from outside (a packet that claims one is
         // spoofed), and a VIP:port is the VIP's, even where a port of the same
         // number is published.
         let now: BTreeSet<Ipv4Addr> = host_ipv4s()
             .map_err(|e| format!("listing this host's addresses: {e}"))?
             .into_iter()
-            .filter(|ip| !ip.is_loopback() && !self.vips.contains(ip))
+            .filter(|ip| !ip.is_loopback() && !vips.contains(ip))
             .collect();
         for ip in now.difference(&self.addrs) {
             self.host_addrs
@@ -315,7 +320,11 @@ impl Ports {
             "published ports at tcx on {} ({}): mesh_ports {}/{}, mesh_port_flows and mesh_port_revnat (LRU, {} each)",
             self.interfaces.join(", "),
             PORT_PROGRAMS.map(|(n, _)| n).join(", "),
-            self.installed.len(),
+            // A port with no IPv4 task is remembered here but not in the map.
+            self.installed
+                .values()
+                .filter(|tasks| tasks.iter().any(|t| t.addr.is_ipv4()))
+                .count(),
             crate::port_layout::MAX_PORTS,
             crate::port_layout::MAX_PORT_FLOWS,
         )
