@@ -33,7 +33,6 @@ use tracing::{info, warn};
 use crate::config::EbpfConfig;
 use crate::endings::Endings;
 use crate::layout::{self, BackendValue, FrontendValue, MAX_BACKENDS, MAX_FRONTENDS};
-use crate::port_layout::PortKey;
 use crate::ports::Ports;
 use crate::programs::{PROGRAMS, Programs};
 use crate::table::{Table, Writes};
@@ -86,9 +85,6 @@ pub struct EbpfPlane {
     adoption: Adoption,
     /// The TC fast path of published ports, on `ebpf.interfaces`.
     ports: Option<Ports>,
-    /// The service and task of each published port's task address, for the
-    /// fast path's counts.
-    port_labels: BTreeMap<(PortKey, SocketAddr), (String, String)>,
     /// The plan whose published ports could not all be written: tried again at the
     /// next count, not only at the next plan change.
     ports_retry: Option<Plan>,
@@ -184,7 +180,6 @@ impl EbpfPlane {
             batch_refused: false,
             adoption: Adoption::new(adopted, Instant::now()),
             ports,
-            port_labels: BTreeMap::new(),
             ports_retry: None,
         })
     }
@@ -234,10 +229,8 @@ impl EbpfPlane {
         }
         self.seen = seen;
         if let Some(ports) = self.ports.as_mut() {
-            for (key, n) in ports.new_flows() {
-                if let Some((service, task)) = self.port_labels.get(&key) {
-                    counter.with_label_values(&[service, task]).inc_by(n);
-                }
+            for ((service, task), n) in ports.new_flows() {
+                counter.with_label_values(&[service, task]).inc_by(n);
             }
         }
     }
@@ -583,17 +576,6 @@ impl EbpfPlane {
         let Some(ports) = self.ports.as_mut() else {
             return;
         };
-        self.port_labels = plan
-            .frontends
-            .iter()
-            .filter(|(k, _)| k.listen == Listen::Published)
-            .flat_map(|(k, f)| {
-                let port = PortKey::new(k.port, k.protocol);
-                f.backends
-                    .iter()
-                    .map(move |b| ((port, b.addr), (f.service.clone(), b.task.clone())))
-            })
-            .collect();
         match ports.sync(plan) {
             Ok(()) => self.ports_retry = None,
             Err(e) => {

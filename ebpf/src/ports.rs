@@ -18,7 +18,7 @@ use mesh_core::plan::Features;
 use mesh_core::{Listen, Plan};
 
 use crate::port_layout::{PickKey, PortFrontend, PortKey, PortTask};
-use crate::programs::take_map;
+use crate::programs::{find_program, pin_link, take_map};
 
 /// The programs, by function name, and what each does.
 pub const PORT_PROGRAMS: [(&str, &str); 2] = [
@@ -56,6 +56,8 @@ pub struct Ports {
     installed: BTreeMap<PortKey, Vec<PortTask>>,
     /// Each task's count last read, for the deltas added to the metrics.
     seen: BTreeMap<(PortKey, SocketAddr), u64>,
+    /// The service and task each count is reported under.
+    labels: BTreeMap<(PortKey, SocketAddr), (String, String)>,
 }
 
 impl Ports {
@@ -97,11 +99,7 @@ impl Ports {
             (PORT_PROGRAMS[0].0, TcAttachType::Ingress),
             (PORT_PROGRAMS[1].0, TcAttachType::Egress),
         ] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| format!("the eBPF object has no program {name}"))?
-                .try_into()
-                .map_err(|e| format!("{name}: {}", chain(&e)))?;
+            let program: &mut SchedClassifier = find_program(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|e| format!("the kernel refused {name}: {}", chain(&e)))?;
@@ -123,14 +121,7 @@ impl Ports {
                         )
                     })?;
                 let pin_name = format!("{name}@{interface}");
-                let pin = links_dir.join(&pin_name);
-                match std::fs::remove_file(&pin) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("cannot replace {}: {e}", pin.display())),
-                }
-                link.pin(&pin)
-                    .map_err(|e| format!("pinning {}: {}", pin.display(), chain(&e)))?;
+                pin_link(link, &links_dir.join(&pin_name))?;
                 wanted.push(pin_name);
             }
         }
@@ -173,6 +164,7 @@ impl Ports {
             interfaces: interfaces.to_vec(),
             installed,
             seen: BTreeMap::new(),
+            labels: BTreeMap::new(),
         };
         ports.seen = ports.read_picks();
         ports.addrs = ports
@@ -198,6 +190,7 @@ impl Ports {
         );
         let mut result = self.refresh_addresses();
         let mut wanted: BTreeMap<PortKey, Vec<PortTask>> = BTreeMap::new();
+        self.labels.clear();
         for (key, f) in &plan.frontends {
             // A service that asks for PROXY headers, a connection limit, an idle
             // timeout or least-conn is the userspace plane's alone: the kernel path
@@ -205,16 +198,21 @@ impl Ports {
             if key.listen != Listen::Published || f.policy.needs() != Features::NONE {
                 continue;
             }
+            let port = PortKey::new(key.port, key.protocol);
             let tasks = f
                 .backends
                 .iter()
-                .map(|b| PortTask {
-                    task: b.task.clone(),
-                    addr: b.addr,
-                    local: b.local,
+                .map(|b| {
+                    self.labels
+                        .insert((port, b.addr), (f.service.clone(), b.task.clone()));
+                    PortTask {
+                        task: b.task.clone(),
+                        addr: b.addr,
+                        local: b.local,
+                    }
                 })
                 .collect();
-            wanted.insert(PortKey::new(key.port, key.protocol), tasks);
+            wanted.insert(port, tasks);
         }
         for (key, tasks) in &wanted {
             if self.installed.get(key) == Some(tasks) {
@@ -285,16 +283,17 @@ impl Ports {
         Ok(())
     }
 
-    /// The flows taken to each task of each published port since the last call.
-    pub fn new_flows(&mut self) -> Vec<((PortKey, SocketAddr), u64)> {
+    /// The flows taken since the last call, by service and task (of the last sync).
+    pub fn new_flows(&mut self) -> Vec<(&(String, String), u64)> {
         let now = self.read_picks();
         let out = now
             .iter()
-            .filter_map(|(addr, n)| {
+            .filter_map(|(key, n)| {
                 // Less than before: the LRU forgot the task's count and began again.
-                let before = self.seen.get(addr).copied().unwrap_or(0);
+                let before = self.seen.get(key).copied().unwrap_or(0);
                 let delta = if *n >= before { n - before } else { *n };
-                (delta > 0).then_some((*addr, delta))
+                let labels = self.labels.get(key)?;
+                (delta > 0).then_some((labels, delta))
             })
             .collect();
         self.seen = now;

@@ -101,11 +101,7 @@ impl Programs {
         let target = std::fs::File::open(cgroup)
             .map_err(|e| format!("cannot open the cgroup {}: {e}", cgroup.display()))?;
         for (name, _) in PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| format!("the eBPF object has no program {name}"))?
-                .try_into()
-                .map_err(|e| format!("{name}: {}", chain(&e)))?;
+            let program: &mut CgroupSockAddr = find_program(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|e| format!("the kernel refused {name}: {}", chain(&e)))?;
@@ -122,14 +118,7 @@ impl Programs {
             // The previous run's link goes only now, so the hook is never without a
             // program: for a moment both run, and the second finds a task address,
             // not a VIP, and leaves it alone.
-            let pin = links_dir.join(name);
-            match std::fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot replace {}: {e}", pin.display())),
-            }
-            link.pin(&pin)
-                .map_err(|e| format!("pinning {}: {}", pin.display(), chain(&e)))?;
+            pin_link(link, &links_dir.join(name))?;
         }
         remove_other_layouts(pin_dir, &links_dir);
         let frontends = take_map(&mut ebpf, "mesh_frontends")?;
@@ -255,6 +244,30 @@ impl Programs {
             Err(errors.join("; "))
         }
     }
+}
+
+/// Program `name` of `ebpf` as the program type `P`, or says what is wrong.
+pub fn find_program<'a, P>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut P, String>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {}", chain(&e)))
+}
+
+/// Pins `link` at `pin`, in place of what a previous run pinned there: that link,
+/// and so its program's attachment, goes once the new one is in place.
+pub fn pin_link(link: aya::programs::links::FdLink, pin: &Path) -> Result<(), String> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot replace {}: {e}", pin.display())),
+    }
+    link.pin(pin)
+        .map(|_| ())
+        .map_err(|e| format!("pinning {}: {}", pin.display(), chain(&e)))
 }
 
 /// Takes map `name` out of `ebpf` as the typed map `M`, or says what is wrong.

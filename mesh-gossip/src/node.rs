@@ -343,7 +343,7 @@ impl GossipNode {
     /// ([`MAX_BROADCAST_BACKLOG`]). A host with no member to tell gossips nothing:
     /// whoever joins later gets the table by anti-entropy.
     pub fn publish(&mut self, deltas: &[Delta]) -> usize {
-        if deltas.is_empty() || self.foca.num_members() == 0 {
+        if deltas.is_empty() || !self.has_members() {
             return 0;
         }
         self.run(|foca, io| {
