@@ -615,5 +615,9 @@ fn running_out_of_descriptors_blames_no_task() {
         agent.log()
     );
     assert!(accept_lines <= 3, "{accept_lines} accept-failed lines");
-    assert_eq!(get(port).unwrap(), "web.1");
+    // The agent first works through the connections queued while it was out of
+    // descriptors (their clients are gone); on a busy machine a new client can still
+    // meet the limit meanwhile and be reset, so poll.
+    let answer = eventually("a new connection is served again", || get(port).ok());
+    assert_eq!(answer, "web.1");
 }
