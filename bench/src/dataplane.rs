@@ -184,7 +184,10 @@ pub fn run(o: &Options) -> Result<DataplaneResults> {
 
 fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Result<Trial> {
     let mut topo = Topology::create()?;
-    if matches!(target, Target::MeshEbpf | Target::MeshTc) {
+    if matches!(
+        target,
+        Target::MeshEbpf | Target::MeshTc | Target::MeshTcHop
+    ) {
         let agent_ns = integration::netns::Netns::new();
         agent_ns.run("ip", &["link", "set", "lo", "up"]);
         topo.ebpf = Some((
@@ -229,26 +232,55 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
             .context("the mesh-before target needs --mesh-before PATH")?,
         _ => &o.mesh_bin,
     };
+    let _task_host = if target == Target::MeshTcHop {
+        // The topology gives every namespace all ports for its own sockets, which
+        // leaves the TC path none to bind hopped flows to: the LB keeps 60000-65535.
+        topo.lb.run(
+            "sysctl",
+            &["-qw", "net.ipv4.ip_local_port_range=60000 65535"],
+        );
+        Some(crate::targets::task_host_agent(
+            &topo,
+            dir.path(),
+            mesh_bin,
+        )?)
+    } else {
+        None
+    };
     let mut lb = target.start(&topo, dir.path(), mesh_bin)?;
     let addrs = match target {
         Target::MeshEbpf => crate::targets::vip_addrs(mesh_bin, dir.path())?,
         _ => target.addrs(),
     };
-    let probe = topo
-        .client_command(LOAD_CPU, &self_bin, &[])
-        .args([
-            "probe",
-            "--echo",
-            &addrs.echo.to_string(),
-            "--http",
-            &addrs.http.to_string(),
-        ])
-        .args(if w == Workload::Udp {
-            &["--udp"][..]
-        } else {
-            &[][..]
-        })
-        .output()?;
+    let probe = || {
+        topo.client_command(LOAD_CPU, &self_bin, &[])
+            .args([
+                "probe",
+                "--echo",
+                &addrs.echo.to_string(),
+                "--http",
+                &addrs.http.to_string(),
+            ])
+            .args(if w == Workload::Udp {
+                &["--udp"][..]
+            } else {
+                &[][..]
+            })
+            .output()
+    };
+    // mesh-tc-hop's LB agent learns its tasks from the backend's agent by gossip:
+    // until then the port has no task.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let probe = loop {
+        let out = probe()?;
+        if out.status.success()
+            || target != Target::MeshTcHop
+            || std::time::Instant::now() > deadline
+        {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     if !probe.status.success() {
         backend.check_alive(&backend_log)?;
         if let Some(lb) = lb.as_mut() {

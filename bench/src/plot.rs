@@ -25,6 +25,7 @@ const COLORS: [RGBColor; Target::ORDER.len()] = [
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
     RGBColor(188, 189, 34),
+    RGBColor(140, 86, 75),
     RGBColor(214, 39, 40),
     RGBColor(255, 152, 150),
     RGBColor(44, 160, 44),

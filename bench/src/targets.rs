@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{ECHO_PORT, HTTP_PORT};
 use crate::process::{Running, pinned};
-use crate::topology::{BACKEND_IP, LB_CPU, LB_IP, Topology, backend_addr, lb_addr};
+use crate::topology::{
+    BACKEND_IP, LB_BACKEND_SIDE_IP, LB_CPU, LB_IP, LOAD_CPU, Topology, backend_addr, lb_addr,
+};
 
 pub const IPERF_PORT: u16 = 5201;
 /// Where the proxies publish the echo, HTTP and iperf backends.
@@ -46,6 +48,12 @@ pub enum Target {
     #[value(name = "mesh-tc")]
     #[serde(rename = "mesh-tc")]
     MeshTc,
+    /// As `mesh-tc`, but the backend is another host's task: an agent in the backend
+    /// namespace registers it, so the TC program hops each flow there (SNAT and DNAT,
+    /// sent out of the LB namespace's interface past its stack) and back.
+    #[value(name = "mesh-tc-hop")]
+    #[serde(rename = "mesh-tc-hop")]
+    MeshTcHop,
     Haproxy,
     /// HAProxy with `option splice-auto` instead of forced splice: its own heuristic,
     /// which splices only when buffers fill. Not a default target; for checking that
@@ -65,6 +73,7 @@ impl fmt::Display for Target {
             Target::MeshNft => "mesh-nft",
             Target::MeshEbpf => "mesh-ebpf",
             Target::MeshTc => "mesh-tc",
+            Target::MeshTcHop => "mesh-tc-hop",
             Target::Haproxy => "haproxy",
             Target::HaproxySpliceAuto => "haproxy-splice-auto",
             Target::Nginx => "nginx",
@@ -89,13 +98,14 @@ impl Target {
         Target::Nginx,
     ];
     /// Every target, in report order.
-    pub const ORDER: [Target; 9] = [
+    pub const ORDER: [Target; 10] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
         Target::MeshNft,
         Target::MeshEbpf,
         Target::MeshTc,
+        Target::MeshTcHop,
         Target::Haproxy,
         Target::HaproxySpliceAuto,
         Target::Nginx,
@@ -143,22 +153,37 @@ impl Target {
                 // conntrack for every packet the LB namespace forwards.
                 ebpf_agent(agent_ns, mesh_bin, &write(dir, "mesh.toml", &cfg)?)
             }
-            Target::MeshTc => {
+            Target::MeshTc | Target::MeshTcHop => {
                 let (cgroup, pins, _) = topo
                     .ebpf
                     .as_ref()
-                    .context("the mesh-tc target needs the topology's cgroup")?;
+                    .context("the mesh-tc targets need the topology's cgroup")?;
                 // No service asks for a userspace-only option, so the TC path takes
-                // them all (the backend is this host's task). nftables serves the
-                // ports beside it, as `--dataplane ebpf` does, and its table turns
-                // conntrack on in the LB namespace.
+                // them all. nftables serves the ports beside it, as `--dataplane
+                // ebpf` does, and its table turns conntrack on in the LB namespace:
+                // for a task of this host (mesh-tc), the DNATed packet goes up the
+                // stack; a hopped one (mesh-tc-hop) never enters it.
+                let mesh = mesh_config(dir, true, false);
+                let mesh = if self == Target::MeshTcHop {
+                    // The tasks are the backend agent's (`task_host_agent`).
+                    let services = mesh.split("\n[[task]]").next().unwrap_or_default();
+                    services.replace(
+                        "bind = \"127.0.0.1:0\"",
+                        &format!("bind = \"{LB_BACKEND_SIDE_IP}:{GOSSIP_PORT}\""),
+                    )
+                } else {
+                    mesh
+                };
                 let cfg = format!(
-                    "{}\n{}interfaces = [\"to-client\", \"to-backend\"]\n",
-                    mesh_config(dir, true, false),
+                    "{mesh}\n{}interfaces = [\"to-client\", \"to-backend\"]\n",
                     integration::ebpf::config(cgroup, pins)
                 );
                 // In the LB namespace, whose interfaces the programs attach to.
-                ebpf_agent(&topo.lb, mesh_bin, &write(dir, "mesh.toml", &cfg)?)
+                let mut agent = ebpf_agent(&topo.lb, mesh_bin, &write(dir, "mesh.toml", &cfg)?);
+                if self == Target::MeshTcHop {
+                    agent.arg("--insecure");
+                }
+                agent
             }
             Target::Mesh | Target::MeshBefore | Target::MeshNft => {
                 let nft = self == Target::MeshNft;
@@ -193,6 +218,46 @@ impl Target {
         };
         Running::spawn(&self.to_string(), cmd, &log).map(Some)
     }
+}
+
+/// The gossip port of the two agents of `mesh-tc-hop`.
+const GOSSIP_PORT: u16 = 7946;
+
+/// For `mesh-tc-hop`: an agent in the backend namespace that registers the backend's
+/// tasks as its own and joins the LB's agent, on the load CPU (it only gossips; its
+/// userspace plane's listeners on the backend's address take no load).
+pub fn task_host_agent(topo: &Topology, dir: &Path, mesh_bin: &Path) -> Result<Running> {
+    let cfg = mesh_config(dir, true, false)
+        .replace("node_name = \"lb\"", "node_name = \"backend\"")
+        .replace("/mesh-data\"", "/backend-data\"")
+        .replace("/mesh.sock\"", "/backend.sock\"")
+        .replace(
+            &format!("bind = \"{LB_IP}\""),
+            &format!("bind = \"{BACKEND_IP}\""),
+        )
+        .replace(
+            "bind = \"127.0.0.1:0\"",
+            &format!("bind = \"{BACKEND_IP}:{GOSSIP_PORT}\""),
+        );
+    let cfg = write(dir, "backend-mesh.toml", &cfg)?;
+    let join = format!("{LB_BACKEND_SIDE_IP}:{GOSSIP_PORT}");
+    let bin = mesh_bin.to_string_lossy().to_string();
+    let args = [
+        "agent",
+        "--config",
+        &cfg,
+        "--no-vips",
+        "--dataplane",
+        "userspace",
+        "--insecure",
+        "--join",
+        &join,
+    ];
+    Running::spawn(
+        "backend agent",
+        pinned(&topo.backend, LOAD_CPU, &bin, &args),
+        &dir.join("backend-agent.log"),
+    )
 }
 
 /// `mesh agent --dataplane ebpf` on the LB CPU in `ns`. nsenter, not `ip netns exec`:

@@ -12,8 +12,15 @@
 //   and the packet goes on up the stack; the task sees the client's own address. On
 //   egress, the task's reply is rewritten back to the published address and port
 //   (after netfilter, so conntrack sees the flow as the task does).
-// - A task on another host: the packet is left alone, for the plane that serves the
-//   port to take and hop (the userspace plane or nftables).
+// - A task on another host: the packet is rewritten to come from this host (SNAT, to
+//   a port bound in mesh_port_unsnat) and go to the task, and is sent straight out of
+//   the interface the agent found the route to the task on (bpf_redirect_neigh): the
+//   stack, netfilter and conntrack never see it. The task's reply, arriving on that
+//   interface, is rewritten back (from the published address and port, to the client)
+//   and sent out towards the client the same way. The task sees this host's address.
+//   Without a route from the agent (the way to the task is not through an attached
+//   interface) or a free port, the packet is left alone, for the plane that serves
+//   the port (the userspace plane or nftables).
 //
 // Every address and port in a map is in network byte order. The agent fills the maps
 // (ebpf/src/port_layout.rs mirrors these layouts).
@@ -29,6 +36,20 @@
 #define IPPROTO_UDP 17
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+// How many ports are tried for a new hopped flow before it is left to the other plane.
+#define BIND_TRIES 16
+// A bound port may go to another flow this long (in ticks of 2^30 ns, about a
+// second) after its last packet: for TCP only once a FIN or RST was seen (an open
+// connection keeps its port however idle it is; only the LRU, when full, takes it
+// back), as Cilium's conntrack closes entries 10 s after the end; for UDP after 60,
+// as conntrack does for UDP without replies.
+#define REUSE_TCP_CLOSED 10
+#define REUSE_UDP_IDLE 60
 
 // The most tasks one published port balances over, and the Maglev ring's size (a
 // prime above 100 times MAX_SLOTS would be better; 16381 keeps a change's
@@ -80,6 +101,54 @@ struct nat {
 	__u16 pad;
 };
 
+// How a flow taken to another host's task leaves this host: from ip:port (SNAT),
+// through the interface ifindex. Value of mesh_port_snat, keyed by the client's
+// packet as it arrived (a flow_key).
+struct snat {
+	__u32 task_ip;
+	__u32 ip;
+	__u32 ifindex;
+	__u32 seen;
+	__u16 task_port;
+	__u16 port;
+};
+
+// Whose a bound port is: value of mesh_port_unsnat, keyed by the task's reply as it
+// arrives (from the task, to the bound ip:port).
+struct unsnat {
+	__u32 client_ip;
+	__u32 published_ip;
+	// The interface the client's packets came in on, where its replies go out.
+	__u32 ifindex;
+	// The interface towards the task: a reply must arrive there (one claiming to
+	// be the task's on another interface is spoofed).
+	__u32 task_ifindex;
+	__u32 seen;
+	__u16 client_port;
+	__u16 published_port;
+	// A FIN or RST was seen, in either direction.
+	__u8 closed;
+	__u8 pad[3];
+};
+
+// The way to a task of another host, found by the agent (RTM_GETROUTE): the
+// interface and this host's source address. Only routes through an attached
+// interface are written, so the task's replies come back to a program of ours.
+struct route {
+	__u32 ifindex;
+	__u32 src;
+};
+
+// The ports a hopped flow may be bound to, in host byte order: span ports from
+// first, skipping skip_len ports from skip_from (the kernel's ip_local_port_range,
+// so a bound port never meets a connection this host's own sockets make).
+struct port_config {
+	__u16 first;
+	__u16 span;
+	__u16 skip_from;
+	__u16 skip_len;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -104,6 +173,38 @@ struct {
 	__type(value, struct nat);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_port_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct flow_key);
+	__type(value, struct snat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_snat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct flow_key);
+	__type(value, struct unsnat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_unsnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct route);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_config SEC(".maps");
 
 // This host's IPv4 addresses, kept by the agent: only packets to one of them are
 // published-port traffic (a routed packet that happens to use the port is someone
@@ -175,6 +276,8 @@ struct headers {
 	__u8 proto;
 	// A TCP packet that opens a connection (SYN without ACK).
 	__u8 opens;
+	// A TCP packet that ends one (FIN or RST).
+	__u8 ends;
 };
 
 // The IPv4 TCP or UDP packet's addresses and ports; 0 for anything else (IPv6, ARP,
@@ -204,7 +307,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
 		__u8 flags;
 		if (bpf_skb_load_bytes(skb, h->l4 + 13, &flags, 1) < 0)
 			return 0;
-		h->opens = (flags & 0x12) == 0x02;
+		h->opens = (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+		h->ends = (flags & (TCP_FIN | TCP_RST)) != 0;
 	}
 	return 1;
 }
@@ -274,15 +378,190 @@ static __always_inline void count(const struct port_backend *b, const struct hea
 	bpf_map_update_elem(&mesh_port_picks, &k, &one, BPF_NOEXIST);
 }
 
-// 1: taken to a task of this host; 0: left alone; -1: the rewrite failed half-way.
+// About a second: what `seen` counts in.
+static __always_inline __u32 ticks(void)
+{
+	return bpf_ktime_get_coarse_ns() >> 30;
+}
+
+// Whether a bound port may go to the flow `want`: it is already that flow's (the
+// client reused its address and port, as conntrack would let it), or its flow ended
+// long enough ago (see REUSE_TCP_CLOSED).
+static __always_inline int reusable(const struct unsnat *cur, const struct unsnat *want, __u32 now,
+				    __u8 proto)
+{
+	if (cur->client_ip == want->client_ip && cur->client_port == want->client_port &&
+	    cur->published_ip == want->published_ip && cur->published_port == want->published_port)
+		return 1;
+	if (proto == IPPROTO_TCP)
+		return cur->closed && now - cur->seen >= REUSE_TCP_CLOSED;
+	return now - cur->seen >= REUSE_UDP_IDLE;
+}
+
+// Binds a port of `route`'s source address to a new flow from the client to
+// another host's task `b`, trying BIND_TRIES ports. The first is the client's own port
+// when it is one that may be bound (conntrack's masquerade keeps it too), else one
+// picked by a hash of the client's address and port: either way, a client that
+// reuses its address and port gets the same one back, and clients rarely collide.
+static __always_inline int bind_port(struct __sk_buff *skb, const struct headers *h,
+				     const struct port_backend *b, __u32 now, struct snat *out)
+{
+	struct route *r = bpf_map_lookup_elem(&mesh_port_routes, &b->ip);
+	if (!r)
+		return -1;
+	__u32 zero = 0;
+	struct port_config *cfg = bpf_map_lookup_elem(&mesh_port_config, &zero);
+	if (!cfg || cfg->span == 0)
+		return -1;
+	struct port_config c = *cfg;
+	struct route via = *r;
+	struct unsnat want = {
+		.client_ip = h->saddr,
+		.published_ip = h->daddr,
+		.ifindex = skb->ifindex,
+		.task_ifindex = via.ifindex,
+		.seen = now,
+		.client_port = h->sport,
+		.published_port = h->dport,
+	};
+	__u32 hash = flow_hash(h->saddr ^ h->daddr, h->sport, h->dport, h->proto);
+	__u32 own = bpf_ntohs(h->sport);
+	int own_ok = own >= c.first && (own < c.skip_from || own >= (__u32)c.skip_from + c.skip_len);
+	for (__u32 i = 0; i < BIND_TRIES; i++) {
+		__u32 port = c.first + (hash + i * 0x9e3779b1) % c.span;
+		if (port >= c.skip_from)
+			port += c.skip_len;
+		if (i == 0 && own_ok)
+			port = own;
+		if (port > 0xffff)
+			continue;
+		struct flow_key rk = {
+			.saddr = b->ip,
+			.daddr = via.src,
+			.sport = b->port,
+			.dport = bpf_htons((__u16)port),
+			.proto = h->proto,
+		};
+		struct unsnat *cur = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
+		if (cur && !reusable(cur, &want, now, h->proto))
+			continue;
+		// Two CPUs may race for a free port: only one creates it.
+		if (bpf_map_update_elem(&mesh_port_unsnat, &rk, &want, cur ? BPF_ANY : BPF_NOEXIST) < 0)
+			continue;
+		out->task_ip = b->ip;
+		out->task_port = b->port;
+		out->ip = via.src;
+		out->port = rk.dport;
+		out->ifindex = via.ifindex;
+		out->seen = now;
+		return 0;
+	}
+	return -1;
+}
+
+// The bound port's entry of a hopped flow.
+static __always_inline struct unsnat *bound(const struct snat *s, __u8 proto)
+{
+	struct flow_key rk = {
+		.saddr = s->task_ip,
+		.daddr = s->ip,
+		.sport = s->task_port,
+		.dport = s->port,
+		.proto = proto,
+	};
+	return bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
+}
+
+// Whether the port a flow was bound to is still its own: another flow can have taken
+// it only after this one ended (TCP, which then opens anew) or idled (UDP).
+static __always_inline int still_bound(const struct snat *s, const struct headers *h)
+{
+	struct unsnat *u = bound(s, h->proto);
+	return u && u->client_ip == h->saddr && u->client_port == h->sport &&
+	       u->published_ip == h->daddr && u->published_port == h->dport;
+}
+
+// Sends a packet of a flow whose task is on another host: from the bound port, to the
+// task, out of the route's interface. TC_ACT_UNSPEC: left to the other plane.
+static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
+			       const struct flow_key *fk, const struct port_backend *b, int inside)
+{
+	__u32 now = ticks();
+	struct snat out;
+	struct snat *s = bpf_map_lookup_elem(&mesh_port_snat, fk);
+	// A port can have gone to another flow only after this one ended (a TCP
+	// connection then opens anew) or idled (UDP).
+	int recheck = h->opens || (h->proto == IPPROTO_UDP && s && now - s->seen >= REUSE_UDP_IDLE / 2);
+	if (s && s->task_ip == b->ip && s->task_port == b->port && (!recheck || still_bound(s, h))) {
+		out = *s;
+		if (s->seen != now) {
+			s->seen = now;
+			struct unsnat *u = bound(&out, h->proto);
+			if (u)
+				u->seen = now;
+		}
+		if (h->opens) {
+			// The client opens anew on the same address and port.
+			struct unsnat *u = bound(&out, h->proto);
+			if (u)
+				u->closed = 0;
+		}
+	} else {
+		// A connection this program did not bind is not its to take.
+		if (inside)
+			return TC_ACT_UNSPEC;
+		if (bind_port(skb, h, b, now, &out) < 0)
+			return TC_ACT_UNSPEC;
+		bpf_map_update_elem(&mesh_port_snat, fk, &out, BPF_ANY);
+		count(b, h);
+	}
+	if (h->ends) {
+		struct unsnat *u = bound(&out, h->proto);
+		if (u)
+			u->closed = 1;
+	}
+	if (rewrite(skb, h, 12, h->saddr, out.ip, 0, h->sport, out.port) < 0 ||
+	    rewrite(skb, h, 16, h->daddr, b->ip, 2, h->dport, b->port) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_neigh(out.ifindex, NULL, 0, 0);
+}
+
+// A task's reply to a flow hopped to it: from the published address and port, to the
+// client, out of the interface the client came in on. TC_ACT_UNSPEC: not such a reply.
+static __always_inline int unhop(struct __sk_buff *skb, const struct headers *h)
+{
+	struct flow_key rk = {
+		.saddr = h->saddr,
+		.daddr = h->daddr,
+		.sport = h->sport,
+		.dport = h->dport,
+		.proto = h->proto,
+	};
+	struct unsnat *u = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
+	if (!u || u->task_ifindex != skb->ifindex)
+		return TC_ACT_UNSPEC;
+	struct unsnat to = *u;
+	__u32 now = ticks();
+	if (to.seen != now)
+		u->seen = now;
+	if (h->ends)
+		u->closed = 1;
+	if (rewrite(skb, h, 12, h->saddr, to.published_ip, 0, h->sport, to.published_port) < 0 ||
+	    rewrite(skb, h, 16, h->daddr, to.client_ip, 2, h->dport, to.client_port) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_neigh(to.ifindex, NULL, 0, 0);
+}
+
+// A client's packet for a published port of this host. TC_ACT_UNSPEC: left alone, or
+// taken to a task of this host (DNAT) and sent on up the stack.
 static __always_inline int forward(struct __sk_buff *skb, const struct headers *h)
 {
 	struct port_key pk = { .port = h->dport, .proto = h->proto };
 	struct port_frontend *fe = bpf_map_lookup_elem(&mesh_ports, &pk);
 	if (!fe)
-		return 0;
+		return TC_ACT_UNSPEC;
 	if (!bpf_map_lookup_elem(&mesh_host_addrs, &h->daddr))
-		return 0;
+		return TC_ACT_UNSPEC;
 	struct flow_key fk = {
 		.saddr = h->saddr,
 		.daddr = h->daddr,
@@ -302,27 +581,27 @@ static __always_inline int forward(struct __sk_buff *skb, const struct headers *
 		b = *was;
 	} else {
 		if (inside)
-			return 0;
+			return TC_ACT_UNSPEC;
 		__u32 n = fe->count;
 		if (n == 0 || n > MAX_SLOTS)
-			return 0;
+			return TC_ACT_UNSPEC;
 		__u32 slot = flow_hash(h->saddr, h->sport, h->dport, h->proto) % RING;
 		// The compiler knows slot < RING and drops a plain bound; the verifier
 		// does not know it, so hide the value before checking.
 		asm volatile("" : "+r"(slot));
 		if (slot >= RING)
-			return 0;
+			return TC_ACT_UNSPEC;
 		__u32 at = fe->ring[slot];
 		asm volatile("" : "+r"(at));
 		if (at >= MAX_SLOTS)
-			return 0;
+			return TC_ACT_UNSPEC;
 		b = fe->backends[at];
 		bpf_map_update_elem(&mesh_port_flows, &fk, &b, BPF_ANY);
 		if (b.local)
 			count(&b, h);
 	}
 	if (!b.local)
-		return 0;
+		return hop(skb, h, &fk, &b, inside);
 	struct flow_key rk = {
 		.saddr = b.ip,
 		.daddr = h->saddr,
@@ -338,8 +617,8 @@ static __always_inline int forward(struct __sk_buff *skb, const struct headers *
 	if (!cur || cur->ip != back.ip || cur->port != back.port)
 		bpf_map_update_elem(&mesh_port_revnat, &rk, &back, BPF_ANY);
 	if (rewrite(skb, h, 16, h->daddr, b.ip, 2, h->dport, b.port) < 0)
-		return -1;
-	return 1;
+		return TC_ACT_SHOT;
+	return TC_ACT_UNSPEC;
 }
 
 // Returning TC_ACT_UNSPEC (tcx's "next") lets the programs after this one run, tcx
@@ -350,7 +629,12 @@ int mesh_port_ingress(struct __sk_buff *skb)
 	struct headers h = {};
 	if (!parse(skb, &h))
 		return TC_ACT_UNSPEC;
-	return forward(skb, &h) < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	// A reply from another host's task is checked first: its destination is this
+	// host's, but never a published port's flow.
+	int verdict = unhop(skb, &h);
+	if (verdict != TC_ACT_UNSPEC)
+		return verdict;
+	return forward(skb, &h);
 }
 
 SEC("classifier")

@@ -6,7 +6,8 @@
 //!
 //! Published ports get a fast path at the TC hook (tcx) on the interfaces
 //! `ebpf.interfaces` names: a flow whose Maglev pick is a task on this host is taken
-//! to it in the kernel, keeping the client's address.
+//! to it in the kernel, keeping the client's address; one whose pick is another
+//! host's task is sent to it from this host's address, past the stack.
 //!
 //! - `bpf/sock_lb.bpf.c` and `bpf/port_lb.bpf.c`: the programs, compiled by
 //!   `build.rs` with clang when the `bpf` feature is on;
@@ -14,6 +15,7 @@
 //! - [`table`]: the pure reconciler (what the maps hold, what to write);
 //! - [`mounts`]: bpffs and the cgroup v2 hierarchy;
 //! - [`programs`] and [`ports`]: loading, attaching and pinning with aya;
+//! - [`routes`]: the way to another host's task (rtnetlink);
 //! - [`sockets`]: listing and aborting the sockets connected to a task (sock_diag);
 //! - [`endings`]: the thread that ends the sockets balanced to tasks that left;
 //! - [`plane`]: the [`mesh_dataplane::Dataplane`] that ties them together.
@@ -26,6 +28,7 @@ pub mod plane;
 pub mod port_layout;
 pub mod ports;
 pub mod programs;
+pub mod routes;
 pub mod sockets;
 pub mod table;
 

@@ -88,6 +88,8 @@ pub struct EbpfPlane {
     /// The plan whose published ports could not all be written: tried again at the
     /// next count, not only at the next plan change.
     ports_retry: Option<Plan>,
+    /// The last error of the published-port path's refresh, said once.
+    refresh_error: Option<String>,
 }
 
 /// How often the programs' counts reach the metrics.
@@ -181,6 +183,7 @@ impl EbpfPlane {
             adoption: Adoption::new(adopted, Instant::now()),
             ports,
             ports_retry: None,
+            refresh_error: None,
         })
     }
 
@@ -537,8 +540,16 @@ impl Dataplane for EbpfPlane {
         if now >= self.count_at {
             if let Some(plan) = self.ports_retry.take() {
                 self.sync_ports(&plan);
-            } else if let Some(Err(e)) = self.ports.as_mut().map(Ports::refresh_addresses) {
-                warn!(error = %e, "cannot bring this host's addresses to the eBPF published-port path");
+            } else if let Some(result) = self.ports.as_mut().map(Ports::refresh) {
+                // Said once per different error, not every round.
+                match result {
+                    Err(e) if self.refresh_error.as_ref() != Some(&e) => {
+                        warn!(error = %e, "cannot bring this host's addresses and routes to the eBPF published-port path");
+                        self.refresh_error = Some(e);
+                    }
+                    Err(_) => {}
+                    Ok(()) => self.refresh_error = None,
+                }
             }
             self.count();
             self.count_at = now + COUNT_EVERY;

@@ -58,6 +58,67 @@ pub struct PickKey {
     pub pad: [u8; 3],
 }
 
+/// `struct route`: the way to another host's task, as the agent found it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub ifindex: u32,
+    /// This host's source address towards the task (network order).
+    pub src: [u8; 4],
+}
+
+/// `struct port_config`: the ports a flow hopped to another host may be bound to
+/// (host byte order): `span` ports from `first`, skipping `skip_len` from `skip_from`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PortConfig {
+    pub first: u16,
+    pub span: u16,
+    pub skip_from: u16,
+    pub skip_len: u16,
+}
+
+/// The lowest port a hopped flow is bound to: the ones below are services'.
+pub const FIRST_BOUND_PORT: u16 = 1024;
+
+impl PortConfig {
+    /// Ports 1024–65535 without the kernel's `ip_local_port_range` (`low`–`high`),
+    /// which this host's own sockets draw from: a bound port must never be the port
+    /// of a connection this host makes to the same task, or the task's replies to
+    /// that socket would be taken for a client's. A `span` of 0 leaves no port, and
+    /// no flow is hopped.
+    pub fn around(low: u16, high: u16) -> PortConfig {
+        let (low, high) = (low.max(FIRST_BOUND_PORT), high);
+        let all = u32::from(u16::MAX) - u32::from(FIRST_BOUND_PORT) + 1;
+        if low > high {
+            return PortConfig {
+                first: FIRST_BOUND_PORT,
+                span: all as u16,
+                skip_from: u16::MAX,
+                skip_len: 0,
+            };
+        }
+        let skip = u32::from(high) - u32::from(low) + 1;
+        PortConfig {
+            first: FIRST_BOUND_PORT,
+            span: (all - skip) as u16,
+            skip_from: low,
+            skip_len: skip as u16,
+        }
+    }
+
+    /// The ports it allows, in order (for tests and `mesh status`).
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..u32::from(self.span)).filter_map(|n| {
+            let mut port = u32::from(self.first) + n;
+            if port >= u32::from(self.skip_from) {
+                port += u32::from(self.skip_len);
+            }
+            u16::try_from(port).ok()
+        })
+    }
+}
+
 // SAFETY: plain `repr(C)` data of integers and byte arrays with no implicit padding
 // (checked by the size test below); any bit pattern is a valid value.
 unsafe impl aya::Pod for PortKey {}
@@ -67,6 +128,10 @@ unsafe impl aya::Pod for PortBackend {}
 unsafe impl aya::Pod for PortFrontend {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PickKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Route {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PortConfig {}
 
 impl PortKey {
     pub fn new(port: u16, protocol: Protocol) -> PortKey {
@@ -168,6 +233,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<PortKey>(), 4);
         assert_eq!(std::mem::size_of::<PortBackend>(), 8);
         assert_eq!(std::mem::size_of::<PickKey>(), 12);
+        assert_eq!(std::mem::size_of::<Route>(), 8);
+        assert_eq!(std::mem::size_of::<PortConfig>(), 8);
         assert_eq!(
             std::mem::size_of::<PortFrontend>(),
             8 + 8 * MAX_SLOTS + 2 * RING + 2
@@ -210,6 +277,25 @@ mod tests {
                 ("10.0.0.2:80".parse().unwrap(), false)
             ]
         );
+    }
+
+    #[test]
+    fn hopped_flows_are_bound_to_ports_outside_the_local_range() {
+        let c = PortConfig::around(32768, 60999);
+        let ports: Vec<u16> = c.ports().collect();
+        assert_eq!(ports.len(), usize::from(c.span));
+        assert_eq!(ports.len(), (32768 - 1024) + (65535 - 61000 + 1));
+        assert_eq!((ports[0], *ports.last().unwrap()), (1024, 65535));
+        assert!(ports.contains(&32767) && ports.contains(&61000));
+        assert!(!ports.iter().any(|p| (32768..=60999).contains(p)));
+        // A range that starts below 1024 skips from 1024.
+        let low = PortConfig::around(500, 2000);
+        assert_eq!(low.ports().next(), Some(2001));
+        // A local range of every port leaves none: nothing is hopped.
+        assert_eq!(PortConfig::around(1024, 65535).span, 0);
+        assert_eq!(PortConfig::around(1, 65535).ports().count(), 0);
+        // An empty range (low above high) skips nothing.
+        assert_eq!(PortConfig::around(5000, 4000).ports().count(), 64512);
     }
 
     #[test]

@@ -4,27 +4,30 @@
 //!
 //! This is a fast path beside the plane that serves a published port (userspace or
 //! nftables), not a replacement: a flow whose Maglev pick is this host's task is
-//! taken to it in the kernel, with the client's address kept; any other packet goes
-//! on to that plane, which hops to other hosts and serves this host's own clients
-//! (their packets never cross an interface's TC hook).
+//! taken to it in the kernel, with the client's address kept; a flow whose pick is
+//! another host's task is sent to it from this host's address, when the route to the
+//! task is through an attached interface (kept in `mesh_port_routes`). Any other
+//! packet goes on to that plane, which also serves this host's own clients (their
+//! packets never cross an interface's TC hook).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
 use mesh_core::error::chain;
 use mesh_core::plan::Features;
 use mesh_core::{Listen, Plan};
 
-use crate::port_layout::{PickKey, PortFrontend, PortKey, PortTask};
+use crate::port_layout::{PickKey, PortConfig, PortFrontend, PortKey, PortTask, Route};
 use crate::programs::{find_program, pin_link, take_map};
+use crate::routes::RouteLookup;
 
 /// The programs, by function name, and what each does.
 pub const PORT_PROGRAMS: [(&str, &str); 2] = [
     (
         "mesh_port_ingress",
-        "a published port's flow whose pick is a task on this host goes to it (DNAT)",
+        "a published port's flow goes to its Maglev pick: a task on this host by DNAT, another host's by SNAT and DNAT out of the route's interface; replies from other hosts go back to the client",
     ),
     (
         "mesh_port_egress",
@@ -52,6 +55,17 @@ pub struct Ports {
     /// them (none, on a first start).
     vips: Option<BTreeSet<Ipv4Addr>>,
     interfaces: Vec<String>,
+    /// The way to each other host's task that the programs may hop flows to.
+    routes: HashMap<MapData, [u8; 4], Route>,
+    /// What `routes` holds.
+    routed: BTreeMap<Ipv4Addr, Route>,
+    /// The ports hopped flows are bound to, and what the map holds.
+    config: Array<MapData, PortConfig>,
+    port_config: Option<PortConfig>,
+    /// Opened at the first refresh; `None` again after an error, to be reopened.
+    lookup: Option<RouteLookup>,
+    /// The IPv4 addresses of other hosts' tasks of the installed ports.
+    remote: BTreeSet<Ipv4Addr>,
     /// What `mesh_ports` holds, by key: the tasks of each published port.
     installed: BTreeMap<PortKey, Vec<PortTask>>,
     /// Each task's count last read, for the deltas added to the metrics.
@@ -138,6 +152,14 @@ impl Ports {
         let ports: HashMap<MapData, PortKey, PortFrontend> = take_map(&mut ebpf, "mesh_ports")?;
         let picks = take_map(&mut ebpf, "mesh_port_picks")?;
         let host_addrs = take_map(&mut ebpf, "mesh_host_addrs")?;
+        let routes: HashMap<MapData, [u8; 4], Route> = take_map(&mut ebpf, "mesh_port_routes")?;
+        let config = take_map(&mut ebpf, "mesh_port_config")?;
+        // What a previous run wrote: kept until the first sync's refresh.
+        let routed = routes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(k), v))
+            .collect();
         // What a previous run installed: kept until the first sync rewrites it.
         let installed = ports
             .iter()
@@ -162,6 +184,12 @@ impl Ports {
             addrs: BTreeSet::new(),
             vips: None,
             interfaces: interfaces.to_vec(),
+            routes,
+            routed,
+            config,
+            port_config: None,
+            lookup: None,
+            remote: BTreeSet::new(),
             installed,
             seen: BTreeMap::new(),
             labels: BTreeMap::new(),
@@ -188,7 +216,6 @@ impl Ports {
                 })
                 .collect(),
         );
-        let mut result = self.refresh_addresses();
         let mut wanted: BTreeMap<PortKey, Vec<PortTask>> = BTreeMap::new();
         self.labels.clear();
         for (key, f) in &plan.frontends {
@@ -214,6 +241,16 @@ impl Ports {
                 .collect();
             wanted.insert(port, tasks);
         }
+        self.remote = wanted
+            .values()
+            .flatten()
+            .filter(|t| !t.local)
+            .filter_map(|t| match t.addr.ip() {
+                IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_unspecified() => Some(ip),
+                _ => None,
+            })
+            .collect();
+        let mut result = self.refresh();
         for (key, tasks) in &wanted {
             if self.installed.get(key) == Some(tasks) {
                 continue;
@@ -252,10 +289,18 @@ impl Ports {
         result
     }
 
-    /// Makes `mesh_host_addrs` hold this host's IPv4 addresses now. Called at every
-    /// sync and every few seconds, so an address added to an interface is served
-    /// within that time.
-    pub fn refresh_addresses(&mut self) -> Result<(), String> {
+    /// Brings what the programs read from this host's network set-up up to date: its
+    /// addresses, the routes to other hosts' tasks, and the ports free to bind.
+    /// Called at every sync and every few seconds, so a change is followed within
+    /// that time. Returns the first error; the rest is still done.
+    pub fn refresh(&mut self) -> Result<(), String> {
+        let addresses = self.refresh_addresses();
+        let routes = self.refresh_routes();
+        addresses.and(routes)
+    }
+
+    /// Makes `mesh_host_addrs` hold this host's IPv4 addresses now.
+    fn refresh_addresses(&mut self) -> Result<(), String> {
         let Some(vips) = &self.vips else {
             return Ok(());
         };
@@ -281,6 +326,90 @@ impl Ports {
         }
         self.addrs = now;
         Ok(())
+    }
+
+    /// Makes `mesh_port_config` hold the ports outside the kernel's local port range,
+    /// and `mesh_port_routes` the way to each other host's task whose route is through
+    /// an attached interface (its replies come back there). A task reached any other
+    /// way is left to the other plane.
+    fn refresh_routes(&mut self) -> Result<(), String> {
+        if self.vips.is_none() {
+            return Ok(());
+        }
+        let (low, high) = local_port_range()?;
+        let config = PortConfig::around(low, high);
+        if self.port_config != Some(config) {
+            self.config
+                .set(0, config, 0)
+                .map_err(|e| format!("writing mesh_port_config: {e}"))?;
+            self.port_config = Some(config);
+        }
+        let attached: BTreeSet<u32> = self.interfaces.iter().filter_map(|i| ifindex(i)).collect();
+        let lookup = match self.lookup.as_mut() {
+            Some(l) => l,
+            None => self.lookup.insert(
+                RouteLookup::open().map_err(|e| format!("opening an rtnetlink socket: {e}"))?,
+            ),
+        };
+        let mut result = Ok(());
+        let mut want = BTreeMap::new();
+        for ip in &self.remote {
+            match lookup.get(*ip) {
+                Ok(Some(r)) if attached.contains(&r.ifindex) => {
+                    want.insert(
+                        *ip,
+                        Route {
+                            ifindex: r.ifindex,
+                            src: r.src.octets(),
+                        },
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Keep what is installed for it; the socket is opened anew.
+                    if let Some(r) = self.routed.get(ip) {
+                        want.insert(*ip, *r);
+                    }
+                    result = result.and(Err(e));
+                }
+            }
+        }
+        if result.is_err() {
+            self.lookup = None;
+        }
+        for (ip, route) in &want {
+            if self.routed.get(ip) == Some(route) {
+                continue;
+            }
+            match self.routes.insert(ip.octets(), *route, 0) {
+                Ok(()) => {
+                    self.routed.insert(*ip, *route);
+                }
+                Err(e) => {
+                    result = result.and(Err(format!("writing {ip} to mesh_port_routes: {e}")))
+                }
+            }
+        }
+        let gone: Vec<Ipv4Addr> = self
+            .routed
+            .keys()
+            .filter(|ip| !want.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            match self.routes.remove(&ip.octets()) {
+                Ok(()) => {
+                    self.routed.remove(&ip);
+                }
+                Err(e) if crate::programs::not_found(&e) => {
+                    self.routed.remove(&ip);
+                }
+                Err(e) => {
+                    result = result.and(Err(format!("removing {ip} from mesh_port_routes: {e}")))
+                }
+            }
+        }
+        result
     }
 
     /// The flows taken since the last call, by service and task (of the last sync).
@@ -315,8 +444,23 @@ impl Ports {
 
     /// For `mesh status`.
     pub fn detail(&self) -> String {
+        let routed = self
+            .remote
+            .iter()
+            .filter(|ip| self.routed.contains_key(ip))
+            .count();
+        let hops = match self.port_config {
+            Some(c) if c.span == 0 => {
+                "no flow goes to other hosts' tasks in the kernel: ip_local_port_range leaves no port to bind".to_string()
+            }
+            _ => format!(
+                "{routed} of {} other hosts' task addresses routed through these interfaces (mesh_port_routes), flows to them bound to {} ports (mesh_port_snat, mesh_port_unsnat)",
+                self.remote.len(),
+                self.port_config.map_or(0, |c| c.span),
+            ),
+        };
         format!(
-            "published ports at tcx on {} ({}): mesh_ports {}/{}, mesh_port_flows and mesh_port_revnat (LRU, {} each)",
+            "published ports at tcx on {} ({}): mesh_ports {}/{}, mesh_port_flows and mesh_port_revnat (LRU, {} each); {hops}",
             self.interfaces.join(", "),
             PORT_PROGRAMS.map(|(n, _)| n).join(", "),
             // A port with no IPv4 task is remembered here but not in the map.
@@ -331,12 +475,16 @@ impl Ports {
 }
 
 /// The maps `port_lb` pins, by name.
-const PORT_MAPS: [&str; 5] = [
+const PORT_MAPS: [&str; 9] = [
     "mesh_ports",
     "mesh_port_flows",
     "mesh_port_revnat",
     "mesh_host_addrs",
     "mesh_port_picks",
+    "mesh_port_snat",
+    "mesh_port_unsnat",
+    "mesh_port_routes",
+    "mesh_port_config",
 ];
 
 /// Detaches what a previous run with `ebpf.interfaces` left (its links), and frees
@@ -359,6 +507,25 @@ fn remove(map: &mut HashMap<MapData, PortKey, PortFrontend>, key: &PortKey) -> R
         Err(e) if crate::programs::not_found(&e) => Ok(()),
         Err(e) => Err(format!("removing port {} from mesh_ports: {e}", port(key))),
     }
+}
+
+/// The kernel's `net.ipv4.ip_local_port_range`: the ports this host's own sockets
+/// are given.
+fn local_port_range() -> Result<(u16, u16), String> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(PATH).map_err(|e| format!("reading {PATH}: {e}"))?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(low)), Some(Ok(high))) => Ok((low, high)),
+        _ => Err(format!("{PATH} holds {:?}, not two ports", text.trim())),
+    }
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Whether `name` is an Ethernet interface of this network namespace, as an error

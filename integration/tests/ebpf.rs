@@ -633,13 +633,14 @@ fn tcx_links(pins: &PinDir) -> Vec<(String, String)> {
 }
 
 /// A published port on host1 with a task on host1 and one on host2 (each host's
-/// agent registers its own). A flow whose Maglev pick is host1's task is taken to it
-/// by the TC program, and the task sees the client's own address; a flow picked for
-/// host2's task is left to nftables, which hops (host2's task sees host1). A service
+/// agent registers its own). Every new flow is taken by the TC program to its Maglev
+/// pick: host1's task by DNAT, and it sees the client's own address; host2's task by
+/// SNAT from host1's address, sent out of eth0 past the stack, with the reply
+/// translated back. nftables, serving the same port beside it, takes none. A service
 /// with a userspace-only option is not taken in the kernel at all.
 #[test]
-fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() {
-    let test = "a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address";
+fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
+    let test = "a_published_port_is_balanced_at_tcx_to_tasks_on_every_host";
     if skip_unless_ebpf(test) {
         return;
     }
@@ -647,7 +648,8 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
     let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
     let cg = Cgroup::new();
     let pins = PinDir::new();
-    // nftables serves the ports beside the TC path, and hops to host2 by forwarding.
+    // nftables serves the ports beside the TC path, and would hop a flow the kernel
+    // leaves to it by forwarding.
     let forward = h1
         .ns
         .command("sysctl")
@@ -726,13 +728,16 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
         "only web's port is taken in the kernel: {detail}"
     );
     assert!(
+        detail.contains("1 of 1 other hosts' task addresses routed through these interfaces"),
+        "host2's task is reached through eth0: {detail}"
+    );
+    assert!(
         ring_of(&pins, 8090).is_empty(),
         "slow's port is not in mesh_ports"
     );
 
-    // Each connect comes from a new client port, so Maglev spreads them: about half
-    // pick web.1 and are taken in the kernel; nftables takes the others and balances
-    // them over both tasks, forwarding to host2 from host1's address.
+    // Each connect comes from a new client port, so Maglev spreads them over both
+    // tasks.
     let get = |port: u16| -> Vec<(String, String)> {
         let addr = format!("{}:{port}", h1.ip);
         (0..40)
@@ -772,27 +777,22 @@ fn a_published_ports_local_picks_are_taken_at_tcx_and_keep_the_client_address() 
             "{task} saw the client as {client}: {answers:?}"
         );
     }
-    // Only the kernel's flows count here (nftables keeps its own counters): some of
-    // web.1's, none of web.2's.
-    let kernel = eventually("mesh_connections_total counts the kernel's flows", || {
-        let n = agent.metric(
-            "mesh_connections_total",
-            &[("service", "web"), ("task", "web.1")],
-        );
-        (n >= 1.0).then_some(n)
-    });
-    assert!(
-        kernel <= on("web.1") as f64,
-        "{kernel} kernel flows, {} on web.1",
-        on("web.1")
-    );
-    assert_eq!(
+    // Only the kernel's flows count here (nftables keeps its own counters): the
+    // kernel took every flow, each to the task that answered it.
+    let kernel = |task: &str| {
         agent.metric(
             "mesh_connections_total",
-            &[("service", "web"), ("task", "web.2")]
-        ),
-        0.0,
-        "host2's task is never taken in the kernel"
+            &[("service", "web"), ("task", task)],
+        )
+    };
+    eventually(
+        "mesh_connections_total counts every flow as the kernel's",
+        || (kernel("web.1") + kernel("web.2") >= answers.len() as f64).then_some(()),
+    );
+    assert_eq!(
+        (kernel("web.1"), kernel("web.2")),
+        (on("web.1") as f64, on("web.2") as f64),
+        "the kernel's flows per task are the answers per task: {answers:?}"
     );
     // The userspace plane serves `slow`: every task sees host1's address.
     let slow = get(8090);
@@ -946,6 +946,87 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
         ring.contains(&0) && ring.contains(&1),
         "both tasks own slots"
     );
+    // So the same client address and port get the same task through either host: 20
+    // client ports each ask host1:8080, then host2:8080. Each host takes the flow to
+    // its own task (which sees the client) or hops it to the other's (which sees the
+    // hopping host). A hop keeps the client's port when it is outside the host's
+    // ip_local_port_range (32768-60999 in a new namespace), as these are.
+    let from = |host: &str, first: u16| -> Vec<(u16, String, String, u16)> {
+        let out = c
+            .client
+            .ns
+            .command(backend_bin())
+            .args([
+                "--who-from",
+                &format!("{host}:8080"),
+                &first.to_string(),
+                "20",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "GETs through {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let [port, task, client, seen] = w[..] else {
+                    panic!("port, task, client, port: {l:?}");
+                };
+                let seen_from = if client == c.client.ip {
+                    "the client"
+                } else if client == host {
+                    "the host asked"
+                } else {
+                    panic!("{task} saw {client} through {host}")
+                };
+                (
+                    port.parse().unwrap(),
+                    task.to_string(),
+                    seen_from.to_string(),
+                    seen.parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (via1, via2) = (from(&h1.ip, 20000), from(&h2.ip, 20000));
+    let tasks = |v: &[(u16, String, String, u16)]| -> Vec<(u16, String)> {
+        v.iter().map(|(p, t, _, _)| (*p, t.clone())).collect()
+    };
+    assert_eq!(
+        tasks(&via1),
+        tasks(&via2),
+        "a client port gets the same task through either host"
+    );
+    for (via, here) in [(&via1, "web.1"), (&via2, "web.2")] {
+        for (port, task, seen_from, seen_port) in via.iter() {
+            let want = if task == here {
+                "the client"
+            } else {
+                "the host asked"
+            };
+            assert_eq!(seen_from, want, "{task} through {here}'s host: {via:?}");
+            assert_eq!(seen_port, port, "the client's port is kept: {via:?}");
+        }
+    }
+    assert!(
+        via1.iter().any(|(_, t, _, _)| t == "web.1")
+            && via1.iter().any(|(_, t, _, _)| t == "web.2"),
+        "both tasks are picked: {via1:?}"
+    );
+    // A client port inside that range is never a hop's: another port is bound.
+    let inside = from(&h1.ip, 40000);
+    let hopped: Vec<_> = inside.iter().filter(|(_, t, _, _)| t == "web.2").collect();
+    assert!(!hopped.is_empty(), "some flows hop: {inside:?}");
+    for (_, _, _, seen_port) in hopped {
+        assert!(
+            (1024..32768).contains(seen_port) || (61000..=65535).contains(seen_port),
+            "a hop's port is outside 32768-60999: {inside:?}"
+        );
+    }
 
     // UDP: each query from a new socket. A connected client socket accepts only
     // answers from host1:5300, so every answer proves the reply was translated back.

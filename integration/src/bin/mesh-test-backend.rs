@@ -2,7 +2,10 @@
 //! with its name. `mesh-test-backend NAME [PORT]` prints the bound port on stdout.
 //! `mesh-test-backend --get ADDR` is the matching client: it prints the answer's body,
 //! so tests can run it inside a network namespace. Each answer carries an `X-Client`
-//! header with the address the backend saw; `--who ADDR` prints the body and that.
+//! header with the address the backend saw, and `X-Client-Port` with the port; `--who
+//! ADDR` prints the body and the address. `--who-from ADDR FIRST COUNT` makes one GET
+//! from each of COUNT client ports from FIRST, and prints each port, body, address
+//! and port seen.
 //! `mesh-test-backend --udp NAME PORT [IP]` answers each datagram with `NAME:<payload>`;
 //! `mesh-test-backend --udp-ask ADDR COUNT` sends COUNT datagrams from as many sockets
 //! (flows), each retried until answered, and prints the answers.
@@ -27,8 +30,23 @@ use integration::load::unix_ms;
 /// One GET of `addr`: the answer's head and body, and the peer address the socket
 /// reports.
 fn fetch(addr: &str) -> std::io::Result<(String, String, std::net::SocketAddr)> {
+    exchange(std::net::TcpStream::connect(addr)?)
+}
+
+/// `fetch` from a chosen client port.
+fn fetch_from(addr: &str, port: u16) -> std::io::Result<(String, String, std::net::SocketAddr)> {
+    let target: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.connect_timeout(&target.into(), std::time::Duration::from_secs(30))?;
+    exchange(socket.into())
+}
+
+fn exchange(mut s: std::net::TcpStream) -> std::io::Result<(String, String, std::net::SocketAddr)> {
     use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr)?;
     let peer = s.peer_addr()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     write!(
@@ -345,6 +363,32 @@ fn main() {
     if name == "--who-peer" {
         get(&args.next().expect("--who-peer ADDR"), Show::ClientAndPeer);
     }
+    if name == "--who-from" {
+        // One GET from each of COUNT client ports from FIRST: "PORT TASK CLIENT
+        // CLIENT_PORT" lines, the last two as the task saw them.
+        let addr = args.next().expect("--who-from ADDR FIRST COUNT");
+        let first: u16 = args.next().expect("FIRST").parse().expect("FIRST");
+        let count: u16 = args.next().expect("COUNT").parse().expect("COUNT");
+        for port in first..first + count {
+            match fetch_from(&addr, port) {
+                Ok((head, body, _)) => {
+                    let header = |name: &str| {
+                        head.lines()
+                            .find_map(|l| l.strip_prefix(name))
+                            .unwrap_or("?")
+                            .to_string()
+                    };
+                    let (client, seen_port) = (header("X-Client: "), header("X-Client-Port: "));
+                    println!("{port} {body} {client} {seen_port}");
+                }
+                Err(e) => {
+                    eprintln!("{addr} from port {port}: {e}");
+                    std::process::exit(1)
+                }
+            }
+        }
+        std::process::exit(0)
+    }
     if name == "--held" {
         let addr = args.next().expect("--held ADDR SECS|stdin");
         let cue = match args.next().as_deref() {
@@ -402,14 +446,13 @@ fn main() {
                 line.clear();
             }
             let body = format!("{name}\n");
-            // The address the connection came from, as the task sees it.
-            let client = stream
-                .peer_addr()
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default();
+            // The address and port the connection came from, as the task sees them.
+            let peer = stream.peer_addr().ok();
+            let client = peer.map(|a| a.ip().to_string()).unwrap_or_default();
+            let port = peer.map(|a| a.port()).unwrap_or_default();
             let _ = write!(
                 stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Client: {client}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Client: {client}\r\nX-Client-Port: {port}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
         });
