@@ -8,7 +8,6 @@
 //! seconds.
 
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use rtnetlink::packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
@@ -43,23 +42,7 @@ impl RouteLookup {
         socket.bind_auto()?;
         // Only the kernel may answer.
         socket.connect(&SocketAddr::new(0, 0))?;
-        let tv = libc::timeval {
-            tv_sec: TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: SO_RCVTIMEO reads a timeval of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        socket2::SockRef::from(&socket).set_read_timeout(Some(TIMEOUT))?;
         Ok(RouteLookup {
             socket,
             seq: 0,

@@ -159,23 +159,7 @@ impl SockDiag {
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt with a valid timeval of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        socket2::SockRef::from(&fd).set_read_timeout(Some(TIMEOUT))?;
         // Connected to the kernel: the kernel then refuses datagrams other sockets
         // send us, so a process with CAP_NET_ADMIN in a namespace we list cannot
         // forge answers.
