@@ -12,9 +12,11 @@ cd "$(dirname "$0")/.."
 # compile the eBPF plane's C programs, and bpftool shows what is attached; chromium and
 # chromium-driver run the dashboard's browser test; prometheus gives promtool, which checks
 # the alert rules in deploy/; systemd gives systemd-analyze, which verifies deploy/mesh.service;
-# faketime gives libfaketime, which starts an agent with its clock an hour ahead.
+# faketime gives libfaketime, which starts an agent with its clock an hour ahead; ethtool
+# turns checksum offload off, so the eBPF tests' receivers verify every checksum.
 packages=(bind9-dnsutils nftables conntrack dnsmasq-base docker.io busybox-static docker-compose
-  clang-19 libbpf-dev linux-libc-dev bpftool chromium chromium-driver prometheus systemd faketime)
+  clang-19 libbpf-dev linux-libc-dev bpftool chromium chromium-driver prometheus systemd faketime
+  ethtool)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

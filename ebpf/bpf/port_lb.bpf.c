@@ -43,13 +43,26 @@
 
 // How many ports are tried for a new hopped flow before it is left to the other plane.
 #define BIND_TRIES 16
-// A bound port may go to another flow this long (in ticks of 2^30 ns, about a
-// second) after its last packet: for TCP only once a FIN or RST was seen (an open
-// connection keeps its port however idle it is; only the LRU, when full, takes it
-// back), as Cilium's conntrack closes entries 10 s after the end; for UDP after 60,
-// as conntrack does for UDP without replies.
+// When a bound port may go to another client, in ticks of 2^30 ns (about a second)
+// after the flow's last packet. TCP: only once the connection ended (both FINs, or an
+// RST): 60 when the task closed first, since the task then holds the 4-tuple in
+// TIME_WAIT for 60 s and would meet a new client's SYN with the old connection's
+// ACK; 10 when the client closed first or a RST ended it. An open connection keeps its
+// port however long it idles. UDP: 60 ticks after the last packet, as conntrack keeps
+// a UDP flow. The same client (address and port) may take its port back at once.
 #define REUSE_TCP_CLOSED 10
+#define REUSE_TCP_TIME_WAIT 60
 #define REUSE_UDP_IDLE 60
+// A flow left to the other plane (no route or no free port at its first packet) stays
+// there for as long as it has packets, and this long after: so it never moves between
+// planes mid-flow.
+#define LEFT_FOR 60
+
+// How a hopped TCP connection ended (struct unsnat's `closed`).
+#define FIN_FROM_CLIENT 1
+#define FIN_FROM_TASK 2
+#define ENDED_BY_RST 4
+#define TASK_CLOSED_FIRST 8
 
 // The most tasks one published port balances over, and the Maglev ring's size (a
 // prime above 100 times MAX_SLOTS would be better; 16381 keeps a change's
@@ -66,7 +79,7 @@ struct port_key {
 struct port_backend {
 	__u32 ip;
 	__u16 port;
-	// 1: a task on this host, taken here; 0: another host's, left to the other plane.
+	// 1: a task on this host, taken here by DNAT; 0: another host's, hopped there.
 	__u8 local;
 	__u8 pad;
 };
@@ -102,8 +115,8 @@ struct nat {
 };
 
 // How a flow taken to another host's task leaves this host: from ip:port (SNAT),
-// through the interface ifindex. Value of mesh_port_snat, keyed by the client's
-// packet as it arrived (a flow_key).
+// through the interface ifindex (0: the flow is left to the other plane). Value of
+// mesh_port_snat, keyed by the client's packet as it arrived (a flow_key).
 struct snat {
 	__u32 task_ip;
 	__u32 ip;
@@ -126,7 +139,8 @@ struct unsnat {
 	__u32 seen;
 	__u16 client_port;
 	__u16 published_port;
-	// A FIN or RST was seen, in either direction.
+	// How the connection ended: FIN_FROM_CLIENT, FIN_FROM_TASK, ENDED_BY_RST,
+	// TASK_CLOSED_FIRST (0 while it is open).
 	__u8 closed;
 	__u8 pad[3];
 };
@@ -141,12 +155,23 @@ struct route {
 
 // The ports a hopped flow may be bound to, in host byte order: span ports from
 // first, skipping skip_len ports from skip_from (the kernel's ip_local_port_range,
-// so a bound port never meets a connection this host's own sockets make).
+// so a bound port never meets a connection this host's own sockets make), and the
+// ports of mesh_port_reserved. `seed` keys the hash of the candidates, so a client
+// cannot tell which port it will be given.
 struct port_config {
 	__u16 first;
 	__u16 span;
 	__u16 skip_from;
 	__u16 skip_len;
+	__u32 seed;
+};
+
+// The ports no hopped flow may be bound to, one bit each: those this host listens on
+// or has bound (TCP and UDP), its tasks' and its published ones. A bound port that
+// equals a port in use here would make a 4-tuple that is also another host's (its
+// hop to our task) or a local socket's.
+struct reserved_ports {
+	__u64 bits[1024];
 };
 
 struct {
@@ -205,6 +230,14 @@ struct {
 	__type(value, struct port_config);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_port_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct reserved_ports);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_reserved SEC(".maps");
 
 // This host's IPv4 addresses, kept by the agent: only packets to one of them are
 // published-port traffic (a routed packet that happens to use the port is someone
@@ -276,7 +309,7 @@ struct headers {
 	__u8 proto;
 	// A TCP packet that opens a connection (SYN without ACK).
 	__u8 opens;
-	// A TCP packet that ends one (FIN or RST).
+	// A TCP packet that ends one: TCP_RST if it carries RST, else TCP_FIN if FIN.
 	__u8 ends;
 };
 
@@ -308,7 +341,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
 		if (bpf_skb_load_bytes(skb, h->l4 + 13, &flags, 1) < 0)
 			return 0;
 		h->opens = (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
-		h->ends = (flags & (TCP_FIN | TCP_RST)) != 0;
+		h->ends = flags & TCP_RST ? TCP_RST : flags & TCP_FIN;
 	}
 	return 1;
 }
@@ -384,24 +417,57 @@ static __always_inline __u32 ticks(void)
 	return bpf_ktime_get_coarse_ns() >> 30;
 }
 
-// Whether a bound port may go to the flow `want`: it is already that flow's (the
-// client reused its address and port, as conntrack would let it), or its flow ended
-// long enough ago (see REUSE_TCP_CLOSED).
-static __always_inline int reusable(const struct unsnat *cur, const struct unsnat *want, __u32 now,
-				    __u8 proto)
+// Whether a bound port's entry `u` is the flow of the client packet `h`.
+static __always_inline int owns(const struct unsnat *u, const struct headers *h)
 {
-	if (cur->client_ip == want->client_ip && cur->client_port == want->client_port &&
-	    cur->published_ip == want->published_ip && cur->published_port == want->published_port)
+	return u->client_ip == h->saddr && u->client_port == h->sport &&
+	       u->published_ip == h->daddr && u->published_port == h->dport;
+}
+
+// Whether a bound port may go to the flow of `h`: it is already that flow's (the client
+// reused its address and port, as conntrack would let it), or its flow ended long
+// enough ago (see REUSE_TCP_CLOSED).
+static __always_inline int reusable(const struct unsnat *cur, const struct headers *h, __u32 now)
+{
+	if (owns(cur, h))
 		return 1;
-	if (proto == IPPROTO_TCP)
-		return cur->closed && now - cur->seen >= REUSE_TCP_CLOSED;
-	return now - cur->seen >= REUSE_UDP_IDLE;
+	__u32 idle = now - cur->seen;
+	if (h->proto != IPPROTO_TCP)
+		return idle >= REUSE_UDP_IDLE;
+	__u8 c = cur->closed;
+	if (c & ENDED_BY_RST)
+		return idle >= REUSE_TCP_CLOSED;
+	if ((c & (FIN_FROM_CLIENT | FIN_FROM_TASK)) != (FIN_FROM_CLIENT | FIN_FROM_TASK))
+		return 0;
+	return idle >= (c & TASK_CLOSED_FIRST ? REUSE_TCP_TIME_WAIT : REUSE_TCP_CLOSED);
+}
+
+static __always_inline int reserved(const struct reserved_ports *r, __u32 port)
+{
+	__u32 word = port >> 6;
+	if (word >= 1024)
+		return 1;
+	return (r->bits[word] >> (port & 63)) & 1;
+}
+
+// The entry of a bound port for the client packet `h`, going out through `s`.
+static __always_inline void claim(struct unsnat *u, struct __sk_buff *skb, const struct headers *h,
+				  const struct snat *s, __u32 now)
+{
+	u->client_ip = h->saddr;
+	u->published_ip = h->daddr;
+	u->ifindex = skb->ifindex;
+	u->task_ifindex = s->ifindex;
+	u->seen = now;
+	u->client_port = h->sport;
+	u->published_port = h->dport;
+	u->closed = 0;
 }
 
 // Binds a port of `route`'s source address to a new flow from the client to
 // another host's task `b`, trying BIND_TRIES ports. The first is the client's own port
 // when it is one that may be bound (conntrack's masquerade keeps it too), else one
-// picked by a hash of the client's address and port: either way, a client that
+// picked by a keyed hash of the client's address and port: either way, a client that
 // reuses its address and port gets the same one back, and clients rarely collide.
 static __always_inline int bind_port(struct __sk_buff *skb, const struct headers *h,
 				     const struct port_backend *b, __u32 now, struct snat *out)
@@ -411,20 +477,18 @@ static __always_inline int bind_port(struct __sk_buff *skb, const struct headers
 		return -1;
 	__u32 zero = 0;
 	struct port_config *cfg = bpf_map_lookup_elem(&mesh_port_config, &zero);
-	if (!cfg || cfg->span == 0)
+	struct reserved_ports *taken = bpf_map_lookup_elem(&mesh_port_reserved, &zero);
+	if (!cfg || cfg->span == 0 || !taken)
 		return -1;
 	struct port_config c = *cfg;
-	struct route via = *r;
-	struct unsnat want = {
-		.client_ip = h->saddr,
-		.published_ip = h->daddr,
-		.ifindex = skb->ifindex,
-		.task_ifindex = via.ifindex,
-		.seen = now,
-		.client_port = h->sport,
-		.published_port = h->dport,
-	};
-	__u32 hash = flow_hash(h->saddr ^ h->daddr, h->sport, h->dport, h->proto);
+	out->task_ip = b->ip;
+	out->task_port = b->port;
+	out->ip = r->src;
+	out->ifindex = r->ifindex;
+	out->seen = now;
+	struct unsnat want = {};
+	claim(&want, skb, h, out, now);
+	__u32 hash = flow_hash(h->saddr ^ h->daddr ^ c.seed, h->sport, h->dport, h->proto);
 	__u32 own = bpf_ntohs(h->sport);
 	int own_ok = own >= c.first && (own < c.skip_from || own >= (__u32)c.skip_from + c.skip_len);
 	for (__u32 i = 0; i < BIND_TRIES; i++) {
@@ -433,34 +497,31 @@ static __always_inline int bind_port(struct __sk_buff *skb, const struct headers
 			port += c.skip_len;
 		if (i == 0 && own_ok)
 			port = own;
-		if (port > 0xffff)
+		if (port > 0xffff || reserved(taken, port))
 			continue;
 		struct flow_key rk = {
 			.saddr = b->ip,
-			.daddr = via.src,
+			.daddr = out->ip,
 			.sport = b->port,
 			.dport = bpf_htons((__u16)port),
 			.proto = h->proto,
 		};
 		struct unsnat *cur = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
-		if (cur && !reusable(cur, &want, now, h->proto))
+		if (cur && !reusable(cur, h, now))
 			continue;
-		// Two CPUs may race for a free port: only one creates it.
+		// Two CPUs may race for a port: only one creates a free one, and one that
+		// takes a reusable port from under another finds out at its next packet
+		// (hop checks that the port is still its flow's).
 		if (bpf_map_update_elem(&mesh_port_unsnat, &rk, &want, cur ? BPF_ANY : BPF_NOEXIST) < 0)
 			continue;
-		out->task_ip = b->ip;
-		out->task_port = b->port;
-		out->ip = via.src;
 		out->port = rk.dport;
-		out->ifindex = via.ifindex;
-		out->seen = now;
 		return 0;
 	}
 	return -1;
 }
 
-// The bound port's entry of a hopped flow.
-static __always_inline struct unsnat *bound(const struct snat *s, __u8 proto)
+// The key of a hopped flow's bound port.
+static __always_inline struct flow_key bound_key(const struct snat *s, __u8 proto)
 {
 	struct flow_key rk = {
 		.saddr = s->task_ip,
@@ -469,16 +530,7 @@ static __always_inline struct unsnat *bound(const struct snat *s, __u8 proto)
 		.dport = s->port,
 		.proto = proto,
 	};
-	return bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
-}
-
-// Whether the port a flow was bound to is still its own: another flow can have taken
-// it only after this one ended (TCP, which then opens anew) or idled (UDP).
-static __always_inline int still_bound(const struct snat *s, const struct headers *h)
-{
-	struct unsnat *u = bound(s, h->proto);
-	return u && u->client_ip == h->saddr && u->client_port == h->sport &&
-	       u->published_ip == h->daddr && u->published_port == h->dport;
+	return rk;
 }
 
 // Sends a packet of a flow whose task is on another host: from the bound port, to the
@@ -489,36 +541,63 @@ static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
 	__u32 now = ticks();
 	struct snat out;
 	struct snat *s = bpf_map_lookup_elem(&mesh_port_snat, fk);
-	// A port can have gone to another flow only after this one ended (a TCP
-	// connection then opens anew) or idled (UDP).
-	int recheck = h->opens || (h->proto == IPPROTO_UDP && s && now - s->seen >= REUSE_UDP_IDLE / 2);
-	if (s && s->task_ip == b->ip && s->task_port == b->port && (!recheck || still_bound(s, h))) {
+	if (s && s->ifindex == 0) {
+		// Left to the other plane: it keeps the flow while the flow has packets.
+		if (inside || now - s->seen < LEFT_FOR) {
+			if (s->seen != now)
+				s->seen = now;
+			return TC_ACT_UNSPEC;
+		}
+		s = 0;
+	}
+	// A flow that picked again (its task left) is bound anew.
+	if (s && (s->task_ip != b->ip || s->task_port != b->port))
+		s = 0;
+	if (s) {
 		out = *s;
-		if (s->seen != now) {
-			s->seen = now;
-			struct unsnat *u = bound(&out, h->proto);
-			if (u)
+		// Checked on every packet: the LRU may have evicted the port's entry, or
+		// (once this flow ended or idled) given the port to another client. Either
+		// way the task's replies would not come back to this client.
+		struct flow_key rk = bound_key(&out, h->proto);
+		struct unsnat *u = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
+		int lost = 0;
+		if (!u) {
+			struct unsnat mine = {};
+			claim(&mine, skb, h, &out, now);
+			lost = bpf_map_update_elem(&mesh_port_unsnat, &rk, &mine, BPF_NOEXIST) < 0;
+		} else if (!owns(u, h)) {
+			lost = 1;
+		} else {
+			if (u->seen != now)
 				u->seen = now;
-		}
-		if (h->opens) {
-			// The client opens anew on the same address and port.
-			struct unsnat *u = bound(&out, h->proto);
-			if (u)
+			if (h->opens)
 				u->closed = 0;
+			else if (h->ends)
+				u->closed |= h->ends == TCP_RST ? ENDED_BY_RST : FIN_FROM_CLIENT;
 		}
-	} else {
+		if (lost) {
+			bpf_map_delete_elem(&mesh_port_snat, fk);
+			// The rest of a connection that lost its port is dropped: it cannot
+			// be delivered, and the other plane does not know it. A new flow
+			// (a SYN, a UDP datagram) binds anew.
+			if (inside)
+				return TC_ACT_SHOT;
+			s = 0;
+		}
+		if (s && s->seen != now)
+			s->seen = now;
+	}
+	if (!s) {
 		// A connection this program did not bind is not its to take.
 		if (inside)
 			return TC_ACT_UNSPEC;
-		if (bind_port(skb, h, b, now, &out) < 0)
+		if (bind_port(skb, h, b, now, &out) < 0) {
+			struct snat left = { .task_ip = b->ip, .task_port = b->port, .seen = now };
+			bpf_map_update_elem(&mesh_port_snat, fk, &left, BPF_ANY);
 			return TC_ACT_UNSPEC;
+		}
 		bpf_map_update_elem(&mesh_port_snat, fk, &out, BPF_ANY);
 		count(b, h);
-	}
-	if (h->ends) {
-		struct unsnat *u = bound(&out, h->proto);
-		if (u)
-			u->closed = 1;
 	}
 	if (rewrite(skb, h, 12, h->saddr, out.ip, 0, h->sport, out.port) < 0 ||
 	    rewrite(skb, h, 16, h->daddr, b->ip, 2, h->dport, b->port) < 0)
@@ -544,8 +623,11 @@ static __always_inline int unhop(struct __sk_buff *skb, const struct headers *h)
 	__u32 now = ticks();
 	if (to.seen != now)
 		u->seen = now;
-	if (h->ends)
-		u->closed = 1;
+	if (h->ends == TCP_RST)
+		u->closed = to.closed | ENDED_BY_RST;
+	else if (h->ends)
+		u->closed = to.closed | FIN_FROM_TASK |
+			    (to.closed & FIN_FROM_CLIENT ? 0 : TASK_CLOSED_FIRST);
 	if (rewrite(skb, h, 12, h->saddr, to.published_ip, 0, h->sport, to.published_port) < 0 ||
 	    rewrite(skb, h, 16, h->daddr, to.client_ip, 2, h->dport, to.client_port) < 0)
 		return TC_ACT_SHOT;

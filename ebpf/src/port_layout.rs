@@ -68,7 +68,8 @@ pub struct Route {
 }
 
 /// `struct port_config`: the ports a flow hopped to another host may be bound to
-/// (host byte order): `span` ports from `first`, skipping `skip_len` from `skip_from`.
+/// (host byte order): `span` ports from `first`, skipping `skip_len` from `skip_from`;
+/// `seed` keys the hash that picks among them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PortConfig {
@@ -76,6 +77,28 @@ pub struct PortConfig {
     pub span: u16,
     pub skip_from: u16,
     pub skip_len: u16,
+    pub seed: u32,
+}
+
+/// `struct reserved_ports`: a bit per port that no hopped flow may be bound to.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservedPorts {
+    pub bits: [u64; 1024],
+}
+
+impl ReservedPorts {
+    pub fn of(ports: impl IntoIterator<Item = u16>) -> ReservedPorts {
+        let mut r = ReservedPorts { bits: [0; 1024] };
+        for p in ports {
+            r.bits[usize::from(p >> 6)] |= 1 << (p & 63);
+        }
+        r
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port >> 6)] >> (port & 63) & 1 == 1
+    }
 }
 
 /// The lowest port a hopped flow is bound to: the ones below are services'.
@@ -87,7 +110,7 @@ impl PortConfig {
     /// of a connection this host makes to the same task, or the task's replies to
     /// that socket would be taken for a client's. A `span` of 0 leaves no port, and
     /// no flow is hopped.
-    pub fn around(low: u16, high: u16) -> PortConfig {
+    pub fn around(low: u16, high: u16, seed: u32) -> PortConfig {
         let (low, high) = (low.max(FIRST_BOUND_PORT), high);
         let all = u32::from(u16::MAX) - u32::from(FIRST_BOUND_PORT) + 1;
         if low > high {
@@ -96,6 +119,7 @@ impl PortConfig {
                 span: all as u16,
                 skip_from: u16::MAX,
                 skip_len: 0,
+                seed,
             };
         }
         let skip = u32::from(high) - u32::from(low) + 1;
@@ -104,6 +128,7 @@ impl PortConfig {
             span: (all - skip) as u16,
             skip_from: low,
             skip_len: skip as u16,
+            seed,
         }
     }
 
@@ -132,6 +157,8 @@ unsafe impl aya::Pod for PickKey {}
 unsafe impl aya::Pod for Route {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PortConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ReservedPorts {}
 
 impl PortKey {
     pub fn new(port: u16, protocol: Protocol) -> PortKey {
@@ -234,7 +261,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<PortBackend>(), 8);
         assert_eq!(std::mem::size_of::<PickKey>(), 12);
         assert_eq!(std::mem::size_of::<Route>(), 8);
-        assert_eq!(std::mem::size_of::<PortConfig>(), 8);
+        assert_eq!(std::mem::size_of::<PortConfig>(), 12);
+        assert_eq!(std::mem::size_of::<ReservedPorts>(), 8192);
         assert_eq!(
             std::mem::size_of::<PortFrontend>(),
             8 + 8 * MAX_SLOTS + 2 * RING + 2
@@ -281,7 +309,7 @@ mod tests {
 
     #[test]
     fn hopped_flows_are_bound_to_ports_outside_the_local_range() {
-        let c = PortConfig::around(32768, 60999);
+        let c = PortConfig::around(32768, 60999, 7);
         let ports: Vec<u16> = c.ports().collect();
         assert_eq!(ports.len(), usize::from(c.span));
         assert_eq!(ports.len(), (32768 - 1024) + (65535 - 61000 + 1));
@@ -289,13 +317,23 @@ mod tests {
         assert!(ports.contains(&32767) && ports.contains(&61000));
         assert!(!ports.iter().any(|p| (32768..=60999).contains(p)));
         // A range that starts below 1024 skips from 1024.
-        let low = PortConfig::around(500, 2000);
+        let low = PortConfig::around(500, 2000, 7);
         assert_eq!(low.ports().next(), Some(2001));
         // A local range of every port leaves none: nothing is hopped.
-        assert_eq!(PortConfig::around(1024, 65535).span, 0);
-        assert_eq!(PortConfig::around(1, 65535).ports().count(), 0);
+        assert_eq!(PortConfig::around(1024, 65535, 7).span, 0);
+        assert_eq!(PortConfig::around(1, 65535, 7).ports().count(), 0);
         // An empty range (low above high) skips nothing.
-        assert_eq!(PortConfig::around(5000, 4000).ports().count(), 64512);
+        assert_eq!(PortConfig::around(5000, 4000, 7).ports().count(), 64512);
+    }
+
+    #[test]
+    fn reserved_ports_are_one_bit_each() {
+        let r = ReservedPorts::of([0, 63, 64, 8080, 65535]);
+        for p in [0, 63, 64, 8080, 65535] {
+            assert!(r.contains(p), "{p}");
+        }
+        assert!(!r.contains(1) && !r.contains(8081) && !r.contains(65534));
+        assert_eq!(r.bits.iter().map(|w| w.count_ones()).sum::<u32>(), 5);
     }
 
     #[test]

@@ -19,9 +19,12 @@ use mesh_core::error::chain;
 use mesh_core::plan::Features;
 use mesh_core::{Listen, Plan};
 
-use crate::port_layout::{PickKey, PortConfig, PortFrontend, PortKey, PortTask, Route};
+use crate::port_layout::{
+    PickKey, PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route,
+};
 use crate::programs::{find_program, pin_link, take_map};
 use crate::routes::RouteLookup;
+use crate::sockets::SockDiag;
 
 /// The programs, by function name, and what each does.
 pub const PORT_PROGRAMS: [(&str, &str); 2] = [
@@ -55,6 +58,9 @@ pub struct Ports {
     /// them (none, on a first start).
     vips: Option<BTreeSet<Ipv4Addr>>,
     interfaces: Vec<String>,
+    /// The interfaces' indexes when the programs were attached: a route through an
+    /// interface that has since been replaced (a new index) has no program of ours.
+    attached: BTreeSet<u32>,
     /// The way to each other host's task that the programs may hop flows to.
     routes: HashMap<MapData, [u8; 4], Route>,
     /// What `routes` holds.
@@ -62,6 +68,15 @@ pub struct Ports {
     /// The ports hopped flows are bound to, and what the map holds.
     config: Array<MapData, PortConfig>,
     port_config: Option<PortConfig>,
+    /// Kept across restarts (read back from the pinned map).
+    seed: u32,
+    reserved: Array<MapData, ReservedPorts>,
+    /// What `reserved` holds.
+    reserved_now: Option<Box<ReservedPorts>>,
+    /// The ports of this host's tasks and its published ports, of the last sync.
+    plan_ports: BTreeSet<u16>,
+    /// Lists this namespace's bound ports; opened at the first refresh.
+    diag: Option<SockDiag>,
     /// Opened at the first refresh; `None` again after an error, to be reopened.
     lookup: Option<RouteLookup>,
     /// The IPv4 addresses of other hosts' tasks of the installed ports.
@@ -109,6 +124,7 @@ impl Ports {
             .load(object)
             .map_err(|e| format!("loading the eBPF object port_lb: {}", chain(&e)))?;
         let mut wanted = Vec::new();
+        let mut attached = BTreeSet::new();
         for (name, hook) in [
             (PORT_PROGRAMS[0].0, TcAttachType::Ingress),
             (PORT_PROGRAMS[1].0, TcAttachType::Egress),
@@ -137,6 +153,7 @@ impl Ports {
                 let pin_name = format!("{name}@{interface}");
                 pin_link(link, &links_dir.join(&pin_name))?;
                 wanted.push(pin_name);
+                attached.extend(ifindex(interface));
             }
         }
         // Interfaces no longer configured lose their programs.
@@ -153,7 +170,13 @@ impl Ports {
         let picks = take_map(&mut ebpf, "mesh_port_picks")?;
         let host_addrs = take_map(&mut ebpf, "mesh_host_addrs")?;
         let routes: HashMap<MapData, [u8; 4], Route> = take_map(&mut ebpf, "mesh_port_routes")?;
-        let config = take_map(&mut ebpf, "mesh_port_config")?;
+        let config: Array<MapData, PortConfig> = take_map(&mut ebpf, "mesh_port_config")?;
+        let reserved = take_map(&mut ebpf, "mesh_port_reserved")?;
+        // A previous run's seed is kept, so a client keeps getting the port it had.
+        let seed = match config.get(&0, 0) {
+            Ok(c) if c.seed != 0 => c.seed,
+            _ => random_seed()?,
+        };
         // What a previous run wrote: kept until the first sync's refresh.
         let routed = routes
             .iter()
@@ -186,8 +209,14 @@ impl Ports {
             interfaces: interfaces.to_vec(),
             routes,
             routed,
+            attached,
             config,
             port_config: None,
+            seed,
+            reserved,
+            reserved_now: None,
+            plan_ports: BTreeSet::new(),
+            diag: None,
             lookup: None,
             remote: BTreeSet::new(),
             installed,
@@ -241,6 +270,13 @@ impl Ports {
                 .collect();
             wanted.insert(port, tasks);
         }
+        self.plan_ports = wanted
+            .iter()
+            .flat_map(|(key, tasks)| {
+                std::iter::once(u16::from_be_bytes(key.port))
+                    .chain(tasks.iter().filter(|t| t.local).map(|t| t.addr.port()))
+            })
+            .collect();
         self.remote = wanted
             .values()
             .flatten()
@@ -337,14 +373,15 @@ impl Ports {
             return Ok(());
         }
         let (low, high) = local_port_range()?;
-        let config = PortConfig::around(low, high);
+        let config = PortConfig::around(low, high, self.seed);
         if self.port_config != Some(config) {
             self.config
                 .set(0, config, 0)
                 .map_err(|e| format!("writing mesh_port_config: {e}"))?;
             self.port_config = Some(config);
         }
-        let attached: BTreeSet<u32> = self.interfaces.iter().filter_map(|i| ifindex(i)).collect();
+        self.refresh_reserved()?;
+        let attached = &self.attached;
         let lookup = match self.lookup.as_mut() {
             Some(l) => l,
             None => self.lookup.insert(
@@ -366,16 +403,20 @@ impl Ports {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    // Keep what is installed for it; the socket is opened anew.
-                    if let Some(r) = self.routed.get(ip) {
-                        want.insert(*ip, *r);
-                    }
-                    result = result.and(Err(e));
+                    // What is installed stays for this refresh; the socket is opened
+                    // anew at the next, rather than each address waiting for it.
+                    let kept: Vec<(Ipv4Addr, Route)> = self
+                        .routed
+                        .iter()
+                        .filter(|(ip, _)| self.remote.contains(ip) && !want.contains_key(ip))
+                        .map(|(ip, r)| (*ip, *r))
+                        .collect();
+                    want.extend(kept);
+                    self.lookup = None;
+                    result = Err(e);
+                    break;
                 }
             }
-        }
-        if result.is_err() {
-            self.lookup = None;
         }
         for (ip, route) in &want {
             if self.routed.get(ip) == Some(route) {
@@ -410,6 +451,34 @@ impl Ports {
             }
         }
         result
+    }
+
+    /// Makes `mesh_port_reserved` hold the ports in use on this host: its listening
+    /// and UDP sockets' (sock_diag), and its tasks' and published ports.
+    fn refresh_reserved(&mut self) -> Result<(), String> {
+        let diag = match self.diag.as_mut() {
+            Some(d) => d,
+            None => self
+                .diag
+                .insert(SockDiag::open().map_err(|e| format!("opening a sock_diag socket: {e}"))?),
+        };
+        let bound = match diag.bound_ports() {
+            Ok(b) => b,
+            Err(e) => {
+                self.diag = None;
+                return Err(format!("listing this host's bound ports: {e}"));
+            }
+        };
+        let now = Box::new(ReservedPorts::of(
+            bound.into_iter().chain(self.plan_ports.iter().copied()),
+        ));
+        if self.reserved_now.as_ref() != Some(&now) {
+            self.reserved
+                .set(0, *now, 0)
+                .map_err(|e| format!("writing mesh_port_reserved: {e}"))?;
+            self.reserved_now = Some(now);
+        }
+        Ok(())
     }
 
     /// The flows taken since the last call, by service and task (of the last sync).
@@ -475,7 +544,7 @@ impl Ports {
 }
 
 /// The maps `port_lb` pins, by name.
-const PORT_MAPS: [&str; 9] = [
+const PORT_MAPS: [&str; 10] = [
     "mesh_ports",
     "mesh_port_flows",
     "mesh_port_revnat",
@@ -485,6 +554,7 @@ const PORT_MAPS: [&str; 9] = [
     "mesh_port_unsnat",
     "mesh_port_routes",
     "mesh_port_config",
+    "mesh_port_reserved",
 ];
 
 /// Detaches what a previous run with `ebpf.interfaces` left (its links), and frees
@@ -519,6 +589,19 @@ fn local_port_range() -> Result<(u16, u16), String> {
         (Some(Ok(low)), Some(Ok(high))) => Ok((low, high)),
         _ => Err(format!("{PATH} holds {:?}, not two ports", text.trim())),
     }
+}
+
+fn random_seed() -> Result<u32, String> {
+    let mut seed = [0u8; 4];
+    // SAFETY: getrandom writes at most the 4 bytes given.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n != 4 {
+        return Err(format!(
+            "getrandom for the port seed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(u32::from_ne_bytes(seed).max(1))
 }
 
 fn ifindex(name: &str) -> Option<u32> {

@@ -31,7 +31,9 @@ const REQ_LEN: usize = 56;
 const MSG_LEN: usize = 72;
 /// Every TCP state but LISTEN, TIME_WAIT and NEW_SYN_RECV (no owner to tell), and
 /// every UDP socket (diag reports them as CLOSE or ESTABLISHED).
-const STATES: u32 = !((1 << 10) | (1 << 6) | (1 << 12));
+const STATES: u32 = !((1 << TCP_LISTEN) | (1 << 6) | (1 << 12));
+/// The kernel's TCP_LISTEN state number.
+const TCP_LISTEN: u32 = 10;
 /// A dump, or a destroy's answer, that takes longer than this in all is abandoned.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Most messages one dump may bring; a host with more sockets is listed only this far.
@@ -192,11 +194,31 @@ impl SockDiag {
         }
         let mut out = Vec::new();
         for family in families {
-            self.dump(family, protocol, |c| {
-                if peers.iter().any(|p| same_peer(c.peer, *p)) {
+            self.dump(family, protocol, STATES, |body| {
+                if let Some(c) = parse(body, protocol)
+                    && peers.iter().any(|p| same_peer(c.peer, *p))
+                {
                     out.push(c);
                 }
             })?;
+        }
+        Ok(out)
+    }
+
+    /// The local ports of this namespace's listening TCP sockets and of all its UDP
+    /// sockets, IPv4 and IPv6: the ports in use here that no other socket may share.
+    pub fn bound_ports(&mut self) -> io::Result<std::collections::BTreeSet<u16>> {
+        let mut out = std::collections::BTreeSet::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            for (protocol, states) in [(Protocol::Tcp, 1 << TCP_LISTEN), (Protocol::Udp, !0)] {
+                self.dump(family, protocol, states, |body| {
+                    // inet_diag_msg: family, state, timer, retrans, then the sockid's
+                    // source port.
+                    if body.len() >= MSG_LEN {
+                        out.insert(u16::from_be_bytes([body[4], body[5]]));
+                    }
+                })?;
+            }
         }
         Ok(out)
     }
@@ -210,6 +232,7 @@ impl SockDiag {
             self.seq,
             c.family,
             c.protocol,
+            STATES,
             Some(c),
         );
         self.send(&req)?;
@@ -229,11 +252,13 @@ impl SockDiag {
         }
     }
 
+    /// Each `inet_diag_msg` of the sockets of `family` and `protocol` in `states`.
     fn dump(
         &mut self,
         family: u8,
         protocol: Protocol,
-        mut each: impl FnMut(Connected),
+        states: u32,
+        mut each: impl FnMut(&[u8]),
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let req = request(
@@ -242,6 +267,7 @@ impl SockDiag {
             self.seq,
             family,
             protocol,
+            states,
             None,
         );
         self.send(&req)?;
@@ -265,11 +291,7 @@ impl SockDiag {
                     t if t == libc::NLMSG_ERROR as u16 => {
                         return Err(io::Error::from_raw_os_error(errno(body)));
                     }
-                    SOCK_DIAG_BY_FAMILY => {
-                        if let Some(c) = parse(body, protocol) {
-                            each(c);
-                        }
-                    }
+                    SOCK_DIAG_BY_FAMILY => each(body),
                     _ => {}
                 }
             }
@@ -377,6 +399,7 @@ fn request(
     seq: u32,
     family: u8,
     protocol: Protocol,
+    states: u32,
     target: Option<&Connected>,
 ) -> Vec<u8> {
     let len = NLMSG_HDR + REQ_LEN;
@@ -388,7 +411,7 @@ fn request(
     m.extend_from_slice(&0u32.to_ne_bytes());
     // inet_diag_req_v2: family, protocol, ext, pad, states.
     m.extend_from_slice(&[family, proto_number(protocol), 0, 0]);
-    m.extend_from_slice(&STATES.to_ne_bytes());
+    m.extend_from_slice(&states.to_ne_bytes());
     // inet_diag_sockid: sport, dport (network order), src[4], dst[4], if, cookie[2].
     let (local, peer, ifindex, cookie) = match target {
         Some(c) => (Some(c.local), Some(c.peer), c.ifindex, c.cookie),
@@ -567,6 +590,21 @@ mod tests {
     /// Another socket in the namespace (a process with CAP_NET_ADMIN there) cannot
     /// send us forged answers: ours is connected to the kernel.
     #[test]
+    fn bound_ports_are_listeners_and_udp_sockets_not_connections() {
+        // Listing needs no privilege.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = UdpSocket::bind("[::1]:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let ports = SockDiag::open().unwrap().bound_ports().unwrap();
+        assert!(ports.contains(&listener.local_addr().unwrap().port()));
+        assert!(ports.contains(&udp.local_addr().unwrap().port()));
+        assert!(
+            !ports.contains(&client.local_addr().unwrap().port()),
+            "a connection's own port is not a listener's"
+        );
+    }
+
+    #[test]
     fn no_other_socket_can_send_to_ours() {
         let diag = SockDiag::open().unwrap();
         // SAFETY: an all-zero sockaddr_nl is valid; getsockname fills it.
@@ -590,7 +628,15 @@ mod tests {
                 NETLINK_SOCK_DIAG,
             ))
         };
-        let fake = request(libc::NLMSG_DONE as u16, 0, 1, 2, Protocol::Tcp, None);
+        let fake = request(
+            libc::NLMSG_DONE as u16,
+            0,
+            1,
+            2,
+            Protocol::Tcp,
+            STATES,
+            None,
+        );
         // SAFETY: valid buffer and address.
         let n = unsafe {
             libc::sendto(
@@ -624,7 +670,7 @@ mod tests {
     fn truncated_or_garbled_answers_are_skipped() {
         assert!(messages(&[0u8; 10]).is_empty());
         // A length beyond the datagram ends the walk.
-        let mut m = request(SOCK_DIAG_BY_FAMILY, 0, 1, 2, Protocol::Tcp, None);
+        let mut m = request(SOCK_DIAG_BY_FAMILY, 0, 1, 2, Protocol::Tcp, STATES, None);
         m[0..4].copy_from_slice(&1000u32.to_ne_bytes());
         assert!(messages(&m).is_empty());
         assert!(parse(&[0u8; 10], Protocol::Tcp).is_none());

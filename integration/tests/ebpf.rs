@@ -881,7 +881,22 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
     let _b3 = Backend::start_in_at(&h1.ns, "web.3", &h1.ip, 8003);
     let _u1 = udp_echo(&h1.ns, "echo.1", &h1.ip);
     let _u2 = udp_echo(&h2.ns, "echo.2", &h2.ip);
-    // nftables serves the ports beside the TC path, and hops to host2 by forwarding.
+    // With checksum offload off, every sender computes full checksums and every
+    // receiver checks them: a wrong rewrite of the programs' is dropped, not trusted.
+    for ns in [&c.client.ns, &h1.ns, &h2.ns] {
+        let out = ns
+            .command("ethtool")
+            .args(["-K", "eth0", "tx", "off", "rx", "off"])
+            .output()
+            .expect("ethtool (apt-get install ethtool)");
+        assert!(
+            out.status.success(),
+            "ethtool -K eth0 tx off rx off: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // nftables serves the ports beside the TC path, and would hop a flow the kernel
+    // leaves to it by forwarding.
     let forward = h1
         .ns
         .command("sysctl")
@@ -1044,17 +1059,27 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
         answers.contains("echo.1:") && answers.contains("echo.2:"),
         "both tasks answer: {answers}"
     );
-    // Only the kernel's UDP flows count here (nftables keeps its own counters).
-    eventually("the kernel took some of echo.1's flows", || {
-        let n = agent.metric(
+    // Only the kernel's UDP flows count here (nftables keeps its own counters): it
+    // took every query, each to the task that answered it, host2's by a hop.
+    let kernel = |task: &str| {
+        agent.metric(
             "mesh_connections_total",
-            &[("service", "echo"), ("task", "echo.1")],
-        );
-        (n >= 1.0).then_some(())
-    });
+            &[("service", "echo"), ("task", task)],
+        )
+    };
+    eventually(
+        "mesh_connections_total counts every query as the kernel's",
+        || (kernel("echo.1") + kernel("echo.2") >= 20.0).then_some(()),
+    );
+    let answered = |task: &str| answers.matches(&format!("{task}:")).count() as f64;
+    assert_eq!(
+        (kernel("echo.1"), kernel("echo.2")),
+        (answered("echo.1"), answered("echo.2")),
+        "the kernel's flows per task are the answers per task: {answers}"
+    );
 
-    // Held connections, each with its own client port: about half are taken in the
-    // kernel to web.1, the others by nftables.
+    // Held connections, each with its own client port, each taken in the kernel: to
+    // web.1 by DNAT, to web.2 by a hop.
     let addr = format!("{}:8080", h1.ip);
     let mut held = Vec::new();
     for _ in 0..48 {
