@@ -690,6 +690,10 @@ fn host_ipv4s() -> std::io::Result<BTreeSet<Ipv4Addr>> {
     Ok(out)
 }
 
+#[cfg(all(test, feature = "bpf"))]
+#[path = "port_program_tests.rs"]
+mod program_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;

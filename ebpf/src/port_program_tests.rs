@@ -1,0 +1,398 @@
+//! The real `port_lb` ingress program run on built packets with `BPF_PROG_TEST_RUN`:
+//! the hop's port rules, rewrites and checksums, one case at a time, without a
+//! network. The kernel runs the program and returns its verdict and the packet it
+//! left; a redirect is reported (TC_ACT_REDIRECT), not performed. Needs root.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::SchedClassifier;
+
+use super::OBJECT;
+use crate::port_layout::{PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route};
+
+const REDIRECT: i32 = 7;
+const SHOT: i32 = 2;
+const UNSPEC: i32 = -1;
+
+const PUBLISHED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const TASK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const SRC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// Where test_run's packets arrive: loopback, the only device it needs.
+const LO: u32 = 1;
+
+/// `struct flow_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlowKey {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+    proto: u8,
+    pad: [u8; 3],
+}
+
+/// `struct unsnat`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Unsnat {
+    client_ip: [u8; 4],
+    published_ip: [u8; 4],
+    ifindex: u32,
+    task_ifindex: u32,
+    seen: u32,
+    client_port: [u8; 2],
+    published_port: [u8; 2],
+    closed: u8,
+    pad: [u8; 3],
+}
+
+// SAFETY: plain repr(C) integers and byte arrays without implicit padding.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Unsnat {}
+
+/// A pin directory on bpffs of this test's own, removed at the end; ones left by
+/// dead test processes are removed first.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new() -> Pins {
+        const PREFIX: &str = "mesh-unit-";
+        let root = PathBuf::from("/sys/fs/bpf");
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let pid = name
+                .strip_prefix(PREFIX)
+                .and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+            if pid.is_some_and(|p| !PathBuf::from(format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!("{PREFIX}{}-{n}", std::process::id()));
+        crate::mounts::ensure_bpffs(&dir).unwrap();
+        Pins(dir)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Program {
+    ebpf: aya::Ebpf,
+    _pins: Pins,
+}
+
+/// The program with one published port (8080, TCP and UDP) whose one task is on
+/// another host, reached through loopback from SRC; ports 32768-60999 are the local
+/// range, and 20001 is in use here.
+fn program() -> Option<Program> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: running a BPF program needs root");
+        return None;
+    }
+    let pins = Pins::new();
+    let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(&pins.0)
+        .load(OBJECT)
+        .unwrap();
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("mesh_port_ingress")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let task = PortTask {
+        task: "web.2".into(),
+        addr: (TASK, 9000).into(),
+        local: false,
+    };
+    let mut ports: HashMap<&mut MapData, PortKey, PortFrontend> =
+        HashMap::try_from(ebpf.map_mut("mesh_ports").unwrap()).unwrap();
+    let value = PortFrontend::build(std::slice::from_ref(&task)).unwrap();
+    for proto in [mesh_core::Protocol::Tcp, mesh_core::Protocol::Udp] {
+        ports.insert(PortKey::new(8080, proto), *value, 0).unwrap();
+    }
+    let mut addrs: HashMap<&mut MapData, [u8; 4], u8> =
+        HashMap::try_from(ebpf.map_mut("mesh_host_addrs").unwrap()).unwrap();
+    addrs.insert(PUBLISHED.octets(), 1, 0).unwrap();
+    route(&mut ebpf, true);
+    let mut config: Array<&mut MapData, PortConfig> =
+        Array::try_from(ebpf.map_mut("mesh_port_config").unwrap()).unwrap();
+    config
+        .set(0, PortConfig::around(32768, 60999, 1), 0)
+        .unwrap();
+    let mut reserved: Array<&mut MapData, ReservedPorts> =
+        Array::try_from(ebpf.map_mut("mesh_port_reserved").unwrap()).unwrap();
+    reserved.set(0, ReservedPorts::of([20001]), 0).unwrap();
+    Some(Program { ebpf, _pins: pins })
+}
+
+fn route(ebpf: &mut aya::Ebpf, on: bool) {
+    let mut routes: HashMap<&mut MapData, [u8; 4], Route> =
+        HashMap::try_from(ebpf.map_mut("mesh_port_routes").unwrap()).unwrap();
+    if on {
+        let r = Route {
+            ifindex: LO,
+            src: SRC.octets(),
+        };
+        routes.insert(TASK.octets(), r, 0).unwrap();
+    } else {
+        routes.remove(&TASK.octets()).unwrap();
+    }
+}
+
+/// The ones' complement sum of `data`, folded.
+fn sum(data: &[u8], mut acc: u32) -> u16 {
+    for chunk in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    u32::from(sum(&p, 0))
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// An Ethernet frame with an IPv4 TCP segment (`flags`) or UDP datagram (`udp_csum`
+/// false: a zero checksum), with correct checksums.
+fn packet(
+    proto: u8,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+    udp_csum: bool,
+) -> Vec<u8> {
+    let payload = b"hello";
+    let l4_len = if proto == TCP { 20 } else { 8 } + payload.len();
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.1.to_be_bytes());
+    l4.extend_from_slice(&dst.1.to_be_bytes());
+    if proto == TCP {
+        l4.extend_from_slice(&1000u32.to_be_bytes());
+        l4.extend_from_slice(&0u32.to_be_bytes());
+        l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend_from_slice(payload);
+    let at = if proto == TCP { 16 } else { 6 };
+    if proto == TCP || udp_csum {
+        let c = !sum(&l4, pseudo(src.0, dst.0, proto, l4_len));
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&src.0.octets());
+    ip.extend_from_slice(&dst.0.octets());
+    let c = !sum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    frame.extend(ip);
+    frame.extend(l4);
+    frame
+}
+
+/// What a frame carries: (source, destination), after checking both checksums (a
+/// zero UDP checksum passes: none was computed).
+fn read(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16), u16) {
+    let ip = &frame[14..34];
+    assert_eq!(sum(ip, 0), 0xffff, "IP checksum of {frame:?}");
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let l4 = &frame[34..];
+    let at = if ip[9] == TCP { 16 } else { 6 };
+    let csum = u16::from_be_bytes([l4[at], l4[at + 1]]);
+    if ip[9] == TCP || csum != 0 {
+        assert_eq!(
+            sum(l4, pseudo(src, dst, ip[9], l4.len())),
+            0xffff,
+            "L4 checksum of {frame:?}"
+        );
+    }
+    let port = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
+    ((src, port(0)), (dst, port(2)), csum)
+}
+
+/// `BPF_PROG_TEST_RUN` of the ingress program on `frame`: its verdict and the frame
+/// it left.
+fn run(p: &Program, frame: &[u8]) -> (i32, Vec<u8>) {
+    let prog: &SchedClassifier = p
+        .ebpf
+        .program("mesh_port_ingress")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let fd = prog.fd().unwrap().as_fd().as_raw_fd();
+    let mut out = vec![0u8; frame.len() + 256];
+    // union bpf_attr, as BPF_PROG_TEST_RUN reads it.
+    let mut attr = [0u8; 80];
+    attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: attr is a bpf_attr for BPF_PROG_TEST_RUN whose buffers outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            10, // BPF_PROG_TEST_RUN
+            attr.as_mut_ptr(),
+            attr.len() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_TEST_RUN: {}",
+        std::io::Error::last_os_error()
+    );
+    let retval = i32::from_ne_bytes(attr[4..8].try_into().unwrap());
+    let len = u32::from_ne_bytes(attr[12..16].try_into().unwrap()) as usize;
+    out.truncate(len);
+    (retval, out)
+}
+
+fn unsnat(p: &mut Program) -> HashMap<&mut MapData, FlowKey, Unsnat> {
+    HashMap::try_from(p.ebpf.map_mut("mesh_port_unsnat").unwrap()).unwrap()
+}
+
+fn bound_key(port: u16) -> FlowKey {
+    FlowKey {
+        saddr: TASK.octets(),
+        daddr: SRC.octets(),
+        sport: 9000u16.to_be_bytes(),
+        dport: port.to_be_bytes(),
+        proto: TCP,
+        pad: [0; 3],
+    }
+}
+
+fn client(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, n)
+}
+
+fn local_range(port: u16) -> bool {
+    (32768..=60999).contains(&port)
+}
+
+#[test]
+fn a_hop_binds_a_free_port_and_its_replies_go_back_to_the_client() {
+    let Some(mut p) = program() else { return };
+    let published = (PUBLISHED, 8080);
+
+    // The client's own port, outside the local range and free, is kept.
+    let (verdict, out) = run(&p, &packet(TCP, (client(1), 20000), published, SYN, true));
+    assert_eq!(verdict, REDIRECT);
+    let (src, dst, _) = read(&out);
+    assert_eq!((src, dst), ((SRC, 20000), (TASK, 9000)));
+
+    // The task's reply, arriving through the route's interface, goes to the client
+    // from the published address and port.
+    let (verdict, out) = run(
+        &p,
+        &packet(TCP, (TASK, 9000), (SRC, 20000), SYN | ACK, true),
+    );
+    assert_eq!(verdict, REDIRECT);
+    let (src, dst, _) = read(&out);
+    assert_eq!((src, dst), (published, (client(1), 20000)));
+
+    // Another client with the same port, while that connection is open: another port.
+    let (_, out) = run(&p, &packet(TCP, (client(2), 20000), published, SYN, true));
+    let ((_, port), _, _) = read(&out);
+    assert!(
+        port != 20000 && port >= 1024 && !local_range(port),
+        "{port}"
+    );
+
+    // A port in use on this host is never bound, nor one in the local range.
+    for (n, own) in [(3, 20001), (4, 40000)] {
+        let (verdict, out) = run(&p, &packet(TCP, (client(n), own), published, SYN, true));
+        assert_eq!(verdict, REDIRECT);
+        let ((ip, port), _, _) = read(&out);
+        assert_eq!(ip, SRC);
+        assert!(
+            port != own && port != 20001 && port >= 1024 && !local_range(port),
+            "client port {own} got {port}"
+        );
+    }
+
+    // A reply to a port nobody holds is not ours.
+    let (verdict, _) = run(&p, &packet(TCP, (TASK, 9000), (SRC, 1999), ACK, true));
+    assert_eq!(verdict, UNSPEC);
+
+    // UDP: a datagram without a checksum keeps none; one with a checksum gets a
+    // correct one (read() checks).
+    for (n, with) in [(5, false), (6, true)] {
+        let (verdict, out) = run(
+            &p,
+            &packet(UDP, (client(n), 21000 + u16::from(n)), published, 0, with),
+        );
+        assert_eq!(verdict, REDIRECT);
+        let (src, dst, csum) = read(&out);
+        assert_eq!((src.0, dst), (SRC, (TASK, 9000)));
+        assert_eq!(csum == 0, !with, "checksum {csum:#x}");
+    }
+
+    // The first connection's port entry is evicted: its next packet takes it back.
+    unsnat(&mut p).remove(&bound_key(20000)).unwrap();
+    let (verdict, out) = run(&p, &packet(TCP, (client(1), 20000), published, ACK, true));
+    assert_eq!(verdict, REDIRECT);
+    assert_eq!(read(&out).0, (SRC, 20000));
+    let back = unsnat(&mut p).get(&bound_key(20000), 0).unwrap();
+    assert_eq!(back.client_ip, client(1).octets());
+
+    // Another client took it: the rest of the first connection is dropped, never
+    // sent on a port whose replies go elsewhere.
+    let stolen = Unsnat {
+        client_ip: client(9).octets(),
+        ..back
+    };
+    unsnat(&mut p).insert(bound_key(20000), stolen, 0).unwrap();
+    let (verdict, _) = run(&p, &packet(TCP, (client(1), 20000), published, ACK, true));
+    assert_eq!(verdict, SHOT);
+}
+
+#[test]
+fn a_flow_without_a_route_stays_with_the_other_plane() {
+    let Some(mut p) = program() else { return };
+    let published = (PUBLISHED, 8080);
+    route(&mut p.ebpf, false);
+    let syn = packet(TCP, (client(1), 20000), published, SYN, true);
+    assert_eq!(run(&p, &syn).0, UNSPEC, "no route: left to the other plane");
+    // The route appears: the flow already begun stays where it is, retransmitted
+    // SYN and all, while a new one is hopped.
+    route(&mut p.ebpf, true);
+    assert_eq!(
+        run(&p, &packet(TCP, (client(1), 20000), published, ACK, true)).0,
+        UNSPEC
+    );
+    assert_eq!(run(&p, &syn).0, UNSPEC);
+    let (verdict, out) = run(&p, &packet(TCP, (client(2), 20000), published, SYN, true));
+    assert_eq!(verdict, REDIRECT);
+    assert_eq!(read(&out).1, (TASK, 9000));
+}
