@@ -365,9 +365,10 @@ impl Ports {
     }
 
     /// Makes `mesh_port_config` hold the ports outside the kernel's local port range,
-    /// and `mesh_port_routes` the way to each other host's task whose route is through
-    /// an attached interface (its replies come back there). A task reached any other
-    /// way is left to the other plane.
+    /// `mesh_port_reserved` the ports in use here, and `mesh_port_routes` the way to
+    /// each other host's task whose route is through an attached interface (its
+    /// replies come back there). A task reached any other way is left to the other
+    /// plane.
     fn refresh_routes(&mut self) -> Result<(), String> {
         if self.vips.is_none() {
             return Ok(());
@@ -380,7 +381,8 @@ impl Ports {
                 .map_err(|e| format!("writing mesh_port_config: {e}"))?;
             self.port_config = Some(config);
         }
-        self.refresh_reserved()?;
+        // A stale list of ports in use is still a list: the routes go on.
+        let mut result = self.refresh_reserved();
         let attached = &self.attached;
         let lookup = match self.lookup.as_mut() {
             Some(l) => l,
@@ -388,7 +390,6 @@ impl Ports {
                 RouteLookup::open().map_err(|e| format!("opening an rtnetlink socket: {e}"))?,
             ),
         };
-        let mut result = Ok(());
         let mut want = BTreeMap::new();
         for ip in &self.remote {
             match lookup.get(*ip) {
@@ -413,7 +414,7 @@ impl Ports {
                         .collect();
                     want.extend(kept);
                     self.lookup = None;
-                    result = Err(e);
+                    result = result.and(Err(e));
                     break;
                 }
             }
@@ -615,10 +616,12 @@ fn ifindex(name: &str) -> Option<u32> {
 /// that names the setting. The program reads an Ethernet header first: on a layer-3
 /// device (WireGuard, tun, ipip) or loopback it would read the wrong bytes.
 pub fn check_interface(name: &str) -> Result<(), String> {
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| format!("ebpf.interfaces: {name:?} is not an interface name"))?;
-    // SAFETY: a NUL-terminated string that outlives the call.
-    if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+    if name.contains('\0') {
+        return Err(format!(
+            "ebpf.interfaces: {name:?} is not an interface name"
+        ));
+    }
+    if ifindex(name).is_none() {
         return Err(format!(
             "ebpf.interfaces names {name:?}, which is not an interface here ({})",
             std::io::Error::last_os_error()
