@@ -167,10 +167,11 @@ impl Target {
                 let mesh = if self == Target::MeshTcHop {
                     // The tasks are the backend agent's (`task_host_agent`).
                     let services = mesh.split("\n[[task]]").next().unwrap_or_default();
-                    services.replace(
+                    edit(
+                        services,
                         "bind = \"127.0.0.1:0\"",
                         &format!("bind = \"{LB_BACKEND_SIDE_IP}:{GOSSIP_PORT}\""),
-                    )
+                    )?
                 } else {
                     mesh
                 };
@@ -227,18 +228,25 @@ const GOSSIP_PORT: u16 = 7946;
 /// tasks as its own and joins the LB's agent, on the load CPU (it only gossips; its
 /// userspace plane's listeners on the backend's address take no load).
 pub fn task_host_agent(topo: &Topology, dir: &Path, mesh_bin: &Path) -> Result<Running> {
-    let cfg = mesh_config(dir, true, false)
-        .replace("node_name = \"lb\"", "node_name = \"backend\"")
-        .replace("/mesh-data\"", "/backend-data\"")
-        .replace("/mesh.sock\"", "/backend.sock\"")
-        .replace(
-            &format!("bind = \"{LB_IP}\""),
-            &format!("bind = \"{BACKEND_IP}\""),
-        )
-        .replace(
-            "bind = \"127.0.0.1:0\"",
-            &format!("bind = \"{BACKEND_IP}:{GOSSIP_PORT}\""),
-        );
+    let mut cfg = mesh_config(dir, true, false);
+    for (from, to) in [
+        (
+            "node_name = \"lb\"".to_string(),
+            "node_name = \"backend\"".to_string(),
+        ),
+        ("/mesh-data\"".into(), "/backend-data\"".into()),
+        ("/mesh.sock\"".into(), "/backend.sock\"".into()),
+        (
+            format!("bind = \"{LB_IP}\""),
+            format!("bind = \"{BACKEND_IP}\""),
+        ),
+        (
+            "bind = \"127.0.0.1:0\"".into(),
+            format!("bind = \"{BACKEND_IP}:{GOSSIP_PORT}\""),
+        ),
+    ] {
+        cfg = edit(&cfg, &from, &to)?;
+    }
     let cfg = write(dir, "backend-mesh.toml", &cfg)?;
     let join = format!("{LB_BACKEND_SIDE_IP}:{GOSSIP_PORT}");
     let bin = mesh_bin.to_string_lossy().to_string();
@@ -301,6 +309,16 @@ pub fn vip_addrs(mesh_bin: &Path, dir: &Path) -> Result<Addrs> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// `text` with `from` replaced by `to`; an error if `from` is not there, so a change
+/// to `mesh_config` cannot silently leave the second agent's config wrong.
+fn edit(text: &str, from: &str, to: &str) -> Result<String> {
+    anyhow::ensure!(
+        text.contains(from),
+        "the mesh config has no {from:?} to change"
+    );
+    Ok(text.replace(from, to))
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> Result<String> {
