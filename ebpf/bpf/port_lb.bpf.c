@@ -48,15 +48,17 @@
 // RST): 60 when the task closed first, since the task then holds the 4-tuple in
 // TIME_WAIT for 60 s and would meet a new client's SYN with the old connection's
 // ACK; 10 when the client closed first or a RST ended it. An open connection keeps its
-// port however long it idles. UDP: 60 ticks after the last packet, as conntrack keeps
-// a UDP flow. The same client (address and port) may take its port back at once.
+// port for as long as conntrack keeps an established one (5 days idle), as a FIN or
+// RST may never be seen. UDP: 120 ticks after the last packet, as conntrack keeps a
+// UDP flow that had replies. The same client (address and port) may take its port
+// back at once.
 #define REUSE_TCP_CLOSED 10
 #define REUSE_TCP_TIME_WAIT 60
-#define REUSE_UDP_IDLE 60
-// A flow left to the other plane (no route or no free port at its first packet) stays
-// there for as long as it has packets, and this long after: so it never moves between
-// planes mid-flow.
-#define LEFT_FOR 60
+#define REUSE_TCP_OPEN 432000
+#define REUSE_UDP_IDLE 120
+// A flow left to the other plane stays there for as long as it has packets, and this
+// long after: so it never moves between planes mid-flow.
+#define LEFT_FOR 120
 
 // How a hopped TCP connection ended (struct unsnat's `closed`).
 #define FIN_FROM_CLIENT 1
@@ -140,9 +142,9 @@ struct unsnat {
 	__u16 client_port;
 	__u16 published_port;
 	// How the connection ended: FIN_FROM_CLIENT, FIN_FROM_TASK, ENDED_BY_RST,
-	// TASK_CLOSED_FIRST (0 while it is open).
-	__u8 closed;
-	__u8 pad[3];
+	// TASK_CLOSED_FIRST (0 while it is open). Set with atomic ORs: the two
+	// directions run on different CPUs.
+	__u32 closed;
 };
 
 // The way to a task of another host, found by the agent (RTM_GETROUTE): the
@@ -199,8 +201,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_port_revnat SEC(".maps");
 
+// The hopped flows and their bound ports, one entry in each per flow: plain hashes,
+// not LRU, so a live flow is never evicted (an idle connection keeps its port). A
+// port goes to another flow only by the rules of reusable(), and the old flow's
+// entry in mesh_port_snat goes with it; when every candidate port is held, a new flow
+// is left to the other plane.
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct flow_key);
 	__type(value, struct snat);
@@ -208,12 +215,28 @@ struct {
 } mesh_port_snat SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct flow_key);
 	__type(value, struct unsnat);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_port_unsnat SEC(".maps");
+
+// Flows the kernel path does not carry, by the client's packet: `drop` 0 for one left
+// to the other plane (no route or no free port at its first packet), 1 for one whose
+// port went to another flow (the rest of it cannot be delivered).
+struct left {
+	__u32 seen;
+	__u32 drop;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct left);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_left SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -434,11 +457,11 @@ static __always_inline int reusable(const struct unsnat *cur, const struct heade
 	__u32 idle = now - cur->seen;
 	if (h->proto != IPPROTO_TCP)
 		return idle >= REUSE_UDP_IDLE;
-	__u8 c = cur->closed;
+	__u32 c = cur->closed;
 	if (c & ENDED_BY_RST)
 		return idle >= REUSE_TCP_CLOSED;
 	if ((c & (FIN_FROM_CLIENT | FIN_FROM_TASK)) != (FIN_FROM_CLIENT | FIN_FROM_TASK))
-		return 0;
+		return idle >= REUSE_TCP_OPEN;
 	return idle >= (c & TASK_CLOSED_FIRST ? REUSE_TCP_TIME_WAIT : REUSE_TCP_CLOSED);
 }
 
@@ -464,13 +487,34 @@ static __always_inline void claim(struct unsnat *u, struct __sk_buff *skb, const
 	u->closed = 0;
 }
 
-// Binds a port of `route`'s source address to a new flow from the client to
-// another host's task `b`, trying BIND_TRIES ports. The first is the client's own port
-// when it is one that may be bound (conntrack's masquerade keeps it too), else one
-// picked by a keyed hash of the client's address and port: either way, a client that
-// reuses its address and port gets the same one back, and clients rarely collide.
+static __always_inline void leave(const struct flow_key *fk, __u32 now, __u32 drop)
+{
+	struct left l = { .seen = now, .drop = drop };
+	bpf_map_update_elem(&mesh_port_left, fk, &l, BPF_ANY);
+}
+
+// The mesh_port_snat key of the flow a bound port's entry belongs to.
+static __always_inline struct flow_key owner_key(const struct unsnat *u, __u8 proto)
+{
+	struct flow_key k = {
+		.saddr = u->client_ip,
+		.daddr = u->published_ip,
+		.sport = u->client_port,
+		.dport = u->published_port,
+		.proto = proto,
+	};
+	return k;
+}
+
+// Binds a port of `route`'s source address to a new flow `fk` from the client to
+// another host's task `b`, trying BIND_TRIES ports, and records the flow in
+// mesh_port_snat. The first port is the client's own when it is one that may be bound
+// (conntrack's masquerade keeps it too), else one picked by a keyed hash of the
+// client's address and port: either way, a client that reuses its address and port
+// gets the same one back, and clients rarely collide.
 static __always_inline int bind_port(struct __sk_buff *skb, const struct headers *h,
-				     const struct port_backend *b, __u32 now, struct snat *out)
+				     const struct flow_key *fk, const struct port_backend *b,
+				     __u32 now, struct snat *out)
 {
 	struct route *r = bpf_map_lookup_elem(&mesh_port_routes, &b->ip);
 	if (!r)
@@ -509,12 +553,27 @@ static __always_inline int bind_port(struct __sk_buff *skb, const struct headers
 		struct unsnat *cur = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
 		if (cur && !reusable(cur, h, now))
 			continue;
-		// Two CPUs may race for a port: only one creates a free one, and one that
-		// takes a reusable port from under another finds out at its next packet
-		// (hop checks that the port is still its flow's).
+		struct flow_key old = {};
+		int other = cur && !owns(cur, h);
+		if (other)
+			old = owner_key(cur, h->proto);
+		// Two CPUs may race for a free port: only one creates it. One that takes
+		// a reusable port from under another finds out at its next packet (hop
+		// checks that the port is still its flow's).
 		if (bpf_map_update_elem(&mesh_port_unsnat, &rk, &want, cur ? BPF_ANY : BPF_NOEXIST) < 0)
 			continue;
+		// The port's previous flow has ended: its entry goes, so the two maps
+		// hold the same flows, and a late packet of it is dropped rather than
+		// passed to the other plane.
+		if (other) {
+			bpf_map_delete_elem(&mesh_port_snat, &old);
+			leave(&old, now, 1);
+		}
 		out->port = rk.dport;
+		if (bpf_map_update_elem(&mesh_port_snat, fk, out, BPF_ANY) < 0) {
+			bpf_map_delete_elem(&mesh_port_unsnat, &rk);
+			return -1;
+		}
 		return 0;
 	}
 	return -1;
@@ -533,74 +592,87 @@ static __always_inline struct flow_key bound_key(const struct snat *s, __u8 prot
 	return rk;
 }
 
+// Whether the agent's route to the flow's task is still the one it left by.
+static __always_inline int same_route(const struct snat *s)
+{
+	struct route *r = bpf_map_lookup_elem(&mesh_port_routes, &s->task_ip);
+	return r && r->ifindex == s->ifindex && r->src == s->ip;
+}
+
 // Sends a packet of a flow whose task is on another host: from the bound port, to the
 // task, out of the route's interface. TC_ACT_UNSPEC: left to the other plane.
 static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
 			       const struct flow_key *fk, const struct port_backend *b, int inside)
 {
 	__u32 now = ticks();
+	struct left *l = bpf_map_lookup_elem(&mesh_port_left, fk);
+	if (l) {
+		// Not the kernel's: while the flow has packets (and for a while after)
+		// it stays with the other plane, or is dropped if it lost its port.
+		// Then a new flow from the same client (a SYN, a datagram) may bind.
+		if (inside || now - l->seen < LEFT_FOR) {
+			if (l->seen != now)
+				l->seen = now;
+			if (!l->drop || inside)
+				return l->drop ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+		}
+		bpf_map_delete_elem(&mesh_port_left, fk);
+	}
 	struct snat out;
 	struct snat *s = bpf_map_lookup_elem(&mesh_port_snat, fk);
-	if (s && s->ifindex == 0) {
-		// Left to the other plane: it keeps the flow while the flow has packets.
-		if (inside || now - s->seen < LEFT_FOR) {
-			if (s->seen != now)
-				s->seen = now;
-			return TC_ACT_UNSPEC;
-		}
+	// A flow that picked again (its task left) is bound anew, and gives up the
+	// port it had.
+	if (s && (s->task_ip != b->ip || s->task_port != b->port) && !inside) {
+		struct flow_key rk = bound_key(s, h->proto);
+		struct unsnat *u = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
+		if (u && owns(u, h))
+			bpf_map_delete_elem(&mesh_port_unsnat, &rk);
 		s = 0;
 	}
-	// A flow that picked again (its task left) is bound anew.
-	if (s && (s->task_ip != b->ip || s->task_port != b->port))
-		s = 0;
 	if (s) {
 		out = *s;
-		// Checked on every packet: the LRU may have evicted the port's entry, or
-		// (once this flow ended or idled) given the port to another client. Either
-		// way the task's replies would not come back to this client.
+		// Checked on every packet: once this flow ended or idled, its port may
+		// have gone to another client, whose replies these are not.
 		struct flow_key rk = bound_key(&out, h->proto);
 		struct unsnat *u = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
-		int lost = 0;
-		if (!u) {
-			struct unsnat mine = {};
-			claim(&mine, skb, h, &out, now);
-			lost = bpf_map_update_elem(&mesh_port_unsnat, &rk, &mine, BPF_NOEXIST) < 0;
-		} else if (!owns(u, h)) {
+		int lost = !u || !owns(u, h);
+		if (!lost && !inside && s->seen != now && !same_route(&out)) {
+			// The way to the task changed (an interface replaced, a route
+			// moved): a new flow from this client binds by the new one.
+			bpf_map_delete_elem(&mesh_port_unsnat, &rk);
 			lost = 1;
-		} else {
-			if (u->seen != now)
-				u->seen = now;
-			if (h->opens)
-				u->closed = 0;
-			else if (h->ends)
-				u->closed |= h->ends == TCP_RST ? ENDED_BY_RST : FIN_FROM_CLIENT;
 		}
 		if (lost) {
 			bpf_map_delete_elem(&mesh_port_snat, fk);
-			// The rest of a connection that lost its port is dropped: it cannot
-			// be delivered, and the other plane does not know it. A new flow
-			// (a SYN, a UDP datagram) binds anew.
-			if (inside)
+			if (inside) {
+				leave(fk, now, 1);
 				return TC_ACT_SHOT;
+			}
 			s = 0;
+		} else {
+			if (u->seen != now)
+				u->seen = now;
+			if (s->seen != now)
+				s->seen = now;
+			if (h->opens)
+				u->closed = 0;
+			else if (h->ends)
+				__sync_fetch_and_or(&u->closed,
+						    h->ends == TCP_RST ? ENDED_BY_RST : FIN_FROM_CLIENT);
 		}
-		if (s && s->seen != now)
-			s->seen = now;
 	}
 	if (!s) {
 		// A connection this program did not bind is not its to take.
 		if (inside)
 			return TC_ACT_UNSPEC;
-		if (bind_port(skb, h, b, now, &out) < 0) {
-			struct snat left = { .task_ip = b->ip, .task_port = b->port, .seen = now };
-			bpf_map_update_elem(&mesh_port_snat, fk, &left, BPF_ANY);
+		if (bind_port(skb, h, fk, b, now, &out) < 0) {
+			leave(fk, now, 0);
 			return TC_ACT_UNSPEC;
 		}
-		bpf_map_update_elem(&mesh_port_snat, fk, &out, BPF_ANY);
 		count(b, h);
 	}
 	if (rewrite(skb, h, 12, h->saddr, out.ip, 0, h->sport, out.port) < 0 ||
-	    rewrite(skb, h, 16, h->daddr, b->ip, 2, h->dport, b->port) < 0)
+	    rewrite(skb, h, 16, h->daddr, out.task_ip, 2, h->dport, out.task_port) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect_neigh(out.ifindex, NULL, 0, 0);
 }
@@ -623,11 +695,13 @@ static __always_inline int unhop(struct __sk_buff *skb, const struct headers *h)
 	__u32 now = ticks();
 	if (to.seen != now)
 		u->seen = now;
-	if (h->ends == TCP_RST)
-		u->closed = to.closed | ENDED_BY_RST;
-	else if (h->ends)
-		u->closed = to.closed | FIN_FROM_TASK |
-			    (to.closed & FIN_FROM_CLIENT ? 0 : TASK_CLOSED_FIRST);
+	if (h->ends == TCP_RST) {
+		__sync_fetch_and_or(&u->closed, ENDED_BY_RST);
+	} else if (h->ends) {
+		__u32 was = __sync_fetch_and_or(&u->closed, FIN_FROM_TASK);
+		if (!(was & (FIN_FROM_CLIENT | FIN_FROM_TASK)))
+			__sync_fetch_and_or(&u->closed, TASK_CLOSED_FIRST);
+	}
 	if (rewrite(skb, h, 12, h->saddr, to.published_ip, 0, h->sport, to.published_port) < 0 ||
 	    rewrite(skb, h, 16, h->daddr, to.client_ip, 2, h->dport, to.client_port) < 0)
 		return TC_ACT_SHOT;
@@ -659,8 +733,16 @@ static __always_inline int forward(struct __sk_buff *skb, const struct headers *
 	// that is gone ends anyway. A connection this program did not open (one that
 	// began before it was attached, or whose entry was evicted) is not its to take.
 	// Otherwise a flow picks again once its task has left the port.
+	struct snat *hopped;
 	if (was && (inside || still_there(fe, was))) {
 		b = *was;
+	} else if (inside && (hopped = bpf_map_lookup_elem(&mesh_port_snat, &fk))) {
+		// A hopped connection whose pick the LRU forgot: its task is the one it
+		// was bound to.
+		b.ip = hopped->task_ip;
+		b.port = hopped->task_port;
+		b.local = 0;
+		b.pad = 0;
 	} else {
 		if (inside)
 			return TC_ACT_UNSPEC;

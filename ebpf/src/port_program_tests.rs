@@ -46,8 +46,7 @@ struct Unsnat {
     seen: u32,
     client_port: [u8; 2],
     published_port: [u8; 2],
-    closed: u8,
-    pad: [u8; 3],
+    closed: u32,
 }
 
 // SAFETY: plain repr(C) integers and byte arrays without implicit padding.
@@ -358,23 +357,99 @@ fn a_hop_binds_a_free_port_and_its_replies_go_back_to_the_client() {
         assert_eq!(csum == 0, !with, "checksum {csum:#x}");
     }
 
-    // The first connection's port entry is evicted: its next packet takes it back.
-    unsnat(&mut p).remove(&bound_key(20000)).unwrap();
-    let (verdict, out) = run(&p, &packet(TCP, (client(1), 20000), published, ACK, true));
+    // The first connection ended long ago (both FINs): another client with the same
+    // own port takes the port, and the ended flow's entry goes with it; a late
+    // packet of the ended flow is dropped.
+    let a = unsnat(&mut p).get(&bound_key(20000), 0).unwrap();
+    let ended = Unsnat {
+        closed: 1 | 2,
+        seen: ticks().wrapping_sub(1000),
+        ..a
+    };
+    unsnat(&mut p).insert(bound_key(20000), ended, 0).unwrap();
+    let (verdict, out) = run(&p, &packet(TCP, (client(7), 20000), published, SYN, true));
     assert_eq!(verdict, REDIRECT);
-    assert_eq!(read(&out).0, (SRC, 20000));
-    let back = unsnat(&mut p).get(&bound_key(20000), 0).unwrap();
-    assert_eq!(back.client_ip, client(1).octets());
+    assert_eq!(
+        read(&out).0,
+        (SRC, 20000),
+        "the ended flow's port is reused"
+    );
+    assert!(
+        snat_of(&mut p, client(1), 20000).is_none(),
+        "the ended flow's entry went"
+    );
+    assert_eq!(
+        run(&p, &packet(TCP, (client(1), 20000), published, ACK, true)).0,
+        SHOT
+    );
 
-    // Another client took it: the rest of the first connection is dropped, never
-    // sent on a port whose replies go elsewhere.
+    // Another client took the port of a live flow (as only a bug could): the rest of
+    // that flow is dropped, never sent on a port whose replies go elsewhere, and a new
+    // connection from its client binds anew.
+    let b = unsnat(&mut p).get(&bound_key(20000), 0).unwrap();
+    assert_eq!(b.client_ip, client(7).octets());
     let stolen = Unsnat {
         client_ip: client(9).octets(),
-        ..back
+        ..b
     };
     unsnat(&mut p).insert(bound_key(20000), stolen, 0).unwrap();
-    let (verdict, _) = run(&p, &packet(TCP, (client(1), 20000), published, ACK, true));
-    assert_eq!(verdict, SHOT);
+    let ack = packet(TCP, (client(7), 20000), published, ACK, true);
+    assert_eq!(run(&p, &ack).0, SHOT);
+    assert_eq!(run(&p, &ack).0, SHOT, "and the next one too");
+    let (verdict, out) = run(&p, &packet(TCP, (client(7), 20000), published, SYN, true));
+    assert_eq!(verdict, REDIRECT);
+    assert_ne!(read(&out).0.1, 20000, "client 9 holds 20000");
+
+    // A hopped connection whose Maglev pick the LRU forgot goes on to the task it
+    // was bound to.
+    let mut flows: HashMap<&mut MapData, FlowKey, [u8; 8]> =
+        HashMap::try_from(p.ebpf.map_mut("mesh_port_flows").unwrap()).unwrap();
+    let key = FlowKey {
+        saddr: client(2).octets(),
+        daddr: PUBLISHED.octets(),
+        sport: 20000u16.to_be_bytes(),
+        dport: 8080u16.to_be_bytes(),
+        proto: TCP,
+        pad: [0; 3],
+    };
+    flows.remove(&key).unwrap();
+    let (verdict, out) = run(&p, &packet(TCP, (client(2), 20000), published, ACK, true));
+    assert_eq!(verdict, REDIRECT);
+    let ((_, port2), task, _) = read(&out);
+    assert_eq!(task, (TASK, 9000));
+
+    // A flow whose port entry is missing is dropped, as one whose port was taken.
+    unsnat(&mut p).remove(&bound_key(port2)).unwrap();
+    assert_eq!(
+        run(&p, &packet(TCP, (client(2), 20000), published, ACK, true)).0,
+        SHOT
+    );
+}
+
+/// The kernel's coarse monotonic clock in the program's ticks (2^30 ns).
+fn ticks() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ((ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) >> 30) as u32
+}
+
+/// The `mesh_port_snat` entry of the client's flow to the published port, if any.
+fn snat_of(p: &mut Program, ip: Ipv4Addr, port: u16) -> Option<[u8; 20]> {
+    let map: HashMap<&mut MapData, FlowKey, [u8; 20]> =
+        HashMap::try_from(p.ebpf.map_mut("mesh_port_snat").unwrap()).unwrap();
+    let key = FlowKey {
+        saddr: ip.octets(),
+        daddr: PUBLISHED.octets(),
+        sport: port.to_be_bytes(),
+        dport: 8080u16.to_be_bytes(),
+        proto: TCP,
+        pad: [0; 3],
+    };
+    map.get(&key, 0).ok()
 }
 
 #[test]

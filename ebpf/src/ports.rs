@@ -77,6 +77,8 @@ pub struct Ports {
     plan_ports: BTreeSet<u16>,
     /// Lists this namespace's bound ports; opened at the first refresh.
     diag: Option<SockDiag>,
+    /// The bound ports it listed last.
+    bound: BTreeSet<u16>,
     /// Opened at the first refresh; `None` again after an error, to be reopened.
     lookup: Option<RouteLookup>,
     /// The IPv4 addresses of other hosts' tasks of the installed ports.
@@ -217,6 +219,7 @@ impl Ports {
             reserved_now: None,
             plan_ports: BTreeSet::new(),
             diag: None,
+            bound: BTreeSet::new(),
             lookup: None,
             remote: BTreeSet::new(),
             installed,
@@ -381,8 +384,11 @@ impl Ports {
                 .map_err(|e| format!("writing mesh_port_config: {e}"))?;
             self.port_config = Some(config);
         }
-        // A stale list of ports in use is still a list: the routes go on.
         let mut result = self.refresh_reserved();
+        // No route before the ports in use are known: a bound port could be one.
+        if self.reserved_now.is_none() {
+            return result;
+        }
         let attached = &self.attached;
         let lookup = match self.lookup.as_mut() {
             Some(l) => l,
@@ -463,13 +469,21 @@ impl Ports {
                 .diag
                 .insert(SockDiag::open().map_err(|e| format!("opening a sock_diag socket: {e}"))?),
         };
-        let bound = match diag.bound_ports() {
-            Ok(b) => b,
+        // On an error the ports listed last time stay, with the plan's ports of now.
+        let (bound, result) = match diag.bound_ports() {
+            Ok(b) => {
+                self.bound = b.clone();
+                (b, Ok(()))
+            }
             Err(e) => {
                 self.diag = None;
-                return Err(format!("listing this host's bound ports: {e}"));
+                let listed = self.bound.clone();
+                (listed, Err(format!("listing this host's bound ports: {e}")))
             }
         };
+        if result.is_err() && self.reserved_now.is_none() {
+            return result;
+        }
         let now = Box::new(ReservedPorts::of(
             bound.into_iter().chain(self.plan_ports.iter().copied()),
         ));
@@ -479,7 +493,7 @@ impl Ports {
                 .map_err(|e| format!("writing mesh_port_reserved: {e}"))?;
             self.reserved_now = Some(now);
         }
-        Ok(())
+        result
     }
 
     /// The flows taken since the last call, by service and task (of the last sync).
@@ -545,7 +559,7 @@ impl Ports {
 }
 
 /// The maps `port_lb` pins, by name.
-const PORT_MAPS: [&str; 10] = [
+const PORT_MAPS: [&str; 11] = [
     "mesh_ports",
     "mesh_port_flows",
     "mesh_port_revnat",
@@ -556,6 +570,7 @@ const PORT_MAPS: [&str; 10] = [
     "mesh_port_routes",
     "mesh_port_config",
     "mesh_port_reserved",
+    "mesh_port_left",
 ];
 
 /// Detaches what a previous run with `ebpf.interfaces` left (its links), and frees
