@@ -369,6 +369,19 @@ static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
 	return 1;
 }
 
+// The packet's own addresses, ports and protocol, as a map key.
+static __always_inline struct flow_key key_of(const struct headers *h)
+{
+	struct flow_key k = {
+		.saddr = h->saddr,
+		.daddr = h->daddr,
+		.sport = h->sport,
+		.dport = h->dport,
+		.proto = h->proto,
+	};
+	return k;
+}
+
 static __always_inline __u32 l4_csum_off(const struct headers *h)
 {
 	return h->l4 + (h->proto == IPPROTO_TCP ? 16 : 6);
@@ -401,13 +414,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct headers *
 // 1: rewritten; 0: not a reply of ours; -1: the rewrite failed half-way.
 static __always_inline int reverse(struct __sk_buff *skb, const struct headers *h)
 {
-	struct flow_key rk = {
-		.saddr = h->saddr,
-		.daddr = h->daddr,
-		.sport = h->sport,
-		.dport = h->dport,
-		.proto = h->proto,
-	};
+	struct flow_key rk = key_of(h);
 	struct nat *to = bpf_map_lookup_elem(&mesh_port_revnat, &rk);
 	if (!to)
 		return 0;
@@ -681,13 +688,7 @@ static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
 // client, out of the interface the client came in on. TC_ACT_UNSPEC: not such a reply.
 static __always_inline int unhop(struct __sk_buff *skb, const struct headers *h)
 {
-	struct flow_key rk = {
-		.saddr = h->saddr,
-		.daddr = h->daddr,
-		.sport = h->sport,
-		.dport = h->dport,
-		.proto = h->proto,
-	};
+	struct flow_key rk = key_of(h);
 	struct unsnat *u = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
 	if (!u || u->task_ifindex != skb->ifindex)
 		return TC_ACT_UNSPEC;
@@ -718,13 +719,7 @@ static __always_inline int forward(struct __sk_buff *skb, const struct headers *
 		return TC_ACT_UNSPEC;
 	if (!bpf_map_lookup_elem(&mesh_host_addrs, &h->daddr))
 		return TC_ACT_UNSPEC;
-	struct flow_key fk = {
-		.saddr = h->saddr,
-		.daddr = h->daddr,
-		.sport = h->sport,
-		.dport = h->dport,
-		.proto = h->proto,
-	};
+	struct flow_key fk = key_of(h);
 	struct port_backend b;
 	struct port_backend *was = bpf_map_lookup_elem(&mesh_port_flows, &fk);
 	int inside = h->proto == IPPROTO_TCP && !h->opens;
