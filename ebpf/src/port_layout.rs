@@ -67,6 +67,94 @@ pub struct Route {
     pub src: [u8; 4],
 }
 
+/// `struct flow_key`: one direction of a flow, as a packet carries it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct snat`: how a hopped flow leaves (`mesh_port_snat`, keyed by the client's
+/// packet).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snat {
+    pub task_ip: [u8; 4],
+    pub ip: [u8; 4],
+    pub ifindex: u32,
+    pub seen: u32,
+    pub task_port: [u8; 2],
+    pub port: [u8; 2],
+}
+
+/// `struct unsnat`: whose a bound port is (`mesh_port_unsnat`, keyed by the task's
+/// reply as it arrives).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsnat {
+    pub client_ip: [u8; 4],
+    pub published_ip: [u8; 4],
+    pub ifindex: u32,
+    pub task_ifindex: u32,
+    pub seen: u32,
+    pub client_port: [u8; 2],
+    pub published_port: [u8; 2],
+    pub closed: u32,
+}
+
+impl Unsnat {
+    /// Whether its flow ended long enough ago for any flow to take the port, by the
+    /// rules of `reusable()` in port_lb.bpf.c (the constants are its REUSE_*), at
+    /// `now` in the program's ticks (2^30 ns of CLOCK_MONOTONIC_COARSE).
+    pub fn ended(&self, now: u32, proto: u8) -> bool {
+        const FIN_FROM_CLIENT: u32 = 1;
+        const FIN_FROM_TASK: u32 = 2;
+        const ENDED_BY_RST: u32 = 4;
+        const TASK_CLOSED_FIRST: u32 = 8;
+        let idle = now.wrapping_sub(self.seen);
+        if proto != 6 {
+            return idle >= 120;
+        }
+        let c = self.closed;
+        if c & ENDED_BY_RST != 0 {
+            return idle >= 10;
+        }
+        if c & (FIN_FROM_CLIENT | FIN_FROM_TASK) != FIN_FROM_CLIENT | FIN_FROM_TASK {
+            return idle >= 432_000;
+        }
+        idle >= if c & TASK_CLOSED_FIRST != 0 { 60 } else { 10 }
+    }
+
+    /// The `mesh_port_snat` key of the flow it belongs to.
+    pub fn owner(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            saddr: self.client_ip,
+            daddr: self.published_ip,
+            sport: self.client_port,
+            dport: self.published_port,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// The programs' clock: CLOCK_MONOTONIC_COARSE in ticks of 2^30 ns, as
+/// `bpf_ktime_get_coarse_ns() >> 30`.
+pub fn ticks() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ((ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) >> 30) as u32
+}
+
 /// `struct port_config`: the ports a flow hopped to another host may be bound to
 /// (host byte order): `span` ports from `first`, skipping `skip_len` from `skip_from`;
 /// `seed` keys the hash that picks among them.
@@ -159,6 +247,12 @@ unsafe impl aya::Pod for Route {}
 unsafe impl aya::Pod for PortConfig {}
 // SAFETY: as above.
 unsafe impl aya::Pod for ReservedPorts {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Snat {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Unsnat {}
 
 impl PortKey {
     pub fn new(port: u16, protocol: Protocol) -> PortKey {
@@ -263,6 +357,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<Route>(), 8);
         assert_eq!(std::mem::size_of::<PortConfig>(), 12);
         assert_eq!(std::mem::size_of::<ReservedPorts>(), 8192);
+        assert_eq!(std::mem::size_of::<FlowKey>(), 16);
+        assert_eq!(std::mem::size_of::<Snat>(), 20);
+        assert_eq!(std::mem::size_of::<Unsnat>(), 28);
         assert_eq!(
             std::mem::size_of::<PortFrontend>(),
             8 + 8 * MAX_SLOTS + 2 * RING + 2
@@ -324,6 +421,34 @@ mod tests {
         assert_eq!(PortConfig::around(1, 65535, 7).ports().count(), 0);
         // An empty range (low above high) skips nothing.
         assert_eq!(PortConfig::around(5000, 4000, 7).ports().count(), 64512);
+    }
+
+    #[test]
+    fn a_bound_port_ends_by_the_programs_rules() {
+        let u = |closed, seen| Unsnat {
+            client_ip: [0; 4],
+            published_ip: [0; 4],
+            ifindex: 0,
+            task_ifindex: 0,
+            seen,
+            client_port: [0; 2],
+            published_port: [0; 2],
+            closed,
+        };
+        let now = 1_000_000;
+        // UDP: 120 ticks of quiet.
+        assert!(!u(0, now - 119).ended(now, 17) && u(0, now - 120).ended(now, 17));
+        // TCP open: 5 days of quiet.
+        assert!(!u(0, now - 431_999).ended(now, 6) && u(0, now - 432_000).ended(now, 6));
+        // A RST, or both FINs with the client first: 10.
+        assert!(!u(4, now - 9).ended(now, 6) && u(4, now - 10).ended(now, 6));
+        assert!(u(3, now - 10).ended(now, 6));
+        // One FIN is not an end.
+        assert!(!u(1, now - 1000).ended(now, 6));
+        // The task first: 60 (TIME_WAIT).
+        assert!(!u(3 | 8, now - 59).ended(now, 6) && u(3 | 8, now - 60).ended(now, 6));
+        // A clock that wrapped still counts forward.
+        assert!(u(0, u32::MAX - 10).ended(200, 17));
     }
 
     #[test]

@@ -11,7 +11,9 @@ use aya::maps::{Array, HashMap, MapData};
 use aya::programs::SchedClassifier;
 
 use super::OBJECT;
-use crate::port_layout::{PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route};
+use crate::port_layout::{
+    FlowKey, PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route, Snat, Unsnat, ticks,
+};
 
 const REDIRECT: i32 = 7;
 const SHOT: i32 = 2;
@@ -22,37 +24,6 @@ const TASK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const SRC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// Where test_run's packets arrive: loopback, the only device it needs.
 const LO: u32 = 1;
-
-/// `struct flow_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FlowKey {
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: [u8; 2],
-    dport: [u8; 2],
-    proto: u8,
-    pad: [u8; 3],
-}
-
-/// `struct unsnat`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Unsnat {
-    client_ip: [u8; 4],
-    published_ip: [u8; 4],
-    ifindex: u32,
-    task_ifindex: u32,
-    seen: u32,
-    client_port: [u8; 2],
-    published_port: [u8; 2],
-    closed: u32,
-}
-
-// SAFETY: plain repr(C) integers and byte arrays without implicit padding.
-unsafe impl aya::Pod for FlowKey {}
-// SAFETY: as above.
-unsafe impl aya::Pod for Unsnat {}
 
 /// A pin directory on bpffs of this test's own, removed at the end; ones left by
 /// dead test processes are removed first.
@@ -402,7 +373,7 @@ fn a_hop_binds_a_free_port_and_its_replies_go_back_to_the_client() {
 
     // A hopped connection whose Maglev pick the LRU forgot goes on to the task it
     // was bound to.
-    let mut flows: HashMap<&mut MapData, FlowKey, [u8; 8]> =
+    let mut flows: HashMap<&mut MapData, FlowKey, crate::port_layout::PortBackend> =
         HashMap::try_from(p.ebpf.map_mut("mesh_port_flows").unwrap()).unwrap();
     let key = FlowKey {
         saddr: client(2).octets(),
@@ -426,20 +397,9 @@ fn a_hop_binds_a_free_port_and_its_replies_go_back_to_the_client() {
     );
 }
 
-/// The kernel's coarse monotonic clock in the program's ticks (2^30 ns).
-fn ticks() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ((ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) >> 30) as u32
-}
-
 /// The `mesh_port_snat` entry of the client's flow to the published port, if any.
-fn snat_of(p: &mut Program, ip: Ipv4Addr, port: u16) -> Option<[u8; 20]> {
-    let map: HashMap<&mut MapData, FlowKey, [u8; 20]> =
+fn snat_of(p: &mut Program, ip: Ipv4Addr, port: u16) -> Option<Snat> {
+    let map: HashMap<&mut MapData, FlowKey, Snat> =
         HashMap::try_from(p.ebpf.map_mut("mesh_port_snat").unwrap()).unwrap();
     let key = FlowKey {
         saddr: ip.octets(),
@@ -470,4 +430,41 @@ fn a_flow_without_a_route_stays_with_the_other_plane() {
     let (verdict, out) = run(&p, &packet(TCP, (client(2), 20000), published, SYN, true));
     assert_eq!(verdict, REDIRECT);
     assert_eq!(read(&out).1, (TASK, 9000));
+}
+
+#[test]
+fn the_agent_sweeps_ended_hopped_flows_and_only_those() {
+    let Some(mut p) = program() else { return };
+    let published = (PUBLISHED, 8080);
+    for n in [1, 2] {
+        let (verdict, _) = run(
+            &p,
+            &packet(TCP, (client(n), 20010 + u16::from(n)), published, SYN, true),
+        );
+        assert_eq!(verdict, REDIRECT);
+    }
+    // Client 1's connection ended (both FINs) long ago; client 2's is open.
+    let key = bound_key(20011);
+    let a = unsnat(&mut p).get(&key, 0).unwrap();
+    let ended = Unsnat {
+        closed: 1 | 2,
+        seen: ticks().wrapping_sub(1000),
+        ..a
+    };
+    unsnat(&mut p).insert(key, ended, 0).unwrap();
+    let mut u: HashMap<aya::maps::MapData, FlowKey, Unsnat> =
+        HashMap::try_from(p.ebpf.take_map("mesh_port_unsnat").unwrap()).unwrap();
+    let mut s: HashMap<aya::maps::MapData, FlowKey, Snat> =
+        HashMap::try_from(p.ebpf.take_map("mesh_port_snat").unwrap()).unwrap();
+    assert_eq!(super::sweep(&mut u, &mut s, ticks()), 1);
+    assert!(u.get(&key, 0).is_err(), "the ended flow's port is free");
+    assert!(u.get(&bound_key(20012), 0).is_ok(), "the open one's is not");
+    let flows: Vec<FlowKey> = s.keys().filter_map(Result::ok).collect();
+    assert_eq!(flows.len(), 1, "only the open flow is left: {flows:?}");
+    assert_eq!(flows[0].saddr, client(2).octets());
+    assert_eq!(
+        super::sweep(&mut u, &mut s, ticks()),
+        0,
+        "nothing more to sweep"
+    );
 }

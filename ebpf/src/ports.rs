@@ -20,7 +20,8 @@ use mesh_core::plan::Features;
 use mesh_core::{Listen, Plan};
 
 use crate::port_layout::{
-    PickKey, PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route,
+    FlowKey, PickKey, PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route, Snat,
+    Unsnat, ticks,
 };
 use crate::programs::{find_program, pin_link, take_map};
 use crate::routes::RouteLookup;
@@ -83,6 +84,11 @@ pub struct Ports {
     lookup: Option<RouteLookup>,
     /// The IPv4 addresses of other hosts' tasks of the installed ports.
     remote: BTreeSet<Ipv4Addr>,
+    /// The hopped flows and their bound ports, swept of ended flows every
+    /// [`SWEEP_EVERY`] (the programs reclaim a port only when they bind it again).
+    snat: HashMap<MapData, FlowKey, Snat>,
+    unsnat: HashMap<MapData, FlowKey, Unsnat>,
+    swept_at: std::time::Instant,
     /// What `mesh_ports` holds, by key: the tasks of each published port.
     installed: BTreeMap<PortKey, Vec<PortTask>>,
     /// Each task's count last read, for the deltas added to the metrics.
@@ -174,6 +180,8 @@ impl Ports {
         let routes: HashMap<MapData, [u8; 4], Route> = take_map(&mut ebpf, "mesh_port_routes")?;
         let config: Array<MapData, PortConfig> = take_map(&mut ebpf, "mesh_port_config")?;
         let reserved = take_map(&mut ebpf, "mesh_port_reserved")?;
+        let snat = take_map(&mut ebpf, "mesh_port_snat")?;
+        let unsnat = take_map(&mut ebpf, "mesh_port_unsnat")?;
         // A previous run's seed is kept, so a client keeps getting the port it had.
         let seed = match config.get(&0, 0) {
             Ok(c) if c.seed != 0 => c.seed,
@@ -222,6 +230,9 @@ impl Ports {
             bound: BTreeSet::new(),
             lookup: None,
             remote: BTreeSet::new(),
+            snat,
+            unsnat,
+            swept_at: std::time::Instant::now(),
             installed,
             seen: BTreeMap::new(),
             labels: BTreeMap::new(),
@@ -335,6 +346,13 @@ impl Ports {
     pub fn refresh(&mut self) -> Result<(), String> {
         let addresses = self.refresh_addresses();
         let routes = self.refresh_routes();
+        if self.swept_at.elapsed() >= SWEEP_EVERY {
+            self.swept_at = std::time::Instant::now();
+            let swept = sweep(&mut self.unsnat, &mut self.snat, ticks());
+            if swept > 0 {
+                tracing::debug!(swept, "removed ended hopped flows");
+            }
+        }
         addresses.and(routes)
     }
 
@@ -556,6 +574,52 @@ impl Ports {
             crate::port_layout::MAX_PORT_FLOWS,
         )
     }
+}
+
+/// How often ended hopped flows are swept from `mesh_port_unsnat` and `mesh_port_snat`.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Removes the hopped flows that ended (by the programs' reuse rules, at `now` in their
+/// ticks) from both maps, so the maps make room for new flows, whatever ports those
+/// are given. Returns how many went.
+///
+/// A port the programs give to a new flow between the listing and the removal would
+/// lose its entry (that flow's next packet is then dropped): each entry is read again
+/// just before it is removed, which narrows that to a moment. A flow's entry in
+/// `mesh_port_snat` is removed only while it still names the port swept.
+pub fn sweep<T, U>(
+    unsnat: &mut HashMap<T, FlowKey, Unsnat>,
+    snat: &mut HashMap<U, FlowKey, Snat>,
+    now: u32,
+) -> usize
+where
+    T: std::borrow::BorrowMut<MapData>,
+    U: std::borrow::BorrowMut<MapData>,
+{
+    let ended: Vec<FlowKey> = unsnat
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, u)| u.ended(now, k.proto))
+        .map(|(k, _)| k)
+        .collect();
+    let mut swept = 0;
+    for key in ended {
+        let Ok(u) = unsnat.get(&key, 0) else {
+            continue;
+        };
+        if !u.ended(now, key.proto) || unsnat.remove(&key).is_err() {
+            continue;
+        }
+        swept += 1;
+        let owner = u.owner(key.proto);
+        if let Ok(s) = snat.get(&owner, 0)
+            && (s.task_ip, s.task_port, s.ip, s.port)
+                == (key.saddr, key.sport, key.daddr, key.dport)
+        {
+            let _ = snat.remove(&owner);
+        }
+    }
+    swept
 }
 
 /// The maps `port_lb` pins, by name.
