@@ -612,7 +612,11 @@ static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
 			       const struct flow_key *fk, const struct port_backend *b, int inside)
 {
 	__u32 now = ticks();
-	struct left *l = bpf_map_lookup_elem(&mesh_port_left, fk);
+	struct snat out;
+	struct snat *s = bpf_map_lookup_elem(&mesh_port_snat, fk);
+	// A flow has an entry in mesh_port_snat or a marker in mesh_port_left, never
+	// both: a hopped packet looks up only the first.
+	struct left *l = s ? 0 : bpf_map_lookup_elem(&mesh_port_left, fk);
 	if (l) {
 		// Not the kernel's: while the flow has packets (and for a while after)
 		// it stays with the other plane, or is dropped if it lost its port.
@@ -625,8 +629,6 @@ static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
 		}
 		bpf_map_delete_elem(&mesh_port_left, fk);
 	}
-	struct snat out;
-	struct snat *s = bpf_map_lookup_elem(&mesh_port_snat, fk);
 	// A flow that picked again (its task left) is bound anew, and gives up the
 	// port it had.
 	if (s && (s->task_ip != b->ip || s->task_port != b->port) && !inside) {

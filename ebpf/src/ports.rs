@@ -24,7 +24,7 @@ use crate::port_layout::{
     Unsnat, ticks,
 };
 use crate::programs::{find_program, pin_link, take_map};
-use crate::routes::RouteLookup;
+use crate::routes::{RouteLookup, ifindex};
 use crate::sockets::SockDiag;
 
 /// The programs, by function name, and what each does.
@@ -682,13 +682,6 @@ fn random_seed() -> Result<u32, String> {
         ));
     }
     Ok(u32::from_ne_bytes(seed).max(1))
-}
-
-fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a NUL-terminated string that outlives the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (index != 0).then_some(index)
 }
 
 /// Whether `name` is an Ethernet interface of this network namespace, as an error

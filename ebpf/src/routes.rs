@@ -101,6 +101,14 @@ impl RouteLookup {
     }
 }
 
+/// The index of the interface `name` in this network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 fn route_of(route: &RouteMessage) -> Option<RouteTo> {
     let mut ifindex = None;
     let mut src = None;
@@ -124,9 +132,7 @@ mod tests {
     #[test]
     fn the_route_to_loopback_is_through_lo() {
         let mut lookup = RouteLookup::open().unwrap();
-        let lo = std::ffi::CString::new("lo").unwrap();
-        // SAFETY: a NUL-terminated string that outlives the call.
-        let index = unsafe { libc::if_nametoindex(lo.as_ptr()) };
+        let index = ifindex("lo").unwrap();
         let route = lookup.get(Ipv4Addr::new(127, 0, 0, 2)).unwrap().unwrap();
         assert_eq!(route.ifindex, index);
         assert_eq!(route.src, Ipv4Addr::LOCALHOST);

@@ -400,6 +400,32 @@ fn an_explicit_ebpf_that_cannot_run_refuses_to_start_and_auto_falls_back() {
     assert!(status.success(), "{status}: {}", auto.log());
 }
 
+/// That the TC path's flow counts of `service` (`mesh_connections_total`, read every
+/// 2 s) come to exactly `answered` per task: the kernel took every flow, each to the
+/// task that answered it. `answers` is shown on failure.
+fn kernel_took_every_flow(agent: &Agent, service: &str, answered: &[(&str, usize)], answers: &str) {
+    let kernel = |task: &str| {
+        agent.metric(
+            "mesh_connections_total",
+            &[("service", service), ("task", task)],
+        )
+    };
+    let total: usize = answered.iter().map(|(_, n)| n).sum();
+    eventually(
+        "mesh_connections_total counts every flow as the kernel's",
+        || {
+            let counted: f64 = answered.iter().map(|(task, _)| kernel(task)).sum();
+            (counted >= total as f64).then_some(())
+        },
+    );
+    let counted: Vec<(&str, f64)> = answered.iter().map(|(t, _)| (*t, kernel(t))).collect();
+    let want: Vec<(&str, f64)> = answered.iter().map(|(t, n)| (*t, *n as f64)).collect();
+    assert_eq!(
+        counted, want,
+        "the kernel's flows per task are the answers per task: {answers}"
+    );
+}
+
 fn agent_log_has(agent: &Agent, text: &str) -> Option<()> {
     agent.log().contains(text).then_some(())
 }
@@ -779,20 +805,11 @@ fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
     }
     // Only the kernel's flows count here (nftables keeps its own counters): the
     // kernel took every flow, each to the task that answered it.
-    let kernel = |task: &str| {
-        agent.metric(
-            "mesh_connections_total",
-            &[("service", "web"), ("task", task)],
-        )
-    };
-    eventually(
-        "mesh_connections_total counts every flow as the kernel's",
-        || (kernel("web.1") + kernel("web.2") >= answers.len() as f64).then_some(()),
-    );
-    assert_eq!(
-        (kernel("web.1"), kernel("web.2")),
-        (on("web.1") as f64, on("web.2") as f64),
-        "the kernel's flows per task are the answers per task: {answers:?}"
+    kernel_took_every_flow(
+        &agent,
+        "web",
+        &[("web.1", on("web.1")), ("web.2", on("web.2"))],
+        &format!("{answers:?}"),
     );
     // The userspace plane serves `slow`: every task sees host1's address.
     let slow = get(8090);
@@ -1061,21 +1078,15 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
     );
     // Only the kernel's UDP flows count here (nftables keeps its own counters): it
     // took every query, each to the task that answered it, host2's by a hop.
-    let kernel = |task: &str| {
-        agent.metric(
-            "mesh_connections_total",
-            &[("service", "echo"), ("task", task)],
-        )
-    };
-    eventually(
-        "mesh_connections_total counts every query as the kernel's",
-        || (kernel("echo.1") + kernel("echo.2") >= 20.0).then_some(()),
-    );
-    let answered = |task: &str| answers.matches(&format!("{task}:")).count() as f64;
-    assert_eq!(
-        (kernel("echo.1"), kernel("echo.2")),
-        (answered("echo.1"), answered("echo.2")),
-        "the kernel's flows per task are the answers per task: {answers}"
+    let answered = |task: &str| answers.matches(&format!("{task}:")).count();
+    kernel_took_every_flow(
+        &agent,
+        "echo",
+        &[
+            ("echo.1", answered("echo.1")),
+            ("echo.2", answered("echo.2")),
+        ],
+        &answers,
     );
 
     // Held connections, each with its own client port, each taken in the kernel: to
