@@ -186,7 +186,11 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     let mut topo = Topology::create()?;
     if matches!(
         target,
-        Target::MeshEbpf | Target::MeshTc | Target::MeshTcHop
+        Target::MeshEbpf
+            | Target::MeshTc
+            | Target::MeshTcHop
+            | Target::MeshXdp
+            | Target::MeshXdpGeneric
     ) {
         let agent_ns = integration::netns::Netns::new();
         agent_ns.run("ip", &["link", "set", "lo", "up"]);
@@ -321,6 +325,15 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     let lb_cpu_stat_s = Some(cpu_busy_seconds(LB_CPU)? - stat_before);
     if let Some(lb) = lb.as_mut() {
         lb.check_alive(&dir.path().join(format!("{target}.log")))?;
+    }
+    if matches!(target, Target::MeshXdp | Target::MeshXdpGeneric)
+        && let Some((_, pins, _)) = topo.ebpf.as_ref()
+    {
+        // Otherwise tcx, still attached, would have done the work unseen.
+        let took = integration::ebpf::xdp_took(&pins.path).map_err(anyhow::Error::msg)?;
+        if took == 0 {
+            bail!("{target}: the XDP program took no packets (mesh_port_xdp_took is 0)");
+        }
     }
     let lb_cost = match (lb_cpu_stat_s, w) {
         (Some(cpu), Workload::Crr32 | Workload::Crr128 | Workload::Latency) if units > 0.0 => {

@@ -26,6 +26,8 @@ const COLORS: [RGBColor; Target::ORDER.len()] = [
     RGBColor(255, 127, 14),
     RGBColor(188, 189, 34),
     RGBColor(140, 86, 75),
+    RGBColor(23, 190, 207),
+    RGBColor(227, 119, 194),
     RGBColor(214, 39, 40),
     RGBColor(255, 152, 150),
     RGBColor(44, 160, 44),

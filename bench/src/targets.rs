@@ -54,6 +54,16 @@ pub enum Target {
     #[value(name = "mesh-tc-hop")]
     #[serde(rename = "mesh-tc-hop")]
     MeshTcHop,
+    /// As `mesh-tc`, with `ebpf.port_hook = "xdp"`: native XDP on the LB namespace's
+    /// veths DNATs each flow (veth runs it on the skb the peer sent), and tcx
+    /// translates the replies.
+    #[value(name = "mesh-xdp")]
+    #[serde(rename = "mesh-xdp")]
+    MeshXdp,
+    /// As `mesh-xdp`, with the kernel's generic XDP (`port_hook = "xdp-generic"`).
+    #[value(name = "mesh-xdp-generic")]
+    #[serde(rename = "mesh-xdp-generic")]
+    MeshXdpGeneric,
     Haproxy,
     /// HAProxy with `option splice-auto` instead of forced splice: its own heuristic,
     /// which splices only when buffers fill. Not a default target; for checking that
@@ -74,6 +84,8 @@ impl fmt::Display for Target {
             Target::MeshEbpf => "mesh-ebpf",
             Target::MeshTc => "mesh-tc",
             Target::MeshTcHop => "mesh-tc-hop",
+            Target::MeshXdp => "mesh-xdp",
+            Target::MeshXdpGeneric => "mesh-xdp-generic",
             Target::Haproxy => "haproxy",
             Target::HaproxySpliceAuto => "haproxy-splice-auto",
             Target::Nginx => "nginx",
@@ -98,7 +110,7 @@ impl Target {
         Target::Nginx,
     ];
     /// Every target, in report order.
-    pub const ORDER: [Target; 10] = [
+    pub const ORDER: [Target; 12] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
@@ -106,6 +118,8 @@ impl Target {
         Target::MeshEbpf,
         Target::MeshTc,
         Target::MeshTcHop,
+        Target::MeshXdp,
+        Target::MeshXdpGeneric,
         Target::Haproxy,
         Target::HaproxySpliceAuto,
         Target::Nginx,
@@ -153,7 +167,7 @@ impl Target {
                 // conntrack for every packet the LB namespace forwards.
                 ebpf_agent(agent_ns, mesh_bin, &write(dir, "mesh.toml", &cfg)?)
             }
-            Target::MeshTc | Target::MeshTcHop => {
+            Target::MeshTc | Target::MeshTcHop | Target::MeshXdp | Target::MeshXdpGeneric => {
                 let (cgroup, pins, _) = topo
                     .ebpf
                     .as_ref()
@@ -175,8 +189,13 @@ impl Target {
                 } else {
                     mesh
                 };
+                let hook = match self {
+                    Target::MeshXdp => "xdp",
+                    Target::MeshXdpGeneric => "xdp-generic",
+                    _ => "tcx",
+                };
                 let cfg = format!(
-                    "{mesh}\n{}interfaces = [\"to-client\", \"to-backend\"]\n",
+                    "{mesh}\n{}interfaces = [\"to-client\", \"to-backend\"]\nport_hook = \"{hook}\"\n",
                     integration::ebpf::config(cgroup, pins)
                 );
                 // In the LB namespace, whose interfaces the programs attach to.

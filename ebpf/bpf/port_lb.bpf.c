@@ -22,6 +22,15 @@
 //   interface) or a free port, the packet is left alone, for the plane that serves
 //   the port (the userspace plane or nftables).
 //
+// With ebpf.port_hook "xdp" or "xdp-generic", mesh_port_xdp runs the same rules at the
+// XDP hook, the earliest a driver offers (before an skb is built, where the driver
+// has native XDP; veth runs it on the skb its peer sent). It takes a flow whose pick
+// is this host's task (DNAT), counts it in mesh_port_xdp_took, and marks the packet
+// (XDP metadata) so that the tcx ingress program, still attached, leaves it alone. Anything else (a
+// hop, a reply from another host's task) is passed on to the tcx program, which can
+// redirect it; XDP has no bpf_redirect_neigh. So XDP is only ever a shortcut: without
+// it (detached, or its mark refused) every packet still gets the tcx path.
+//
 // Every address and port in a map is in network byte order. The agent fills the maps
 // (ebpf/src/port_layout.rs mirrors these layouts).
 
@@ -291,6 +300,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_port_picks SEC(".maps");
 
+// Packets mesh_port_xdp took (DNAT at the XDP hook), per CPU: the operator's and the
+// tests' evidence that XDP, not tcx, did the work.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_port_xdp_took SEC(".maps");
+
+// The XDP metadata word of a packet mesh_port_xdp took ("mesh").
+#define XDP_TOOK 0x6d657368
+
 // The same mixing on every host (murmur3's finalizer over the client's address,
 // port and the protocol): hosts must agree on the slot, not on anything secret.
 static __always_inline __u32 mix(__u32 h)
@@ -336,15 +358,46 @@ struct headers {
 	__u8 ends;
 };
 
+// A packet at either hook. `xdp` is a constant at each entry point, so the compiler
+// keeps only that hook's branch of each helper below (the verifier would refuse the
+// other hook's helpers).
+struct pkt {
+	void *ctx;
+	int xdp;
+};
+
+static __always_inline long load(const struct pkt *p, __u32 off, void *to, __u32 len)
+{
+	if (p->xdp)
+		return bpf_xdp_load_bytes(p->ctx, off, to, len);
+	return bpf_skb_load_bytes(p->ctx, off, to, len);
+}
+
+static __always_inline long store(const struct pkt *p, __u32 off, void *from, __u32 len)
+{
+	if (p->xdp)
+		return bpf_xdp_store_bytes(p->ctx, off, from, len);
+	return bpf_skb_store_bytes(p->ctx, off, from, len, 0);
+}
+
 // The IPv4 TCP or UDP packet's addresses and ports; 0 for anything else (IPv6, ARP,
 // any fragment: only the first carries ports, and the rest would go elsewhere).
-static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
+static __always_inline int parse(const struct pkt *p, struct headers *h)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	__u16 ethertype;
+	if (p->xdp) {
+		if (load(p, 12, &ethertype, sizeof(ethertype)) < 0)
+			return 0;
+	} else {
+		// The skb's protocol, not the header's: a VLAN tag the driver took off
+		// leaves the inner protocol here.
+		ethertype = ((struct __sk_buff *)p->ctx)->protocol;
+	}
+	if (ethertype != bpf_htons(ETH_P_IP))
 		return 0;
 	struct iphdr ip;
 	h->l3 = sizeof(struct ethhdr);
-	if (bpf_skb_load_bytes(skb, h->l3, &ip, sizeof(ip)) < 0)
+	if (load(p, h->l3, &ip, sizeof(ip)) < 0)
 		return 0;
 	if (ip.ihl < 5 || (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET)))
 		return 0;
@@ -352,7 +405,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
 		return 0;
 	h->l4 = h->l3 + ip.ihl * 4;
 	__u16 ports[2];
-	if (bpf_skb_load_bytes(skb, h->l4, ports, sizeof(ports)) < 0)
+	if (load(p, h->l4, ports, sizeof(ports)) < 0)
 		return 0;
 	h->saddr = ip.saddr;
 	h->daddr = ip.daddr;
@@ -361,7 +414,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct headers *h)
 	h->proto = ip.protocol;
 	if (ip.protocol == IPPROTO_TCP) {
 		__u8 flags;
-		if (bpf_skb_load_bytes(skb, h->l4 + 13, &flags, 1) < 0)
+		if (load(p, h->l4 + 13, &flags, 1) < 0)
 			return 0;
 		h->opens = (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 		h->ends = flags & TCP_RST ? TCP_RST : flags & TCP_FIN;
@@ -387,12 +440,59 @@ static __always_inline __u32 l4_csum_off(const struct headers *h)
 	return h->l4 + (h->proto == IPPROTO_TCP ? 16 : 6);
 }
 
+static __always_inline __u16 fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (sum & 0xffff) + (sum >> 16);
+}
+
+// The checksum `check` with the 16-bit words of `from` replaced by those of `to`
+// (RFC 1624, eqn. 3), for a whole checksum: XDP has no checksum helpers. One's
+// complement sums do not care about byte order, so network-order words go in as they
+// are.
+static __always_inline __u16 replaced(__u16 check, __u32 from, __u32 to, int words)
+{
+	__u32 sum = (__u16)~check;
+	sum += (__u16)~(from & 0xffff) + (to & 0xffff);
+	if (words == 2)
+		sum += (__u16)~(from >> 16) + (to >> 16);
+	return ~fold(sum);
+}
+
+// XDP's rewrite of one address and one port with both checksums. A packet a local
+// socket sent with checksum offload (CHECKSUM_PARTIAL) holds only the pseudo-header's
+// sum in its L4 checksum, which this update gets wrong; it is taken only to a task on
+// this host, and the kernel does not check a CHECKSUM_PARTIAL packet it delivers.
+static __always_inline int rewrite_xdp(const struct pkt *p, const struct headers *h, __u32 ip_off,
+				       __u32 old_ip, __u32 new_ip, __u32 port_off, __u16 old_port,
+				       __u16 new_port)
+{
+	__u32 csum = l4_csum_off(h);
+	__u16 l4, l3;
+	if (load(p, csum, &l4, 2) < 0 || load(p, h->l3 + 10, &l3, 2) < 0)
+		return -1;
+	// A UDP datagram without a checksum keeps none, and 0 means none.
+	if (h->proto != IPPROTO_UDP || l4 != 0) {
+		l4 = replaced(replaced(l4, old_ip, new_ip, 2), old_port, new_port, 1);
+		if (h->proto == IPPROTO_UDP && l4 == 0)
+			l4 = 0xffff;
+	}
+	l3 = replaced(l3, old_ip, new_ip, 2);
+	if (store(p, csum, &l4, 2) < 0 || store(p, h->l3 + 10, &l3, 2) < 0 ||
+	    store(p, h->l3 + ip_off, &new_ip, 4) < 0 || store(p, h->l4 + port_off, &new_port, 2) < 0)
+		return -1;
+	return 0;
+}
+
 // Rewrites one address (at l3 + ip_off) and one port (at l4 + port_off), with
 // the IP and TCP/UDP checksums.
-static __always_inline int rewrite(struct __sk_buff *skb, const struct headers *h, __u32 ip_off,
+static __always_inline int rewrite(const struct pkt *p, const struct headers *h, __u32 ip_off,
 				   __u32 old_ip, __u32 new_ip, __u32 port_off, __u16 old_port,
 				   __u16 new_port)
 {
+	if (p->xdp)
+		return rewrite_xdp(p, h, ip_off, old_ip, new_ip, port_off, old_port, new_port);
+	struct __sk_buff *skb = p->ctx;
 	__u32 csum = l4_csum_off(h);
 	// A UDP datagram without a checksum keeps none.
 	__u64 mangled = h->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
@@ -403,23 +503,23 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct headers *
 		return -1;
 	if (bpf_l3_csum_replace(skb, h->l3 + 10, old_ip, new_ip, 4) < 0)
 		return -1;
-	if (bpf_skb_store_bytes(skb, h->l3 + ip_off, &new_ip, 4, 0) < 0)
+	if (store(p, h->l3 + ip_off, &new_ip, 4) < 0)
 		return -1;
-	if (bpf_skb_store_bytes(skb, h->l4 + port_off, &new_port, 2, 0) < 0)
+	if (store(p, h->l4 + port_off, &new_port, 2) < 0)
 		return -1;
 	return 0;
 }
 
 // A task's reply to a flow this program took: from the published address and port.
 // 1: rewritten; 0: not a reply of ours; -1: the rewrite failed half-way.
-static __always_inline int reverse(struct __sk_buff *skb, const struct headers *h)
+static __always_inline int reverse(const struct pkt *p, const struct headers *h)
 {
 	struct flow_key rk = key_of(h);
 	struct nat *to = bpf_map_lookup_elem(&mesh_port_revnat, &rk);
 	if (!to)
 		return 0;
 	struct nat was = *to;
-	if (rewrite(skb, h, 12, h->saddr, was.ip, 0, h->sport, was.port) < 0)
+	if (rewrite(p, h, 12, h->saddr, was.ip, 0, h->sport, was.port) < 0)
 		return -1;
 	return 1;
 }
@@ -608,9 +708,10 @@ static __always_inline int same_route(const struct snat *s)
 
 // Sends a packet of a flow whose task is on another host: from the bound port, to the
 // task, out of the route's interface. TC_ACT_UNSPEC: left to the other plane.
-static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
+static __always_inline int hop(const struct pkt *p, const struct headers *h,
 			       const struct flow_key *fk, const struct port_backend *b, int inside)
 {
+	struct __sk_buff *skb = p->ctx;
 	__u32 now = ticks();
 	struct snat out;
 	struct snat *s = bpf_map_lookup_elem(&mesh_port_snat, fk);
@@ -680,16 +781,17 @@ static __always_inline int hop(struct __sk_buff *skb, const struct headers *h,
 		}
 		count(b, h);
 	}
-	if (rewrite(skb, h, 12, h->saddr, out.ip, 0, h->sport, out.port) < 0 ||
-	    rewrite(skb, h, 16, h->daddr, out.task_ip, 2, h->dport, out.task_port) < 0)
+	if (rewrite(p, h, 12, h->saddr, out.ip, 0, h->sport, out.port) < 0 ||
+	    rewrite(p, h, 16, h->daddr, out.task_ip, 2, h->dport, out.task_port) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect_neigh(out.ifindex, NULL, 0, 0);
 }
 
 // A task's reply to a flow hopped to it: from the published address and port, to the
 // client, out of the interface the client came in on. TC_ACT_UNSPEC: not such a reply.
-static __always_inline int unhop(struct __sk_buff *skb, const struct headers *h)
+static __always_inline int unhop(const struct pkt *p, const struct headers *h)
 {
+	struct __sk_buff *skb = p->ctx;
 	struct flow_key rk = key_of(h);
 	struct unsnat *u = bpf_map_lookup_elem(&mesh_port_unsnat, &rk);
 	if (!u || u->task_ifindex != skb->ifindex)
@@ -705,15 +807,38 @@ static __always_inline int unhop(struct __sk_buff *skb, const struct headers *h)
 		if (!(was & (FIN_FROM_CLIENT | FIN_FROM_TASK)))
 			__sync_fetch_and_or(&u->closed, TASK_CLOSED_FIRST);
 	}
-	if (rewrite(skb, h, 12, h->saddr, to.published_ip, 0, h->sport, to.published_port) < 0 ||
-	    rewrite(skb, h, 16, h->daddr, to.client_ip, 2, h->dport, to.client_port) < 0)
+	if (rewrite(p, h, 12, h->saddr, to.published_ip, 0, h->sport, to.published_port) < 0 ||
+	    rewrite(p, h, 16, h->daddr, to.client_ip, 2, h->dport, to.client_port) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect_neigh(to.ifindex, NULL, 0, 0);
 }
 
+// Puts XDP_TOOK in the packet's XDP metadata, where the tcx ingress program reads it.
+static __always_inline int mark_taken(struct xdp_md *ctx)
+{
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(__u32)) < 0)
+		return -1;
+	void *meta = (void *)(long)ctx->data_meta;
+	void *data = (void *)(long)ctx->data;
+	if (meta + sizeof(__u32) > data)
+		return -1;
+	*(__u32 *)meta = XDP_TOOK;
+	return 0;
+}
+
+// Whether mesh_port_xdp already took this packet to its task.
+static __always_inline int taken_at_xdp(struct __sk_buff *skb)
+{
+	void *meta = (void *)(long)skb->data_meta;
+	void *data = (void *)(long)skb->data;
+	if (meta + sizeof(__u32) > data)
+		return 0;
+	return *(__u32 *)meta == XDP_TOOK;
+}
+
 // A client's packet for a published port of this host. TC_ACT_UNSPEC: left alone, or
 // taken to a task of this host (DNAT) and sent on up the stack.
-static __always_inline int forward(struct __sk_buff *skb, const struct headers *h)
+static __always_inline int forward(const struct pkt *p, const struct headers *h)
 {
 	struct port_key pk = { .port = h->dport, .proto = h->proto };
 	struct port_frontend *fe = bpf_map_lookup_elem(&mesh_ports, &pk);
@@ -761,8 +886,10 @@ static __always_inline int forward(struct __sk_buff *skb, const struct headers *
 		if (b.local)
 			count(&b, h);
 	}
+	// XDP cannot hop (no bpf_redirect_neigh): the tcx program finds the pick in
+	// mesh_port_flows and does it.
 	if (!b.local)
-		return hop(skb, h, &fk, &b, inside);
+		return p->xdp ? TC_ACT_UNSPEC : hop(p, h, &fk, &b, inside);
 	struct flow_key rk = {
 		.saddr = b.ip,
 		.daddr = h->saddr,
@@ -777,8 +904,17 @@ static __always_inline int forward(struct __sk_buff *skb, const struct headers *
 	struct nat *cur = bpf_map_lookup_elem(&mesh_port_revnat, &rk);
 	if (!cur || cur->ip != back.ip || cur->port != back.port)
 		bpf_map_update_elem(&mesh_port_revnat, &rk, &back, BPF_ANY);
-	if (rewrite(skb, h, 16, h->daddr, b.ip, 2, h->dport, b.port) < 0)
+	// Marked before the rewrite: a packet XDP cannot mark is left whole to tcx.
+	if (p->xdp && mark_taken(p->ctx) < 0)
+		return TC_ACT_UNSPEC;
+	if (rewrite(p, h, 16, h->daddr, b.ip, 2, h->dport, b.port) < 0)
 		return TC_ACT_SHOT;
+	if (p->xdp) {
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&mesh_port_xdp_took, &zero);
+		if (n)
+			*n += 1;
+	}
 	return TC_ACT_UNSPEC;
 }
 
@@ -787,24 +923,40 @@ static __always_inline int forward(struct __sk_buff *skb, const struct headers *
 SEC("classifier")
 int mesh_port_ingress(struct __sk_buff *skb)
 {
+	struct pkt p = { .ctx = skb, .xdp = 0 };
 	struct headers h = {};
-	if (!parse(skb, &h))
+	if (taken_at_xdp(skb) || !parse(&p, &h))
 		return TC_ACT_UNSPEC;
 	// A reply from another host's task is checked first: its destination is this
 	// host's, but never a published port's flow.
-	int verdict = unhop(skb, &h);
+	int verdict = unhop(&p, &h);
 	if (verdict != TC_ACT_UNSPEC)
 		return verdict;
-	return forward(skb, &h);
+	return forward(&p, &h);
 }
 
 SEC("classifier")
 int mesh_port_egress(struct __sk_buff *skb)
 {
+	struct pkt p = { .ctx = skb, .xdp = 0 };
 	struct headers h = {};
-	if (!parse(skb, &h))
+	if (!parse(&p, &h))
 		return TC_ACT_UNSPEC;
-	return reverse(skb, &h) < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	return reverse(&p, &h) < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+}
+
+// The same rules at the XDP hook, for flows whose pick is a task on this host; the
+// rest goes on to mesh_port_ingress (see the top of this file). "xdp.frags": a packet
+// in several buffers (jumbo frames, or a GRO'd skb on veth) is read and written with
+// the helpers, which handle them, so the program may run on any MTU.
+SEC("xdp.frags")
+int mesh_port_xdp(struct xdp_md *ctx)
+{
+	struct pkt p = { .ctx = ctx, .xdp = 1 };
+	struct headers h = {};
+	if (!parse(&p, &h))
+		return XDP_PASS;
+	return forward(&p, &h) == TC_ACT_SHOT ? XDP_DROP : XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "Apache-2.0";

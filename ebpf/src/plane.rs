@@ -121,7 +121,7 @@ impl EbpfPlane {
             crate::ports::remove_pins(&config.pin_dir, &maps);
             None
         } else {
-            match Ports::open(&config.pin_dir, &maps, &config.interfaces) {
+            match Ports::open(&config.pin_dir, &maps, &config.interfaces, config.port_hook) {
                 Ok(ports) => Some(ports),
                 Err(e) => {
                     // Nothing half-attached stays behind a plane that did not start.

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, MapData};
-use aya::programs::SchedClassifier;
+use aya::programs::{SchedClassifier, Xdp};
 
 use super::OBJECT;
 use crate::port_layout::{
@@ -22,6 +22,7 @@ const UNSPEC: i32 = -1;
 const PUBLISHED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const TASK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const SRC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const LOCAL_TASK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 /// Where test_run's packets arrive: loopback, the only device it needs.
 const LO: u32 = 1;
 
@@ -81,16 +82,21 @@ fn program() -> Option<Program> {
         .try_into()
         .unwrap();
     prog.load().unwrap();
-    let task = PortTask {
-        task: "web.2".into(),
-        addr: (TASK, 9000).into(),
-        local: false,
-    };
+    let xdp: &mut Xdp = ebpf
+        .program_mut("mesh_port_xdp")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    xdp.load().unwrap();
     let mut ports: HashMap<&mut MapData, PortKey, PortFrontend> =
         HashMap::try_from(ebpf.map_mut("mesh_ports").unwrap()).unwrap();
-    let value = PortFrontend::build(std::slice::from_ref(&task)).unwrap();
-    for proto in [mesh_core::Protocol::Tcp, mesh_core::Protocol::Udp] {
-        ports.insert(PortKey::new(8080, proto), *value, 0).unwrap();
+    for (published, task) in [(8080, remote_task()), (8081, local_task())] {
+        let value = PortFrontend::build(std::slice::from_ref(&task)).unwrap();
+        for proto in [mesh_core::Protocol::Tcp, mesh_core::Protocol::Udp] {
+            ports
+                .insert(PortKey::new(published, proto), *value, 0)
+                .unwrap();
+        }
     }
     let mut addrs: HashMap<&mut MapData, [u8; 4], u8> =
         HashMap::try_from(ebpf.map_mut("mesh_host_addrs").unwrap()).unwrap();
@@ -105,6 +111,24 @@ fn program() -> Option<Program> {
         Array::try_from(ebpf.map_mut("mesh_port_reserved").unwrap()).unwrap();
     reserved.set(0, ReservedPorts::of([20001]), 0).unwrap();
     Some(Program { ebpf, _pins: pins })
+}
+
+/// The one task of port 8080, on another host.
+fn remote_task() -> PortTask {
+    PortTask {
+        task: "web.2".into(),
+        addr: (TASK, 9000).into(),
+        local: false,
+    }
+}
+
+/// The one task of port 8081, on this host.
+fn local_task() -> PortTask {
+    PortTask {
+        task: "api.1".into(),
+        addr: (LOCAL_TASK, 9001).into(),
+        local: true,
+    }
 }
 
 fn route(ebpf: &mut aya::Ebpf, on: bool) {
@@ -207,16 +231,23 @@ fn read(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16), u16) {
     ((src, port(0)), (dst, port(2)), csum)
 }
 
-/// `BPF_PROG_TEST_RUN` of the ingress program on `frame`: its verdict and the frame
-/// it left.
+/// `BPF_PROG_TEST_RUN` of the tcx ingress program on `frame`: its verdict and the
+/// frame it left.
 fn run(p: &Program, frame: &[u8]) -> (i32, Vec<u8>) {
-    let prog: &SchedClassifier = p
+    run_program(p, "mesh_port_ingress", frame)
+}
+
+/// The same of program `name`. For XDP, the frame it left begins with the metadata
+/// the program put before it.
+fn run_program(p: &Program, name: &str, frame: &[u8]) -> (i32, Vec<u8>) {
+    let fd = p
         .ebpf
-        .program("mesh_port_ingress")
+        .program(name)
         .unwrap()
-        .try_into()
-        .unwrap();
-    let fd = prog.fd().unwrap().as_fd().as_raw_fd();
+        .fd()
+        .unwrap()
+        .as_fd()
+        .as_raw_fd();
     let mut out = vec![0u8; frame.len() + 256];
     // union bpf_attr, as BPF_PROG_TEST_RUN reads it.
     let mut attr = [0u8; 80];
@@ -467,4 +498,55 @@ fn the_agent_sweeps_ended_hopped_flows_and_only_those() {
         0,
         "nothing more to sweep"
     );
+}
+
+const XDP_PASS: i32 = 2;
+
+/// Packets mesh_port_xdp took, over all CPUs.
+fn xdp_took(p: &Program) -> u64 {
+    let map: aya::maps::PerCpuArray<&MapData, u64> =
+        aya::maps::PerCpuArray::try_from(p.ebpf.map("mesh_port_xdp_took").unwrap()).unwrap();
+    map.get(&0, 0).unwrap().iter().sum()
+}
+
+#[test]
+fn at_xdp_a_local_pick_is_taken_with_whole_checksums_and_the_rest_is_left_to_tcx() {
+    let Some(p) = program() else { return };
+    // The tcx program knows an XDP-taken packet by this word before the frame.
+    let mark = 0x6d65_7368u32.to_ne_bytes();
+    let mut taken = 0;
+    for (proto, udp_csum, port) in [(TCP, true, 30000), (UDP, true, 30001), (UDP, false, 30002)] {
+        let frame = packet(proto, (client(1), port), (PUBLISHED, 8081), SYN, udp_csum);
+        let (verdict, out) = run_program(&p, "mesh_port_xdp", &frame);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out.len(), frame.len() + 4, "marked for the tcx program");
+        assert_eq!(out[..4], mark);
+        // read() checks both checksums as a receiver that verifies them would.
+        let (from, to, csum) = read(&out[4..]);
+        assert_eq!(from, (client(1), port), "the client's address is kept");
+        assert_eq!(to, (LOCAL_TASK, 9001));
+        assert_eq!(
+            csum == 0,
+            proto == UDP && !udp_csum,
+            "a zero UDP checksum stays zero"
+        );
+        taken += 1;
+        assert_eq!(xdp_took(&p), taken);
+    }
+    // A pick on another host: unchanged and unmarked, for the tcx program, which
+    // hops it to the task XDP picked.
+    let frame = packet(TCP, (client(2), 30003), (PUBLISHED, 8080), SYN, true);
+    let (verdict, out) = run_program(&p, "mesh_port_xdp", &frame);
+    assert_eq!((verdict, &out), (XDP_PASS, &frame));
+    let (verdict, out) = run(&p, &frame);
+    assert_eq!(verdict, REDIRECT);
+    assert_eq!(read(&out).1, (TASK, 9000));
+    // Not a published port, or not this host's address: untouched.
+    for frame in [
+        packet(TCP, (client(3), 30004), (PUBLISHED, 8082), SYN, true),
+        packet(TCP, (client(3), 30004), (SRC, 8081), SYN, true),
+    ] {
+        assert_eq!(run_program(&p, "mesh_port_xdp", &frame), (XDP_PASS, frame));
+    }
+    assert_eq!(xdp_took(&p), taken);
 }

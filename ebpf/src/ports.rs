@@ -14,11 +14,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use mesh_core::error::chain;
 use mesh_core::plan::Features;
 use mesh_core::{Listen, Plan};
 
+use crate::config::PortHook;
 use crate::port_layout::{
     FlowKey, PickKey, PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route, Snat,
     Unsnat, ticks,
@@ -38,6 +39,13 @@ pub const PORT_PROGRAMS: [(&str, &str); 2] = [
         "a host task's reply leaves from the published port",
     ),
 ];
+
+/// With `ebpf.port_hook` "xdp" or "xdp-generic": the program at the XDP hook. Its link
+/// is pinned as `mesh_port_xdp@INTERFACE` or `mesh_port_xdp_generic@INTERFACE`.
+pub const PORT_XDP: (&str, &str) = (
+    "mesh_port_xdp",
+    "at XDP, ahead of tcx: a published port's flow whose Maglev pick is a task on this host goes to it by DNAT; the rest goes on to mesh_port_ingress",
+);
 
 /// The link directory: one pin per program and interface, `NAME@INTERFACE`.
 pub const PORT_LINKS: &str = "port-links";
@@ -59,6 +67,9 @@ pub struct Ports {
     /// them (none, on a first start).
     vips: Option<BTreeSet<Ipv4Addr>>,
     interfaces: Vec<String>,
+    hook: PortHook,
+    /// Packets mesh_port_xdp took, per CPU (it counts only with an XDP hook).
+    xdp_took: PerCpuArray<MapData, u64>,
     /// The interfaces' indexes when the programs were attached: a route through an
     /// interface that has since been replaced (a new index) has no program of ours.
     attached: BTreeSet<u32>,
@@ -102,14 +113,19 @@ impl Ports {
     /// `maps_dir` and links in `pin_dir`/[`PORT_LINKS`]. What a previous run left
     /// there is replaced without a gap: each new link is in place before the old one
     /// goes, and the pinned maps (their flows) are kept.
-    pub fn open(pin_dir: &Path, maps_dir: &Path, interfaces: &[String]) -> Result<Ports, String> {
+    pub fn open(
+        pin_dir: &Path,
+        maps_dir: &Path,
+        interfaces: &[String],
+        hook: PortHook,
+    ) -> Result<Ports, String> {
         #[cfg(feature = "bpf")]
         {
-            Self::load(OBJECT, pin_dir, maps_dir, interfaces)
+            Self::load(OBJECT, pin_dir, maps_dir, interfaces, hook)
         }
         #[cfg(not(feature = "bpf"))]
         {
-            let _ = (pin_dir, maps_dir, interfaces);
+            let _ = (pin_dir, maps_dir, interfaces, hook);
             Err(crate::programs::NOT_BUILT.to_string())
         }
     }
@@ -120,6 +136,7 @@ impl Ports {
         pin_dir: &Path,
         maps_dir: &Path,
         interfaces: &[String],
+        hook: PortHook,
     ) -> Result<Ports, String> {
         use aya::programs::links::FdLink;
         use aya::programs::{SchedClassifier, TcAttachType};
@@ -164,6 +181,7 @@ impl Ports {
                 attached.extend(ifindex(interface));
             }
         }
+        wanted.extend(attach_xdp(&mut ebpf, &links_dir, interfaces, hook)?);
         // Interfaces no longer configured lose their programs.
         for entry in std::fs::read_dir(&links_dir)
             .into_iter()
@@ -182,6 +200,7 @@ impl Ports {
         let reserved = take_map(&mut ebpf, "mesh_port_reserved")?;
         let snat = take_map(&mut ebpf, "mesh_port_snat")?;
         let unsnat = take_map(&mut ebpf, "mesh_port_unsnat")?;
+        let xdp_took = take_map(&mut ebpf, "mesh_port_xdp_took")?;
         // A previous run's seed is kept, so a client keeps getting the port it had.
         let seed = match config.get(&0, 0) {
             Ok(c) if c.seed != 0 => c.seed,
@@ -217,6 +236,8 @@ impl Ports {
             addrs: BTreeSet::new(),
             vips: None,
             interfaces: interfaces.to_vec(),
+            hook,
+            xdp_took,
             routes,
             routed,
             attached,
@@ -544,6 +565,12 @@ impl Ports {
             .collect()
     }
 
+    /// The packets mesh_port_xdp took, over all CPUs.
+    pub fn xdp_took(&self) -> Option<u64> {
+        let values = self.xdp_took.get(&0, 0).ok()?;
+        Some(values.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+    }
+
     /// For `mesh status`.
     pub fn detail(&self) -> String {
         let routed = self
@@ -561,10 +588,25 @@ impl Ports {
                 self.port_config.map_or(0, |c| c.span),
             ),
         };
+        let (at, programs) = match self.hook {
+            PortHook::Tcx => ("tcx", PORT_PROGRAMS.map(|(n, _)| n).join(", ")),
+            hook => (
+                if hook == PortHook::Xdp {
+                    "XDP (native) and tcx"
+                } else {
+                    "XDP (generic) and tcx"
+                },
+                format!(
+                    "{}, {}; XDP had taken {} packets at this apply (mesh_port_xdp_took)",
+                    PORT_XDP.0,
+                    PORT_PROGRAMS.map(|(n, _)| n).join(", "),
+                    self.xdp_took().unwrap_or(0)
+                ),
+            ),
+        };
         format!(
-            "published ports at tcx on {} ({}): mesh_ports {}/{}, mesh_port_flows and mesh_port_revnat (LRU, {} each); {hops}",
+            "published ports at {at} on {} ({programs}): mesh_ports {}/{}, mesh_port_flows and mesh_port_revnat (LRU, {} each); {hops}",
             self.interfaces.join(", "),
-            PORT_PROGRAMS.map(|(n, _)| n).join(", "),
             // A port with no IPv4 task is remembered here but not in the map.
             self.installed
                 .values()
@@ -574,6 +616,83 @@ impl Ports {
             crate::port_layout::MAX_PORT_FLOWS,
         )
     }
+}
+
+/// With an XDP `hook`, attaches `mesh_port_xdp` to each of `interfaces` and pins its
+/// links; returns their pin names. An interface has one XDP program: a previous run's
+/// link of the same mode gets the new program in place (`BPF_LINK_UPDATE`), and links
+/// of another mode or interface go first, since the kernel refuses a native program
+/// beside a generic one. Never a gap: mesh_port_ingress, attached already, does the
+/// whole job without XDP.
+#[cfg_attr(not(feature = "bpf"), allow(dead_code))]
+fn attach_xdp(
+    ebpf: &mut aya::Ebpf,
+    links_dir: &Path,
+    interfaces: &[String],
+    hook: PortHook,
+) -> Result<Vec<String>, String> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    use aya::programs::xdp::XdpLink;
+    use aya::programs::{Xdp, XdpMode};
+
+    let (suffix, mode) = match hook {
+        PortHook::Tcx => ("", None),
+        PortHook::Xdp => ("", Some(XdpMode::Driver)),
+        PortHook::XdpGeneric => ("_generic", Some(XdpMode::Skb)),
+    };
+    let wanted: Vec<String> = match mode {
+        Some(_) => interfaces
+            .iter()
+            .map(|i| format!("{}{suffix}@{i}", PORT_XDP.0))
+            .collect(),
+        None => Vec::new(),
+    };
+    for entry in std::fs::read_dir(links_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with(PORT_XDP.0) && !wanted.contains(&name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let Some(mode) = mode else {
+        return Ok(wanted);
+    };
+    let name = PORT_XDP.0;
+    let program: &mut Xdp = find_program(ebpf, name)?;
+    program
+        .load()
+        .map_err(|e| format!("the kernel refused {name}: {}", chain(&e)))?;
+    for (interface, pin_name) in interfaces.iter().zip(&wanted) {
+        let pin = links_dir.join(pin_name);
+        let previous = PinnedLink::from_pin(&pin)
+            .ok()
+            .and_then(|p| XdpLink::try_from(FdLink::from(p)).ok());
+        let replaced = previous.and_then(|link| program.attach_to_link(link).ok());
+        let id = match replaced {
+            Some(id) => id,
+            None => {
+                // No link, or one the kernel no longer updates (its interface
+                // went): a new one.
+                let _ = std::fs::remove_file(&pin);
+                program.attach(interface, mode).map_err(|e| {
+                    format!(
+                        "attaching {name} to interface {interface} in {} mode (ebpf.port_hook {:?}): {}; ebpf.port_hook \"xdp-generic\" works on any interface, \"tcx\" needs no XDP",
+                        if mode == XdpMode::Driver { "native" } else { "generic" },
+                        hook.name(),
+                        chain(&e)
+                    )
+                })?
+            }
+        };
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(|e| format!("{name}: {}", chain(&e)))?
+            .try_into()
+            .map_err(|_| {
+                format!("{name} on {interface} was attached through netlink, not as a link: the kernel is older than 5.9")
+            })?;
+        pin_link(link, &pin)?;
+    }
+    Ok(wanted)
 }
 
 /// How often ended hopped flows are swept from `mesh_port_unsnat` and `mesh_port_snat`.
@@ -623,7 +742,7 @@ where
 }
 
 /// The maps `port_lb` pins, by name.
-const PORT_MAPS: [&str; 11] = [
+const PORT_MAPS: [&str; 12] = [
     "mesh_ports",
     "mesh_port_flows",
     "mesh_port_revnat",
@@ -635,6 +754,7 @@ const PORT_MAPS: [&str; 11] = [
     "mesh_port_config",
     "mesh_port_reserved",
     "mesh_port_left",
+    "mesh_port_xdp_took",
 ];
 
 /// Detaches what a previous run with `ebpf.interfaces` left (its links), and frees

@@ -229,3 +229,46 @@ pub fn config(cgroup: &Cgroup, pins: &PinDir) -> String {
         pins.path.display()
     )
 }
+
+/// The packets `mesh_port_xdp` took (`ebpf.port_hook` "xdp"), summed over CPUs: its
+/// pinned map under `pins`, read with bpftool, so the count is the kernel's of now
+/// (`mesh status` gives it as of the last apply). Errors name what failed.
+pub fn xdp_took(pins: &Path) -> Result<u64, String> {
+    let map = pins
+        .join(mesh_ebpf::programs::MAPS)
+        .join("mesh_port_xdp_took");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()
+        .map_err(|e| format!("bpftool (apt-get install bpftool): {e}"))?;
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "bpftool map dump {}: {e}: {}",
+            map.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    let values = dump[0]["values"]
+        .as_array()
+        .ok_or_else(|| format!("no per-CPU values in {}: {dump}", map.display()))?;
+    values.iter().try_fold(0u64, |sum, cpu| {
+        counter(&cpu["value"])
+            .map(|v| sum.wrapping_add(v))
+            .ok_or_else(|| format!("a per-CPU value of {} is not a u64: {cpu}", map.display()))
+    })
+}
+
+/// A u64 as bpftool prints it: a number where it found the map's BTF, else its
+/// bytes in the host's order, as hex strings.
+fn counter(value: &serde_json::Value) -> Option<u64> {
+    if let Some(n) = value.as_u64() {
+        return Some(n);
+    }
+    let bytes: Vec<u8> = value
+        .as_array()?
+        .iter()
+        .map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect::<Option<_>>()?;
+    Some(u64::from_ne_bytes(bytes.try_into().ok()?))
+}

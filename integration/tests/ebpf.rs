@@ -9,7 +9,7 @@ use std::io::{BufRead, Write};
 use std::process::Stdio;
 
 use integration::cluster::Cluster;
-use integration::ebpf::{Cgroup, PinDir, config, skip_unless_ebpf};
+use integration::ebpf::{Cgroup, PinDir, config, skip_unless_ebpf, xdp_took};
 use integration::*;
 
 fn vip_of(agent: &Agent, service: &str) -> String {
@@ -666,7 +666,50 @@ fn tcx_links(pins: &PinDir) -> Vec<(String, String)> {
 /// with a userspace-only option is not taken in the kernel at all.
 #[test]
 fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
-    let test = "a_published_port_is_balanced_at_tcx_to_tasks_on_every_host";
+    balanced_to_tasks_on_every_host(
+        "a_published_port_is_balanced_at_tcx_to_tasks_on_every_host",
+        "tcx",
+    );
+}
+
+/// The same with `ebpf.port_hook = "xdp"`: native XDP on host1's veth takes the flows
+/// to host1's task (and counts them), tcx hops the rest. A restart after `kill -9`
+/// gives the pinned XDP link the new program in place.
+#[test]
+fn a_published_port_is_balanced_at_xdp_to_tasks_on_every_host() {
+    balanced_to_tasks_on_every_host(
+        "a_published_port_is_balanced_at_xdp_to_tasks_on_every_host",
+        "xdp",
+    );
+}
+
+/// The XDP link pinned under `pins` for eth0, as the kernel holds it: (link id,
+/// program id).
+fn xdp_link(pins: &PinDir) -> Option<(u64, u64)> {
+    let pin = pins.path.join("port-links/mesh_port_xdp@eth0");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&pin)
+        .output()
+        .expect("bpftool (apt-get install bpftool)");
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    if link["type"] != "xdp" {
+        return None;
+    }
+    Some((link["id"].as_u64()?, link["prog_id"].as_u64()?))
+}
+
+/// What `mesh status` says of the ebpf plane.
+fn ebpf_detail(agent: &Agent) -> String {
+    let status = agent.cli_json(&["status"]);
+    let ebpf = status["planes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "ebpf"))
+        .unwrap_or_else(|| panic!("an ebpf plane in {status}"));
+    ebpf["detail"].as_str().unwrap_or_default().to_string()
+}
+
+fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
     if skip_unless_ebpf(test) {
         return;
     }
@@ -698,7 +741,7 @@ fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
         )
     };
     let cfg1 = format!(
-        "{services}{}{}interfaces = [\"eth0\"]\n",
+        "{services}{}{}interfaces = [\"eth0\"]\nport_hook = \"{hook}\"\n",
         tasks(1, &h1.ip),
         config(&cg, &pins)
     );
@@ -743,14 +786,32 @@ fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
         ],
         "a tcx link per program on host1's eth0"
     );
-    let status = agent.cli_json(&["status"]);
-    let ebpf = status["planes"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "ebpf"))
-        .unwrap_or_else(|| panic!("an ebpf plane in {status}"));
-    let detail = ebpf["detail"].as_str().unwrap_or_default();
+    let eth0 = |ns: &Netns| {
+        let out = ns
+            .command("ip")
+            .args(["-d", "link", "show", "eth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let xdp = hook == "xdp";
+    let link = xdp_link(&pins);
+    assert_eq!(
+        link.is_some(),
+        xdp,
+        "an XDP link only with port_hook xdp: {link:?}"
+    );
+    assert_eq!(
+        eth0(&h1.ns).contains("xdp"),
+        xdp,
+        "the driver's XDP hook: {}",
+        eth0(&h1.ns)
+    );
+    let detail = ebpf_detail(&agent);
+    let at = if xdp { "XDP (native) and tcx" } else { "tcx" };
     assert!(
-        detail.contains("published ports at tcx on eth0") && detail.contains("mesh_ports 1/"),
+        detail.contains(&format!("published ports at {at} on eth0"))
+            && detail.contains("mesh_ports 1/"),
         "only web's port is taken in the kernel: {detail}"
     );
     assert!(
@@ -817,6 +878,32 @@ fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
         slow.iter().all(|(_, client)| *client == h1.ip),
         "no flow of slow's is taken in the kernel: {slow:?}"
     );
+    if xdp {
+        // Each of web.1's connections is several packets (SYN, ACK, request),
+        // every one taken at XDP.
+        let took = xdp_took(&pins.path).unwrap();
+        assert!(
+            took >= 3 * on("web.1") as u64,
+            "XDP took {took} packets for {} connections",
+            on("web.1")
+        );
+        // A restart after kill -9 gives the same link the new program.
+        let (link_id, prog_id) = link.unwrap();
+        agent.kill9();
+        agent.spawn(Some(&cfg1), &[]);
+        agent.wait_routable("web", 2);
+        agent.wait_applied();
+        let (id, prog) = xdp_link(&pins).expect("the XDP link after the restart");
+        assert_eq!(id, link_id, "the same link");
+        assert_ne!(prog, prog_id, "with the restarted agent's program");
+        let again = get(8080);
+        let local = again.iter().filter(|(t, _)| t == "web.1").count() as u64;
+        assert!(local > 0, "web.1 answers after the restart: {again:?}");
+        assert!(
+            xdp_took(&pins.path).unwrap() >= took + 3 * local,
+            "XDP takes web.1's flows after the restart"
+        );
+    }
 
     // SIGTERM removes the programs from the interface and every pin.
     assert!(agent.stop().success());
@@ -824,6 +911,7 @@ fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "pins left: {left:?}");
+    assert!(!eth0(&h1.ns).contains("xdp"), "XDP detached");
 
     // A name that is no interface here stops the agent before anything is attached.
     let err = ebpf_agent_refuses(
@@ -847,7 +935,7 @@ fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
 fn ring_of(pins: &PinDir, port: u16) -> Vec<u16> {
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
-        .arg(pins.path.join("maps-v1/mesh_ports"))
+        .arg(pins.path.join(mesh_ebpf::programs::MAPS).join("mesh_ports"))
         .output()
         .expect("bpftool");
     let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
