@@ -658,11 +658,11 @@ fn tcx_links(pins: &PinDir) -> Vec<(String, String)> {
     out
 }
 
-/// A published port on host1 with a task on host1 and one on host2 (each host's
-/// agent registers its own). Every new flow is taken by the TC program to its Maglev
-/// pick: host1's task by DNAT, and it sees the client's own address; host2's task by
-/// SNAT from host1's address, sent out of eth0 past the stack, with the reply
-/// translated back. nftables, serving the same port beside it, takes none. A service
+/// A published port on host1 with a task on each of host1, host2 and host3 (each
+/// host's agent registers its own). Every new flow is taken by the TC program to its
+/// Maglev pick: host1's task by DNAT, and it sees the client's own address; host2's
+/// and host3's tasks by SNAT from host1's address, sent out of eth0 past the stack,
+/// with the reply translated back. nftables, serving the same port beside it, takes none. A service
 /// with a userspace-only option is not taken in the kernel at all.
 #[test]
 fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
@@ -713,8 +713,8 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
     if skip_unless_ebpf(test) {
         return;
     }
-    let c = Cluster::new(2);
-    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    let c = Cluster::new(3);
+    let (h1, h2, h3) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
     let cg = Cgroup::new();
     let pins = PinDir::new();
     // nftables serves the ports beside the TC path, and would hop a flow the kernel
@@ -728,6 +728,7 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
     assert!(forward.success());
     let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
     let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
+    let _b3 = Backend::start_in_at(&h3.ns, "web.3", &h3.ip, 8003);
     // `slow` asks for an idle timeout, which only the userspace plane keeps.
     let services = "[[service]]\nname = \"web\"\nports = [{ target = 8000, published = 8080 }]\n\
                     health = { check = \"tcp\", interval = \"200ms\" }\n\
@@ -754,21 +755,27 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
         "--insecure",
     ];
     let mut agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
-    let cfg2 = format!("{services}{}", tasks(2, &h2.ip));
-    let bind2 = format!("{}:7946", h2.ip);
-    let args2 = [
-        "--dataplane",
-        "userspace",
-        "--bind",
-        bind2.as_str(),
-        "--insecure",
-        "--no-vips",
-        "--join",
-        bind1.as_str(),
-    ];
-    let _agent2 = Agent::start_entered(&h2.ns, "host2", Some(&cfg2), &args2);
-    agent.wait_routable("web", 2);
-    agent.wait_routable("slow", 2);
+    // host2 and host3 serve their own tasks with the userspace plane.
+    let _others: Vec<Agent> = [(2, h2), (3, h3)]
+        .into_iter()
+        .map(|(n, h)| {
+            let cfg = format!("{services}{}", tasks(n, &h.ip));
+            let bind = format!("{}:7946", h.ip);
+            let args = [
+                "--dataplane",
+                "userspace",
+                "--bind",
+                bind.as_str(),
+                "--insecure",
+                "--no-vips",
+                "--join",
+                bind1.as_str(),
+            ];
+            Agent::start_entered(&h.ns, &format!("host{n}"), Some(&cfg), &args)
+        })
+        .collect();
+    agent.wait_routable("web", 3);
+    agent.wait_routable("slow", 3);
     agent.wait_applied();
 
     let attached = tcx_links(&pins);
@@ -815,8 +822,8 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
         "only web's port is taken in the kernel: {detail}"
     );
     assert!(
-        detail.contains("1 of 1 other hosts' task addresses routed through these interfaces"),
-        "host2's task is reached through eth0: {detail}"
+        detail.contains("2 of 2 other hosts' task addresses routed through these interfaces"),
+        "host2's and host3's tasks are reached through eth0: {detail}"
     );
     assert!(
         ring_of(&pins, 8090).is_empty(),
@@ -850,8 +857,8 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
     let answers = get(8080);
     let on = |task: &str| answers.iter().filter(|(t, _)| t == task).count();
     assert!(
-        on("web.1") > 0 && on("web.2") > 0,
-        "both tasks answer: {answers:?}"
+        on("web.1") > 0 && on("web.2") > 0 && on("web.3") > 0,
+        "every task answers: {answers:?}"
     );
     for (task, client) in &answers {
         let want = if task == "web.1" {
@@ -869,7 +876,11 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
     kernel_took_every_flow(
         &agent,
         "web",
-        &[("web.1", on("web.1")), ("web.2", on("web.2"))],
+        &[
+            ("web.1", on("web.1")),
+            ("web.2", on("web.2")),
+            ("web.3", on("web.3")),
+        ],
         &format!("{answers:?}"),
     );
     // The userspace plane serves `slow`: every task sees host1's address.
@@ -891,7 +902,7 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
         let (link_id, prog_id) = link.unwrap();
         agent.kill9();
         agent.spawn(Some(&cfg1), &[]);
-        agent.wait_routable("web", 2);
+        agent.wait_routable("web", 3);
         agent.wait_applied();
         let (id, prog) = xdp_link(&pins).expect("the XDP link after the restart");
         assert_eq!(id, link_id, "the same link");
