@@ -189,6 +189,7 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
         Target::MeshEbpf
             | Target::MeshTc
             | Target::MeshTcHop
+            | Target::MeshTcNoNft
             | Target::MeshXdp
             | Target::MeshXdpGeneric
     ) {

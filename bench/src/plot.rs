@@ -26,6 +26,7 @@ const COLORS: [RGBColor; Target::ORDER.len()] = [
     RGBColor(255, 127, 14),
     RGBColor(188, 189, 34),
     RGBColor(140, 86, 75),
+    RGBColor(127, 127, 127),
     RGBColor(23, 190, 207),
     RGBColor(227, 119, 194),
     RGBColor(214, 39, 40),

@@ -54,6 +54,11 @@ pub enum Target {
     #[value(name = "mesh-tc-hop")]
     #[serde(rename = "mesh-tc-hop")]
     MeshTcHop,
+    /// As `mesh-tc`, with `ebpf.published_ports = "userspace"`: no nftables table
+    /// beside the TC path, so no conntrack in the LB namespace.
+    #[value(name = "mesh-tc-no-nft")]
+    #[serde(rename = "mesh-tc-no-nft")]
+    MeshTcNoNft,
     /// As `mesh-tc`, with `ebpf.port_hook = "xdp"`: native XDP on the LB namespace's
     /// veths DNATs each flow (veth runs it on the skb the peer sent), and tcx
     /// translates the replies.
@@ -84,6 +89,7 @@ impl fmt::Display for Target {
             Target::MeshEbpf => "mesh-ebpf",
             Target::MeshTc => "mesh-tc",
             Target::MeshTcHop => "mesh-tc-hop",
+            Target::MeshTcNoNft => "mesh-tc-no-nft",
             Target::MeshXdp => "mesh-xdp",
             Target::MeshXdpGeneric => "mesh-xdp-generic",
             Target::Haproxy => "haproxy",
@@ -110,7 +116,7 @@ impl Target {
         Target::Nginx,
     ];
     /// Every target, in report order.
-    pub const ORDER: [Target; 12] = [
+    pub const ORDER: [Target; 13] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
@@ -118,6 +124,7 @@ impl Target {
         Target::MeshEbpf,
         Target::MeshTc,
         Target::MeshTcHop,
+        Target::MeshTcNoNft,
         Target::MeshXdp,
         Target::MeshXdpGeneric,
         Target::Haproxy,
@@ -167,16 +174,21 @@ impl Target {
                 // conntrack for every packet the LB namespace forwards.
                 ebpf_agent(agent_ns, mesh_bin, &write(dir, "mesh.toml", &cfg)?)
             }
-            Target::MeshTc | Target::MeshTcHop | Target::MeshXdp | Target::MeshXdpGeneric => {
+            Target::MeshTc
+            | Target::MeshTcHop
+            | Target::MeshTcNoNft
+            | Target::MeshXdp
+            | Target::MeshXdpGeneric => {
                 let (cgroup, pins, _) = topo
                     .ebpf
                     .as_ref()
                     .context("the mesh-tc targets need the topology's cgroup")?;
                 // No service asks for a userspace-only option, so the TC path takes
                 // them all. nftables serves the ports beside it, as `--dataplane
-                // ebpf` does, and its table turns conntrack on in the LB namespace:
-                // for a task of this host (mesh-tc), the DNATed packet goes up the
-                // stack; a hopped one (mesh-tc-hop) never enters it.
+                // ebpf` does by default, and its table turns conntrack on in the LB
+                // namespace: for a task of this host (mesh-tc), the DNATed packet
+                // goes up the stack; a hopped one (mesh-tc-hop) never enters it.
+                // mesh-tc-no-nft has the userspace plane beside it instead.
                 let mesh = mesh_config(dir, true, false);
                 let mesh = if self == Target::MeshTcHop {
                     // The tasks are the backend agent's (`task_host_agent`).
@@ -194,8 +206,13 @@ impl Target {
                     Target::MeshXdpGeneric => "xdp-generic",
                     _ => "tcx",
                 };
+                let beside = if self == Target::MeshTcNoNft {
+                    "userspace"
+                } else {
+                    "nftables"
+                };
                 let cfg = format!(
-                    "{mesh}\n{}interfaces = [\"to-client\", \"to-backend\"]\nport_hook = \"{hook}\"\n",
+                    "{mesh}\n{}interfaces = [\"to-client\", \"to-backend\"]\nport_hook = \"{hook}\"\npublished_ports = \"{beside}\"\n",
                     integration::ebpf::config(cgroup, pins)
                 );
                 // In the LB namespace, whose interfaces the programs attach to.

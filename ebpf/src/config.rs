@@ -30,6 +30,24 @@ pub struct EbpfConfig {
     /// kernel's generic XDP), ahead of tcx. tcx is the default by measurement: on veth
     /// it was the faster (README, "XDP or tcx").
     pub port_hook: PortHook,
+    /// The plane that serves published ports beside the kernel path: the flows it
+    /// leaves (IPv6, this host's own clients, interfaces not listed, a flow with no
+    /// route or no free port, and every flow when `interfaces` is empty).
+    /// `nftables` (the default, where it works) keeps the client's address for
+    /// them, but its table turns conntrack on for every packet the host forwards,
+    /// the kernel path's included. `userspace` makes no table, so no conntrack: the
+    /// kernel path then costs about what plain forwarding does, and the flows it
+    /// leaves are proxied (the task sees this host's address).
+    pub published_ports: PublishedPorts,
+}
+
+/// See [`EbpfConfig::published_ports`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PublishedPorts {
+    #[default]
+    Nftables,
+    Userspace,
 }
 
 /// The hook that first meets a published port's packets on `ebpf.interfaces`.
@@ -64,6 +82,7 @@ impl Default for EbpfConfig {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             interfaces: Vec::new(),
             port_hook: PortHook::Tcx,
+            published_ports: PublishedPorts::Nftables,
         }
     }
 }
@@ -129,6 +148,15 @@ mod tests {
         let c: EbpfConfig = toml::from_str("port_hook = \"xdp-generic\"").unwrap();
         assert_eq!(c.port_hook, PortHook::XdpGeneric);
         assert_eq!(EbpfConfig::default().port_hook, PortHook::Tcx);
+        let c: EbpfConfig = toml::from_str("published_ports = \"userspace\"").unwrap();
+        assert_eq!(c.published_ports, PublishedPorts::Userspace);
+        let e = toml::from_str::<EbpfConfig>("published_ports = \"iptables\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("published_ports") && e.contains("iptables"),
+            "{e}"
+        );
         let e = toml::from_str::<EbpfConfig>("port_hook = \"xpd\"")
             .unwrap_err()
             .to_string();

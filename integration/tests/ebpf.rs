@@ -683,6 +683,157 @@ fn a_published_port_is_balanced_at_xdp_to_tasks_on_every_host() {
     );
 }
 
+/// `ebpf.published_ports = "userspace"`: no nftables table (a stale one a previous run
+/// left is removed), so no conntrack; the kernel path still takes every flow from
+/// outside, to host1's task and host2's, and the userspace plane serves what it
+/// leaves: here, a client on host1 itself.
+#[test]
+fn published_ports_beside_the_kernel_path_can_be_the_userspace_plane() {
+    let test = "published_ports_beside_the_kernel_path_can_be_the_userspace_plane";
+    if skip_unless_ebpf(test) {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let tables = || {
+        let out = h1
+            .ns
+            .command("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    h1.ns.run("nft", &["add", "table", "inet", "mesh"]);
+    assert!(
+        tables().contains("inet mesh"),
+        "a stale table: {}",
+        tables()
+    );
+    let _b1 = Backend::start_in_at(&h1.ns, "web.1", &h1.ip, 8001);
+    let _b2 = Backend::start_in_at(&h2.ns, "web.2", &h2.ip, 8002);
+    let service = "[[service]]\nname = \"web\"\nports = [{ target = 8000, published = 8080 }]\n\
+                   health = { check = \"tcp\", interval = \"200ms\" }\n";
+    let task = |n: u8, ip: &str| {
+        format!("[[task]]\nservice = \"web\"\nid = \"web.{n}\"\nip = \"{ip}\"\nport = 800{n}\n")
+    };
+    let cfg1 = format!(
+        "{service}{}{}interfaces = [\"eth0\"]\npublished_ports = \"userspace\"\n",
+        task(1, &h1.ip),
+        config(&cg, &pins)
+    );
+    let bind1 = format!("{}:7946", h1.ip);
+    let args1 = [
+        "--dataplane",
+        "ebpf",
+        "--bind",
+        bind1.as_str(),
+        "--insecure",
+    ];
+    let agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
+    let cfg2 = format!("{service}{}", task(2, &h2.ip));
+    let bind2 = format!("{}:7946", h2.ip);
+    let args2 = [
+        "--dataplane",
+        "userspace",
+        "--bind",
+        bind2.as_str(),
+        "--insecure",
+        "--no-vips",
+        "--join",
+        bind1.as_str(),
+    ];
+    let _agent2 = Agent::start_entered(&h2.ns, "host2", Some(&cfg2), &args2);
+    agent.wait_routable("web", 2);
+    agent.wait_applied();
+
+    assert!(
+        !tables().contains("inet mesh"),
+        "no nftables table: {}",
+        tables()
+    );
+    let status = agent.cli_json(&["status"]);
+    let names: Vec<&str> = status["planes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(!names.contains(&"nftables"), "no nftables plane: {names:?}");
+    assert!(
+        ebpf_detail(&agent).contains("published ports at tcx on eth0"),
+        "{}",
+        ebpf_detail(&agent)
+    );
+    let who = |ns: &Netns| -> (String, String) {
+        let addr = format!("{}:8080", h1.ip);
+        let out = ns
+            .command(backend_bin())
+            .args(["--who", &addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "GET {addr}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let (task, client) = text.split_once(' ').expect("task and client");
+        (task.to_string(), client.to_string())
+    };
+    // mesh_connections_total counts the userspace plane's flows too, so what shows
+    // the kernel took a flow is what the task saw: the client's own address (DNAT),
+    // or host1's address with the client's own port, 20000 and up (a hop keeps a
+    // port outside ip_local_port_range; the proxy's would lie inside it).
+    let out = c
+        .client
+        .ns
+        .command(backend_bin())
+        .args(["--who-from", &format!("{}:8080", h1.ip), "20000", "30"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "GETs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut on = BTreeMap::new();
+    for line in answers.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let [port, task, client, seen] = w[..] else {
+            panic!("port, task, client, port: {line:?}");
+        };
+        let want = if task == "web.1" {
+            (c.client.ip.as_str(), port)
+        } else {
+            (h1.ip.as_str(), port)
+        };
+        assert_eq!(
+            (client, seen),
+            want,
+            "{task} saw the flow as the kernel path makes it: {answers}"
+        );
+        *on.entry(task.to_string()).or_insert(0) += 1;
+    }
+    assert!(
+        on.get("web.1").is_some() && on.get("web.2").is_some(),
+        "both tasks answer: {answers}"
+    );
+    // host1's own client never crosses eth0's programs: the userspace plane serves it.
+    let (task, _) = who(&h1.ns);
+    assert!(task == "web.1" || task == "web.2", "{task}");
+    assert!(
+        agent.metric(
+            "mesh_connections_total",
+            &[("service", "web"), ("task", &task)]
+        ) > 0.0,
+        "counted"
+    );
+}
+
 /// The XDP link pinned under `pins` for eth0, as the kernel holds it: (link id,
 /// program id).
 fn xdp_link(pins: &PinDir) -> Option<(u64, u64)> {

@@ -9,6 +9,8 @@ use mesh_core::Snapshot;
 use mesh_core::plan::{DataplaneChoice, Host, PlaneKind};
 use mesh_dataplane::{AddressPlane, Dataplane, Driver, DriverHandle, has_net_admin};
 use mesh_ebpf::EbpfPlane;
+use mesh_ebpf::config::PublishedPorts;
+use mesh_nft::ruleset::TABLE;
 use mesh_nft::{Conntrack, Nft, NftPlane};
 use mesh_proxy::{ProxyMetrics, ProxyPlane};
 use tokio::sync::watch;
@@ -70,6 +72,27 @@ async fn nftables(
     }
 }
 
+/// `ebpf.published_ports = "userspace"`: no nftables plane. The nftables table a
+/// previous run left (killed while nftables served published ports) goes: it would
+/// go on taking them ahead of the plane now chosen.
+async fn userspace_beside() {
+    info!(
+        "published ports are served by the userspace plane beside the kernel path (ebpf.published_ports = \"userspace\"): no nftables table, so no conntrack"
+    );
+    let nft = Nft::default();
+    if !nft.has_table(TABLE).await.unwrap_or(false) {
+        return;
+    }
+    match nft.delete_table(TABLE).await {
+        Ok(()) => {
+            info!(table = %format!("inet {TABLE}"), "removed the nftables table a previous run left")
+        }
+        Err(e) => {
+            warn!(error = %e, table = %format!("inet {TABLE}"), "cannot remove the nftables table a previous run left; it still takes published ports")
+        }
+    }
+}
+
 /// The eBPF plane, if it works here, on the same terms as [`nftables`].
 fn ebpf(
     settings: &Settings,
@@ -115,36 +138,48 @@ async fn kernel_planes(
         }
         DataplaneChoice::Ebpf => {
             planes.extend(ebpf(settings, metrics, true, "")?);
-            planes.extend(
-                nftables(
-                    settings,
-                    false,
-                    "--dataplane ebpf: nftables does not work here; published ports are served by the userspace plane",
-                )
-                .await?,
-            );
+            if settings.ebpf.published_ports == PublishedPorts::Userspace {
+                userspace_beside().await;
+            } else {
+                planes.extend(
+                    nftables(
+                        settings,
+                        false,
+                        "--dataplane ebpf: nftables does not work here; published ports are served by the userspace plane",
+                    )
+                    .await?,
+                );
+            }
         }
         DataplaneChoice::Auto => {
+            let mut ebpf_loaded = false;
             if !settings.vip.manage {
                 info!(
                     "dataplane auto: VIPs are off (vip.manage = false or --no-vips), so the eBPF plane, which serves VIPs, is not loaded"
                 );
-            } else {
-                planes.extend(ebpf(
-                    settings,
-                    metrics,
-                    false,
-                    "dataplane auto: the eBPF plane does not work here; VIPs are served by nftables or userspace",
-                )?);
+            } else if let Some(plane) = ebpf(
+                settings,
+                metrics,
+                false,
+                "dataplane auto: the eBPF plane does not work here; VIPs are served by nftables or userspace",
+            )? {
+                planes.push(plane);
+                ebpf_loaded = true;
             }
-            planes.extend(
-                nftables(
-                    settings,
-                    false,
-                    "dataplane auto: nftables does not work here; frontends are served by the userspace plane",
-                )
-                .await?,
-            );
+            // Without the eBPF plane, nftables also serves the VIPs: the setting
+            // then has nothing to stand beside.
+            if ebpf_loaded && settings.ebpf.published_ports == PublishedPorts::Userspace {
+                userspace_beside().await;
+            } else {
+                planes.extend(
+                    nftables(
+                        settings,
+                        false,
+                        "dataplane auto: nftables does not work here; frontends are served by the userspace plane",
+                    )
+                    .await?,
+                );
+            }
         }
     }
     Ok(planes)
