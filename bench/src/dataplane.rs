@@ -125,6 +125,8 @@ pub struct Options {
     pub mesh_bin: PathBuf,
     /// The binary of the `mesh-before` target.
     pub mesh_before: Option<PathBuf>,
+    /// `ethtool -K eth0 tx off` in the client's namespace (see `--client-full-checksums`).
+    pub client_full_checksums: bool,
     pub self_bin: PathBuf,
 }
 
@@ -200,6 +202,9 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
             integration::ebpf::PinDir::new(),
             agent_ns,
         ));
+    }
+    if o.client_full_checksums {
+        topo.client.run("ethtool", &["-K", "eth0", "tx", "off"]);
     }
     let dir = tempfile::Builder::new().prefix("mesh-bench-").tempdir()?;
     let self_bin = o.self_bin.to_string_lossy().to_string();

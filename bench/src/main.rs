@@ -63,6 +63,13 @@ enum Command {
         /// An earlier mesh binary, run as the `mesh-before` target.
         #[arg(long)]
         mesh_before: Option<PathBuf>,
+        /// The client sends whole checksums (`ethtool -K eth0 tx off` on its veth), as
+        /// packets from another machine arrive; a veth's offloaded ones carry only
+        /// the pseudo-header's sum, which the XDP targets leave to tcx. Needed by
+        /// the XDP targets; applies to every target of the run, for a fair
+        /// comparison.
+        #[arg(long)]
+        client_full_checksums: bool,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -264,9 +271,19 @@ fn run(cli: Cli) -> Result<()> {
             latency_rate,
             mesh,
             mesh_before,
+            client_full_checksums,
             out,
         } => {
             require_root()?;
+            if !client_full_checksums
+                && targets
+                    .iter()
+                    .any(|t| matches!(t, Target::MeshXdp | Target::MeshXdpGeneric))
+            {
+                bail!(
+                    "the XDP targets need --client-full-checksums: XDP leaves the client's offloaded packets to tcx"
+                );
+            }
             if reps == 0 || !secs.is_finite() || secs <= 0.0 || !warmup.is_finite() || warmup < 0.0
             {
                 bail!("--reps must be at least 1 and --secs positive");
@@ -281,6 +298,7 @@ fn run(cli: Cli) -> Result<()> {
                 latency_rate,
                 mesh_bin,
                 mesh_before,
+                client_full_checksums,
                 self_bin: std::env::current_exe()?,
             };
             let results = dataplane::run(&opts)?;

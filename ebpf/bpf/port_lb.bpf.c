@@ -310,8 +310,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_port_xdp_took SEC(".maps");
 
-// The XDP metadata word of a packet mesh_port_xdp took ("mesh").
+// The XDP metadata of a packet mesh_port_xdp took: XDP_TOOK ("mesh"), then what its
+// DNAT did to the ones' complement sum of the packet's bytes, for tcx to add to
+// skb->csum where the driver gave one (CHECKSUM_COMPLETE; generic XDP never fixes it).
 #define XDP_TOOK 0x6d657368
+struct xdp_took {
+	__u32 magic;
+	__u32 csum_diff;
+};
 
 // The same mixing on every host (murmur3's finalizer over the client's address,
 // port and the protocol): hosts must agree on the slot, not on anything secret.
@@ -356,6 +362,8 @@ struct headers {
 	__u8 opens;
 	// A TCP packet that ends one: TCP_RST if it carries RST, else TCP_FIN if FIN.
 	__u8 ends;
+	// The IP packet's length (host order; 0 for a GSO packet too big for the field).
+	__u16 tot_len;
 };
 
 // A packet at either hook. `xdp` is a constant at each entry point, so the compiler
@@ -409,6 +417,7 @@ static __always_inline int parse(const struct pkt *p, struct headers *h)
 		return 0;
 	h->saddr = ip.saddr;
 	h->daddr = ip.daddr;
+	h->tot_len = bpf_ntohs(ip.tot_len);
 	h->sport = ports[0];
 	h->dport = ports[1];
 	h->proto = ip.protocol;
@@ -813,27 +822,63 @@ static __always_inline int unhop(const struct pkt *p, const struct headers *h)
 	return bpf_redirect_neigh(to.ifindex, NULL, 0, 0);
 }
 
-// Puts XDP_TOOK in the packet's XDP metadata, where the tcx ingress program reads it.
-static __always_inline int mark_taken(struct xdp_md *ctx)
+// Marks a packet whose destination address goes from `from` to `to` as taken, in
+// its XDP metadata, where the tcx ingress program reads it. The bytes' sum changes by
+// from - to: the IP checksum makes up for the address in the IP header, and the L4
+// checksum for the port and for the address in the pseudo-header, which is not in
+// the packet.
+static __always_inline int mark_taken(struct xdp_md *ctx, __u32 from, __u32 to)
 {
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(__u32)) < 0)
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct xdp_took)) < 0)
 		return -1;
 	void *meta = (void *)(long)ctx->data_meta;
 	void *data = (void *)(long)ctx->data;
-	if (meta + sizeof(__u32) > data)
+	if (meta + sizeof(struct xdp_took) > data)
 		return -1;
-	*(__u32 *)meta = XDP_TOOK;
+	struct xdp_took *t = meta;
+	t->magic = XDP_TOOK;
+	t->csum_diff = fold((from & 0xffff) + (from >> 16) + (__u16)~(to & 0xffff) +
+			    (__u16)~(to >> 16));
 	return 0;
 }
 
-// Whether mesh_port_xdp already took this packet to its task.
+// Whether mesh_port_xdp already took this packet to its task: metadata of exactly
+// its size and magic (another program's metadata is not ours). Its checksum change
+// then goes into skb->csum, which bpf_csum_update does only for CHECKSUM_COMPLETE.
 static __always_inline int taken_at_xdp(struct __sk_buff *skb)
 {
 	void *meta = (void *)(long)skb->data_meta;
 	void *data = (void *)(long)skb->data;
-	if (meta + sizeof(__u32) > data)
+	if (meta + sizeof(struct xdp_took) > data)
 		return 0;
-	return *(__u32 *)meta == XDP_TOOK;
+	// Exactly ours; hidden from the compiler, which would otherwise fold the two
+	// tests into this one, from which the verifier learns no bound.
+	long len = data - meta;
+	asm volatile("" : "+r"(len));
+	if (len != sizeof(struct xdp_took))
+		return 0;
+	struct xdp_took *t = meta;
+	if (t->magic != XDP_TOOK)
+		return 0;
+	bpf_csum_update(skb, t->csum_diff);
+	return 1;
+}
+
+// Whether the packet's L4 checksum is only the pseudo-header's sum, as a socket with
+// checksum offload leaves it for the device to finish (CHECKSUM_PARTIAL, which XDP
+// cannot see). XDP's update of a whole checksum would get it wrong, and whatever
+// finishes it later (a device without offload, skb_checksum_help) would send a bad
+// one, so such a packet is left to tcx, whose helpers know. A whole checksum that
+// happens to equal it (1 in 65,536) only costs the shortcut.
+static __always_inline int partial_csum(const struct pkt *p, const struct headers *h)
+{
+	__u16 check;
+	if (h->tot_len == 0 || load(p, l4_csum_off(h), &check, 2) < 0)
+		return 1;
+	__u32 len = h->tot_len - (h->l4 - h->l3);
+	__u32 sum = (h->saddr & 0xffff) + (h->saddr >> 16) + (h->daddr & 0xffff) +
+		    (h->daddr >> 16) + bpf_htons((__u16)h->proto) + bpf_htons((__u16)len);
+	return check == fold(sum);
 }
 
 // A client's packet for a published port of this host. TC_ACT_UNSPEC: left alone, or
@@ -905,7 +950,7 @@ static __always_inline int forward(const struct pkt *p, const struct headers *h)
 	if (!cur || cur->ip != back.ip || cur->port != back.port)
 		bpf_map_update_elem(&mesh_port_revnat, &rk, &back, BPF_ANY);
 	// Marked before the rewrite: a packet XDP cannot mark is left whole to tcx.
-	if (p->xdp && mark_taken(p->ctx) < 0)
+	if (p->xdp && (partial_csum(p, h) || mark_taken(p->ctx, h->daddr, b.ip) < 0))
 		return TC_ACT_UNSPEC;
 	if (rewrite(p, h, 16, h->daddr, b.ip, 2, h->dport, b.port) < 0)
 		return TC_ACT_SHOT;
@@ -955,6 +1000,11 @@ int mesh_port_xdp(struct xdp_md *ctx)
 	struct pkt p = { .ctx = ctx, .xdp = 1 };
 	struct headers h = {};
 	if (!parse(&p, &h))
+		return XDP_PASS;
+	// A reply from another host's task is tcx's to translate (unhop), even when its
+	// bound port has since been published here.
+	struct flow_key rk = key_of(&h);
+	if (bpf_map_lookup_elem(&mesh_port_unsnat, &rk))
 		return XDP_PASS;
 	return forward(&p, &h) == TC_ACT_SHOT ? XDP_DROP : XDP_PASS;
 }

@@ -103,6 +103,12 @@ impl EbpfConfig {
                 "ebpf.cgroup {c:?} must be an absolute path to a cgroup v2 directory"
             ));
         }
+        if self.port_hook != PortHook::Tcx && self.interfaces.is_empty() {
+            return Err(format!(
+                "ebpf.port_hook {:?} needs ebpf.interfaces: it is where published ports' packets are met",
+                self.port_hook.name()
+            ));
+        }
         for (i, name) in self.interfaces.iter().enumerate() {
             // IFNAMSIZ is 16 with the NUL; a name is also a file name in the pin dir.
             let valid = !name.is_empty()
@@ -148,6 +154,11 @@ mod tests {
         let c: EbpfConfig = toml::from_str("port_hook = \"xdp-generic\"").unwrap();
         assert_eq!(c.port_hook, PortHook::XdpGeneric);
         assert_eq!(EbpfConfig::default().port_hook, PortHook::Tcx);
+        let e = c.check().unwrap_err();
+        assert!(
+            e.contains("ebpf.port_hook") && e.contains("ebpf.interfaces"),
+            "{e}"
+        );
         let c: EbpfConfig = toml::from_str("published_ports = \"userspace\"").unwrap();
         assert_eq!(c.published_ports, PublishedPorts::Userspace);
         let e = toml::from_str::<EbpfConfig>("published_ports = \"iptables\"")

@@ -509,20 +509,39 @@ fn xdp_took(p: &Program) -> u64 {
     map.get(&0, 0).unwrap().iter().sum()
 }
 
+/// The ones' complement sum of `a`'s two 16-bit words as they lie in memory, as the
+/// kernel sums a packet's bytes (csum_partial).
+fn words(a: Ipv4Addr) -> u32 {
+    let o = a.octets();
+    u32::from(u16::from_ne_bytes([o[0], o[1]])) + u32::from(u16::from_ne_bytes([o[2], o[3]]))
+}
+
+fn fold(mut sum: u32) -> u32 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
 #[test]
 fn at_xdp_a_local_pick_is_taken_with_whole_checksums_and_the_rest_is_left_to_tcx() {
-    let Some(p) = program() else { return };
-    // The tcx program knows an XDP-taken packet by this word before the frame.
-    let mark = 0x6d65_7368u32.to_ne_bytes();
+    let Some(mut p) = program() else { return };
+    // The tcx program knows an XDP-taken packet by this metadata before the frame:
+    // the magic, then the change in the sum of the packet's bytes (PUBLISHED's
+    // words out, LOCAL_TASK's in), which it adds to a driver's CHECKSUM_COMPLETE.
+    let magic = 0x6d65_7368u32.to_ne_bytes();
+    let diff = fold(words(PUBLISHED) + (0x1fffe - words(LOCAL_TASK)));
     let mut taken = 0;
     for (proto, udp_csum, port) in [(TCP, true, 30000), (UDP, true, 30001), (UDP, false, 30002)] {
         let frame = packet(proto, (client(1), port), (PUBLISHED, 8081), SYN, udp_csum);
         let (verdict, out) = run_program(&p, "mesh_port_xdp", &frame);
         assert_eq!(verdict, XDP_PASS);
-        assert_eq!(out.len(), frame.len() + 4, "marked for the tcx program");
-        assert_eq!(out[..4], mark);
+        assert_eq!(out.len(), frame.len() + 8, "marked for the tcx program");
+        assert_eq!(out[..4], magic);
+        let got = u32::from_ne_bytes(out[4..8].try_into().unwrap());
+        assert_eq!(fold(got), diff, "the sum's change");
         // read() checks both checksums as a receiver that verifies them would.
-        let (from, to, csum) = read(&out[4..]);
+        let (from, to, csum) = read(&out[8..]);
         assert_eq!(from, (client(1), port), "the client's address is kept");
         assert_eq!(to, (LOCAL_TASK, 9001));
         assert_eq!(
@@ -533,11 +552,31 @@ fn at_xdp_a_local_pick_is_taken_with_whole_checksums_and_the_rest_is_left_to_tcx
         taken += 1;
         assert_eq!(xdp_took(&p), taken);
     }
+    // A checksum left for the device to finish (CHECKSUM_PARTIAL: only the
+    // pseudo-header's sum) is tcx's to update: unchanged and unmarked.
+    let mut partial = packet(TCP, (client(1), 30005), (PUBLISHED, 8081), SYN, true);
+    let seed = !sum(&[], pseudo(client(1), PUBLISHED, TCP, partial.len() - 34)) ^ 0xffff;
+    partial[34 + 16..34 + 18].copy_from_slice(&seed.to_be_bytes());
+    let (verdict, out) = run_program(&p, "mesh_port_xdp", &partial);
+    assert_eq!((verdict, &out), (XDP_PASS, &partial), "left to tcx");
+    assert_eq!(xdp_took(&p), taken);
     // A pick on another host: unchanged and unmarked, for the tcx program, which
-    // hops it to the task XDP picked.
+    // finds XDP's pick in mesh_port_flows and hops the flow to it.
     let frame = packet(TCP, (client(2), 30003), (PUBLISHED, 8080), SYN, true);
     let (verdict, out) = run_program(&p, "mesh_port_xdp", &frame);
     assert_eq!((verdict, &out), (XDP_PASS, &frame));
+    let flows: HashMap<&mut MapData, FlowKey, [u8; 8]> =
+        HashMap::try_from(p.ebpf.map_mut("mesh_port_flows").unwrap()).unwrap();
+    let key = FlowKey {
+        saddr: client(2).octets(),
+        daddr: PUBLISHED.octets(),
+        sport: 30003u16.to_be_bytes(),
+        dport: 8080u16.to_be_bytes(),
+        proto: TCP,
+        pad: [0; 3],
+    };
+    let picked = flows.get(&key, 0).expect("XDP recorded the pick");
+    assert_eq!(picked[..4], TASK.octets());
     let (verdict, out) = run(&p, &frame);
     assert_eq!(verdict, REDIRECT);
     assert_eq!(read(&out).1, (TASK, 9000));
@@ -549,4 +588,39 @@ fn at_xdp_a_local_pick_is_taken_with_whole_checksums_and_the_rest_is_left_to_tcx
         assert_eq!(run_program(&p, "mesh_port_xdp", &frame), (XDP_PASS, frame));
     }
     assert_eq!(xdp_took(&p), taken);
+}
+
+/// A hopped UDP flow keeps the client's own port, 22000, as its bound port; 22000 is
+/// then published here with a local task. The hopped task's replies are still the
+/// hop's (tcx translates them back), not a new flow for XDP to take.
+#[test]
+fn at_xdp_a_reply_to_a_hop_is_left_to_tcx_even_on_a_published_port() {
+    let Some(mut p) = program() else { return };
+    let hop = packet(UDP, (client(7), 22000), (PUBLISHED, 8080), 0, true);
+    let (verdict, out) = run(&p, &hop);
+    assert_eq!(verdict, REDIRECT);
+    assert_eq!(read(&out).0, (SRC, 22000), "the client's port is kept");
+    let mut ports: HashMap<&mut MapData, PortKey, PortFrontend> =
+        HashMap::try_from(p.ebpf.map_mut("mesh_ports").unwrap()).unwrap();
+    let value = PortFrontend::build(std::slice::from_ref(&local_task())).unwrap();
+    ports
+        .insert(PortKey::new(22000, mesh_core::Protocol::Udp), *value, 0)
+        .unwrap();
+    let mut addrs: HashMap<&mut MapData, [u8; 4], u8> =
+        HashMap::try_from(p.ebpf.map_mut("mesh_host_addrs").unwrap()).unwrap();
+    addrs.insert(SRC.octets(), 1, 0).unwrap();
+    let reply = packet(UDP, (TASK, 9000), (SRC, 22000), 0, true);
+    let (verdict, out) = run_program(&p, "mesh_port_xdp", &reply);
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &reply),
+        "unchanged and unmarked"
+    );
+    assert_eq!(xdp_took(&p), 0);
+    let (verdict, out) = run(&p, &reply);
+    assert_eq!(verdict, REDIRECT);
+    assert_eq!(
+        read(&out),
+        ((PUBLISHED, 8080), (client(7), 22000), read(&out).2)
+    );
 }

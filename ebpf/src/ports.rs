@@ -619,11 +619,10 @@ impl Ports {
 }
 
 /// With an XDP `hook`, attaches `mesh_port_xdp` to each of `interfaces` and pins its
-/// links; returns their pin names. An interface has one XDP program: a previous run's
-/// link of the same mode gets the new program in place (`BPF_LINK_UPDATE`), and links
-/// of another mode or interface go first, since the kernel refuses a native program
-/// beside a generic one. Never a gap: mesh_port_ingress, attached already, does the
-/// whole job without XDP.
+/// links; returns their pin names. A previous run's XDP links go first, all of them:
+/// an interface has one XDP program, the kernel refuses a native one beside a generic
+/// one, and a pin's name may name an interface that has since been renamed. That is
+/// never a gap: mesh_port_ingress, attached already, does the whole job without XDP.
 #[cfg_attr(not(feature = "bpf"), allow(dead_code))]
 fn attach_xdp(
     ebpf: &mut aya::Ebpf,
@@ -631,58 +630,34 @@ fn attach_xdp(
     interfaces: &[String],
     hook: PortHook,
 ) -> Result<Vec<String>, String> {
-    use aya::programs::links::{FdLink, PinnedLink};
-    use aya::programs::xdp::XdpLink;
+    use aya::programs::links::FdLink;
     use aya::programs::{Xdp, XdpMode};
 
+    remove_xdp_links(links_dir);
     let (suffix, mode) = match hook {
-        PortHook::Tcx => ("", None),
-        PortHook::Xdp => ("", Some(XdpMode::Driver)),
-        PortHook::XdpGeneric => ("_generic", Some(XdpMode::Skb)),
-    };
-    let wanted: Vec<String> = match mode {
-        Some(_) => interfaces
-            .iter()
-            .map(|i| format!("{}{suffix}@{i}", PORT_XDP.0))
-            .collect(),
-        None => Vec::new(),
-    };
-    for entry in std::fs::read_dir(links_dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with(PORT_XDP.0) && !wanted.contains(&name) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let Some(mode) = mode else {
-        return Ok(wanted);
+        PortHook::Tcx => return Ok(Vec::new()),
+        PortHook::Xdp => ("", XdpMode::Driver),
+        PortHook::XdpGeneric => ("_generic", XdpMode::Skb),
     };
     let name = PORT_XDP.0;
     let program: &mut Xdp = find_program(ebpf, name)?;
-    program
-        .load()
-        .map_err(|e| format!("the kernel refused {name}: {}", chain(&e)))?;
-    for (interface, pin_name) in interfaces.iter().zip(&wanted) {
-        let pin = links_dir.join(pin_name);
-        let previous = PinnedLink::from_pin(&pin)
-            .ok()
-            .and_then(|p| XdpLink::try_from(FdLink::from(p)).ok());
-        let replaced = previous.and_then(|link| program.attach_to_link(link).ok());
-        let id = match replaced {
-            Some(id) => id,
-            None => {
-                // No link, or one the kernel no longer updates (its interface
-                // went): a new one.
-                let _ = std::fs::remove_file(&pin);
-                program.attach(interface, mode).map_err(|e| {
-                    format!(
-                        "attaching {name} to interface {interface} in {} mode (ebpf.port_hook {:?}): {}; ebpf.port_hook \"xdp-generic\" works on any interface, \"tcx\" needs no XDP",
-                        if mode == XdpMode::Driver { "native" } else { "generic" },
-                        hook.name(),
-                        chain(&e)
-                    )
-                })?
-            }
-        };
+    program.load().map_err(|e| {
+        format!(
+            "the kernel refused {name} (ebpf.port_hook {:?}; \"tcx\" needs no XDP): {}",
+            hook.name(),
+            chain(&e)
+        )
+    })?;
+    let mut wanted = Vec::new();
+    for interface in interfaces {
+        let id = program.attach(interface, mode).map_err(|e| {
+            format!(
+                "attaching {name} to interface {interface} in {} mode (ebpf.port_hook {:?}): {}; \"xdp-generic\" needs no driver support, \"tcx\" no XDP, and neither works where another XDP program holds the interface",
+                if mode == XdpMode::Driver { "native" } else { "generic" },
+                hook.name(),
+                chain(&e)
+            )
+        })?;
         let link: FdLink = program
             .take_link(id)
             .map_err(|e| format!("{name}: {}", chain(&e)))?
@@ -690,9 +665,20 @@ fn attach_xdp(
             .map_err(|_| {
                 format!("{name} on {interface} was attached through netlink, not as a link: the kernel is older than 5.9")
             })?;
-        pin_link(link, &pin)?;
+        let pin_name = format!("{name}{suffix}@{interface}");
+        pin_link(link, &links_dir.join(&pin_name))?;
+        wanted.push(pin_name);
     }
     Ok(wanted)
+}
+
+/// Unpins (so detaches) every XDP link in `links_dir`.
+pub fn remove_xdp_links(links_dir: &Path) {
+    for entry in std::fs::read_dir(links_dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(PORT_XDP.0) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// How often ended hopped flows are swept from `mesh_port_unsnat` and `mesh_port_snat`.
@@ -760,6 +746,7 @@ const PORT_MAPS: [&str; 12] = [
 /// Detaches what a previous run with `ebpf.interfaces` left (its links), and frees
 /// its maps: for an agent whose list is now empty.
 pub fn remove_pins(pin_dir: &Path, maps_dir: &Path) {
+    remove_xdp_links(&pin_dir.join(PORT_LINKS));
     let _ = std::fs::remove_dir_all(pin_dir.join(PORT_LINKS));
     for name in PORT_MAPS {
         let _ = std::fs::remove_file(maps_dir.join(name));

@@ -227,6 +227,8 @@ impl Programs {
     /// once the agent's own descriptors close.
     pub fn remove(self) -> Result<(), String> {
         let mut errors = Vec::new();
+        // XDP first: it hands packets it took to the tcx programs.
+        crate::ports::remove_xdp_links(&self.pin_dir.join(crate::ports::PORT_LINKS));
         // Links first: a map goes only when no program holds it.
         for dir in [LINKS, crate::ports::PORT_LINKS, MAPS] {
             let path = self.pin_dir.join(dir);

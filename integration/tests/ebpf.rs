@@ -673,8 +673,9 @@ fn a_published_port_is_balanced_at_tcx_to_tasks_on_every_host() {
 }
 
 /// The same with `ebpf.port_hook = "xdp"`: native XDP on host1's veth takes the flows
-/// to host1's task (and counts them), tcx hops the rest. A restart after `kill -9`
-/// gives the pinned XDP link the new program in place.
+/// to host1's task (and counts them) once they carry whole checksums, and leaves
+/// offloaded ones to tcx; tcx hops the rest. A restart after `kill -9` replaces the
+/// XDP link.
 #[test]
 fn a_published_port_is_balanced_at_xdp_to_tasks_on_every_host() {
     balanced_to_tasks_on_every_host(
@@ -819,7 +820,7 @@ fn published_ports_beside_the_kernel_path_can_be_the_userspace_plane() {
         *on.entry(task.to_string()).or_insert(0) += 1;
     }
     assert!(
-        on.get("web.1").is_some() && on.get("web.2").is_some(),
+        on.contains_key("web.1") && on.contains_key("web.2"),
         "both tasks answer: {answers}"
     );
     // host1's own client never crosses eth0's programs: the userspace plane serves it.
@@ -832,6 +833,25 @@ fn published_ports_beside_the_kernel_path_can_be_the_userspace_plane() {
         ) > 0.0,
         "counted"
     );
+}
+
+/// Checksum offload off on each namespace's eth0: every sender computes whole
+/// checksums and every receiver checks them, so a wrong rewrite of the programs' is
+/// dropped, not trusted; and packets arrive as from another machine, not with a
+/// checksum a veth peer left for offload (CHECKSUM_PARTIAL).
+fn checksums_in_full(namespaces: &[&Netns]) {
+    for ns in namespaces {
+        let out = ns
+            .command("ethtool")
+            .args(["-K", "eth0", "tx", "off", "rx", "off"])
+            .output()
+            .expect("ethtool (apt-get install ethtool)");
+        assert!(
+            out.status.success(),
+            "ethtool -K eth0 tx off rx off: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// The XDP link pinned under `pins` for eth0, as the kernel holds it: (link id,
@@ -1041,28 +1061,49 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
         "no flow of slow's is taken in the kernel: {slow:?}"
     );
     if xdp {
-        // Each of web.1's connections is several packets (SYN, ACK, request),
-        // every one taken at XDP.
+        // The client's veth leaves its checksums to offload (CHECKSUM_PARTIAL): XDP
+        // cannot update those, so it left every packet above to tcx.
+        assert_eq!(
+            xdp_took(&pins.path).unwrap(),
+            0,
+            "XDP took offloaded packets"
+        );
+        // Whole checksums, as from another machine: XDP takes web.1's flows, each
+        // of several packets (SYN, ACK, request, FIN), and every receiver checks
+        // the checksums it wrote.
+        checksums_in_full(&[&c.client.ns, &h1.ns, &h2.ns, &h3.ns]);
+        let local = |answers: &[(String, String)]| {
+            answers.iter().filter(|(t, _)| t == "web.1").count() as u64
+        };
+        let full = get(8080);
+        assert!(local(&full) > 0, "web.1 answers: {full:?}");
         let took = xdp_took(&pins.path).unwrap();
         assert!(
-            took >= 3 * on("web.1") as u64,
+            took >= 3 * local(&full),
             "XDP took {took} packets for {} connections",
-            on("web.1")
+            local(&full)
         );
-        // A restart after kill -9 gives the same link the new program.
-        let (link_id, prog_id) = link.unwrap();
+        // A restart after kill -9 detaches the old XDP link and attaches its own.
+        let (_, prog_id) = link.unwrap();
         agent.kill9();
         agent.spawn(Some(&cfg1), &[]);
         agent.wait_routable("web", 3);
         agent.wait_applied();
-        let (id, prog) = xdp_link(&pins).expect("the XDP link after the restart");
-        assert_eq!(id, link_id, "the same link");
-        assert_ne!(prog, prog_id, "with the restarted agent's program");
+        let (_, prog) = xdp_link(&pins).expect("the XDP link after the restart");
+        assert_ne!(prog, prog_id, "the restarted agent's program");
+        assert_eq!(
+            eth0(&h1.ns).matches("prog/xdp").count(),
+            1,
+            "one XDP program: {}",
+            eth0(&h1.ns)
+        );
         let again = get(8080);
-        let local = again.iter().filter(|(t, _)| t == "web.1").count() as u64;
-        assert!(local > 0, "web.1 answers after the restart: {again:?}");
         assert!(
-            xdp_took(&pins.path).unwrap() >= took + 3 * local,
+            local(&again) > 0,
+            "web.1 answers after the restart: {again:?}"
+        );
+        assert!(
+            xdp_took(&pins.path).unwrap() >= took + 3 * local(&again),
             "XDP takes web.1's flows after the restart"
         );
     }
@@ -1148,20 +1189,7 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
     let _b3 = Backend::start_in_at(&h1.ns, "web.3", &h1.ip, 8003);
     let _u1 = udp_echo(&h1.ns, "echo.1", &h1.ip);
     let _u2 = udp_echo(&h2.ns, "echo.2", &h2.ip);
-    // With checksum offload off, every sender computes full checksums and every
-    // receiver checks them: a wrong rewrite of the programs' is dropped, not trusted.
-    for ns in [&c.client.ns, &h1.ns, &h2.ns] {
-        let out = ns
-            .command("ethtool")
-            .args(["-K", "eth0", "tx", "off", "rx", "off"])
-            .output()
-            .expect("ethtool (apt-get install ethtool)");
-        assert!(
-            out.status.success(),
-            "ethtool -K eth0 tx off rx off: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    checksums_in_full(&[&c.client.ns, &h1.ns, &h2.ns]);
     // nftables serves the ports beside the TC path, and would hop a flow the kernel
     // leaves to it by forwarding.
     let forward = h1
