@@ -193,7 +193,6 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
             | Target::MeshTcHop
             | Target::MeshTcNoNft
             | Target::MeshXdp
-            | Target::MeshXdpGeneric
     ) {
         let agent_ns = integration::netns::Netns::new();
         agent_ns.run("ip", &["link", "set", "lo", "up"]);
@@ -332,7 +331,7 @@ fn trial(o: &Options, w: Workload, target: Target, rep: usize, rate: f64) -> Res
     if let Some(lb) = lb.as_mut() {
         lb.check_alive(&dir.path().join(format!("{target}.log")))?;
     }
-    if matches!(target, Target::MeshXdp | Target::MeshXdpGeneric)
+    if target == Target::MeshXdp
         && let Some((_, pins, _)) = topo.ebpf.as_ref()
     {
         // Otherwise tcx, still attached, would have done the work unseen.

@@ -275,11 +275,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             require_root()?;
-            if !client_full_checksums
-                && targets
-                    .iter()
-                    .any(|t| matches!(t, Target::MeshXdp | Target::MeshXdpGeneric))
-            {
+            if !client_full_checksums && targets.contains(&Target::MeshXdp) {
                 bail!(
                     "the XDP targets need --client-full-checksums: XDP leaves the client's offloaded packets to tcx"
                 );

@@ -28,7 +28,6 @@ const COLORS: [RGBColor; Target::ORDER.len()] = [
     RGBColor(140, 86, 75),
     RGBColor(127, 127, 127),
     RGBColor(23, 190, 207),
-    RGBColor(227, 119, 194),
     RGBColor(214, 39, 40),
     RGBColor(255, 152, 150),
     RGBColor(44, 160, 44),

@@ -65,10 +65,6 @@ pub enum Target {
     #[value(name = "mesh-xdp")]
     #[serde(rename = "mesh-xdp")]
     MeshXdp,
-    /// As `mesh-xdp`, with the kernel's generic XDP (`port_hook = "xdp-generic"`).
-    #[value(name = "mesh-xdp-generic")]
-    #[serde(rename = "mesh-xdp-generic")]
-    MeshXdpGeneric,
     Haproxy,
     /// HAProxy with `option splice-auto` instead of forced splice: its own heuristic,
     /// which splices only when buffers fill. Not a default target; for checking that
@@ -91,7 +87,6 @@ impl fmt::Display for Target {
             Target::MeshTcHop => "mesh-tc-hop",
             Target::MeshTcNoNft => "mesh-tc-no-nft",
             Target::MeshXdp => "mesh-xdp",
-            Target::MeshXdpGeneric => "mesh-xdp-generic",
             Target::Haproxy => "haproxy",
             Target::HaproxySpliceAuto => "haproxy-splice-auto",
             Target::Nginx => "nginx",
@@ -116,7 +111,7 @@ impl Target {
         Target::Nginx,
     ];
     /// Every target, in report order.
-    pub const ORDER: [Target; 13] = [
+    pub const ORDER: [Target; 12] = [
         Target::Direct,
         Target::MeshBefore,
         Target::Mesh,
@@ -126,7 +121,6 @@ impl Target {
         Target::MeshTcHop,
         Target::MeshTcNoNft,
         Target::MeshXdp,
-        Target::MeshXdpGeneric,
         Target::Haproxy,
         Target::HaproxySpliceAuto,
         Target::Nginx,
@@ -174,11 +168,7 @@ impl Target {
                 // conntrack for every packet the LB namespace forwards.
                 ebpf_agent(agent_ns, mesh_bin, &write(dir, "mesh.toml", &cfg)?)
             }
-            Target::MeshTc
-            | Target::MeshTcHop
-            | Target::MeshTcNoNft
-            | Target::MeshXdp
-            | Target::MeshXdpGeneric => {
+            Target::MeshTc | Target::MeshTcHop | Target::MeshTcNoNft | Target::MeshXdp => {
                 let (cgroup, pins, _) = topo
                     .ebpf
                     .as_ref()
@@ -203,7 +193,6 @@ impl Target {
                 };
                 let hook = match self {
                     Target::MeshXdp => "xdp",
-                    Target::MeshXdpGeneric => "xdp-generic",
                     _ => "tcx",
                 };
                 let beside = if self == Target::MeshTcNoNft {

@@ -22,7 +22,7 @@
 //   interface) or a free port, the packet is left alone, for the plane that serves
 //   the port (the userspace plane or nftables).
 //
-// With ebpf.port_hook "xdp" or "xdp-generic", mesh_port_xdp runs the same rules at the
+// With ebpf.port_hook "xdp", mesh_port_xdp runs the same rules at the
 // XDP hook, the earliest a driver offers (before an skb is built, where the driver
 // has native XDP; veth runs it on the skb its peer sent). It takes a flow whose pick
 // is this host's task (DNAT), counts it in mesh_port_xdp_took, and marks the packet

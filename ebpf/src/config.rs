@@ -25,10 +25,10 @@ pub struct EbpfConfig {
     /// bridges). Empty (the default): none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<String>,
-    /// Where those flows are first met: `tcx` (the default), or `xdp` / `xdp-generic`,
-    /// which put the DNAT to this host's tasks at the XDP hook (native, or the
-    /// kernel's generic XDP), ahead of tcx. tcx is the default by measurement: on veth
-    /// it was the faster (README, "XDP or tcx").
+    /// Where those flows are first met: `tcx` (the default), or `xdp`, which puts the
+    /// DNAT to this host's tasks at the driver's XDP hook, ahead of tcx. tcx is the
+    /// default by measurement: on veth it was the faster (README, "XDP or tcx").
+    /// Generic XDP is not offered (see there).
     pub port_hook: PortHook,
     /// The plane that serves published ports beside the kernel path: the flows it
     /// leaves (IPv6, this host's own clients, interfaces not listed, a flow with no
@@ -60,8 +60,6 @@ pub enum PortHook {
     /// Native XDP (in the driver) takes the flows to this host's tasks; tcx does
     /// the rest. An interface whose driver has no XDP refuses it.
     Xdp,
-    /// The same with the kernel's generic XDP, which every interface has.
-    XdpGeneric,
 }
 
 impl PortHook {
@@ -70,7 +68,6 @@ impl PortHook {
         match self {
             PortHook::Tcx => "tcx",
             PortHook::Xdp => "xdp",
-            PortHook::XdpGeneric => "xdp-generic",
         }
     }
 }
@@ -151,8 +148,8 @@ mod tests {
 
     #[test]
     fn port_hook_is_read_by_name_and_a_wrong_one_is_named() {
-        let c: EbpfConfig = toml::from_str("port_hook = \"xdp-generic\"").unwrap();
-        assert_eq!(c.port_hook, PortHook::XdpGeneric);
+        let c: EbpfConfig = toml::from_str("port_hook = \"xdp\"").unwrap();
+        assert_eq!(c.port_hook, PortHook::Xdp);
         assert_eq!(EbpfConfig::default().port_hook, PortHook::Tcx);
         let e = c.check().unwrap_err();
         assert!(
@@ -172,7 +169,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("port_hook") && e.contains("xpd") && e.contains("xdp-generic"),
+            e.contains("port_hook") && e.contains("xpd") && e.contains("`tcx` or `xdp`"),
             "{e}"
         );
     }

@@ -406,14 +406,7 @@ fn a_hop_binds_a_free_port_and_its_replies_go_back_to_the_client() {
     // was bound to.
     let mut flows: HashMap<&mut MapData, FlowKey, crate::port_layout::PortBackend> =
         HashMap::try_from(p.ebpf.map_mut("mesh_port_flows").unwrap()).unwrap();
-    let key = FlowKey {
-        saddr: client(2).octets(),
-        daddr: PUBLISHED.octets(),
-        sport: 20000u16.to_be_bytes(),
-        dport: 8080u16.to_be_bytes(),
-        proto: TCP,
-        pad: [0; 3],
-    };
+    let key = to_published(TCP, client(2), 20000);
     flows.remove(&key).unwrap();
     let (verdict, out) = run(&p, &packet(TCP, (client(2), 20000), published, ACK, true));
     assert_eq!(verdict, REDIRECT);
@@ -428,18 +421,23 @@ fn a_hop_binds_a_free_port_and_its_replies_go_back_to_the_client() {
     );
 }
 
-/// The `mesh_port_snat` entry of the client's flow to the published port, if any.
-fn snat_of(p: &mut Program, ip: Ipv4Addr, port: u16) -> Option<Snat> {
-    let map: HashMap<&mut MapData, FlowKey, Snat> =
-        HashMap::try_from(p.ebpf.map_mut("mesh_port_snat").unwrap()).unwrap();
-    let key = FlowKey {
+/// The key of a client's flow to PUBLISHED:8080, as the programs' maps hold it.
+fn to_published(proto: u8, ip: Ipv4Addr, port: u16) -> FlowKey {
+    FlowKey {
         saddr: ip.octets(),
         daddr: PUBLISHED.octets(),
         sport: port.to_be_bytes(),
         dport: 8080u16.to_be_bytes(),
-        proto: TCP,
+        proto,
         pad: [0; 3],
-    };
+    }
+}
+
+/// The `mesh_port_snat` entry of the client's flow to the published port, if any.
+fn snat_of(p: &mut Program, ip: Ipv4Addr, port: u16) -> Option<Snat> {
+    let map: HashMap<&mut MapData, FlowKey, Snat> =
+        HashMap::try_from(p.ebpf.map_mut("mesh_port_snat").unwrap()).unwrap();
+    let key = to_published(TCP, ip, port);
     map.get(&key, 0).ok()
 }
 
@@ -567,14 +565,7 @@ fn at_xdp_a_local_pick_is_taken_with_whole_checksums_and_the_rest_is_left_to_tcx
     assert_eq!((verdict, &out), (XDP_PASS, &frame));
     let flows: HashMap<&mut MapData, FlowKey, [u8; 8]> =
         HashMap::try_from(p.ebpf.map_mut("mesh_port_flows").unwrap()).unwrap();
-    let key = FlowKey {
-        saddr: client(2).octets(),
-        daddr: PUBLISHED.octets(),
-        sport: 30003u16.to_be_bytes(),
-        dport: 8080u16.to_be_bytes(),
-        proto: TCP,
-        pad: [0; 3],
-    };
+    let key = to_published(TCP, client(2), 30003);
     let picked = flows.get(&key, 0).expect("XDP recorded the pick");
     assert_eq!(picked[..4], TASK.octets());
     let (verdict, out) = run(&p, &frame);

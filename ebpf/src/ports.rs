@@ -40,8 +40,8 @@ pub const PORT_PROGRAMS: [(&str, &str); 2] = [
     ),
 ];
 
-/// With `ebpf.port_hook` "xdp" or "xdp-generic": the program at the XDP hook. Its link
-/// is pinned as `mesh_port_xdp@INTERFACE` or `mesh_port_xdp_generic@INTERFACE`.
+/// With `ebpf.port_hook` "xdp": the program at the XDP hook. Its link is pinned as
+/// `mesh_port_xdp@INTERFACE`.
 pub const PORT_XDP: (&str, &str) = (
     "mesh_port_xdp",
     "at XDP, ahead of tcx: a published port's flow whose Maglev pick is a task on this host goes to it by DNAT; the rest goes on to mesh_port_ingress",
@@ -138,7 +138,6 @@ impl Ports {
         interfaces: &[String],
         hook: PortHook,
     ) -> Result<Ports, String> {
-        use aya::programs::links::FdLink;
         use aya::programs::{SchedClassifier, TcAttachType};
 
         let links_dir = pin_dir.join(PORT_LINKS);
@@ -166,17 +165,13 @@ impl Ports {
                         chain(&e)
                     )
                 })?;
-                let link: FdLink = program
-                    .take_link(id)
-                    .map_err(|e| format!("{name}: {}", chain(&e)))?
-                    .try_into()
-                    .map_err(|_| {
-                        format!(
-                            "{name} on {interface} was attached through netlink, not tcx: the kernel is older than 6.6"
-                        )
-                    })?;
                 let pin_name = format!("{name}@{interface}");
-                pin_link(link, &links_dir.join(&pin_name))?;
+                pin_as_link(
+                    program.take_link(id),
+                    &links_dir.join(&pin_name),
+                    "tcx",
+                    "6.6",
+                )?;
                 wanted.push(pin_name);
                 attached.extend(ifindex(interface));
             }
@@ -590,12 +585,8 @@ impl Ports {
         };
         let (at, programs) = match self.hook {
             PortHook::Tcx => ("tcx", PORT_PROGRAMS.map(|(n, _)| n).join(", ")),
-            hook => (
-                if hook == PortHook::Xdp {
-                    "XDP (native) and tcx"
-                } else {
-                    "XDP (generic) and tcx"
-                },
+            PortHook::Xdp => (
+                "XDP (native) and tcx",
                 format!(
                     "{}, {}; XDP had taken {} packets at this apply (mesh_port_xdp_took)",
                     PORT_XDP.0,
@@ -630,15 +621,12 @@ fn attach_xdp(
     interfaces: &[String],
     hook: PortHook,
 ) -> Result<Vec<String>, String> {
-    use aya::programs::links::FdLink;
     use aya::programs::{Xdp, XdpMode};
 
     remove_xdp_links(links_dir);
-    let (suffix, mode) = match hook {
-        PortHook::Tcx => return Ok(Vec::new()),
-        PortHook::Xdp => ("", XdpMode::Driver),
-        PortHook::XdpGeneric => ("_generic", XdpMode::Skb),
-    };
+    if hook == PortHook::Tcx {
+        return Ok(Vec::new());
+    }
     let name = PORT_XDP.0;
     let program: &mut Xdp = find_program(ebpf, name)?;
     program.load().map_err(|e| {
@@ -650,26 +638,45 @@ fn attach_xdp(
     })?;
     let mut wanted = Vec::new();
     for interface in interfaces {
-        let id = program.attach(interface, mode).map_err(|e| {
+        let id = program.attach(interface, XdpMode::Driver).map_err(|e| {
             format!(
-                "attaching {name} to interface {interface} in {} mode (ebpf.port_hook {:?}): {}; \"xdp-generic\" needs no driver support, \"tcx\" no XDP, and neither works where another XDP program holds the interface",
-                if mode == XdpMode::Driver { "native" } else { "generic" },
+                "attaching {name} to interface {interface} (ebpf.port_hook {:?}): {}; it needs a driver with XDP and no other XDP program on the interface, and \"tcx\" needs neither",
                 hook.name(),
                 chain(&e)
             )
         })?;
-        let link: FdLink = program
-            .take_link(id)
-            .map_err(|e| format!("{name}: {}", chain(&e)))?
-            .try_into()
-            .map_err(|_| {
-                format!("{name} on {interface} was attached through netlink, not as a link: the kernel is older than 5.9")
-            })?;
-        let pin_name = format!("{name}{suffix}@{interface}");
-        pin_link(link, &links_dir.join(&pin_name))?;
+        let pin_name = format!("{name}@{interface}");
+        pin_as_link(
+            program.take_link(id),
+            &links_dir.join(&pin_name),
+            "an XDP link",
+            "5.9",
+        )?;
         wanted.push(pin_name);
     }
     Ok(wanted)
+}
+
+/// Pins a program's link, taken from aya, at `pin` (its name `PROGRAM@INTERFACE`): a
+/// pin keeps it attached. aya falls back to netlink, whose attachments cannot be
+/// pinned, on kernels older than `since`, which have no `kind` links.
+fn pin_as_link<L>(
+    link: Result<L, aya::programs::ProgramError>,
+    pin: &Path,
+    kind: &str,
+    since: &str,
+) -> Result<(), String>
+where
+    L: TryInto<aya::programs::links::FdLink>,
+{
+    let what = pin.file_name().unwrap_or_default().to_string_lossy();
+    let link = link
+        .map_err(|e| format!("{what}: {}", chain(&e)))?
+        .try_into()
+        .map_err(|_| {
+            format!("{what} was attached through netlink, not as {kind}: the kernel is older than {since}")
+        })?;
+    pin_link(link, pin)
 }
 
 /// Unpins (so detaches) every XDP link in `links_dir`.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::process::Stdio;
 
-use integration::cluster::Cluster;
+use integration::cluster::{Cluster, Host};
 use integration::ebpf::{Cgroup, PinDir, config, skip_unless_ebpf, xdp_took};
 use integration::*;
 
@@ -725,28 +725,10 @@ fn published_ports_beside_the_kernel_path_can_be_the_userspace_plane() {
         task(1, &h1.ip),
         config(&cg, &pins)
     );
-    let bind1 = format!("{}:7946", h1.ip);
-    let args1 = [
-        "--dataplane",
-        "ebpf",
-        "--bind",
-        bind1.as_str(),
-        "--insecure",
-    ];
-    let agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
+    let agent = host_agent(h1, 1, &cfg1, true, None);
+    let join = format!("{}:7946", h1.ip);
     let cfg2 = format!("{service}{}", task(2, &h2.ip));
-    let bind2 = format!("{}:7946", h2.ip);
-    let args2 = [
-        "--dataplane",
-        "userspace",
-        "--bind",
-        bind2.as_str(),
-        "--insecure",
-        "--no-vips",
-        "--join",
-        bind1.as_str(),
-    ];
-    let _agent2 = Agent::start_entered(&h2.ns, "host2", Some(&cfg2), &args2);
+    let _agent2 = host_agent(h2, 2, &cfg2, false, Some(&join));
     agent.wait_routable("web", 2);
     agent.wait_applied();
 
@@ -835,6 +817,23 @@ fn published_ports_beside_the_kernel_path_can_be_the_userspace_plane() {
     );
 }
 
+/// The agent of host `n`, gossiping at its address and joining `join` if given:
+/// `--dataplane ebpf` on the host under test, `userspace` (serving its own tasks,
+/// without VIPs) on the others.
+fn host_agent(host: &Host, n: u8, cfg: &str, ebpf: bool, join: Option<&str>) -> Agent {
+    let bind = format!("{}:7946", host.ip);
+    let mut args = vec!["--bind", bind.as_str(), "--insecure"];
+    if ebpf {
+        args.extend(["--dataplane", "ebpf"]);
+    } else {
+        args.extend(["--dataplane", "userspace", "--no-vips"]);
+    }
+    if let Some(join) = join {
+        args.extend(["--join", join]);
+    }
+    Agent::start_entered(&host.ns, &format!("host{n}"), Some(cfg), &args)
+}
+
 /// Checksum offload off on each namespace's eth0: every sender computes whole
 /// checksums and every receiver checks them, so a wrong rewrite of the programs' is
 /// dropped, not trusted; and packets arrive as from another machine, not with a
@@ -917,32 +916,14 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
         tasks(1, &h1.ip),
         config(&cg, &pins)
     );
-    let bind1 = format!("{}:7946", h1.ip);
-    let args1 = [
-        "--dataplane",
-        "ebpf",
-        "--bind",
-        bind1.as_str(),
-        "--insecure",
-    ];
-    let mut agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
+    let mut agent = host_agent(h1, 1, &cfg1, true, None);
     // host2 and host3 serve their own tasks with the userspace plane.
+    let join = format!("{}:7946", h1.ip);
     let _others: Vec<Agent> = [(2, h2), (3, h3)]
         .into_iter()
         .map(|(n, h)| {
             let cfg = format!("{services}{}", tasks(n, &h.ip));
-            let bind = format!("{}:7946", h.ip);
-            let args = [
-                "--dataplane",
-                "userspace",
-                "--bind",
-                bind.as_str(),
-                "--insecure",
-                "--no-vips",
-                "--join",
-                bind1.as_str(),
-            ];
-            Agent::start_entered(&h.ns, &format!("host{n}"), Some(&cfg), &args)
+            host_agent(h, n, &cfg, false, Some(&join))
         })
         .collect();
     agent.wait_routable("web", 3);
@@ -1220,26 +1201,9 @@ fn published_ports_at_tcx_agree_across_hosts_keep_flows_and_outlive_the_agent() 
         tasks(2, &h2.ip),
         config(&cg2, &pins2)
     );
-    let bind1 = format!("{}:7946", h1.ip);
-    let bind2 = format!("{}:7946", h2.ip);
-    let args1 = [
-        "--dataplane",
-        "ebpf",
-        "--bind",
-        bind1.as_str(),
-        "--insecure",
-    ];
-    let args2 = [
-        "--dataplane",
-        "ebpf",
-        "--bind",
-        bind2.as_str(),
-        "--insecure",
-        "--join",
-        bind1.as_str(),
-    ];
-    let mut agent = Agent::start_entered(&h1.ns, "host1", Some(&cfg1), &args1);
-    let agent2 = Agent::start_entered(&h2.ns, "host2", Some(&cfg2), &args2);
+    let mut agent = host_agent(h1, 1, &cfg1, true, None);
+    let join = format!("{}:7946", h1.ip);
+    let agent2 = host_agent(h2, 2, &cfg2, true, Some(&join));
     for a in [&agent, &agent2] {
         a.wait_routable("web", 2);
         a.wait_routable("echo", 2);

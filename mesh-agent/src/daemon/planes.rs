@@ -72,6 +72,22 @@ async fn nftables(
     }
 }
 
+/// The plane beside the eBPF plane's kernel path for published ports, as
+/// `ebpf.published_ports` says: nftables where it works (`fallback` says what serves
+/// where it does not), or none, the userspace plane serving them.
+async fn beside_ebpf(
+    settings: &Settings,
+    fallback: &str,
+) -> Result<Option<Box<dyn Dataplane>>, AgentError> {
+    match settings.ebpf.published_ports {
+        PublishedPorts::Nftables => nftables(settings, false, fallback).await,
+        PublishedPorts::Userspace => {
+            userspace_beside().await;
+            Ok(None)
+        }
+    }
+}
+
 /// `ebpf.published_ports = "userspace"`: no nftables plane. The nftables table a
 /// previous run left (killed while nftables served published ports) goes: it would
 /// go on taking them ahead of the plane now chosen.
@@ -138,18 +154,13 @@ async fn kernel_planes(
         }
         DataplaneChoice::Ebpf => {
             planes.extend(ebpf(settings, metrics, true, "")?);
-            if settings.ebpf.published_ports == PublishedPorts::Userspace {
-                userspace_beside().await;
-            } else {
-                planes.extend(
-                    nftables(
-                        settings,
-                        false,
-                        "--dataplane ebpf: nftables does not work here; published ports are served by the userspace plane",
-                    )
-                    .await?,
-                );
-            }
+            planes.extend(
+                beside_ebpf(
+                    settings,
+                    "--dataplane ebpf: nftables does not work here; published ports are served by the userspace plane",
+                )
+                .await?,
+            );
         }
         DataplaneChoice::Auto => {
             let mut ebpf_loaded = false;
@@ -166,20 +177,14 @@ async fn kernel_planes(
                 planes.push(plane);
                 ebpf_loaded = true;
             }
+            let fallback = "dataplane auto: nftables does not work here; frontends are served by the userspace plane";
             // Without the eBPF plane, nftables also serves the VIPs: the setting
             // then has nothing to stand beside.
-            if ebpf_loaded && settings.ebpf.published_ports == PublishedPorts::Userspace {
-                userspace_beside().await;
+            planes.extend(if ebpf_loaded {
+                beside_ebpf(settings, fallback).await?
             } else {
-                planes.extend(
-                    nftables(
-                        settings,
-                        false,
-                        "dataplane auto: nftables does not work here; frontends are served by the userspace plane",
-                    )
-                    .await?,
-                );
-            }
+                nftables(settings, false, fallback).await?
+            });
         }
     }
     Ok(planes)
