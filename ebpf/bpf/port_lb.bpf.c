@@ -22,14 +22,15 @@
 //   interface) or a free port, the packet is left alone, for the plane that serves
 //   the port (the userspace plane or nftables).
 //
-// With ebpf.port_hook "xdp", mesh_port_xdp runs the same rules at the
-// XDP hook, the earliest a driver offers (before an skb is built, where the driver
-// has native XDP; veth runs it on the skb its peer sent). It takes a flow whose pick
-// is this host's task (DNAT), counts it in mesh_port_xdp_took, and marks the packet
-// (XDP metadata) so that the tcx ingress program, still attached, leaves it alone. Anything else (a
-// hop, a reply from another host's task) is passed on to the tcx program, which can
-// redirect it; XDP has no bpf_redirect_neigh. So XDP is only ever a shortcut: without
-// it (detached, or its mark refused) every packet still gets the tcx path.
+// With ebpf.port_hook "xdp", mesh_port_xdp runs the same rules at the XDP hook, the
+// earliest a driver offers (before an skb is built, where the driver has native XDP;
+// veth runs it on the skb its peer sent). It takes a flow whose pick is this host's
+// task (DNAT), counts it in mesh_port_xdp_took, and marks the packet (XDP metadata)
+// so that the tcx ingress program, still attached, leaves it alone. Anything else (a
+// hop, a reply from another host's task, a checksum left to offload) is passed on
+// to the tcx program, which can redirect it (XDP has no bpf_redirect_neigh) and
+// update any checksum. So XDP is only ever a shortcut: without it (detached, or its
+// mark refused) every packet still gets the tcx path.
 //
 // Every address and port in a map is in network byte order. The agent fills the maps
 // (ebpf/src/port_layout.rs mirrors these layouts).
@@ -312,7 +313,7 @@ struct {
 
 // The XDP metadata of a packet mesh_port_xdp took: XDP_TOOK ("mesh"), then what its
 // DNAT did to the ones' complement sum of the packet's bytes, for tcx to add to
-// skb->csum where the driver gave one (CHECKSUM_COMPLETE; generic XDP never fixes it).
+// skb->csum where the driver computed one before XDP ran (CHECKSUM_COMPLETE).
 #define XDP_TOOK 0x6d657368
 struct xdp_took {
 	__u32 magic;
@@ -468,10 +469,8 @@ static __always_inline __u16 replaced(__u16 check, __u32 from, __u32 to, int wor
 	return ~fold(sum);
 }
 
-// XDP's rewrite of one address and one port with both checksums. A packet a local
-// socket sent with checksum offload (CHECKSUM_PARTIAL) holds only the pseudo-header's
-// sum in its L4 checksum, which this update gets wrong; it is taken only to a task on
-// this host, and the kernel does not check a CHECKSUM_PARTIAL packet it delivers.
+// XDP's rewrite of one address and one port with both checksums, whole ones: a
+// checksum left to offload (partial_csum) never gets here.
 static __always_inline int rewrite_xdp(const struct pkt *p, const struct headers *h, __u32 ip_off,
 				       __u32 old_ip, __u32 new_ip, __u32 port_off, __u16 old_port,
 				       __u16 new_port)

@@ -1,6 +1,7 @@
 //! [`Ports`]: published ports at the TC hook. Loads `port_lb.bpf.o`, attaches its two
-//! programs through tcx to each configured interface (ingress and egress), pins the
-//! links, and keeps `mesh_ports` equal to the plan's published frontends.
+//! programs through tcx to each configured interface (ingress and egress), and with
+//! `ebpf.port_hook = "xdp"` a third at XDP ahead of them; pins the links, and keeps
+//! `mesh_ports` equal to the plan's published frontends.
 //!
 //! This is a fast path beside the plane that serves a published port (userspace or
 //! nftables), not a replacement: a flow whose Maglev pick is this host's task is
@@ -611,9 +612,9 @@ impl Ports {
 
 /// With an XDP `hook`, attaches `mesh_port_xdp` to each of `interfaces` and pins its
 /// links; returns their pin names. A previous run's XDP links go first, all of them:
-/// an interface has one XDP program, the kernel refuses a native one beside a generic
-/// one, and a pin's name may name an interface that has since been renamed. That is
-/// never a gap: mesh_port_ingress, attached already, does the whole job without XDP.
+/// an interface has one XDP program, and a pin's name may name an interface that has
+/// since been renamed. That is never a gap: mesh_port_ingress, attached already, does
+/// the whole job without XDP.
 #[cfg_attr(not(feature = "bpf"), allow(dead_code))]
 fn attach_xdp(
     ebpf: &mut aya::Ebpf,
