@@ -750,22 +750,6 @@ fn published_ports_beside_the_kernel_path_can_be_the_userspace_plane() {
         "{}",
         ebpf_detail(&agent)
     );
-    let who = |ns: &Netns| -> (String, String) {
-        let addr = format!("{}:8080", h1.ip);
-        let out = ns
-            .command(backend_bin())
-            .args(["--who", &addr])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "GET {addr}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let (task, client) = text.split_once(' ').expect("task and client");
-        (task.to_string(), client.to_string())
-    };
     // mesh_connections_total counts the userspace plane's flows too, so what shows
     // the kernel took a flow is what the task saw: the client's own address (DNAT),
     // or host1's address with the client's own port, 20000 and up (a hop keeps a
@@ -806,7 +790,7 @@ fn published_ports_beside_the_kernel_path_can_be_the_userspace_plane() {
         "both tasks answer: {answers}"
     );
     // host1's own client never crosses eth0's programs: the userspace plane serves it.
-    let (task, _) = who(&h1.ns);
+    let (task, _) = who(&h1.ns, &format!("{}:8080", h1.ip));
     assert!(task == "web.1" || task == "web.2", "{task}");
     assert!(
         agent.metric(
@@ -832,6 +816,24 @@ fn host_agent(host: &Host, n: u8, cfg: &str, ebpf: bool, join: Option<&str>) -> 
         args.extend(["--join", join]);
     }
     Agent::start_entered(&host.ns, &format!("host{n}"), Some(cfg), &args)
+}
+
+/// A GET of `addr` from `ns` (`--who`): the task that answered, and the client
+/// address it saw.
+fn who(ns: &Netns, addr: &str) -> (String, String) {
+    let out = ns
+        .command(backend_bin())
+        .args(["--who", addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "GET {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (task, client) = text.split_once(' ').expect("task and client");
+    (task.to_string(), client.to_string())
 }
 
 /// Checksum offload off on each namespace's eth0: every sender computes whole
@@ -986,25 +988,7 @@ fn balanced_to_tasks_on_every_host(test: &str, hook: &str) {
     // tasks.
     let get = |port: u16| -> Vec<(String, String)> {
         let addr = format!("{}:{port}", h1.ip);
-        (0..40)
-            .map(|_| {
-                let out = c
-                    .client
-                    .ns
-                    .command(backend_bin())
-                    .args(["--who", &addr])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "GET {addr}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                let (task, client) = text.split_once(' ').expect("task and client");
-                (task.to_string(), client.to_string())
-            })
-            .collect()
+        (0..40).map(|_| who(&c.client.ns, &addr)).collect()
     };
     let answers = get(8080);
     let on = |task: &str| answers.iter().filter(|(t, _)| t == task).count();
