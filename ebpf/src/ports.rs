@@ -25,7 +25,7 @@ use crate::port_layout::{
     FlowKey, PickKey, PortConfig, PortFrontend, PortKey, PortTask, ReservedPorts, Route, Snat,
     Unsnat, ticks,
 };
-use crate::programs::{find_program, pin_link, take_map};
+use crate::programs::{find_program, over_cpus, pin_link, take_map};
 use crate::routes::{RouteLookup, ifindex};
 use crate::sockets::SockDiag;
 
@@ -505,22 +505,21 @@ impl Ports {
                 .insert(SockDiag::open().map_err(|e| format!("opening a sock_diag socket: {e}"))?),
         };
         // On an error the ports listed last time stay, with the plan's ports of now.
-        let (bound, result) = match diag.bound_ports() {
+        let result = match diag.bound_ports() {
             Ok(b) => {
-                self.bound = b.clone();
-                (b, Ok(()))
+                self.bound = b;
+                Ok(())
             }
             Err(e) => {
                 self.diag = None;
-                let listed = self.bound.clone();
-                (listed, Err(format!("listing this host's bound ports: {e}")))
+                Err(format!("listing this host's bound ports: {e}"))
             }
         };
         if result.is_err() && self.reserved_now.is_none() {
             return result;
         }
         let now = Box::new(ReservedPorts::of(
-            bound.into_iter().chain(self.plan_ports.iter().copied()),
+            self.bound.iter().chain(&self.plan_ports).copied(),
         ));
         if self.reserved_now.as_ref() != Some(&now) {
             self.reserved
@@ -552,19 +551,14 @@ impl Ports {
         self.picks
             .iter()
             .filter_map(Result::ok)
-            .map(|(k, values)| {
-                (
-                    k.parts(),
-                    values.iter().fold(0u64, |a, b| a.wrapping_add(*b)),
-                )
-            })
+            .map(|(k, values)| (k.parts(), over_cpus(&values)))
             .collect()
     }
 
     /// The packets mesh_port_xdp took, over all CPUs.
     pub fn xdp_took(&self) -> Option<u64> {
         let values = self.xdp_took.get(&0, 0).ok()?;
-        Some(values.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+        Some(over_cpus(&values))
     }
 
     /// For `mesh status`.
@@ -788,14 +782,7 @@ fn local_port_range() -> Result<(u16, u16), String> {
 
 fn random_seed() -> Result<u32, String> {
     let mut seed = [0u8; 4];
-    // SAFETY: getrandom writes at most the 4 bytes given.
-    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    if n != 4 {
-        return Err(format!(
-            "getrandom for the port seed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    getrandom::fill(&mut seed).map_err(|e| format!("getrandom for the port seed: {e}"))?;
     Ok(u32::from_ne_bytes(seed).max(1))
 }
 

@@ -142,7 +142,7 @@ impl Programs {
     /// The connections and UDP flows the programs sent to backend `id`, over all CPUs.
     pub fn picks(&self, id: u32) -> Option<u64> {
         let values = self.picks.get(&id, 0).ok()?;
-        Some(values.iter().copied().fold(0u64, u64::wrapping_add))
+        Some(over_cpus(&values))
     }
 
     /// The counts of backend ids `0..end`, over all CPUs, read in one system call
@@ -204,9 +204,7 @@ impl Programs {
         }
         let mut out = vec![0u64; end as usize];
         for (i, key) in keys.iter().take(attr.count as usize).enumerate() {
-            let sum = values[i * cpus..(i + 1) * cpus]
-                .iter()
-                .fold(0u64, |a, b| a.wrapping_add(*b));
+            let sum = over_cpus(&values[i * cpus..(i + 1) * cpus]);
             if let Some(slot) = out.get_mut(*key as usize) {
                 *slot = sum;
             }
@@ -246,6 +244,12 @@ impl Programs {
             Err(errors.join("; "))
         }
     }
+}
+
+/// A per-CPU counter's total: the sum of every CPU's count (wrapping, as the
+/// programs' counters do).
+pub fn over_cpus(values: &[u64]) -> u64 {
+    values.iter().fold(0u64, |a, b| a.wrapping_add(*b))
 }
 
 /// Program `name` of `ebpf` as the program type `P`, or says what is wrong.

@@ -587,8 +587,6 @@ mod tests {
         );
     }
 
-    /// Another socket in the namespace (a process with CAP_NET_ADMIN there) cannot
-    /// send us forged answers: ours is connected to the kernel.
     #[test]
     fn bound_ports_are_listeners_and_udp_sockets_not_connections() {
         // Listing needs no privilege.
@@ -604,6 +602,8 @@ mod tests {
         );
     }
 
+    /// Another socket in the namespace (a process with CAP_NET_ADMIN there) cannot
+    /// send us forged answers: ours is connected to the kernel.
     #[test]
     fn no_other_socket_can_send_to_ours() {
         let diag = SockDiag::open().unwrap();
